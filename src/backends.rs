@@ -1,0 +1,429 @@
+//! The backend set: each configured backend with its parsed upstream address, its key, and
+//! the live statistics policies read (`inflight`, latency and TTFT EWMAs, tokens/s, error
+//! rate). Statistics live in Rust, in atomics, so they survive policy swaps and are shared
+//! by every worker thread without a lock.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::config::{BackendConfig, Config};
+
+/// Where a backend lives, parsed from its `url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix prepended to the client's path (`""` for none, never a trailing `/`).
+    pub path_prefix: String,
+    /// `host:port` for `HttpPeer` and the `Host` header.
+    pub authority: String,
+}
+
+impl Upstream {
+    /// Parse `http://host[:port][/prefix]` or `https://…`.
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return Err(format!("`{url}` must start with http:// or https://"));
+        };
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            // IPv6 literal: [::1]:8000
+            let end = h
+                .find(']')
+                .ok_or_else(|| format!("`{url}` has an unclosed `[`"))?;
+            let port = match &h[end + 1..] {
+                "" => default_port,
+                p => parse_port(p.strip_prefix(':').unwrap_or("x"), url)?,
+            };
+            (format!("[{}]", &h[..end]), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), parse_port(p, url)?),
+                None => (hostport.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || host.contains(['@', ' ', '?', '#']) {
+            return Err(format!("`{url}` has no valid host"));
+        }
+        Ok(Upstream {
+            tls,
+            authority: format!("{host}:{port}"),
+            host,
+            port,
+            path_prefix: path.to_string(),
+        })
+    }
+}
+
+/// Resolve an upstream's host once, at load time, so no request waits on DNS.
+fn resolve(u: &Upstream) -> Result<SocketAddr, String> {
+    let host = u.host.trim_start_matches('[').trim_end_matches(']');
+    (host, u.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{}`: {e}", u.host))?
+        .next()
+        .ok_or_else(|| format!("`{}` resolves to no address", u.host))
+}
+
+fn parse_port(p: &str, url: &str) -> Result<u16, String> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("`{url}` has an invalid port"))
+}
+
+/// An API key: printed as `***` everywhere, so it cannot leak into logs by accident.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+    /// The key itself, for the one place that injects it upstream.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// One backend as the proxy and the policies see it.
+#[derive(Debug)]
+pub struct Backend {
+    /// Unique for the life of the process; lets per-thread Lua caches notice replacement.
+    pub id: u64,
+    pub config: BackendConfig,
+    pub upstream: Upstream,
+    /// The upstream's address, resolved when the config was loaded.
+    pub addr: SocketAddr,
+    /// Client-facing model name → the name the upstream knows.
+    pub models: HashMap<String, String>,
+    pub api_key: Option<Secret>,
+    pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.contains_key(model)
+    }
+
+    /// Whether a new request may be sent now (capacity from `max_inflight`).
+    pub fn has_capacity(&self) -> bool {
+        let max = self.config.max_inflight;
+        max == 0 || self.stats.inflight() < max
+    }
+}
+
+/// The backends of one config generation, with a model index.
+#[derive(Debug, Default)]
+pub struct BackendSet {
+    pub backends: Vec<Arc<Backend>>,
+    by_name: HashMap<String, usize>,
+    by_model: HashMap<String, Vec<usize>>,
+}
+
+static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
+
+impl BackendSet {
+    /// Build from a validated config. `previous` lends its statistics to backends of the
+    /// same name, so a reload keeps in-flight counts and EWMAs.
+    pub fn build(config: &Config, previous: Option<&BackendSet>) -> Result<BackendSet, String> {
+        let mut set = BackendSet::default();
+        for (i, bc) in config.backends.iter().enumerate() {
+            let upstream =
+                Upstream::parse(&bc.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
+            let addr = resolve(&upstream).map_err(|e| format!("backends[{i}].url: {e}"))?;
+            let api_key = match &bc.api_key_env {
+                Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
+                    format!("backends[{i}].api_key_env: environment variable `{var}` is not set")
+                })?)),
+                None => None,
+            };
+            let stats = previous
+                .and_then(|p| p.get(&bc.name))
+                .map(|b| b.stats.clone())
+                .unwrap_or_default();
+            let backend = Backend {
+                id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
+                models: bc.models.pairs().into_iter().collect(),
+                config: bc.clone(),
+                upstream,
+                addr,
+                api_key,
+                stats,
+            };
+            for model in backend.models.keys() {
+                set.by_model.entry(model.clone()).or_default().push(i);
+            }
+            set.by_name.insert(bc.name.clone(), i);
+            set.backends.push(Arc::new(backend));
+        }
+        Ok(set)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.by_name.get(name).map(|&i| &self.backends[i])
+    }
+
+    /// Backends that serve `model` (every backend when the request names no model).
+    pub fn serving(&self, model: Option<&str>) -> Vec<Arc<Backend>> {
+        match model {
+            Some(m) => self
+                .by_model
+                .get(m)
+                .map(|ix| ix.iter().map(|&i| self.backends[i].clone()).collect())
+                .unwrap_or_default(),
+            None => self.backends.clone(),
+        }
+    }
+
+    pub fn knows_model(&self, model: &str) -> bool {
+        self.by_model.contains_key(model)
+    }
+}
+
+/// Smoothing factor of the EWMAs: each new sample weighs 20%.
+const EWMA_ALPHA: f64 = 0.2;
+/// Seconds in the error-rate window.
+const WINDOW_SECS: usize = 60;
+
+/// Live statistics of one backend.
+#[derive(Debug)]
+pub struct BackendStats {
+    inflight: AtomicU32,
+    latency_ms: AtomicF64,
+    ttft_ms: AtomicF64,
+    tps: AtomicF64,
+    window: [WindowSlot; WINDOW_SECS],
+}
+
+impl Default for BackendStats {
+    fn default() -> Self {
+        BackendStats {
+            inflight: AtomicU32::new(0),
+            latency_ms: AtomicF64::default(),
+            ttft_ms: AtomicF64::default(),
+            tps: AtomicF64::default(),
+            window: std::array::from_fn(|_| WindowSlot::default()),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct WindowSlot {
+    second: AtomicU64,
+    ok: AtomicU32,
+    failed: AtomicU32,
+}
+
+/// Outcome of one upstream attempt, as the statistics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    /// The backend asked us to slow down (429): neither a success nor a failure.
+    Throttled,
+}
+
+impl BackendStats {
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+    pub fn latency_ms(&self) -> f64 {
+        self.latency_ms.get()
+    }
+    pub fn ttft_ms(&self) -> f64 {
+        self.ttft_ms.get()
+    }
+    pub fn tps(&self) -> f64 {
+        self.tps.get()
+    }
+
+    /// Count a request as in flight until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(self.clone())
+    }
+
+    pub fn record_latency(&self, total: Duration) {
+        self.latency_ms.ewma(total.as_secs_f64() * 1e3);
+    }
+    pub fn record_ttft(&self, ttft: Duration) {
+        self.ttft_ms.ewma(ttft.as_secs_f64() * 1e3);
+    }
+    pub fn record_tps(&self, tokens_per_second: f64) {
+        if tokens_per_second.is_finite() && tokens_per_second > 0.0 {
+            self.tps.ewma(tokens_per_second);
+        }
+    }
+
+    pub fn record_outcome(&self, outcome: Outcome) {
+        let now = now_secs();
+        let slot = &self.window[(now % WINDOW_SECS as u64) as usize];
+        let seen = slot.second.load(Ordering::Relaxed);
+        if seen != now
+            && slot
+                .second
+                .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            // First sample of a new second in this slot: forget what it held a minute ago.
+            slot.ok.store(0, Ordering::Relaxed);
+            slot.failed.store(0, Ordering::Relaxed);
+        }
+        match outcome {
+            Outcome::Success => slot.ok.fetch_add(1, Ordering::Relaxed),
+            Outcome::Failure => slot.failed.fetch_add(1, Ordering::Relaxed),
+            Outcome::Throttled => 0,
+        };
+    }
+
+    /// Share of failed attempts over the last 60 s (0 when there were none).
+    pub fn error_rate(&self) -> f64 {
+        let now = now_secs();
+        let (mut ok, mut failed) = (0u64, 0u64);
+        for slot in &self.window {
+            let s = slot.second.load(Ordering::Relaxed);
+            if s + (WINDOW_SECS as u64) > now && s <= now {
+                ok += slot.ok.load(Ordering::Relaxed) as u64;
+                failed += slot.failed.load(Ordering::Relaxed) as u64;
+            }
+        }
+        if ok + failed == 0 {
+            0.0
+        } else {
+            failed as f64 / (ok + failed) as f64
+        }
+    }
+}
+
+/// Whole seconds on a monotonic clock that starts at 1 (0 means "never" in a window slot).
+fn now_secs() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs() + 1
+}
+
+/// Decrements a backend's in-flight count when dropped (also on error paths and panics).
+#[derive(Debug)]
+pub struct InflightGuard(Arc<BackendStats>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An f64 in an `AtomicU64`; 0.0 until the first sample.
+#[derive(Debug, Default)]
+struct AtomicF64(AtomicU64);
+
+impl AtomicF64 {
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+    fn ewma(&self, sample: f64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let old = f64::from_bits(bits);
+                let new = if bits == 0 {
+                    sample
+                } else {
+                    old + EWMA_ALPHA * (sample - old)
+                };
+                Some(new.to_bits())
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let u = Upstream::parse("http://127.0.0.1:8000").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path_prefix.as_str()),
+            (false, "127.0.0.1", 8000, "")
+        );
+        let u = Upstream::parse("https://api.example.com/openai/").unwrap();
+        assert_eq!(
+            (u.tls, u.port, u.path_prefix.as_str()),
+            (true, 443, "/openai")
+        );
+        assert_eq!(u.authority, "api.example.com:443");
+        let u = Upstream::parse("http://[::1]:9000").unwrap();
+        assert_eq!(u.authority, "[::1]:9000");
+        assert!(Upstream::parse("ftp://x").is_err());
+        assert!(Upstream::parse("http://:80").is_err());
+        assert!(Upstream::parse("http://h:0").is_err());
+        assert!(Upstream::parse("http://user@h:1").is_err());
+    }
+
+    #[test]
+    fn inflight_guard_counts_down_on_drop() {
+        let s = Arc::new(BackendStats::default());
+        let a = s.start();
+        let b = s.start();
+        assert_eq!(s.inflight(), 2);
+        drop(a);
+        assert_eq!(s.inflight(), 1);
+        drop(b);
+        assert_eq!(s.inflight(), 0);
+    }
+
+    #[test]
+    fn ewma_starts_at_first_sample_then_smooths() {
+        let s = BackendStats::default();
+        s.record_latency(Duration::from_millis(100));
+        assert_eq!(s.latency_ms(), 100.0);
+        s.record_latency(Duration::from_millis(200));
+        assert!((s.latency_ms() - 120.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn error_rate_counts_the_window() {
+        let s = BackendStats::default();
+        assert_eq!(s.error_rate(), 0.0);
+        s.record_outcome(Outcome::Success);
+        s.record_outcome(Outcome::Success);
+        s.record_outcome(Outcome::Failure);
+        s.record_outcome(Outcome::Failure);
+        assert!((s.error_rate() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("sk-live-123".into());
+        assert_eq!(format!("{s} {s:?}"), "*** ***");
+    }
+}

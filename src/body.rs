@@ -1,0 +1,87 @@
+//! Reading the client's request body before the upstream is chosen, bounded in size and
+//! time, and kept whole so it can be replayed to a second backend.
+//!
+//! Pingora forwards only what its retry buffer holds, and that buffer stops at 64 KiB. So
+//! the whole body is kept here, and the retry buffer is switched on only for the last
+//! 64 KiB of a `Content-Length` body: Pingora then knows a body exists and hands its tail
+//! to `request_body_filter`, where the proxy substitutes the full body. A chunked body has
+//! no known end, so chunked bodies over 64 KiB are refused with 411 (see README, Limits).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+
+use crate::errors::ClientError;
+
+/// Pingora's retry buffer size (`BODY_BUF_LIMIT` in pingora-core).
+pub const REPLAY_WINDOW_BYTES: usize = 64 * 1024;
+
+/// Read the whole body; `None` when the request has none.
+pub async fn read(
+    session: &mut Session,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Option<Bytes>, ClientError> {
+    let head = session.req_header();
+    if let Some(enc) = head.headers.get(http::header::CONTENT_ENCODING) {
+        let enc = enc.to_str().unwrap_or("?").trim();
+        if !enc.eq_ignore_ascii_case("identity") {
+            return Err(ClientError::UnsupportedEncoding(
+                enc.chars().take(32).collect(),
+            ));
+        }
+    }
+    let declared = head
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max_bytes) {
+        session.set_keepalive(None);
+        return Err(ClientError::BodyTooLarge {
+            limit_bytes: max_bytes,
+        });
+    }
+    if session.is_body_empty() {
+        return Ok(None);
+    }
+
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(16 * 1024).min(max_bytes));
+    loop {
+        let replay_tail_fits = match declared {
+            Some(len) => len.saturating_sub(body.len()) <= REPLAY_WINDOW_BYTES,
+            None => true,
+        };
+        if replay_tail_fits {
+            session.enable_retry_buffering();
+        }
+        let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Err(_) => {
+                session.set_keepalive(None);
+                return Err(ClientError::BodyTimeout);
+            }
+            // The client went away or sent a malformed body: nothing more can be read.
+            Ok(Err(_)) => {
+                session.set_keepalive(None);
+                return Err(ClientError::BadBody);
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        if body.len() + chunk.len() > max_bytes {
+            session.set_keepalive(None);
+            return Err(ClientError::BodyTooLarge {
+                limit_bytes: max_bytes,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if declared.is_none() && body.len() > REPLAY_WINDOW_BYTES {
+        return Err(ClientError::LengthRequired {
+            limit_bytes: REPLAY_WINDOW_BYTES,
+        });
+    }
+    Ok(Some(body.freeze()))
+}

@@ -1,0 +1,486 @@
+//! The YAML configuration: what the operator writes, parsed and validated whole.
+//!
+//! A config is either entirely valid or refused with every problem listed by its path
+//! (`backends[2].weight: must be > 0`). Defaults are stated on the fields that carry them
+//! and repeated in the README's config reference.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default cap on a request body: 8 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing listeners. Default: one on `0.0.0.0:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<Listener>,
+    /// Directory holding `*.lua` policies. Default `policies`, relative to the config file.
+    #[serde(default = "default_policies_dir")]
+    pub policies_dir: PathBuf,
+    /// Ordered routes; the first whose `match` fits the request picks the policy.
+    pub routes: Vec<Route>,
+    pub backends: Vec<BackendConfig>,
+    /// Proxy tuning: threads, body limit, timeouts, attempts.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Lua sandbox limits.
+    #[serde(default)]
+    pub lua: LuaConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(rename = "match", default)]
+    pub matcher: RouteMatch,
+    /// Name of a policy file in `policies_dir` (without `.lua`).
+    pub policy: String,
+    /// Policy used when `policy` fails (raises, loops, returns garbage). Default: none, the
+    /// client gets 500 `policy_error`.
+    #[serde(default)]
+    pub fallback_policy: Option<String>,
+    /// Upstream attempts for one request, first try included. Default 3.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Request path prefix. Default: any path.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Glob on the request's `model` (`*` and `?`). Default: any model.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    /// `http://host:port` (an optional path prefix is kept and prepended upstream).
+    pub url: String,
+    /// `openai` (default) | `anthropic` | `azure`.
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// Models served: a list, or a map from the name clients use to the name upstream knows.
+    pub models: Models,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Relative share for weighted policies. Default 1; must be > 0.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Concurrent requests allowed; 0 (default) is unbounded.
+    #[serde(default)]
+    pub max_inflight: u32,
+    /// Price per 1M tokens. Default 0/0.
+    #[serde(default)]
+    pub cost: Cost,
+    /// Environment variable holding the backend's API key, injected as `Authorization: Bearer`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Models {
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
+}
+
+impl Models {
+    /// `(name clients use, name upstream knows)` pairs.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        match self {
+            Models::List(l) => l.iter().map(|m| (m.clone(), m.clone())).collect(),
+            Models::Map(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cost {
+    #[serde(default)]
+    pub input: f64,
+    #[serde(default)]
+    pub output: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Worker threads of the proxy service. Default: the number of CPUs.
+    pub threads: Option<usize>,
+    /// Largest request body accepted. Default 8 MiB.
+    pub max_body_bytes: usize,
+    /// TCP connect timeout to a backend. Default 2000 ms.
+    pub connect_timeout_ms: u64,
+    /// Time allowed from sending the request to the response headers. Default 60 000 ms.
+    pub ttfb_timeout_ms: u64,
+    /// Gap allowed between two reads of a response body (streams). Default 60 000 ms.
+    pub idle_timeout_ms: u64,
+    /// Time allowed for reading the client's body. Default 30 000 ms.
+    pub body_timeout_ms: u64,
+    /// Seconds a SIGTERM'd server keeps serving in-flight requests. Default 30.
+    pub grace_period_seconds: u64,
+    /// Idle upstream connections kept per process. Default 1024.
+    pub upstream_keepalive_pool_size: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            threads: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            connect_timeout_ms: 2_000,
+            ttfb_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            body_timeout_ms: 30_000,
+            grace_period_seconds: 30,
+            upstream_keepalive_pool_size: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LuaConfig {
+    /// VM instructions one `route` call may run. Default 1 000 000.
+    pub instruction_budget: u64,
+    /// Memory one Lua VM may hold. Default 32 MiB.
+    pub memory_limit_bytes: usize,
+}
+
+impl Default for LuaConfig {
+    fn default() -> Self {
+        LuaConfig {
+            instruction_budget: 1_000_000,
+            memory_limit_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+fn default_listen() -> Vec<Listener> {
+    vec![Listener {
+        addr: "0.0.0.0:8080".into(),
+    }]
+}
+fn default_policies_dir() -> PathBuf {
+    PathBuf::from("policies")
+}
+fn default_provider() -> String {
+    "openai".into()
+}
+fn default_weight() -> f64 {
+    1.0
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// A refused config: every problem, each with the path of the value at fault.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid config ({} problem(s)):", self.problems.len())?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(problem: String) -> Self {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a config file; relative `policies_dir` is resolved against
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
+        let mut config = Config::parse(&text)?;
+        if config.policies_dir.is_relative() {
+            if let Some(dir) = path.parent() {
+                config.policies_dir = dir.join(&config.policies_dir);
+            }
+        }
+        config.check_policies_exist()?;
+        Ok(config)
+    }
+
+    /// Parse and validate YAML text (paths are left as written).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                .unwrap_or_default();
+            ConfigError::one(format!("{e}{at}"))
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Every semantic problem, by path. Empty when the config is valid.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.listen.is_empty() {
+            out.push("listen: at least one listener is required".into());
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if l.addr.parse::<std::net::SocketAddr>().is_err() {
+                out.push(format!(
+                    "listen[{i}].addr: `{}` is not an address like 0.0.0.0:8080",
+                    l.addr
+                ));
+            }
+        }
+        if self.routes.is_empty() {
+            out.push("routes: at least one route is required".into());
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if !is_policy_name(&r.policy) {
+                out.push(format!(
+                    "routes[{i}].policy: `{}` is not a policy name",
+                    r.policy
+                ));
+            }
+            if let Some(f) = &r.fallback_policy {
+                if !is_policy_name(f) {
+                    out.push(format!(
+                        "routes[{i}].fallback_policy: `{f}` is not a policy name"
+                    ));
+                }
+            }
+            if r.max_attempts == 0 {
+                out.push(format!("routes[{i}].max_attempts: must be >= 1"));
+            }
+            if let Some(p) = &r.matcher.path_prefix {
+                if !p.starts_with('/') {
+                    out.push(format!(
+                        "routes[{i}].match.path_prefix: must start with `/`"
+                    ));
+                }
+            }
+        }
+        if self.backends.is_empty() {
+            out.push("backends: at least one backend is required".into());
+        }
+        let mut names = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let at = format!("backends[{i}]");
+            if b.name.is_empty() {
+                out.push(format!("{at}.name: must not be empty"));
+            } else if !names.insert(b.name.as_str()) {
+                out.push(format!("{at}.name: duplicate backend name `{}`", b.name));
+            }
+            if let Err(why) = crate::backends::Upstream::parse(&b.url) {
+                out.push(format!("{at}.url: {why}"));
+            }
+            if !matches!(b.provider.as_str(), "openai" | "anthropic" | "azure") {
+                out.push(format!(
+                    "{at}.provider: `{}` is not one of openai, anthropic, azure",
+                    b.provider
+                ));
+            }
+            if !(b.weight > 0.0 && b.weight.is_finite()) {
+                out.push(format!("{at}.weight: must be > 0"));
+            }
+            if b.models.pairs().is_empty() {
+                out.push(format!("{at}.models: at least one model is required"));
+            }
+            if b.cost.input < 0.0 || b.cost.output < 0.0 {
+                out.push(format!("{at}.cost: prices must be >= 0"));
+            }
+            if let Some(var) = &b.api_key_env {
+                if std::env::var_os(var).is_none() {
+                    out.push(format!(
+                        "{at}.api_key_env: environment variable `{var}` is not set"
+                    ));
+                }
+            }
+        }
+        let p = &self.proxy;
+        if p.threads == Some(0) {
+            out.push("proxy.threads: must be >= 1".into());
+        }
+        if p.max_body_bytes == 0 {
+            out.push("proxy.max_body_bytes: must be > 0".into());
+        }
+        for (name, v) in [
+            ("connect_timeout_ms", p.connect_timeout_ms),
+            ("ttfb_timeout_ms", p.ttfb_timeout_ms),
+            ("idle_timeout_ms", p.idle_timeout_ms),
+            ("body_timeout_ms", p.body_timeout_ms),
+        ] {
+            if v == 0 {
+                out.push(format!("proxy.{name}: must be > 0"));
+            }
+        }
+        if self.lua.instruction_budget < 1000 {
+            out.push("lua.instruction_budget: must be >= 1000".into());
+        }
+        if self.lua.memory_limit_bytes < 1024 * 1024 {
+            out.push("lua.memory_limit_bytes: must be >= 1 MiB".into());
+        }
+        out
+    }
+
+    /// Every policy a route names must exist as a file.
+    fn check_policies_exist(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let named = std::iter::once(("policy", &r.policy))
+                .chain(r.fallback_policy.iter().map(|f| ("fallback_policy", f)));
+            for (field, name) in named {
+                let file = self.policies_dir.join(format!("{name}.lua"));
+                if !file.is_file() {
+                    problems.push(format!(
+                        "routes[{i}].{field}: policy `{name}` not found ({} is missing)",
+                        file.display()
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Every model any backend serves (client-facing names), sorted.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut set: Vec<String> = self
+            .backends
+            .iter()
+            .flat_map(|b| b.models.pairs().into_iter().map(|(m, _)| m))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        set.sort();
+        set
+    }
+
+    /// The policy names the routes use, primary and fallback.
+    pub fn policy_names(&self) -> Vec<String> {
+        let mut seen: HashMap<&str, ()> = HashMap::new();
+        let mut out = Vec::new();
+        for r in &self.routes {
+            for n in std::iter::once(&r.policy).chain(r.fallback_policy.iter()) {
+                if seen.insert(n, ()).is_none() {
+                    out.push(n.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn is_policy_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen: [{ addr: "127.0.0.1:8080" }]
+routes:
+  - match: { path_prefix: /v1/ }
+    policy: round_robin
+backends:
+  - name: a
+    url: http://127.0.0.1:9001
+    models: [m]
+  - name: b
+    url: http://127.0.0.1:9002
+    models: { m: upstream-m }
+    weight: 2
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[0].weight, 1.0);
+        assert_eq!(c.backends[0].provider, "openai");
+        assert_eq!(c.proxy.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(c.routes[0].max_attempts, 3);
+        assert_eq!(
+            c.backends[1].models.pairs(),
+            vec![("m".to_string(), "upstream-m".to_string())]
+        );
+        assert_eq!(c.model_names(), vec!["m".to_string()]);
+    }
+
+    #[test]
+    fn every_problem_is_listed_by_path() {
+        let bad = r#"
+routes:
+  - policy: "no such/policy"
+backends:
+  - name: a
+    url: ftp://x
+    models: [m]
+    weight: 0
+  - name: a
+    url: http://127.0.0.1:1
+    models: [m]
+    provider: gopher
+    api_key_env: SWITCHYARD_TEST_SURELY_UNSET_VAR
+"#;
+        let err = Config::parse(bad).unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in [
+            "routes[0].policy:",
+            "backends[0].url:",
+            "backends[0].weight: must be > 0",
+            "backends[1].name: duplicate backend name `a`",
+            "backends[1].provider:",
+            "backends[1].api_key_env: environment variable `SWITCHYARD_TEST_SURELY_UNSET_VAR` is not set",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_location() {
+        let err = Config::parse("routes: []\nbackends: []\nbogus: 1\n").unwrap_err();
+        assert!(err.problems[0].contains("bogus"), "{:?}", err.problems);
+    }
+}

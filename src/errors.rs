@@ -1,0 +1,194 @@
+//! Errors a client can see. Each variant says what went wrong in the client's terms; it
+//! becomes an HTTP status and an OpenAI error envelope in exactly one place,
+//! [`ClientError::envelope`]. Internals (upstream bodies, policy source lines, keys) stay in
+//! the log, keyed by request id, and never reach the response.
+
+use bytes::Bytes;
+use serde_json::json;
+
+/// Why a request was answered by Switchyard itself instead of a backend.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    /// The body is not valid JSON.
+    #[error("invalid JSON at line {line}, column {column}: {reason}")]
+    BadJson {
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    /// A field has the wrong JSON type.
+    #[error("`{field}` must be {expected}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+    /// The request needs a `model` and has none.
+    #[error("you must provide a model parameter")]
+    MissingModel,
+    /// No configured backend serves the model.
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    ModelNotFound(String),
+    /// The body is over the configured limit.
+    #[error("request body is larger than the limit of {limit_bytes} bytes")]
+    BodyTooLarge { limit_bytes: usize },
+    /// A chunked body too large to be replayed to a second backend.
+    #[error("chunked request bodies over {limit_bytes} bytes are not supported; send the body with a Content-Length header")]
+    LengthRequired { limit_bytes: usize },
+    /// The body could not be read (client closed the connection, or bad framing).
+    #[error("the request body could not be read")]
+    BadBody,
+    /// The client sent the body too slowly.
+    #[error("timed out reading the request body")]
+    BodyTimeout,
+    /// The body uses a content encoding we do not decode.
+    #[error("Content-Encoding `{0}` is not supported; send the body uncompressed")]
+    UnsupportedEncoding(String),
+    /// No route, or no API at this path.
+    #[error("unknown path `{0}`")]
+    NotFound(String),
+    /// The route's policy failed (error, budget, bad return) and no fallback saved it.
+    #[error("the routing policy failed for this request")]
+    PolicyFailed,
+    /// The policy refused the request with its own status and message.
+    #[error("{message}")]
+    PolicyRejected { status: u16, message: String },
+    /// Everything the policy chose was removed by a rule it may not override.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Every backend for the model is at capacity or otherwise not eligible.
+    #[error("no backend is available for model `{0}`; retry later")]
+    NoBackendAvailable(String),
+    /// Every attempt failed before a response could be relayed.
+    #[error("the upstream backend is unavailable")]
+    UpstreamUnavailable,
+    /// The backend took too long to answer.
+    #[error("the upstream backend timed out")]
+    UpstreamTimeout,
+    /// The backend refused our credentials (its body is never echoed).
+    #[error("upstream authentication failed")]
+    UpstreamAuthFailed,
+    /// A bug or an unexpected state inside Switchyard.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ClientError {
+    pub fn wrong_type(field: &'static str, expected: &'static str) -> Self {
+        ClientError::WrongType { field, expected }
+    }
+
+    /// HTTP status of this error.
+    pub fn status(&self) -> u16 {
+        use ClientError::*;
+        match self {
+            BadJson { .. } | WrongType { .. } | MissingModel | BadBody => 400,
+            ModelNotFound(_) | NotFound(_) => 404,
+            BodyTooLarge { .. } => 413,
+            LengthRequired { .. } => 411,
+            BodyTimeout => 408,
+            UnsupportedEncoding(_) => 415,
+            PolicyFailed | Internal => 500,
+            PolicyRejected { status, .. } => *status,
+            Forbidden(_) => 403,
+            NoBackendAvailable(_) => 503,
+            UpstreamUnavailable | UpstreamAuthFailed => 502,
+            UpstreamTimeout => 504,
+        }
+    }
+
+    /// OpenAI `type` and `code` of this error.
+    fn kind(&self) -> (&'static str, &'static str) {
+        use ClientError::*;
+        match self {
+            BadJson { .. } | WrongType { .. } | MissingModel | BadBody => {
+                ("invalid_request_error", "invalid_request")
+            }
+            ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
+            NotFound(_) => ("invalid_request_error", "not_found"),
+            BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            LengthRequired { .. } => ("invalid_request_error", "length_required"),
+            BodyTimeout => ("invalid_request_error", "request_timeout"),
+            UnsupportedEncoding(_) => ("invalid_request_error", "unsupported_encoding"),
+            PolicyFailed => ("server_error", "policy_error"),
+            PolicyRejected { status, .. } if *status == 429 => {
+                ("rate_limit_error", "policy_rejected")
+            }
+            PolicyRejected { .. } => ("invalid_request_error", "policy_rejected"),
+            Forbidden(_) => ("permission_error", "forbidden"),
+            NoBackendAvailable(_) => ("server_error", "no_backend_available"),
+            UpstreamUnavailable => ("server_error", "upstream_unavailable"),
+            UpstreamTimeout => ("server_error", "upstream_timeout"),
+            UpstreamAuthFailed => ("server_error", "upstream_auth_failed"),
+            Internal => ("server_error", "internal_error"),
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ClientError::WrongType { field, .. } => Some(field),
+            ClientError::MissingModel | ClientError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, when that is known.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ClientError::NoBackendAvailable(_) | ClientError::UpstreamUnavailable => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI error envelope: `{"error":{"message","type","param","code"}}`.
+    pub fn envelope(&self) -> Bytes {
+        let (kind, code) = self.kind();
+        let body = json!({
+            "error": {
+                "message": self.to_string(),
+                "type": kind,
+                "param": self.param(),
+                "code": code,
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_has_the_openai_shape() {
+        let e = ClientError::ModelNotFound("nope".into());
+        let v: serde_json::Value = serde_json::from_slice(&e.envelope()).unwrap();
+        assert_eq!(e.status(), 404);
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains("nope"));
+    }
+
+    #[test]
+    fn bad_json_names_line_and_column() {
+        let e = ClientError::BadJson {
+            line: 3,
+            column: 7,
+            reason: "expected value".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "invalid JSON at line 3, column 7: expected value"
+        );
+        assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn policy_failure_is_500_policy_error() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&ClientError::PolicyFailed.envelope()).unwrap();
+        assert_eq!(ClientError::PolicyFailed.status(), 500);
+        assert_eq!(v["error"]["code"], "policy_error");
+        assert!(v["error"]["param"].is_null());
+    }
+}

@@ -1,0 +1,18 @@
+//! Switchyard: a programmable load balancer for AI inference traffic, on Pingora, whose
+//! every upstream choice is made by a Lua policy.
+#![forbid(unsafe_code)]
+
+pub mod backends;
+pub mod bare;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod errors;
+pub mod mock;
+pub mod plan;
+pub mod policy;
+pub mod proxy;
+pub mod request;
+pub mod routes;
+pub mod runtime;
+pub mod server;

@@ -1,0 +1,219 @@
+//! The `switchyard` command line: serve a config, run the demo or a mock backend, check
+//! policies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use switchyard::config::{Config, LuaConfig};
+use switchyard::mock::MockOptions;
+use switchyard::policy::{testing, Policy};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A programmable load balancer for AI inference traffic"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Take over the listening sockets of a running instance (graceful upgrade).
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Serve the embedded demo config with three mock backends started in-process.
+    Demo,
+    /// Serve the OpenAI-compatible mock backend (for tests, benchmarks and trying things).
+    Mock {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value = "mock")]
+        name: String,
+        /// Delay before the response headers.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Content chunks of a streamed answer (words of a plain one).
+        #[arg(long, default_value_t = 8)]
+        chunks: u32,
+        /// Gap between streamed chunks.
+        #[arg(long, default_value_t = 0)]
+        chunk_delay_ms: u64,
+        /// Share of requests answered 503 (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+        /// Share of requests answered 429 with Retry-After (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        rate_limit_rate: f64,
+        /// Retry-After seconds on a 429.
+        #[arg(long, default_value_t = 1)]
+        retry_after_s: u64,
+    },
+    /// Compile policies and run their `tests` tables; exit non-zero on any failure.
+    Check {
+        /// Policy files (default: every `*.lua` in ./policies).
+        files: Vec<PathBuf>,
+    },
+    /// Benchmark-only bare Pingora round-robin pass-through (no body read, no Lua).
+    #[command(hide = true)]
+    Bare {
+        #[arg(long)]
+        listen: String,
+        #[arg(long = "upstream", required = true)]
+        upstreams: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config, upgrade } => {
+            let config =
+                Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            switchyard::server::run(config, switchyard::server::RunOptions { upgrade })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            switchyard::demo::run()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mock {
+            port,
+            host,
+            name,
+            latency_ms,
+            chunks,
+            chunk_delay_ms,
+            fail_rate,
+            rate_limit_rate,
+            retry_after_s,
+        } => {
+            let opts = MockOptions {
+                name,
+                latency_ms,
+                chunks,
+                chunk_delay_ms,
+                fail_rate,
+                rate_limit_rate,
+                retry_after_s,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("mock cannot listen on {host}:{port}"))?;
+                log::info!("mock backend {} on {}", opts.name, listener.local_addr()?);
+                switchyard::mock::serve(listener, opts).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { files } => check(files),
+        Command::Bare {
+            listen,
+            upstreams,
+            threads,
+        } => {
+            switchyard::bare::run(&listen, upstreams, threads)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `switchyard check`: one line per case, a summary per policy.
+fn check(mut files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    if files.is_empty() {
+        for entry in std::fs::read_dir("policies").context("reading ./policies")? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "lua") {
+                files.push(path);
+            }
+        }
+        files.sort();
+    }
+    let limits = LuaConfig::default();
+    let mut failed = 0;
+    for file in &files {
+        let policy = match Policy::read(file) {
+            Ok(p) => p,
+            Err(e) => {
+                println!("FAIL {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let report = testing::run(&policy, &limits);
+        let label = format!(
+            "{} ({}, version {})",
+            policy.name,
+            file.display(),
+            policy.version
+        );
+        if let Some(e) = &report.load_error {
+            println!("FAIL {label}: does not load: {e}");
+            failed += 1;
+            continue;
+        }
+        for case in &report.cases {
+            let name = case
+                .name
+                .as_deref()
+                .map(|n| format!(" {n}"))
+                .unwrap_or_default();
+            if case.passed {
+                println!(
+                    "  ok   {}#{}{name}: {}",
+                    policy.name, case.index, case.actual
+                );
+            } else {
+                println!(
+                    "  FAIL {}#{}{name}: expected {}, got {}",
+                    policy.name, case.index, case.expected, case.actual
+                );
+            }
+        }
+        let bad = report.cases.iter().filter(|c| !c.passed).count();
+        if bad == 0 {
+            println!("ok   {label}: {} case(s) passed", report.cases.len());
+        } else {
+            println!(
+                "FAIL {label}: {bad} of {} case(s) failed",
+                report.cases.len()
+            );
+            failed += 1;
+        }
+    }
+    println!("{} passed, {} failed", files.len() - failed, failed);
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,201 @@
+//! The plan for one request: which route, which policy, and — after the guardrails the
+//! policy cannot override — the ordered backends to try. Also what each backend gets:
+//! its own credentials and, where it knows the model by another name, a renamed body.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use log::warn;
+use pingora::http::RequestHeader;
+
+use crate::backends::Backend;
+use crate::errors::ClientError;
+use crate::policy::{self, Decision, Policy};
+use crate::request::RequestMeta;
+use crate::runtime::Runtime;
+
+/// Backends to try for a request, in order.
+#[derive(Debug)]
+pub struct Plan {
+    pub backends: Vec<Arc<Backend>>,
+    /// Attempts allowed (the route's `max_attempts`).
+    pub max_attempts: usize,
+    /// `name@version` of the policy that decided.
+    pub policy: String,
+}
+
+/// Route the request and run its policy.
+pub fn decide(
+    runtime: &Runtime,
+    meta: &Arc<RequestMeta>,
+    request_id: &str,
+) -> Result<Plan, ClientError> {
+    let model = meta.model.as_deref();
+    let route = runtime
+        .routes
+        .select(&meta.path, model)
+        .ok_or_else(|| ClientError::NotFound(meta.path.chars().take(200).collect()))?;
+    if let Some(m) = model {
+        if !runtime.backends.knows_model(m) {
+            return Err(ClientError::ModelNotFound(m.chars().take(200).collect()));
+        }
+    }
+    let candidates: Vec<Arc<Backend>> = runtime
+        .backends
+        .serving(model)
+        .into_iter()
+        .filter(|b| b.has_capacity())
+        .collect();
+    if candidates.is_empty() {
+        return Err(ClientError::NoBackendAvailable(
+            model.unwrap_or("-").to_string(),
+        ));
+    }
+
+    let (decision, policy) = run_policy(
+        runtime,
+        &route.policy,
+        route.fallback_policy.as_deref(),
+        meta,
+        &candidates,
+        request_id,
+    )?;
+    let names = match decision {
+        Decision::Reject { status, message } => {
+            return Err(ClientError::PolicyRejected { status, message })
+        }
+        Decision::Candidates(names) => names,
+    };
+    let backends = guard(&names, &candidates, model)?;
+    Ok(Plan {
+        backends,
+        max_attempts: route.max_attempts,
+        policy: format!("{}@{}", policy.name, policy.version),
+    })
+}
+
+/// Run the route's policy; when it fails, its fallback (if any). A failure is logged with
+/// the policy's version and the reason (which carries the script line).
+fn run_policy<'r>(
+    runtime: &'r Runtime,
+    primary: &str,
+    fallback: Option<&str>,
+    meta: &Arc<RequestMeta>,
+    candidates: &[Arc<Backend>],
+    request_id: &str,
+) -> Result<(Decision, &'r Arc<Policy>), ClientError> {
+    for name in std::iter::once(primary).chain(fallback) {
+        let Some(policy) = runtime.policies.get(name) else {
+            warn!("{request_id} policy `{name}` is not loaded");
+            continue;
+        };
+        match policy::decide(
+            policy,
+            meta,
+            candidates,
+            &runtime.backends,
+            &runtime.config.lua,
+        ) {
+            Ok(decision) => return Ok((decision, policy)),
+            Err(e) => warn!(
+                target: "switchyard::policy",
+                "{request_id} policy {}@{} failed ({}): {e}",
+                policy.name,
+                policy.version,
+                e.kind()
+            ),
+        }
+    }
+    Err(ClientError::PolicyFailed)
+}
+
+/// The rules a policy cannot break: only backends that are candidates for this request
+/// (serve the model, eligible now) are kept, each once, in the policy's order.
+fn guard(
+    names: &[String],
+    candidates: &[Arc<Backend>],
+    model: Option<&str>,
+) -> Result<Vec<Arc<Backend>>, ClientError> {
+    let mut plan: Vec<Arc<Backend>> = Vec::with_capacity(names.len());
+    let mut refused = false;
+    for name in names {
+        match candidates.iter().find(|b| b.name() == name) {
+            Some(b) if !plan.iter().any(|p| p.id == b.id) => plan.push(b.clone()),
+            Some(_) => {}
+            None => refused = true,
+        }
+    }
+    if plan.is_empty() {
+        let model = model.unwrap_or("-");
+        return Err(if refused {
+            ClientError::Forbidden(format!(
+                "the routing policy chose no backend that may serve model `{model}`"
+            ))
+        } else {
+            ClientError::NoBackendAvailable(model.to_string())
+        });
+    }
+    Ok(plan)
+}
+
+/// The body as `backend` gets it: unchanged, or with `model` renamed when the backend knows
+/// the model by another name.
+pub fn body_for(body: &Bytes, meta: &RequestMeta, backend: &Backend) -> Bytes {
+    let (Some(model), Some((start, end))) = (meta.model.as_deref(), meta.model_span) else {
+        return body.clone();
+    };
+    match backend.models.get(model) {
+        Some(upstream_name) if upstream_name != model && end <= body.len() => {
+            let quoted = serde_json::to_string(upstream_name).expect("a string serializes");
+            let mut out = BytesMut::with_capacity(body.len() + quoted.len());
+            out.extend_from_slice(&body[..start]);
+            out.extend_from_slice(quoted.as_bytes());
+            out.extend_from_slice(&body[end..]);
+            out.freeze()
+        }
+        _ => body.clone(),
+    }
+}
+
+/// Put the backend's own key where its provider expects it.
+pub fn inject_credentials(upstream: &mut RequestHeader, backend: &Backend) -> pingora::Result<()> {
+    let Some(key) = &backend.api_key else {
+        return Ok(());
+    };
+    match backend.config.provider.as_str() {
+        "anthropic" => upstream.insert_header("x-api-key", key.expose()),
+        "azure" => upstream.insert_header("api-key", key.expose()),
+        _ => upstream.insert_header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", key.expose()),
+        ),
+    }
+}
+
+/// Whether the body is JSON to read (JSON content type, or none given).
+pub fn is_json(head: &RequestHeader) -> bool {
+    match head
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => true,
+        Some(ct) => {
+            let ct = ct.split(';').next().unwrap_or("").trim();
+            ct.eq_ignore_ascii_case("application/json") || ct.ends_with("+json")
+        }
+    }
+}
+
+/// APIs whose requests must name a model.
+pub fn needs_model(method: &str, path: &str) -> bool {
+    method == "POST"
+        && matches!(
+            path.trim_end_matches('/'),
+            "/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/embeddings"
+                | "/v1/messages"
+                | "/v1/responses"
+        )
+}

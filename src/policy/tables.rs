@@ -1,0 +1,222 @@
+//! The `req` and `backends` tables handed to `route`, built cheaply.
+//!
+//! Building Lua tables through the C API dominates the cost of a decision, so each VM keeps
+//! one table per backend (static fields set once, live statistics rewritten only when they
+//! changed) and one `req` table whose fields are overwritten per call. Policies get
+//! read-only views of them; only the array listing the candidates is new on each call, so
+//! a policy may sort it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mlua::{Function, Lua, LuaString, Table, Value};
+
+use crate::backends::Backend;
+use crate::request::RequestMeta;
+
+/// Field names, interned once per VM.
+struct Keys {
+    /// `inflight`, `latency_ms`, `ttft_ms`, `tps`, `error_rate`, in [`Live`] order.
+    live: [LuaString; 5],
+    model: LuaString,
+    tokens: LuaString,
+    max_tokens: LuaString,
+    stream: LuaString,
+    tenant: LuaString,
+    region: LuaString,
+    session: LuaString,
+    path: LuaString,
+    method: LuaString,
+    priority: LuaString,
+}
+
+/// Names of the live statistics, in [`Live`] order.
+const LIVE_FIELDS: [&str; 5] = ["inflight", "latency_ms", "ttft_ms", "tps", "error_rate"];
+
+/// A backend's statistics as last written into its table.
+type Live = [f64; 5];
+
+struct CachedBackend {
+    data: Table,
+    view: Table,
+    live: Live,
+}
+
+pub(super) struct TableCache {
+    keys: Keys,
+    readonly: Function,
+    backends: HashMap<u64, CachedBackend>,
+    req_data: Table,
+    req_view: Table,
+}
+
+impl TableCache {
+    pub fn new(lua: &Lua, readonly: Function) -> mlua::Result<TableCache> {
+        let s = |k: &str| lua.create_string(k);
+        let keys = Keys {
+            live: LIVE_FIELDS
+                .map(s)
+                .into_iter()
+                .collect::<mlua::Result<Vec<_>>>()?
+                .try_into()
+                .expect("five keys"),
+            model: s("model")?,
+            tokens: s("tokens")?,
+            max_tokens: s("max_tokens")?,
+            stream: s("stream")?,
+            tenant: s("tenant")?,
+            region: s("region")?,
+            session: s("session")?,
+            path: s("path")?,
+            method: s("method")?,
+            priority: s("priority")?,
+        };
+        let req_data = lua.create_table_with_capacity(0, 12)?;
+        req_data.raw_set("header", header_function(lua)?)?;
+        let req_view = readonly.call(&req_data)?;
+        Ok(TableCache {
+            keys,
+            readonly,
+            backends: HashMap::new(),
+            req_data,
+            req_view,
+        })
+    }
+
+    /// The `req` view, rewritten for this request.
+    pub fn request(&mut self, lua: &Lua, req: &RequestMeta) -> mlua::Result<Table> {
+        let k = &self.keys;
+        let t = &self.req_data;
+        let opt_str = |v: &Option<String>| -> mlua::Result<Value> {
+            Ok(match v {
+                Some(s) => Value::String(lua.create_string(s)?),
+                None => Value::Nil,
+            })
+        };
+        t.raw_set(&k.model, opt_str(&req.model)?)?;
+        t.raw_set(&k.tokens, req.tokens as i64)?;
+        t.raw_set(&k.max_tokens, req.max_tokens.map(|m| m as i64))?;
+        t.raw_set(&k.stream, req.stream)?;
+        t.raw_set(&k.tenant, req.tenant.as_str())?;
+        t.raw_set(&k.region, opt_str(&req.region)?)?;
+        t.raw_set(&k.session, opt_str(&req.session)?)?;
+        t.raw_set(&k.path, req.path.as_str())?;
+        t.raw_set(&k.method, req.method.as_str())?;
+        t.raw_set(&k.priority, req.priority)?;
+        Ok(self.req_view.clone())
+    }
+
+    /// A fresh array of read-only backend views, one per candidate, in candidate order.
+    pub fn backends(
+        &mut self,
+        lua: &Lua,
+        candidates: &[Arc<Backend>],
+        configured: usize,
+    ) -> mlua::Result<Table> {
+        // Backends replaced by a reload leave entries behind; drop them all now and then.
+        if self.backends.len() > 2 * configured + 64 {
+            self.backends.clear();
+        }
+        let array = lua.create_table_with_capacity(candidates.len(), 0)?;
+        for (i, b) in candidates.iter().enumerate() {
+            let live = live_stats(b);
+            let cached = match self.backends.get_mut(&b.id) {
+                Some(c) => c,
+                None => {
+                    let data = static_table(lua, &self.readonly, b)?;
+                    let view = self.readonly.call(&data)?;
+                    self.backends.entry(b.id).or_insert(CachedBackend {
+                        data,
+                        view,
+                        live: [f64::NAN; 5],
+                    })
+                }
+            };
+            for (j, value) in live.iter().enumerate() {
+                // NaN never equals itself, so a fresh entry writes every field once.
+                if cached.live[j] != *value {
+                    let key = &self.keys.live[j];
+                    if j == 0 {
+                        cached.data.raw_set(key, *value as i64)?;
+                    } else {
+                        cached.data.raw_set(key, *value)?;
+                    }
+                    cached.live[j] = *value;
+                }
+            }
+            array.raw_seti(i + 1, &cached.view)?;
+        }
+        Ok(array)
+    }
+}
+
+fn live_stats(b: &Backend) -> Live {
+    let s = &b.stats;
+    [
+        s.inflight() as f64,
+        round2(s.latency_ms()),
+        round2(s.ttft_ms()),
+        round2(s.tps()),
+        s.error_rate(),
+    ]
+}
+
+/// Statistics rounded to 1/100 so that jitter in the last digits does not cost a table write.
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// A backend's table with its configured fields; live fields are written by the caller.
+/// Built once per backend and VM, so plain string keys are fine here.
+fn static_table(lua: &Lua, readonly: &Function, b: &Backend) -> mlua::Result<Table> {
+    let c = &b.config;
+    let t = lua.create_table_with_capacity(0, 16)?;
+    t.raw_set("name", c.name.as_str())?;
+    t.raw_set("provider", c.provider.as_str())?;
+    t.raw_set("region", c.region.as_deref())?;
+    t.raw_set("weight", c.weight)?;
+    t.raw_set("cost_in", c.cost.input)?;
+    t.raw_set("cost_out", c.cost.output)?;
+    t.raw_set("max_inflight", c.max_inflight)?;
+    t.raw_set("healthy", true)?;
+    let tags = lua.create_table_with_capacity(0, c.tags.len())?;
+    for (key, value) in &c.tags {
+        tags.raw_set(key.as_str(), value.as_str())?;
+    }
+    t.raw_set("tags", readonly.call::<Table>(tags)?)?;
+    let models = lua.create_table_with_capacity(0, b.models.len())?;
+    for model in b.models.keys() {
+        models.raw_set(model.as_str(), true)?;
+    }
+    t.raw_set("models", readonly.call::<Table>(models)?)?;
+    Ok(t)
+}
+
+/// A complete read-only backend view built fresh, with `eligible` (for `sy.backends`,
+/// which is called rarely).
+pub(super) fn fresh_backend(
+    lua: &Lua,
+    readonly: &Function,
+    b: &Backend,
+    eligible: bool,
+) -> mlua::Result<Table> {
+    let t = static_table(lua, readonly, b)?;
+    for (name, value) in LIVE_FIELDS.iter().zip(live_stats(b)) {
+        t.raw_set(*name, value)?;
+    }
+    t.raw_set("inflight", b.stats.inflight())?;
+    t.raw_set("eligible", eligible)?;
+    readonly.call(t)
+}
+
+/// `req.header(name)`: a request header by case-insensitive name, credentials excluded.
+fn header_function(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(|lua, name: LuaString| {
+        let ctx = lua.app_data_ref::<super::vm::CallContext>();
+        let value = ctx
+            .as_ref()
+            .and_then(|c| c.req.as_ref())
+            .and_then(|req| req.header(&name.to_string_lossy()).map(str::to_string));
+        Ok(value)
+    })
+}

@@ -1,0 +1,188 @@
+//! Running a policy's own `tests` table: what `switchyard check` prints, and the gate a new
+//! policy version must pass before it may serve traffic.
+//!
+//! A case is `{ req = {...}, backends = {...}, expect = ... }` where `expect` is a name, a
+//! list of names (the whole answer, in order), or `{ status = 429 }` for a rejection.
+//! `expect_first = "name"` checks only the first choice. Missing request and backend fields
+//! get the values of an idle backend and a plain chat request.
+
+use mlua::{Table, Value};
+
+use super::vm::{describe_value, PolicyVm};
+use super::{Decision, Policy};
+use crate::config::LuaConfig;
+
+/// Outcome of one test case.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    /// 1-based position in `tests`.
+    pub index: usize,
+    /// The case's `name`, if it has one.
+    pub name: Option<String>,
+    pub passed: bool,
+    pub expected: String,
+    pub actual: String,
+}
+
+/// Outcome of checking one policy file.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub policy: String,
+    pub version: String,
+    /// Set when the file did not compile or load; no case ran then.
+    pub load_error: Option<String>,
+    pub cases: Vec<CaseResult>,
+}
+
+impl Report {
+    /// `None` when the policy loaded and every case passed; else one line on the first
+    /// problem (with the count of failed cases).
+    pub fn failure_summary(&self) -> Option<String> {
+        if let Some(e) = &self.load_error {
+            return Some(e.clone());
+        }
+        let failed: Vec<&CaseResult> = self.cases.iter().filter(|c| !c.passed).collect();
+        let first = failed.first()?;
+        Some(format!(
+            "{} of {} test case(s) failed; case {}{}: expected {}, got {}",
+            failed.len(),
+            self.cases.len(),
+            first.index,
+            first
+                .name
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+            first.expected,
+            first.actual
+        ))
+    }
+
+    pub fn passed(&self) -> bool {
+        self.failure_summary().is_none()
+    }
+}
+
+/// Compile `policy` in a fresh sandbox and run its `tests`.
+pub fn run(policy: &Policy, limits: &LuaConfig) -> Report {
+    let mut report = Report {
+        policy: policy.name.clone(),
+        version: policy.version.clone(),
+        load_error: None,
+        cases: Vec::new(),
+    };
+    let outcome = PolicyVm::new(limits)
+        .map_err(|e| e.to_string())
+        .and_then(|mut vm| run_cases(&mut vm, policy).map(|cases| report.cases = cases));
+    if let Err(e) = outcome {
+        report.load_error = Some(e);
+    }
+    report
+}
+
+fn run_cases(vm: &mut PolicyVm, policy: &Policy) -> Result<Vec<CaseResult>, String> {
+    let module = vm.ensure_loaded(policy).map_err(|e| e.to_string())?;
+    let route = module
+        .get::<mlua::Function>("route")
+        .map_err(|e| e.to_string())?;
+    let tests = match module.get::<Value>("tests").map_err(|e| e.to_string())? {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Table(t) => t,
+        other => {
+            return Err(format!(
+                "`tests` must be a table, not {}",
+                describe_value(&other)
+            ))
+        }
+    };
+    let make_req = vm.helper("test_request").map_err(|e| e.to_string())?;
+    let make_backend = vm.helper("test_backend").map_err(|e| e.to_string())?;
+    let mut results = Vec::new();
+    for (i, case) in tests.sequence_values::<Table>().enumerate() {
+        let index = i + 1;
+        let case = case.map_err(|_| format!("tests[{index}] is not a table"))?;
+        let name = case.get::<Option<String>>("name").ok().flatten();
+        let prepared = (|| -> mlua::Result<(Table, Table)> {
+            let req: Table = make_req.call(case.get::<Value>("req")?)?;
+            let backends = vm.lua().create_table()?;
+            if let Some(list) = case.get::<Option<Table>>("backends")? {
+                for b in list.sequence_values::<Table>() {
+                    backends.raw_push(make_backend.call::<Table>(b?)?)?;
+                }
+            }
+            Ok((req, backends))
+        })();
+        let (req, backends) = match prepared {
+            Ok(v) => v,
+            Err(e) => return Err(format!("tests[{index}]: {e}")),
+        };
+        let expectation = Expectation::read(&case).map_err(|e| format!("tests[{index}]: {e}"))?;
+        let actual = vm.call(&route, req, backends);
+        let actual_text = match &actual {
+            Ok(d) => describe_decision(d),
+            Err(e) => format!("policy failure: {e}"),
+        };
+        results.push(CaseResult {
+            index,
+            name,
+            passed: actual.as_ref().is_ok_and(|d| expectation.matches(d)),
+            expected: expectation.describe(),
+            actual: actual_text,
+        });
+    }
+    Ok(results)
+}
+
+/// What a test case expects.
+enum Expectation {
+    Exactly(Vec<String>),
+    First(String),
+    Status(u16),
+}
+
+impl Expectation {
+    fn read(case: &Table) -> Result<Expectation, String> {
+        let err = |e: mlua::Error| e.to_string();
+        if let Some(first) = case.get::<Option<String>>("expect_first").map_err(err)? {
+            return Ok(Expectation::First(first));
+        }
+        match case.get::<Value>("expect").map_err(err)? {
+            Value::String(s) => Ok(Expectation::Exactly(vec![s.to_string_lossy()])),
+            Value::Table(t) => {
+                if let Some(status) = t.get::<Option<u16>>("status").map_err(err)? {
+                    return Ok(Expectation::Status(status));
+                }
+                let names = t.sequence_values::<String>().collect::<mlua::Result<Vec<_>>>().map_err(err)?;
+                Ok(Expectation::Exactly(names))
+            }
+            other => Err(format!(
+                "needs `expect` (a name, a list of names, or {{ status = N }}) or `expect_first`, found {}",
+                describe_value(&other)
+            )),
+        }
+    }
+
+    fn matches(&self, d: &Decision) -> bool {
+        match (self, d) {
+            (Expectation::Exactly(want), Decision::Candidates(got)) => want == got,
+            (Expectation::First(want), Decision::Candidates(got)) => got.first() == Some(want),
+            (Expectation::Status(want), Decision::Reject { status, .. }) => want == status,
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Expectation::Exactly(names) => format!("{names:?}"),
+            Expectation::First(name) => format!("{name:?} first"),
+            Expectation::Status(s) => format!("reject with {s}"),
+        }
+    }
+}
+
+fn describe_decision(d: &Decision) -> String {
+    match d {
+        Decision::Candidates(names) => format!("{names:?}"),
+        Decision::Reject { status, message } => format!("reject with {status} ({message:?})"),
+    }
+}

@@ -1,0 +1,417 @@
+//! One sandboxed Lua 5.4 VM: the globals a policy may see, the instruction budget and
+//! memory cap, loading policy files, and calling `route`.
+//!
+//! The sandbox is built from an empty environment, not by deleting from the standard one:
+//! a policy sees read-only copies of `table`, `string` (without `dump`), `math`, `utf8`, a
+//! handful of base functions, and `sy`. Its globals are read-only, so the only state a
+//! policy keeps is in the locals of its file (one copy per worker thread).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use mlua::{
+    chunk::ChunkMode, Function, HookTriggers, Lua, LuaOptions, MultiValue, StdLib, Table, Value,
+    VmState,
+};
+
+use super::tables::TableCache;
+use super::{sy, Decision, Policy, PolicyError};
+use crate::backends::{Backend, BackendSet};
+use crate::config::LuaConfig;
+use crate::request::RequestMeta;
+
+/// The budget hook runs every this many VM instructions.
+const HOOK_EVERY: u32 = 1000;
+
+/// Trusted Lua that builds read-only views; runs with the real globals, never a policy's.
+const HELPERS: &str = r#"
+local setmetatable, next, error, tostring, lower = setmetatable, next, error, tostring, string.lower
+local H = {}
+local function deny(_, k)
+  error("attempt to modify a read-only table (key '" .. tostring(k) .. "')", 2)
+end
+function H.readonly(t)
+  return setmetatable({}, {
+    __index = t, __newindex = deny, __metatable = false,
+    __pairs = function() return next, t, nil end,
+    __len = function() return #t end,
+  })
+end
+function H.env(globals)
+  return setmetatable({}, {
+    __index = globals, __metatable = false,
+    __newindex = function(_, k)
+      error("globals are read-only; keep state in a local (assigning '" .. tostring(k) .. "')", 2)
+    end,
+  })
+end
+local function copy(t)
+  local r = {}
+  for k, v in next, t do r[k] = v end
+  return r
+end
+-- A `req` for a policy test case: the case's fields over the defaults a real request has.
+function H.test_request(t)
+  local r = copy(t or {})
+  local headers = {}
+  for k, v in next, (r.headers or {}) do headers[lower(k)] = v end
+  r.headers = nil
+  if r.tokens == nil then r.tokens = 0 end
+  if r.stream == nil then r.stream = false end
+  r.tenant = r.tenant or "anonymous"
+  r.path = r.path or "/v1/chat/completions"
+  r.method = r.method or "POST"
+  r.priority = r.priority or 0
+  r.header = function(name) return headers[lower(name)] end
+  return H.readonly(r)
+end
+-- A backend entry for a policy test case, with the defaults of an idle backend.
+function H.test_backend(t)
+  local b = copy(t)
+  b.provider = b.provider or "openai"
+  b.weight = b.weight or 1
+  b.tags = H.readonly(b.tags or {})
+  local models = {}
+  for k, v in next, (b.models or {}) do
+    if type(k) == "number" then models[v] = true else models[k] = v end
+  end
+  b.models = H.readonly(models)
+  for _, f in next, { "cost_in", "cost_out", "max_inflight", "inflight", "latency_ms", "ttft_ms", "tps", "error_rate" } do
+    if b[f] == nil then b[f] = 0 end
+  end
+  if b.healthy == nil then b.healthy = true end
+  return H.readonly(b)
+end
+return H
+"#;
+
+/// Base functions a policy may call, taken from the standard library as they are.
+const SAFE_BASE: [&str; 9] = [
+    "pairs", "ipairs", "next", "select", "type", "tostring", "tonumber", "error", "assert",
+];
+/// Libraries a policy may use, each as a read-only view.
+const SAFE_LIBS: [&str; 4] = ["table", "string", "math", "utf8"];
+
+/// Instruction budget of the call in progress.
+#[derive(Default)]
+struct Budget {
+    ticks_left: Cell<u64>,
+    exhausted: Cell<bool>,
+}
+
+/// What the `sy` helpers may know about the call in progress.
+pub(super) struct CallContext {
+    pub req: Option<Arc<RequestMeta>>,
+    pub all: Option<Arc<BackendSet>>,
+    pub policy: String,
+}
+
+struct Loaded {
+    version: String,
+    module: Table,
+    route: Function,
+}
+
+/// A Lua VM with the sandbox, its limits and the policies loaded into it.
+pub struct PolicyVm {
+    lua: Lua,
+    limits: LuaConfig,
+    globals: Table,
+    helpers: Table,
+    budget: Rc<Budget>,
+    loaded: HashMap<String, Loaded>,
+    tables: TableCache,
+}
+
+impl PolicyVm {
+    pub fn new(limits: &LuaConfig) -> mlua::Result<PolicyVm> {
+        let lua = Lua::new_with(
+            StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
+            LuaOptions::new(),
+        )?;
+        let real = lua.globals();
+        // Strings index the real string library, so `dump` must go from it, not a copy.
+        real.get::<Table>("string")?.raw_set("dump", Value::Nil)?;
+        let helpers: Table = lua.load(HELPERS).set_name("=switchyard").eval()?;
+        let readonly: Function = helpers.get("readonly")?;
+        lua.set_named_registry_value("switchyard.readonly", &readonly)?;
+
+        let budget = Rc::new(Budget::default());
+        let safe = lua.create_table()?;
+        for name in SAFE_BASE {
+            safe.raw_set(name, real.get::<Value>(name)?)?;
+        }
+        for lib in SAFE_LIBS {
+            let t: Table = real.get(lib)?;
+            safe.raw_set(lib, readonly.call::<Table>(t)?)?;
+        }
+        safe.raw_set(
+            "unpack",
+            real.get::<Table>("table")?.get::<Value>("unpack")?,
+        )?;
+        safe.raw_set("pcall", protected_call(&lua, budget.clone())?)?;
+        safe.raw_set("sy", readonly.call::<Table>(sy::build(&lua)?)?)?;
+        safe.raw_set("_VERSION", real.get::<Value>("_VERSION")?)?;
+        let globals = readonly.call::<Table>(safe)?;
+
+        let hook_budget = budget.clone();
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+            move |_, _| {
+                let left = hook_budget.ticks_left.get();
+                if left == 0 {
+                    hook_budget.exhausted.set(true);
+                    return Err(mlua::Error::runtime("instruction budget exceeded"));
+                }
+                hook_budget.ticks_left.set(left - 1);
+                Ok(VmState::Continue)
+            },
+        )?;
+        lua.set_app_data(sy::LogLimiter::default());
+        // Set last: building the sandbox must never count against the policies' memory.
+        lua.set_memory_limit(limits.memory_limit_bytes)?;
+
+        let tables = TableCache::new(&lua, readonly)?;
+        Ok(PolicyVm {
+            lua,
+            limits: limits.clone(),
+            globals,
+            helpers,
+            budget,
+            loaded: HashMap::new(),
+            tables,
+        })
+    }
+
+    pub fn limits(&self) -> &LuaConfig {
+        &self.limits
+    }
+
+    /// Run `policy`'s `route` for one request.
+    pub fn route(
+        &mut self,
+        policy: &Policy,
+        req: &Arc<RequestMeta>,
+        candidates: &[Arc<Backend>],
+        all: &Arc<BackendSet>,
+    ) -> Result<Decision, PolicyError> {
+        self.ensure_loaded(policy)?;
+        let route = self.loaded[&policy.name].route.clone();
+        let lua_err = |e: mlua::Error| PolicyError::Runtime(e.to_string());
+        let req_table = self.tables.request(&self.lua, req).map_err(lua_err)?;
+        let backends = self
+            .tables
+            .backends(&self.lua, candidates, all.backends.len())
+            .map_err(lua_err)?;
+        self.lua.set_app_data(CallContext {
+            req: Some(req.clone()),
+            all: Some(all.clone()),
+            policy: format!("{}@{}", policy.name, policy.version),
+        });
+        let result = self.call(&route, req_table, backends);
+        self.lua.remove_app_data::<CallContext>();
+        result
+    }
+
+    /// Call a `route` function under the instruction budget and read its decision.
+    pub(super) fn call(
+        &self,
+        route: &Function,
+        req: Table,
+        backends: Table,
+    ) -> Result<Decision, PolicyError> {
+        self.arm_budget();
+        let values = route
+            .call::<MultiValue>((req, backends))
+            .map_err(|e| self.classify(e))?;
+        decision_from(values)
+    }
+
+    /// Load a version of a policy unless this VM already has it; returns its module table.
+    pub(super) fn ensure_loaded(&mut self, policy: &Policy) -> Result<Table, PolicyError> {
+        if let Some(l) = self.loaded.get(&policy.name) {
+            if l.version == policy.version {
+                return Ok(l.module.clone());
+            }
+        }
+        let loaded = self.load(policy)?;
+        let module = loaded.module.clone();
+        self.loaded.insert(policy.name.clone(), loaded);
+        Ok(module)
+    }
+
+    fn load(&self, policy: &Policy) -> Result<Loaded, PolicyError> {
+        let env: Table = self
+            .helpers
+            .get::<Function>("env")
+            .and_then(|f| f.call(&self.globals))
+            .map_err(|e| PolicyError::Load(e.to_string()))?;
+        let chunk = self
+            .lua
+            .load(&policy.source)
+            .set_name(format!("={}.lua", policy.name))
+            .set_mode(ChunkMode::Text)
+            .set_environment(env);
+        self.lua.set_app_data(CallContext {
+            req: None,
+            all: None,
+            policy: format!("{}@{}", policy.name, policy.version),
+        });
+        self.arm_budget();
+        let value = chunk.call::<Value>(());
+        self.lua.remove_app_data::<CallContext>();
+        let module = match value.map_err(|e| self.classify(e)) {
+            Ok(Value::Table(t)) => t,
+            Ok(other) => {
+                return Err(PolicyError::Load(format!(
+                    "the file must return a table with a route function, not {}",
+                    describe_value(&other)
+                )))
+            }
+            Err(PolicyError::Runtime(msg)) => return Err(PolicyError::Load(msg)),
+            Err(e) => return Err(e),
+        };
+        let route = match module.get::<Value>("route") {
+            Ok(Value::Function(f)) => f,
+            _ => {
+                return Err(PolicyError::Load(
+                    "the returned table has no route(req, backends) function".into(),
+                ))
+            }
+        };
+        Ok(Loaded {
+            version: policy.version.clone(),
+            module,
+            route,
+        })
+    }
+
+    /// The Lua state, for the test runner.
+    pub(super) fn lua(&self) -> &Lua {
+        &self.lua
+    }
+
+    pub(super) fn helper(&self, name: &str) -> mlua::Result<Function> {
+        self.helpers.get(name)
+    }
+
+    fn arm_budget(&self) {
+        let ticks = (self.limits.instruction_budget / HOOK_EVERY as u64).max(1);
+        self.budget.ticks_left.set(ticks);
+        self.budget.exhausted.set(false);
+    }
+
+    fn classify(&self, e: mlua::Error) -> PolicyError {
+        if self.budget.exhausted.get() {
+            PolicyError::Budget(self.limits.instruction_budget)
+        } else if is_memory_error(&e) {
+            PolicyError::Memory(self.limits.memory_limit_bytes)
+        } else {
+            PolicyError::Runtime(error_message(&e))
+        }
+    }
+}
+
+/// `pcall` for policies: like Lua's, except that running out of instructions or memory is
+/// not catchable, so `while true do pcall(f) end` cannot outlive its budget.
+fn protected_call(lua: &Lua, budget: Rc<Budget>) -> mlua::Result<Function> {
+    lua.create_function(move |lua, (f, args): (Function, MultiValue)| {
+        match f.call::<MultiValue>(args) {
+            Ok(mut values) => {
+                values.push_front(Value::Boolean(true));
+                Ok(values)
+            }
+            Err(e) if budget.exhausted.get() || is_memory_error(&e) => Err(e),
+            Err(e) => Ok(MultiValue::from_vec(vec![
+                Value::Boolean(false),
+                Value::String(lua.create_string(error_message(&e))?),
+            ])),
+        }
+    })
+}
+
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
+}
+
+/// The Lua error message without mlua's traceback (`file.lua:LINE: message`).
+fn error_message(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::RuntimeError(msg) | mlua::Error::SyntaxError { message: msg, .. } => {
+            msg.lines().next().unwrap_or_default().to_string()
+        }
+        mlua::Error::CallbackError { cause, .. } => error_message(cause),
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+/// Read `route`'s return values as a decision.
+fn decision_from(values: MultiValue) -> Result<Decision, PolicyError> {
+    let mut values = values.into_iter();
+    match values.next().unwrap_or(Value::Nil) {
+        Value::String(s) => Ok(Decision::Candidates(vec![s
+            .to_str()
+            .map_err(|_| bad("a non-UTF-8 string"))?
+            .to_string()])),
+        Value::Table(t) => {
+            let mut names = Vec::with_capacity(t.raw_len());
+            for v in t.sequence_values::<Value>() {
+                match v.map_err(|e| PolicyError::Runtime(e.to_string()))? {
+                    Value::String(s) => {
+                        names.push(s.to_str().map_err(|_| bad("a non-UTF-8 name"))?.to_string())
+                    }
+                    other => {
+                        return Err(bad(&format!("a list holding {}", describe_value(&other))))
+                    }
+                }
+            }
+            if names.is_empty() {
+                return Err(bad("an empty list"));
+            }
+            Ok(Decision::Candidates(names))
+        }
+        Value::Nil => {
+            let status = values.next().and_then(|v| v.as_integer());
+            let message = values.next();
+            match status {
+                Some(s) if (400..=599).contains(&s) => Ok(Decision::Reject {
+                    status: s as u16,
+                    message: match message {
+                        Some(Value::String(m)) => m.to_string_lossy(),
+                        _ => "request rejected by routing policy".into(),
+                    },
+                }),
+                Some(s) => Err(bad(&format!("nil with status {s} (must be 400..599)"))),
+                None => Err(bad("nil")),
+            }
+        }
+        other => Err(bad(&describe_value(&other))),
+    }
+}
+
+fn bad(what: &str) -> PolicyError {
+    PolicyError::BadReturn(what.to_string())
+}
+
+/// `a number (42)`, `a boolean (true)`, `a function`: what a value is, for error messages.
+pub(super) fn describe_value(v: &Value) -> String {
+    match v {
+        Value::Nil => "nil".into(),
+        Value::Boolean(b) => format!("a boolean ({b})"),
+        Value::Integer(i) => format!("a number ({i})"),
+        Value::Number(n) => format!("a number ({n})"),
+        Value::String(s) => format!("a string ({:?})", s.to_string_lossy()),
+        other => format!("a {}", other.type_name()),
+    }
+}

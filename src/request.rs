@@ -1,0 +1,374 @@
+//! What a request is, as routing sees it: `RequestMeta`, extracted from the HTTP head and
+//! the JSON body without copying the prompt. The body itself is kept unchanged elsewhere
+//! and forwarded byte for byte.
+
+use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
+
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::errors::ClientError;
+
+/// Tenant of a request when no authentication is configured.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Headers a policy may never read, and that never go upstream.
+pub const CREDENTIAL_HEADERS: [&str; 4] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "proxy-authorization",
+];
+
+/// Bytes of the system prompt and first message hashed for the session key: enough to
+/// tell conversations apart, little enough that a 1 MiB prompt costs no more than 4 KiB.
+const SESSION_PREFIX_BYTES: usize = 4096;
+
+/// The request as a policy sees it (`req` in Lua).
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    pub model: Option<String>,
+    /// Estimated prompt tokens (0 without a body).
+    pub tokens: u64,
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+    pub tenant: String,
+    pub region: Option<String>,
+    pub session: Option<String>,
+    pub path: String,
+    pub method: String,
+    pub priority: i64,
+    /// Request headers, names lowercased, credentials removed.
+    pub headers: Vec<(String, String)>,
+    /// Byte range of the `model` value (with its quotes) in the body, for renaming it.
+    pub model_span: Option<(usize, usize)>,
+}
+
+impl RequestMeta {
+    /// Fill the head-derived fields from the HTTP request head.
+    pub fn from_head(method: &str, path: &str, headers: &http::HeaderMap) -> RequestMeta {
+        let mut kept = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            let name = name.as_str();
+            if CREDENTIAL_HEADERS.contains(&name) {
+                continue;
+            }
+            if let Ok(v) = value.to_str() {
+                kept.push((name.to_string(), v.to_string()));
+            }
+        }
+        let get = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        RequestMeta {
+            tenant: ANONYMOUS.to_string(),
+            region: get("x-switchyard-region").filter(|r| !r.is_empty()),
+            session: get("x-session-id").filter(|s| !s.is_empty()),
+            priority: get("x-priority")
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0),
+            path: path.to_string(),
+            method: method.to_string(),
+            headers: kept,
+            ..RequestMeta::default()
+        }
+    }
+
+    /// A request header by (case-insensitive) name; credentials are never present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Read `model`, `stream`, `max_tokens`, the token estimate and (unless the client sent
+    /// `x-session-id`) the session key from a JSON body.
+    pub fn read_json_body(&mut self, body: &[u8]) -> Result<(), ClientError> {
+        let peek: BodyPeek = serde_json::from_slice(body).map_err(json_error)?;
+        self.model_span = peek.model.map(|raw| {
+            // RawValue borrows from `body`, so its offset in the body is a pointer difference.
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            (start, start + raw.get().len())
+        });
+        self.model = match peek.model {
+            None => None,
+            Some(raw) => match serde_json::from_str::<Cow<str>>(raw.get()) {
+                Ok(m) => Some(m.into_owned()),
+                Err(_) => return Err(ClientError::wrong_type("model", "a string")),
+            },
+        };
+        self.stream = match peek.stream {
+            None => false,
+            Some(raw) => serde_json::from_str::<Option<bool>>(raw.get())
+                .map_err(|_| ClientError::wrong_type("stream", "a boolean"))?
+                .unwrap_or(false),
+        };
+        let max_tokens = peek.max_completion_tokens.or(peek.max_tokens);
+        self.max_tokens = match max_tokens {
+            None => None,
+            Some(raw) => serde_json::from_str::<Option<u64>>(raw.get())
+                .map_err(|_| ClientError::wrong_type("max_tokens", "a non-negative integer"))?,
+        };
+
+        let mut chars = 0usize;
+        let mut session = SessionHasher::default();
+        if let Some(raw) = peek.messages {
+            let messages: Vec<MessagePeek> = serde_json::from_str(raw.get())
+                .map_err(|_| ClientError::wrong_type("messages", "an array of message objects"))?;
+            for (i, m) in messages.iter().enumerate() {
+                let text_len = m.content.as_ref().map_or(0, |c| {
+                    c.visit_text(&mut |t| {
+                        if i == 0 || m.role.as_deref() == Some("system") || session.messages < 2 {
+                            session.add(t);
+                        }
+                    })
+                });
+                if m.role.as_deref() != Some("system") {
+                    session.messages += 1;
+                }
+                chars += text_len;
+            }
+        }
+        for (field, raw) in [
+            ("prompt", &peek.prompt),
+            ("input", &peek.input),
+            ("system", &peek.system),
+        ] {
+            if let Some(raw) = raw {
+                let text: TextPeek = serde_json::from_str(raw.get())
+                    .map_err(|_| ClientError::wrong_type(field, "a string or an array"))?;
+                chars += text.visit_text(&mut |t| session.add(t));
+            }
+        }
+        self.tokens = estimate_tokens(chars);
+        if self.session.is_none() && session.bytes > 0 {
+            self.session = Some(format!("{:016x}", session.hasher.finish()));
+        }
+        Ok(())
+    }
+}
+
+/// About four characters a token for English text and code, the usual rule of thumb.
+fn estimate_tokens(chars: usize) -> u64 {
+    chars.div_ceil(4) as u64
+}
+
+fn json_error(e: serde_json::Error) -> ClientError {
+    ClientError::BadJson {
+        line: e.line(),
+        column: e.column(),
+        reason: match e.classify() {
+            serde_json::error::Category::Eof => "unexpected end of input".into(),
+            _ => {
+                // serde's message ends with " at line X column Y"; we report those ourselves.
+                let msg = e.to_string();
+                match msg.rfind(" at line ") {
+                    Some(i) => msg[..i].to_string(),
+                    None => msg,
+                }
+            }
+        },
+    }
+}
+
+#[derive(Default)]
+struct SessionHasher {
+    hasher: std::collections::hash_map::DefaultHasher,
+    bytes: usize,
+    messages: usize,
+}
+
+impl SessionHasher {
+    fn add(&mut self, text: &str) {
+        let room = SESSION_PREFIX_BYTES.saturating_sub(self.bytes);
+        if room == 0 {
+            return;
+        }
+        let take = floor_char_boundary(text, room);
+        text[..take].hash(&mut self.hasher);
+        self.bytes += take.max(1);
+    }
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if max >= s.len() {
+        return s.len();
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// The parts of an OpenAI (or Anthropic) request body that routing reads; everything else
+/// is skipped without allocation. Fields stay raw so a wrong type names its field.
+#[derive(Deserialize)]
+struct BodyPeek<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    system: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct MessagePeek<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<TextPeek<'a>>,
+    #[serde(default, rename = "tool_calls")]
+    _tool_calls: Option<IgnoredAny>,
+}
+
+/// Text in any of the shapes the APIs allow: a string, an array of strings (or token ids),
+/// or an array of content parts with `text`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextPeek<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Parts(#[serde(borrow)] Vec<PartPeek<'a>>),
+    Other(IgnoredAny),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PartPeek<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Part {
+        #[serde(borrow, default)]
+        text: Option<Cow<'a, str>>,
+    },
+    Other(IgnoredAny),
+}
+
+impl TextPeek<'_> {
+    /// Call `f` on each piece of text; returns the characters seen.
+    fn visit_text(&self, f: &mut dyn FnMut(&str)) -> usize {
+        match self {
+            TextPeek::Text(t) => {
+                f(t);
+                t.chars().count()
+            }
+            TextPeek::Parts(parts) => parts
+                .iter()
+                .map(|p| match p {
+                    PartPeek::Text(t) | PartPeek::Part { text: Some(t) } => {
+                        f(t);
+                        t.chars().count()
+                    }
+                    _ => 0,
+                })
+                .sum(),
+            TextPeek::Other(_) => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(body: &str) -> Result<RequestMeta, ClientError> {
+        let mut m = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+        m.read_json_body(body.as_bytes()).map(|_| m)
+    }
+
+    #[test]
+    fn reads_the_routing_fields() {
+        let m = meta(r#"{"model":"gpt-4o","stream":true,"max_tokens":50,
+            "messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello there, friend"}]}"#)
+            .unwrap();
+        assert_eq!(m.model.as_deref(), Some("gpt-4o"));
+        assert!(m.stream);
+        assert_eq!(m.max_tokens, Some(50));
+        assert_eq!(m.tokens, (8 + 19usize).div_ceil(4) as u64);
+        assert!(m.session.is_some());
+        assert_eq!(m.tenant, ANONYMOUS);
+    }
+
+    #[test]
+    fn content_parts_and_prompt_count_as_tokens() {
+        let m = meta(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"abcdefgh"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#).unwrap();
+        assert_eq!(m.tokens, 2);
+        let m = meta(r#"{"model":"m","prompt":"abcd"}"#).unwrap();
+        assert_eq!(m.tokens, 1);
+        let m = meta(r#"{"model":"m","input":["abcd","efgh"]}"#).unwrap();
+        assert_eq!(m.tokens, 2);
+    }
+
+    #[test]
+    fn same_conversation_same_session_key() {
+        let a = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}]}"#).unwrap();
+        let b = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"},{"role":"assistant","content":"A"},{"role":"user","content":"more"}]}"#).unwrap();
+        let c = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"other"}]}"#).unwrap();
+        assert_eq!(a.session, b.session);
+        assert_ne!(a.session, c.session);
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let err = meta("{\n  \"model\": \"m\",\n  oops\n}").unwrap_err();
+        match err {
+            ClientError::BadJson { line, column, .. } => assert_eq!((line, column), (3, 3)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        for (body, field) in [
+            (r#"{"model":5}"#, "model"),
+            (r#"{"model":"m","messages":"hi"}"#, "messages"),
+            (r#"{"model":"m","stream":"yes"}"#, "stream"),
+            (r#"{"model":"m","max_tokens":-1}"#, "max_tokens"),
+        ] {
+            match meta(body).unwrap_err() {
+                ClientError::WrongType { field: f, .. } => assert_eq!(f, field, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!(
+            "{{\"model\":\"m\",\"x\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert!(matches!(meta(&deep), Err(ClientError::BadJson { .. })));
+    }
+
+    #[test]
+    fn credentials_are_not_visible() {
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Bearer sk-secret".parse().unwrap());
+        h.insert("x-api-key", "k".parse().unwrap());
+        h.insert("X-Priority", "7".parse().unwrap());
+        h.insert("x-session-id", "s1".parse().unwrap());
+        let m = RequestMeta::from_head("POST", "/v1/x", &h);
+        assert_eq!(m.header("Authorization"), None);
+        assert_eq!(m.header("x-api-key"), None);
+        assert_eq!(m.priority, 7);
+        assert_eq!(m.session.as_deref(), Some("s1"));
+    }
+}

@@ -1,0 +1,106 @@
+//! Routes: which policy decides for a request, chosen by path prefix and model glob. The
+//! first route whose `match` fits wins.
+
+use wildmatch::WildMatch;
+
+use crate::config::Route as RouteConfig;
+
+/// A route ready to match.
+#[derive(Debug)]
+pub struct Route {
+    pub index: usize,
+    path_prefix: Option<String>,
+    model: Option<WildMatch>,
+    pub policy: String,
+    pub fallback_policy: Option<String>,
+    pub max_attempts: usize,
+}
+
+impl Route {
+    fn matches(&self, path: &str, model: Option<&str>) -> bool {
+        let path_ok = self
+            .path_prefix
+            .as_deref()
+            .is_none_or(|p| path.starts_with(p));
+        let model_ok = match (&self.model, model) {
+            (None, _) => true,
+            (Some(glob), Some(m)) => glob.matches(m),
+            // A route for some models never takes a request that names none.
+            (Some(_), None) => false,
+        };
+        path_ok && model_ok
+    }
+}
+
+/// The ordered routes of one config.
+#[derive(Debug, Default)]
+pub struct Routes(Vec<Route>);
+
+impl Routes {
+    pub fn new(config: &[RouteConfig]) -> Routes {
+        Routes(
+            config
+                .iter()
+                .enumerate()
+                .map(|(index, r)| Route {
+                    index,
+                    path_prefix: r.matcher.path_prefix.clone(),
+                    model: r.matcher.model.as_deref().map(WildMatch::new),
+                    policy: r.policy.clone(),
+                    fallback_policy: r.fallback_policy.clone(),
+                    max_attempts: r.max_attempts as usize,
+                })
+                .collect(),
+        )
+    }
+
+    /// The first route that fits.
+    pub fn select(&self, path: &str, model: Option<&str>) -> Option<&Route> {
+        self.0.iter().find(|r| r.matches(path, model))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteMatch;
+
+    fn route(prefix: Option<&str>, model: Option<&str>, policy: &str) -> RouteConfig {
+        RouteConfig {
+            matcher: RouteMatch {
+                path_prefix: prefix.map(String::from),
+                model: model.map(String::from),
+            },
+            policy: policy.into(),
+            fallback_policy: None,
+            max_attempts: 3,
+        }
+    }
+
+    #[test]
+    fn first_match_wins_by_prefix_and_model_glob() {
+        let routes = Routes::new(&[
+            route(Some("/v1/"), Some("gpt-4*"), "cost"),
+            route(Some("/v1/"), None, "least_inflight"),
+        ]);
+        assert_eq!(
+            routes
+                .select("/v1/chat/completions", Some("gpt-4o"))
+                .unwrap()
+                .policy,
+            "cost"
+        );
+        assert_eq!(
+            routes
+                .select("/v1/chat/completions", Some("llama"))
+                .unwrap()
+                .policy,
+            "least_inflight"
+        );
+        assert_eq!(
+            routes.select("/v1/chat/completions", None).unwrap().policy,
+            "least_inflight"
+        );
+        assert!(routes.select("/other", Some("gpt-4o")).is_none());
+    }
+}

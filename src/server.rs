@@ -1,0 +1,83 @@
+//! Assembling and running the Pingora server from a config: the proxy service on every
+//! listener, with server settings (threads, grace period, keep-alive pool) taken from the
+//! config's `proxy:` section.
+
+use std::sync::Arc;
+
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+
+use crate::config::Config;
+use crate::proxy::Switchyard;
+use crate::runtime::{Runtime, Shared};
+
+/// Pingora retries at most this often per request; our own cap is the route's
+/// `max_attempts`, which is always lower.
+const PINGORA_MAX_RETRIES: usize = 16;
+
+/// How the process was started.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Take the listening sockets over from a running instance (Pingora graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Build the runtime snapshot (policies compiled, tests run) and serve until signalled.
+pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
+    let runtime = Runtime::build(config, None)
+        .map_err(|problems| anyhow::anyhow!("cannot start:\n  {}", problems.join("\n  ")))?;
+    let config = runtime.config.clone();
+    let shared = Arc::new(Shared::new(runtime));
+
+    let mut server = Server::new_with_opt_and_conf(
+        Opt {
+            upgrade: opts.upgrade,
+            ..Opt::default()
+        },
+        server_conf(&config),
+    );
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Switchyard::new(shared),
+        "switchyard",
+    );
+    for listener in &config.listen {
+        proxy.add_tcp(&listener.addr);
+    }
+    server.add_service(proxy);
+    log::info!(
+        "switchyard listening on {}",
+        config
+            .listen
+            .iter()
+            .map(|l| l.addr.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    server.run_forever()
+}
+
+fn server_conf(config: &Config) -> ServerConf {
+    let p = &config.proxy;
+    let threads = p
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let port = config
+        .listen
+        .first()
+        .and_then(|l| l.addr.rsplit(':').next())
+        .unwrap_or("0");
+    ServerConf {
+        threads,
+        grace_period_seconds: Some(p.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(p.grace_period_seconds.max(1)),
+        upstream_keepalive_pool_size: p.upstream_keepalive_pool_size,
+        max_retries: PINGORA_MAX_RETRIES,
+        // One instance per port may upgrade into another; keep their sockets apart.
+        upgrade_sock: format!("/tmp/switchyard-upgrade-{port}.sock"),
+        pid_file: format!("/tmp/switchyard-{port}.pid"),
+        ..ServerConf::default()
+    }
+}
