@@ -1,0 +1,200 @@
+//! Test harness: the real `switchyard` binary and real `switchyard mock` backends, as child
+//! processes on loopback ports, killed when dropped.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// A free loopback port (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Everything the process wrote to stdout and stderr so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str], port: u16, dir: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Proc {
+    let log =
+        std::env::temp_dir().join(format!("switchyard-test-{port}-{}.log", std::process::id()));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn switchyard");
+    Proc {
+        child,
+        port,
+        log,
+        _dir: dir,
+    }
+}
+
+/// Wait until `url` answers any HTTP status.
+pub async fn wait_ready(url: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if client.get(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{url} did not come up in 15 s");
+}
+
+/// Start a mock backend: `switchyard mock --port P --name NAME EXTRA...`.
+pub async fn mock(name: &str, extra: &[&str]) -> Proc {
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut args = vec!["mock", "--port", &port_s, "--name", name];
+    args.extend_from_slice(extra);
+    let p = spawn(&args, port, None, &[]);
+    wait_ready(&p.url("/health")).await;
+    p
+}
+
+/// Start the proxy with `config` (YAML; `listen` and `policies_dir` are filled in) and the
+/// repository's policies plus `extra_policies` (name, source).
+pub async fn proxy(config: &str, extra_policies: &[(&str, &str)]) -> Proc {
+    proxy_with_env(config, extra_policies, &[]).await
+}
+
+pub async fn proxy_with_env(
+    config: &str,
+    extra_policies: &[(&str, &str)],
+    env: &[(&str, &str)],
+) -> Proc {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let policies = write_policies(dir.path(), extra_policies);
+    let full = format!(
+        "listen: [{{ addr: \"127.0.0.1:{port}\" }}]\npolicies_dir: {}\n{config}\nproxy:\n  threads: 2\n  grace_period_seconds: 0\n",
+        policies.display()
+    );
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(&path, full).unwrap();
+    let p = spawn(
+        &["run", "--config", path.to_str().unwrap()],
+        port,
+        Some(dir),
+        env,
+    );
+    wait_ready(&p.url("/v1/models")).await;
+    p
+}
+
+/// Copy the repository's policies and write extra ones; returns the directory.
+pub fn write_policies(dir: &Path, extra: &[(&str, &str)]) -> PathBuf {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for entry in std::fs::read_dir(repo).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "lua") {
+            std::fs::copy(&path, policies.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    for (name, source) in extra {
+        std::fs::write(policies.join(format!("{name}.lua")), source).unwrap();
+    }
+    policies
+}
+
+/// A `backends:` entry for a mock.
+pub fn backend(name: &str, mock_port: u16, models: &str) -> String {
+    format!("  - name: {name}\n    url: http://127.0.0.1:{mock_port}\n    models: {models}\n")
+}
+
+pub fn chat_body(model: &str, content: &str, stream: bool) -> Value {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "messages": [{ "role": "user", "content": content }],
+    })
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// POST a chat body; returns (status, headers, body text).
+pub async fn chat(proxy: &Proc, body: &Value) -> (u16, reqwest::header::HeaderMap, String) {
+    let r = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("request reaches the proxy");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.text().await.unwrap())
+}
+
+/// What a mock received (`GET /mock/requests`).
+pub async fn received(mock: &Proc) -> Vec<Value> {
+    client()
+        .get(mock.url("/mock/requests"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<Value>>()
+        .await
+        .unwrap()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+pub fn error_code(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    v["error"]["code"].as_str().unwrap_or_default().to_string()
+}

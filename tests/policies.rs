@@ -1,0 +1,278 @@
+//! Policy failures and the sandbox on the wire: every bad policy costs one request a 500
+//! `policy_error`, never the process or the next request.
+
+mod common;
+
+use common::*;
+
+const RAISES: &str = r#"
+local P = {}
+function P.route(req, backends)
+  error("boom")
+end
+return P
+"#;
+const LOOPS: &str = r#"
+local P = {}
+function P.route(req, backends)
+  while true do end
+end
+return P
+"#;
+const LOOPS_UNDER_PCALL: &str = r#"
+local P = {}
+function P.route(req, backends)
+  while true do pcall(function() while true do end end) end
+end
+return P
+"#;
+const ALLOCATES: &str = r#"
+local P = {}
+function P.route(req, backends)
+  local t = {}
+  local i = 0
+  while true do i = i + 1; t[i] = string.rep("x", 1024) .. i end
+end
+return P
+"#;
+const UNKNOWN_NAME: &str = r#"
+local P = {}
+function P.route(req, backends) return "no-such-backend" end
+return P
+"#;
+const RETURNS_NUMBER: &str = r#"
+local P = {}
+function P.route(req, backends) return 42 end
+return P
+"#;
+const ESCAPES: &str = r#"
+local P = {}
+function P.route(req, backends)
+  local what = req.header("x-escape")
+  if what == "os" then os.execute("touch /tmp/switchyard-escaped") end
+  if what == "io" then io.open("/etc/passwd") end
+  if what == "require" then require("os") end
+  if what == "load" then load("return 1")() end
+  if what == "dump" then string.dump(P.route) end
+  if what == "global" then counter = 1 end
+  if what == "metatable" then setmetatable({}, {}) end
+  return backends[1].name
+end
+return P
+"#;
+const REJECTS: &str = r#"
+local P = {}
+function P.route(req, backends)
+  if req.priority < 0 then return nil, 429, "low priority traffic is shed" end
+  return backends[1].name
+end
+return P
+"#;
+
+fn config(port: u16) -> String {
+    let mut routes = String::from("routes:\n");
+    for (model, policy, fallback) in [
+        ("raises", "raises", None),
+        ("loops", "loops", None),
+        ("loops-pcall", "loops_under_pcall", None),
+        ("allocates", "allocates", None),
+        ("unknown", "unknown_name", None),
+        ("number", "returns_number", None),
+        ("escapes", "escapes", None),
+        ("rejects", "rejects", None),
+        ("saved", "raises", Some("round_robin")),
+    ] {
+        routes.push_str(&format!(
+            "  - match: {{ model: \"{model}\" }}\n    policy: {policy}\n"
+        ));
+        if let Some(f) = fallback {
+            routes.push_str(&format!("    fallback_policy: {f}\n"));
+        }
+    }
+    routes.push_str("  - match: { path_prefix: /v1/ }\n    policy: round_robin\n");
+    let models =
+        "[raises, loops, loops-pcall, allocates, unknown, number, escapes, rejects, saved, ok]";
+    format!(
+        "{routes}backends:\n{}lua:\n  memory_limit_bytes: 8388608\n",
+        backend("b1", port, models)
+    )
+}
+
+async fn start() -> (Proc, Proc) {
+    let m = mock("m1", &[]).await;
+    let p = proxy(
+        &config(m.port),
+        &[
+            ("raises", RAISES),
+            ("loops", LOOPS),
+            ("loops_under_pcall", LOOPS_UNDER_PCALL),
+            ("allocates", ALLOCATES),
+            ("unknown_name", UNKNOWN_NAME),
+            ("returns_number", RETURNS_NUMBER),
+            ("escapes", ESCAPES),
+            ("rejects", REJECTS),
+        ],
+    )
+    .await;
+    (m, p)
+}
+
+async fn send(p: &Proc, model: &str, escape: Option<&str>) -> (u16, String) {
+    let mut req = client()
+        .post(p.url("/v1/chat/completions"))
+        .json(&chat_body(model, "hi", false));
+    if let Some(e) = escape {
+        req = req.header("x-escape", e);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
+    let (_m, p) = start().await;
+    for model in [
+        "raises",
+        "loops",
+        "loops-pcall",
+        "allocates",
+        "unknown",
+        "number",
+    ] {
+        let (status, body) = send(&p, model, None).await;
+        assert_eq!(status, 500, "{model}: {body}");
+        assert_eq!(error_code(&body), "policy_error", "{model}");
+        assert!(
+            !body.contains("boom") && !body.contains(".lua"),
+            "no internals to the client: {body}"
+        );
+        let (status, body) = send(&p, "ok", None).await;
+        assert_eq!(status, 200, "request after {model}: {body}");
+    }
+    let log = p.output();
+    assert!(
+        log.contains("raises.lua:4: boom"),
+        "log names the line:\n{log}"
+    );
+    assert!(log.contains("instruction budget"), "{log}");
+    assert!(log.contains("memory limit"), "{log}");
+    assert!(log.contains("unknown backend `no-such-backend`"), "{log}");
+    assert!(log.contains("returned a number (42)"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_has_no_way_out() {
+    let (_m, p) = start().await;
+    for escape in ["os", "io", "require", "load", "dump", "global", "metatable"] {
+        let (status, body) = send(&p, "escapes", Some(escape)).await;
+        assert_eq!(status, 500, "{escape}: {body}");
+        assert_eq!(error_code(&body), "policy_error");
+    }
+    assert!(!std::path::Path::new("/tmp/switchyard-escaped").exists());
+    let (status, _) = send(&p, "escapes", None).await;
+    assert_eq!(status, 200);
+    let log = p.output();
+    assert!(log.contains("globals are read-only"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_policy_saves_the_request_and_a_rejection_is_relayed() {
+    let (_m, p) = start().await;
+    let (status, body) = send(&p, "saved", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("x-priority", "-1")
+        .json(&chat_body("rejects", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("low priority traffic is shed"), "{body}");
+    let (status, _) = send(&p, "rejects", None).await;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn check_runs_policy_tests_and_fails_on_a_wrong_expectation() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "check",
+            "policies/round_robin.lua",
+            "policies/least_inflight.lua",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 passed, 0 failed"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("wrong.lua");
+    std::fs::write(
+        &bad,
+        r#"local P = {}
+function P.route(req, backends) return backends[1].name end
+P.tests = { { req = { model = "m" }, backends = { { name = "a" }, { name = "b" } }, expect = "b" } }
+return P"#,
+    )
+    .unwrap();
+    let broken = dir.path().join("broken.lua");
+    std::fs::write(&broken, "local P = {\nreturn P").unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .arg(&bad)
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains(r#"expected ["b"], got ["a"]"#), "{text}");
+    assert!(
+        text.contains("broken.lua:2:"),
+        "compile error names the line: {text}"
+    );
+    assert!(text.contains("0 passed, 2 failed"), "{text}");
+}
+
+#[test]
+fn a_wrong_config_is_refused_whole_with_every_problem_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: ftp://x\n    models: [m]\n    weight: 0\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "backends[0].url",
+        "backends[0].weight: must be > 0",
+        "backends[1].name: duplicate backend name `a`",
+    ] {
+        assert!(err.contains(needle), "missing {needle}: {err}");
+    }
+
+    // Valid shape, but the policy file does not exist.
+    std::fs::write(&path, "routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("routes[0].policy: policy `missing_policy` not found"),
+        "{err}"
+    );
+}

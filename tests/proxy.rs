@@ -1,0 +1,477 @@
+//! The core proxy on the wire: the real binary in front of real mock backends.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+
+/// A policy that tries backends in a fixed order given by the `order` header-free list.
+const FIXED_ORDER: &str = r#"
+local P = {}
+function P.route(req, backends)
+  return { "first", "second" }
+end
+return P
+"#;
+
+fn routes(policy: &str) -> String {
+    format!("routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: {policy}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_streamed_completions_reach_the_client_intact() {
+    let m = mock("m1", &["--chunks", "5"]).await;
+    let p = proxy(
+        &format!(
+            "{}backends:\n{}",
+            routes("round_robin"),
+            backend("b1", m.port, "[gpt-test]")
+        ),
+        &[],
+    )
+    .await;
+
+    let (status, headers, body) = chat(&p, &chat_body("gpt-test", "hello", false)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-switchyard-backend"], "b1");
+    assert!(!headers["x-request-id"].is_empty());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Hello from m1 word1 word2"
+    );
+
+    let (status, headers, body) = chat(&p, &chat_body("gpt-test", "hello", true)).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(
+        events.len(),
+        1 + 5 + 1,
+        "role chunk, 5 content chunks, [DONE]: {body}"
+    );
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let text: String = events[1..6]
+        .iter()
+        .map(|e| {
+            let v: serde_json::Value =
+                serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, "Hello from m1 word1 word2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_relayed_chunk_by_chunk() {
+    let m = mock("slow", &["--chunks", "4", "--chunk-delay-ms", "250"]).await;
+    let p = proxy(
+        &format!(
+            "{}backends:\n{}",
+            routes("round_robin"),
+            backend("b1", m.port, "[m]")
+        ),
+        &[],
+    )
+    .await;
+    let started = Instant::now();
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let mut arrivals = Vec::new();
+    let mut all = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        arrivals.push(started.elapsed());
+        all.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(all.trim_end().ends_with("data: [DONE]"), "{all}");
+    // The mock spaces 4 chunks 250 ms apart: the first must arrive long before the last.
+    let first = arrivals[0];
+    let last = *arrivals.last().unwrap();
+    assert!(
+        arrivals.len() >= 4,
+        "expected separate reads, got {}",
+        arrivals.len()
+    );
+    assert!(
+        last - first >= Duration::from_millis(600),
+        "first {first:?}, last {last:?}: the stream was buffered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_kib_prompt_reaches_the_backend_byte_for_byte_first_try_and_on_failover() {
+    let dead_port = free_port();
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let good = mock("good", &[]).await;
+    let prompt = "lorem ipsum dolor sit amet ".repeat(200 * 1024 / 27);
+    let body = serde_json::to_vec(&chat_body("m", &prompt, false)).unwrap();
+    assert!(body.len() > 200 * 1024);
+    let want = sha256_hex(&body);
+
+    for (label, first_port) in [
+        ("first try", good.port),
+        ("after 503", failing.port),
+        ("after connect refused", dead_port),
+    ] {
+        let config = format!(
+            "{}backends:\n{}{}",
+            routes("fixed_order"),
+            backend("first", first_port, "[m]"),
+            backend("second", good.port, "[m]")
+        );
+        let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
+        let r = client()
+            .post(p.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{label}");
+        assert_eq!(
+            r.headers()["x-mock-body-sha256"],
+            want.as_str(),
+            "{label}: body changed on the way"
+        );
+        assert_eq!(r.headers()["x-mock-backend"], "good", "{label}");
+    }
+    // The 503 backend saw the same bytes once; the good one got each body exactly once per request.
+    let seen_by_failing = received(&failing).await;
+    assert_eq!(seen_by_failing.len(), 1);
+    assert_eq!(seen_by_failing[0]["body_sha256"], want.as_str());
+    let seen_by_good = received(&good).await;
+    assert_eq!(seen_by_good.len(), 3);
+    assert!(seen_by_good
+        .iter()
+        .all(|r| r["body_sha256"] == want.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_are_replayed_up_to_64_kib_and_refused_with_411_above() {
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let good = mock("good", &[]).await;
+    let config = format!(
+        "{}backends:\n{}{}",
+        routes("fixed_order"),
+        backend("first", failing.port, "[m]"),
+        backend("second", good.port, "[m]")
+    );
+    let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
+    let chunked = |body: Vec<u8>| {
+        let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+        reqwest::Body::wrap_stream(futures_util::stream::iter(parts))
+    };
+
+    let small = serde_json::to_vec(&chat_body("m", &"x".repeat(40 * 1024), false)).unwrap();
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chunked(small.clone()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-mock-body-sha256"],
+        sha256_hex(&small).as_str()
+    );
+    assert_eq!(r.headers()["x-mock-backend"], "good");
+
+    let big = serde_json::to_vec(&chat_body("m", &"x".repeat(200 * 1024), false)).unwrap();
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chunked(big))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 411);
+    assert_eq!(error_code(&r.text().await.unwrap()), "length_required");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_200_kib_prompt_fails_over_and_streams_incrementally() {
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let good = mock("good", &["--chunks", "3", "--chunk-delay-ms", "200"]).await;
+    let config = format!(
+        "{}backends:\n{}{}",
+        routes("fixed_order"),
+        backend("first", failing.port, "[m]"),
+        backend("second", good.port, "[m]")
+    );
+    let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
+    let body = serde_json::to_vec(&chat_body("m", &"y".repeat(200 * 1024), true)).unwrap();
+    let started = Instant::now();
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-mock-body-sha256"],
+        sha256_hex(&body).as_str()
+    );
+    let mut stream = r.bytes_stream();
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(c) = stream.next().await {
+        arrivals.push(started.elapsed());
+        text.push_str(std::str::from_utf8(&c.unwrap()).unwrap());
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    assert!(
+        *arrivals.last().unwrap() - arrivals[0] >= Duration::from_millis(300),
+        "{arrivals:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_300_requests_evenly_over_3_backends() {
+    let mocks = [
+        mock("a", &[]).await,
+        mock("b", &[]).await,
+        mock("c", &[]).await,
+    ];
+    let config = format!(
+        "{}backends:\n{}{}{}",
+        routes("round_robin"),
+        backend("a", mocks[0].port, "[m]"),
+        backend("b", mocks[1].port, "[m]"),
+        backend("c", mocks[2].port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..300 {
+        let (status, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
+        assert_eq!(status, 200);
+        *counts
+            .entry(
+                headers["x-switchyard-backend"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            )
+            .or_insert(0) += 1;
+    }
+    for name in ["a", "b", "c"] {
+        let n = counts.get(name).copied().unwrap_or(0);
+        assert!((95..=105).contains(&n), "{name} got {n} of 300: {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_inflight_sends_new_requests_away_from_a_busy_backend() {
+    let slow = mock("slow", &["--latency-ms", "600"]).await;
+    let fast1 = mock("fast1", &[]).await;
+    let fast2 = mock("fast2", &[]).await;
+    let config = format!(
+        "{}backends:\n{}{}{}",
+        routes("least_inflight"),
+        backend("slow", slow.port, "[m]"),
+        backend("fast1", fast1.port, "[m]"),
+        backend("fast2", fast2.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    // 8 clients, 25 requests each, concurrently.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = p.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut served = Vec::new();
+            for _ in 0..25 {
+                let r = c
+                    .post(&url)
+                    .json(&chat_body("m", "hi", false))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                served.push(
+                    r.headers()["x-switchyard-backend"]
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+            served
+        }));
+    }
+    let mut total = 0;
+    let mut to_slow = 0;
+    for t in tasks {
+        for name in t.await.unwrap() {
+            total += 1;
+            to_slow += (name == "slow") as usize;
+        }
+    }
+    assert_eq!(total, 200);
+    // Round robin would send ~67 there; least_inflight sends only while it is idle.
+    assert!(to_slow <= 15, "slow backend got {to_slow} of 200");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_swapped_and_the_model_renamed_for_the_backend() {
+    let m = mock("m1", &[]).await;
+    let config = format!(
+        "{}backends:\n  - name: b1\n    url: http://127.0.0.1:{}\n    models: {{ public-name: upstream-name }}\n    api_key_env: SWITCHYARD_TEST_BACKEND_KEY\n",
+        routes("round_robin"),
+        m.port
+    );
+    let p = proxy_with_env(
+        &config,
+        &[],
+        &[("SWITCHYARD_TEST_BACKEND_KEY", "sk-backend-123")],
+    )
+    .await;
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("authorization", "Bearer sk-client-secret")
+        .header("x-api-key", "client-key")
+        .header("api-key", "client-key-2")
+        .json(&chat_body("public-name", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = received(&m).await;
+    let headers = &seen[0]["headers"];
+    assert_eq!(headers["authorization"], "Bearer sk-backend-123");
+    assert!(
+        headers.get("x-api-key").is_none() && headers.get("api-key").is_none(),
+        "{headers}"
+    );
+    assert_eq!(seen[0]["model"], "upstream-name");
+    assert_eq!(
+        headers["x-request-id"],
+        r.headers()["x-request-id"].to_str().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_get_the_openai_envelope() {
+    let m = mock("m1", &[]).await;
+    let p = proxy(
+        &format!(
+            "{}backends:\n{}proxy_placeholder: 0\n",
+            routes("round_robin"),
+            backend("b1", m.port, "[m, other]")
+        )
+        .replace("proxy_placeholder: 0\n", ""),
+        &[],
+    )
+    .await;
+    let post = |body: &'static str| {
+        let url = p.url("/v1/chat/completions");
+        async move {
+            let r = client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let id = r.headers().get("x-request-id").is_some();
+            (status, r.text().await.unwrap(), id)
+        }
+    };
+    let (status, body, has_id) = post("{\n  \"model\": \"m\",\n  \"messages\": [ }").await;
+    assert_eq!(status, 400);
+    assert!(has_id);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 3, column"),
+        "{body}"
+    );
+
+    let (status, body, _) = post(r#"{"model":"nobody-serves-this","messages":[]}"#).await;
+    assert_eq!(status, 404);
+    assert_eq!(error_code(&body), "model_not_found");
+    assert!(!body.contains("other"), "never lists models: {body}");
+
+    let (status, body, _) = post(r#"{"messages":[]}"#).await;
+    assert_eq!(status, 400);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["param"], "model");
+
+    let (status, body, _) = post(r#"{"model":42,"messages":[]}"#).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("`model` must be a string"), "{body}");
+
+    // Nothing above reached the backend.
+    assert!(received(&m).await.is_empty());
+
+    let models: serde_json::Value = client()
+        .get(p.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m", "other"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_refused_with_413() {
+    let m = mock("m1", &[]).await;
+    let p = proxy(
+        &format!(
+            "{}backends:\n{}",
+            routes("round_robin"),
+            backend("b1", m.port, "[m]")
+        )
+        .replace("routes:", "lua: {}\nroutes:"),
+        &[],
+    )
+    .await;
+    // The default limit is 8 MiB.
+    let body = serde_json::to_vec(&chat_body("m", &"z".repeat(9 * 1024 * 1024), false)).unwrap();
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    match r {
+        Ok(r) => {
+            assert_eq!(r.status(), 413);
+            assert_eq!(error_code(&r.text().await.unwrap()), "request_too_large");
+        }
+        // The proxy may close the connection while the client is still sending.
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+    assert!(received(&m).await.is_empty());
+}
