@@ -90,6 +90,7 @@ impl RequestMeta {
     /// Read `model`, `stream`, `max_tokens`, the token estimate and (unless the client sent
     /// `x-session-id`) the session key from a JSON body.
     pub fn read_json_body(&mut self, body: &[u8]) -> Result<(), ClientError> {
+        check_depth(body)?;
         let peek: BodyPeek = serde_json::from_slice(body).map_err(json_error)?;
         self.model_span = peek.model.map(|raw| {
             // RawValue borrows from `body`, so its offset in the body is a pointer difference.
@@ -121,10 +122,11 @@ impl RequestMeta {
         if let Some(raw) = peek.messages {
             let messages: Vec<MessagePeek> = serde_json::from_str(raw.get())
                 .map_err(|_| ClientError::wrong_type("messages", "an array of message objects"))?;
-            for (i, m) in messages.iter().enumerate() {
+            for m in &messages {
                 let text_len = m.content.as_ref().map_or(0, |c| {
                     c.visit_text(&mut |t| {
-                        if i == 0 || m.role.as_deref() == Some("system") || session.messages < 2 {
+                        // The system prompt and the first message identify a conversation.
+                    if m.role.as_deref() == Some("system") || session.messages == 0 {
                             session.add(t);
                         }
                     })
@@ -152,6 +154,51 @@ impl RequestMeta {
         }
         Ok(())
     }
+}
+
+/// Deepest JSON nesting accepted, as serde_json allows for typed values. Backends parse
+/// the body too, and some recurse: a body nested 100 000 deep is refused here.
+const MAX_JSON_DEPTH: usize = 128;
+
+/// Refuse JSON nested deeper than [`MAX_JSON_DEPTH`]. Strings are skipped with `memchr`,
+/// so the cost is small for chat bodies, which are mostly string content.
+fn check_depth(body: &[u8]) -> Result<(), ClientError> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Jump to the closing quote, stepping over escapes.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                        Some(off) if body[i + off] == b'\\' => i += off + 2,
+                        Some(off) => {
+                            i += off;
+                            break;
+                        }
+                        None => return Ok(()), // unterminated: the parser reports it
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    let line = 1 + body[..i].iter().filter(|&&b| b == b'\n').count();
+                    let column = i - body[..i].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+                    return Err(ClientError::BadJson {
+                        line,
+                        column,
+                        reason: format!("nesting deeper than {MAX_JSON_DEPTH} levels"),
+                    });
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// About four characters a token for English text and code, the usual rule of thumb.
@@ -356,6 +403,17 @@ mod tests {
             "]".repeat(100_000)
         );
         assert!(matches!(meta(&deep), Err(ClientError::BadJson { .. })));
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count_as_nesting() {
+        let text = format!("{}\\\" {}", "[{".repeat(500), "}]".repeat(500));
+        let body = serde_json::json!({ "model": "m", "messages": [{ "role": "user", "content": text }] });
+        assert!(meta(&body.to_string()).is_ok());
+        let nested = format!("{{\"model\":\"m\",\"x\":{}1{}}}", "[".repeat(128), "]".repeat(128));
+        assert!(meta(&nested).is_err(), "129 levels with the outer object");
+        let ok = format!("{{\"model\":\"m\",\"x\":{}1{}}}", "[".repeat(127), "]".repeat(127));
+        assert!(meta(&ok).is_ok(), "128 levels");
     }
 
     #[test]

@@ -1,0 +1,365 @@
+#!/usr/bin/env bash
+# Load test: Switchyard against the same mock backends reached directly, through nginx, and
+# through a bare Pingora pass-through, in one run. Loopback only, bounded in time, every
+# process it starts is stopped on exit.
+#
+#   benches/load.sh                      # defaults: 8 s per run, 32 connections, ~1 KiB bodies
+#   DURATION=4 benches/load.sh           # shorter
+#   TARGETS="direct switchyard" benches/load.sh
+#
+# Knobs (environment): DURATION (s, 8), WARMUP (s, 1), CONNS (32), WRK_THREADS (2),
+# PROXY_THREADS (2), BODY_BYTES (1024), CHUNKS (8, SSE chunks per streamed answer),
+# TARGETS ("direct switchyard nginx bare"; add "switchyard-quiet" for Switchyard with its
+# per-request access log turned off, like nginx's), SY_LOG (RUST_LOG for the Switchyard
+# row, default "info" = as shipped).
+#
+# Needs wrk and nginx (installed with apt-get when missing), curl, ss, awk.
+# Exits non-zero if Switchyard answered anything but 2xx or wrk saw socket errors on it.
+
+set -euo pipefail
+
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-1}
+CONNS=${CONNS:-32}
+WRK_THREADS=${WRK_THREADS:-2}
+PROXY_THREADS=${PROXY_THREADS:-2}
+BODY_BYTES=${BODY_BYTES:-1024}
+CHUNKS=${CHUNKS:-8}
+TARGETS=${TARGETS:-"direct switchyard nginx bare"}
+SY_LOG=${SY_LOG:-info}
+MOCKS=3
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN="$ROOT/target/release/switchyard"
+TMP=$(mktemp -d /tmp/switchyard-load.XXXXXX)
+
+# --- processes --------------------------------------------------------------------------
+
+# pid -> signal that stops it promptly (Pingora treats SIGTERM as a graceful shutdown that
+# waits for its grace period; SIGINT is its fast shutdown).
+declare -A STOP_SIGNAL=()
+
+start() { # start NAME SIGNAL CMD...: run CMD in the background, log to $TMP/NAME.log
+    local name=$1 sig=$2
+    shift 2
+    "$@" >"$TMP/$name.log" 2>&1 &
+    STOP_SIGNAL[$!]=$sig
+    LAST_PID=$!
+}
+
+stop() { # stop PID: signal it, wait up to 3 s, then SIGKILL
+    local pid=$1 i
+    [[ -n ${STOP_SIGNAL[$pid]:-} ]] || return 0
+    kill "-${STOP_SIGNAL[$pid]}" "$pid" 2>/dev/null || true
+    for ((i = 0; i < 30; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset "STOP_SIGNAL[$pid]"
+}
+
+cleanup() {
+    local pid
+    for pid in "${!STOP_SIGNAL[@]}"; do
+        stop "$pid"
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+die() {
+    echo "load.sh: $*" >&2
+    exit 1
+}
+
+# --- set-up -----------------------------------------------------------------------------
+
+need_pkg() { # need_pkg COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    echo "installing $2 (for $1)..." >&2
+    if [[ $(id -u) -eq 0 ]]; then
+        apt-get install -y -q "$2" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "$2" >/dev/null; }
+    else
+        sudo apt-get install -y -q "$2" >/dev/null
+    fi
+    command -v "$1" >/dev/null 2>&1 || die "$1 is still missing after installing $2"
+}
+
+declare -A TAKEN=()
+free_port() { # print a TCP port nobody listens on (and that this script has not handed out)
+    local port i
+    for ((i = 0; i < 200; i++)); do
+        port=$((20000 + RANDOM % 30000))
+        [[ -n ${TAKEN[$port]:-} ]] && continue
+        if ! ss -Htln "sport = :$port" | grep -q .; then
+            TAKEN[$port]=1
+            echo "$port"
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+wait_ready() { # wait_ready URL NAME: until URL answers (any HTTP status), at most 10 s
+    local i
+    for ((i = 0; i < 100; i++)); do
+        if curl -s -o /dev/null --max-time 1 "$1"; then return 0; fi
+        sleep 0.1
+    done
+    die "$2 did not come up on $1; its log:
+$(tail -n 20 "$TMP/$2.log" 2>/dev/null)"
+}
+
+# --- request bodies and the wrk script --------------------------------------------------
+
+# ~BODY_BYTES of JSON: one user message of English-like filler.
+filler() {
+    local text="hello, please summarise the following notes about load balancing for inference servers. "
+    while ((${#text} < $1)); do text+="$text"; done
+    printf '%s' "${text:0:$1}"
+}
+CONTENT=$(filler $((BODY_BYTES > 80 ? BODY_BYTES - 80 : 16)))
+PLAIN_BODY="{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"$CONTENT\"}]}"
+STREAM_BODY="{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"$CONTENT\"}]}"
+
+write_wrk_script() { # write_wrk_script FILE BODY
+    # done() prints one machine-readable line; latencies are in microseconds.
+    cat >"$1" <<EOF
+wrk.method = "POST"
+wrk.path = "/v1/chat/completions"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[$2]]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d %d %d %d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.status, e.connect, e.read, e.write, e.timeout))
+end
+EOF
+}
+
+# --- measurement ------------------------------------------------------------------------
+
+active_opens() { # TCP connect() calls made by this host so far
+    awk '$1 == "Tcp:" { if (!h) { for (i = 1; i <= NF; i++) if ($i == "ActiveOpens") c = i; h = 1 } else print $c }' /proc/net/snmp
+}
+
+upstream_filter() { # ss filter: connections to any mock port
+    local f="" p
+    for p in "${MOCK_PORTS[@]}"; do f+="${f:+ or }dport = :$p"; done
+    printf '( %s )' "$f"
+}
+
+# Results, keyed "target/mode".
+declare -A RPS=() P50=() P99=() NON2XX=() SOCKERR=() UPEST=() UPNEW=()
+ROWS=()
+
+measure() { # measure TARGET MODE PORT
+    local target=$1 mode=$2 port=$3 url script out opens_before opens_after sampler
+    url="http://127.0.0.1:$port"
+    script="$TMP/$mode.lua"
+    [[ $WARMUP -gt 0 ]] && wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$script" "$url" >/dev/null 2>&1
+
+    # Upstream connections held open mid-run (ss), sampled in the background.
+    (sleep "$(awk -v d="$DURATION" 'BEGIN { print d / 2 }')"
+        ss -Htn state established "$(upstream_filter)" | wc -l >"$TMP/upest") &
+    sampler=$!
+    opens_before=$(active_opens)
+    out=$(wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$script" "$url" 2>&1) ||
+        die "wrk failed against $target ($mode):
+$out"
+    opens_after=$(active_opens)
+    wait "$sampler" || true
+    printf '%s\n' "$out" >"$TMP/wrk-$target-$mode.txt"
+
+    local line
+    line=$(grep '^RESULT ' <<<"$out") || die "no RESULT line from wrk against $target ($mode):
+$out"
+    read -r _ reqs dur_us p50_us p99_us e_status e_conn e_read e_write e_timeout <<<"$line"
+    local key="$target/$mode"
+    RPS[$key]=$(awk -v r="$reqs" -v d="$dur_us" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
+    P50[$key]=$(awk -v v="$p50_us" 'BEGIN { printf "%.2f", v / 1000 }')
+    P99[$key]=$(awk -v v="$p99_us" 'BEGIN { printf "%.2f", v / 1000 }')
+    NON2XX[$key]=$e_status
+    SOCKERR[$key]=$((e_conn + e_read + e_write + e_timeout))
+    UPEST[$key]=$(cat "$TMP/upest" 2>/dev/null || echo "?")
+    # wrk itself opens CONNS connections; the rest were opened by the proxy to the mocks.
+    UPNEW[$key]=$((opens_after - opens_before - CONNS))
+    ROWS+=("$key")
+}
+
+check_target() { # check_target NAME PORT: one plain and one streamed request must succeed
+    local name=$1 port=$2 body
+    body=$(curl -sS --max-time 5 -f -H 'content-type: application/json' \
+        -d "$PLAIN_BODY" "http://127.0.0.1:$port/v1/chat/completions") ||
+        die "$name: a plain request failed; log:
+$(tail -n 20 "$TMP/$name.log" 2>/dev/null)"
+    grep -q '"chat.completion"' <<<"$body" || die "$name: unexpected plain answer: $body"
+    body=$(curl -sS -N --max-time 5 -f -H 'content-type: application/json' \
+        -d "$STREAM_BODY" "http://127.0.0.1:$port/v1/chat/completions") ||
+        die "$name: a streamed request failed"
+    grep -q '^data: \[DONE\]' <<<"$body" || die "$name: the stream did not end with [DONE]: $body"
+}
+
+run_target() { # run_target NAME PORT PID: both modes, then stop PID (if any)
+    local name=$1 port=$2 pid=${3:-}
+    check_target "$name" "$port"
+    measure "$name" plain "$port"
+    measure "$name" stream "$port"
+    [[ -n $pid ]] && stop "$pid"
+    return 0
+}
+
+# --- main -------------------------------------------------------------------------------
+
+need_pkg wrk wrk
+for t in $TARGETS; do
+    case $t in
+    direct | switchyard | switchyard-quiet | bare) ;;
+    nginx) need_pkg nginx nginx-light ;;
+    *) die "unknown target \`$t\` (direct switchyard switchyard-quiet nginx bare)" ;;
+    esac
+done
+
+echo "building the release binary..." >&2
+(cd "$ROOT" && cargo build --release --quiet --bin switchyard)
+
+write_wrk_script "$TMP/plain.lua" "$PLAIN_BODY"
+write_wrk_script "$TMP/stream.lua" "$STREAM_BODY"
+
+MOCK_PORTS=()
+for ((i = 0; i < MOCKS; i++)); do
+    MOCK_PORTS+=("$(free_port)")
+    start "mock$i" TERM "$BIN" mock --port "${MOCK_PORTS[$i]}" --name "m$i" --chunks "$CHUNKS"
+done
+for ((i = 0; i < MOCKS; i++)); do
+    wait_ready "http://127.0.0.1:${MOCK_PORTS[$i]}/health" "mock$i"
+done
+
+start_switchyard() { # start_switchyard NAME RUST_LOG: prints "PORT PID"
+    local name=$1 level=$2 port cfg p
+    port=$(free_port)
+    cfg="$TMP/$name.yaml"
+    {
+        printf 'listen:\n  - addr: "127.0.0.1:%s"\n' "$port"
+        printf 'policies_dir: "%s/policies"\n' "$ROOT"
+        printf 'routes:\n  - policy: round_robin\n'
+        printf 'backends:\n'
+        for ((p = 0; p < MOCKS; p++)); do
+            printf '  - { name: m%s, url: "http://127.0.0.1:%s", models: [m] }\n' "$p" "${MOCK_PORTS[$p]}"
+        done
+        printf 'proxy: { threads: %s, grace_period_seconds: 0 }\n' "$PROXY_THREADS"
+    } >"$cfg"
+    RUST_LOG=$level start "$name" INT "$BIN" run --config "$cfg"
+    wait_ready "http://127.0.0.1:$port/health" "$name"
+    SY_PORT=$port
+}
+
+echo "running: targets [$TARGETS], ${DURATION}s per run after ${WARMUP}s warm-up..." >&2
+for t in $TARGETS; do
+    case $t in
+    direct)
+        # wrk spreads its connections over the mocks itself: one third each would need three
+        # wrk processes, so the direct row drives mock 0 only. Every mock is the same binary;
+        # this is the upper bound a proxy over them can approach.
+        run_target direct "${MOCK_PORTS[0]}"
+        ;;
+    switchyard)
+        start_switchyard switchyard "$SY_LOG"
+        run_target switchyard "$SY_PORT" "$LAST_PID"
+        ;;
+    switchyard-quiet)
+        start_switchyard switchyard-quiet "warn,switchyard::access=off"
+        run_target switchyard-quiet "$SY_PORT" "$LAST_PID"
+        ;;
+    nginx)
+        port=$(free_port)
+        mkdir -p "$TMP/nginx"
+        upstreams=""
+        for p in "${MOCK_PORTS[@]}"; do upstreams+="        server 127.0.0.1:$p;"$'\n'; done
+        awk -v prefix="$TMP/nginx" -v listen="127.0.0.1:$port" -v ups="${upstreams%$'\n'}" '
+            { gsub(/@PREFIX@/, prefix); gsub(/@LISTEN@/, listen) }
+            /@UPSTREAMS@/ { print ups; next }
+            { print }' "$ROOT/benches/nginx.conf.tmpl" >"$TMP/nginx/nginx.conf"
+        nginx -t -q -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.log" 2>&1 ||
+            die "nginx rejects the generated config: $(cat "$TMP/nginx.log")"
+        start nginx TERM nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx"
+        pid=$LAST_PID
+        wait_ready "http://127.0.0.1:$port/health" nginx
+        run_target nginx "$port" "$pid"
+        ;;
+    bare)
+        port=$(free_port)
+        ups=()
+        for p in "${MOCK_PORTS[@]}"; do ups+=(--upstream "127.0.0.1:$p"); done
+        start bare INT "$BIN" bare --listen "127.0.0.1:$port" "${ups[@]}" --threads "$PROXY_THREADS"
+        pid=$LAST_PID
+        wait_ready "http://127.0.0.1:$port/health" bare
+        run_target bare "$port" "$pid"
+        ;;
+    esac
+done
+
+# --- report -----------------------------------------------------------------------------
+
+echo
+echo "Switchyard load test — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPU(s): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+echo "NOTE: wrk, the proxy under test and the $MOCKS mocks all share these $(nproc) CPUs, so every"
+echo "      number is CPU-bound and relative; compare rows, not absolute values."
+echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (+${WARMUP}s warm-up), POST /v1/chat/completions, ${#PLAIN_BODY}-byte body;"
+echo "stream = \"stream\": true, $CHUNKS SSE chunks per answer; proxies run $PROXY_THREADS worker threads/processes;"
+echo "switchyard: policy round_robin, RUST_LOG=$SY_LOG (per-request access log to a file); nginx: access_log off."
+echo "direct = wrk against mock 0 alone. up_conns = established proxy->mock connections mid-run (ss);"
+echo "up_connects = TCP connects during the run beyond wrk's own $CONNS (new upstream connections)."
+echo
+fmt="%-17s %-7s %10s %9s %9s %8s %8s %9s %12s\n"
+# shellcheck disable=SC2059 # the format is ours
+printf "$fmt" target mode req/s p50_ms p99_ms non2xx sockerr up_conns up_connects
+for key in "${ROWS[@]}"; do
+    # shellcheck disable=SC2059
+    printf "$fmt" "${key%/*}" "${key#*/}" "${RPS[$key]}" "${P50[$key]}" "${P99[$key]}" \
+        "${NON2XX[$key]}" "${SOCKERR[$key]}" "${UPEST[$key]}" "${UPNEW[$key]}"
+done
+
+ratio() { # ratio A B: A/B of two req/s, or "-" when either is missing
+    if [[ -n ${RPS[$1]:-} && -n ${RPS[$2]:-} && ${RPS[$2]} != 0 ]]; then
+        awk -v a="${RPS[$1]}" -v b="${RPS[$2]}" 'BEGIN { printf "%.2f", a / b }'
+    else
+        echo "-"
+    fi
+}
+added() { # added A B: p99 of A minus p99 of B, in ms
+    if [[ -n ${P99[$1]:-} && -n ${P99[$2]:-} ]]; then
+        awk -v a="${P99[$1]}" -v b="${P99[$2]}" 'BEGIN { printf "%+.2f", a - b }'
+    else
+        echo "-"
+    fi
+}
+
+echo
+printf "%-7s %18s %19s %17s %22s\n" mode "switchyard/nginx" "switchyard/direct" "switchyard/bare" "p99 added vs direct"
+for mode in plain stream; do
+    printf "%-7s %18s %19s %17s %19s ms\n" "$mode" \
+        "$(ratio "switchyard/$mode" "nginx/$mode")" \
+        "$(ratio "switchyard/$mode" "direct/$mode")" \
+        "$(ratio "switchyard/$mode" "bare/$mode")" \
+        "$(added "switchyard/$mode" "direct/$mode")"
+done
+
+failed=0
+for key in "${ROWS[@]}"; do
+    bad=$((NON2XX[$key] + SOCKERR[$key]))
+    if ((bad > 0)); then
+        echo "WARNING: $key: ${NON2XX[$key]} non-2xx responses, ${SOCKERR[$key]} socket errors (wrk output: see below)" >&2
+        grep -E 'Socket errors|Non-2xx' "$TMP/wrk-${key%/*}-${key#*/}.txt" >&2 || true
+        [[ $key == switchyard* ]] && failed=1
+    fi
+done
+if ((failed)); then
+    echo "FAIL: Switchyard answered errors under load; the last lines of its log:" >&2
+    tail -n 20 "$TMP/switchyard.log" >&2 || true
+    exit 1
+fi
