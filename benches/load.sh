@@ -11,7 +11,8 @@
 # PROXY_THREADS (2), BODY_BYTES (1024), CHUNKS (8, SSE chunks per streamed answer),
 # TARGETS ("direct switchyard nginx bare"; add "switchyard-quiet" for Switchyard with its
 # per-request access log turned off, like nginx's), SY_LOG (RUST_LOG for the Switchyard
-# row, default "info" = as shipped).
+# row, default "info" = as shipped), NO_BUILD (1 = skip `cargo build --release` and use the
+# binary already in target/release).
 #
 # Needs wrk and nginx (installed with apt-get when missing), curl, ss, awk.
 # Exits non-zero if Switchyard answered anything but 2xx or wrk saw socket errors on it.
@@ -89,14 +90,14 @@ need_pkg() { # need_pkg COMMAND PACKAGE
 }
 
 declare -A TAKEN=()
-free_port() { # print a TCP port nobody listens on (and that this script has not handed out)
+free_port() { # set PORT to a TCP port nobody listens on and this script has not handed out
     local port i
     for ((i = 0; i < 200; i++)); do
         port=$((20000 + RANDOM % 30000))
         [[ -n ${TAKEN[$port]:-} ]] && continue
         if ! ss -Htln "sport = :$port" | grep -q .; then
             TAKEN[$port]=1
-            echo "$port"
+            PORT=$port
             return 0
         fi
     done
@@ -147,6 +148,15 @@ active_opens() { # TCP connect() calls made by this host so far
     awk '$1 == "Tcp:" { if (!h) { for (i = 1; i <= NF; i++) if ($i == "ActiveOpens") c = i; h = 1 } else print $c }' /proc/net/snmp
 }
 
+cpu_ticks() { # user+system CPU ticks (1/100 s) used so far by the processes under test
+    local total=0 pid t
+    for pid in $UNDER_TEST; do
+        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null) || t=0
+        total=$((total + t))
+    done
+    echo "$total"
+}
+
 upstream_filter() { # ss filter: connections to any mock port
     local f="" p
     for p in "${MOCK_PORTS[@]}"; do f+="${f:+ or }dport = :$p"; done
@@ -154,11 +164,14 @@ upstream_filter() { # ss filter: connections to any mock port
 }
 
 # Results, keyed "target/mode".
-declare -A RPS=() P50=() P99=() NON2XX=() SOCKERR=() UPEST=() UPNEW=()
+declare -A RPS=() P50=() P99=() NON2XX=() SOCKERR=() UPEST=() UPNEW=() CPU=()
+# Pids of the process under test (the proxy, or mock 0 for the direct row), for CPU/request.
+UNDER_TEST=""
 ROWS=()
 
 measure() { # measure TARGET MODE PORT
     local target=$1 mode=$2 port=$3 url script out opens_before opens_after sampler
+    local cpu_before cpu_after line reqs dur_us p50_us p99_us e_status e_conn e_read e_write e_timeout
     url="http://127.0.0.1:$port"
     script="$TMP/$mode.lua"
     [[ $WARMUP -gt 0 ]] && wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$script" "$url" >/dev/null 2>&1
@@ -168,14 +181,15 @@ measure() { # measure TARGET MODE PORT
         ss -Htn state established "$(upstream_filter)" | wc -l >"$TMP/upest") &
     sampler=$!
     opens_before=$(active_opens)
+    cpu_before=$(cpu_ticks)
     out=$(wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$script" "$url" 2>&1) ||
         die "wrk failed against $target ($mode):
 $out"
     opens_after=$(active_opens)
+    cpu_after=$(cpu_ticks)
     wait "$sampler" || true
     printf '%s\n' "$out" >"$TMP/wrk-$target-$mode.txt"
 
-    local line
     line=$(grep '^RESULT ' <<<"$out") || die "no RESULT line from wrk against $target ($mode):
 $out"
     read -r _ reqs dur_us p50_us p99_us e_status e_conn e_read e_write e_timeout <<<"$line"
@@ -188,6 +202,7 @@ $out"
     UPEST[$key]=$(cat "$TMP/upest" 2>/dev/null || echo "?")
     # wrk itself opens CONNS connections; the rest were opened by the proxy to the mocks.
     UPNEW[$key]=$((opens_after - opens_before - CONNS))
+    CPU[$key]=$(awk -v t=$((cpu_after - cpu_before)) -v r="$reqs" 'BEGIN { printf "%.0f", r ? t * 1e4 / r : 0 }')
     ROWS+=("$key")
 }
 
@@ -206,6 +221,9 @@ $(tail -n 20 "$TMP/$name.log" 2>/dev/null)"
 
 run_target() { # run_target NAME PORT PID: both modes, then stop PID (if any)
     local name=$1 port=$2 pid=${3:-}
+    # The process under test, with its children (nginx's workers).
+    local main=${pid:-${MOCK_PIDS[0]}}
+    UNDER_TEST="$main $(ps -o pid= --ppid "$main" | xargs || true)"
     check_target "$name" "$port"
     measure "$name" plain "$port"
     measure "$name" stream "$port"
@@ -224,16 +242,25 @@ for t in $TARGETS; do
     esac
 done
 
-echo "building the release binary..." >&2
-(cd "$ROOT" && cargo build --release --quiet --bin switchyard)
+if [[ ${NO_BUILD:-0} == 1 ]]; then
+    [[ -x $BIN ]] || die "NO_BUILD=1 but $BIN does not exist"
+    echo "using the existing $BIN (NO_BUILD=1)" >&2
+else
+    echo "building the release binary..." >&2
+    (cd "$ROOT" && cargo build --release --quiet --bin switchyard) || die "cargo build --release failed"
+fi
 
 write_wrk_script "$TMP/plain.lua" "$PLAIN_BODY"
 write_wrk_script "$TMP/stream.lua" "$STREAM_BODY"
 
+LOADAVG_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 MOCK_PORTS=()
+MOCK_PIDS=()
 for ((i = 0; i < MOCKS; i++)); do
-    MOCK_PORTS+=("$(free_port)")
+    free_port
+    MOCK_PORTS+=("$PORT")
     start "mock$i" TERM "$BIN" mock --port "${MOCK_PORTS[$i]}" --name "m$i" --chunks "$CHUNKS"
+    MOCK_PIDS+=("$LAST_PID")
 done
 for ((i = 0; i < MOCKS; i++)); do
     wait_ready "http://127.0.0.1:${MOCK_PORTS[$i]}/health" "mock$i"
@@ -241,7 +268,8 @@ done
 
 start_switchyard() { # start_switchyard NAME RUST_LOG: prints "PORT PID"
     local name=$1 level=$2 port cfg p
-    port=$(free_port)
+    free_port
+    port=$PORT
     cfg="$TMP/$name.yaml"
     {
         printf 'listen:\n  - addr: "127.0.0.1:%s"\n' "$port"
@@ -276,12 +304,14 @@ for t in $TARGETS; do
         run_target switchyard-quiet "$SY_PORT" "$LAST_PID"
         ;;
     nginx)
-        port=$(free_port)
+        free_port
+        port=$PORT
         mkdir -p "$TMP/nginx"
         upstreams=""
         for p in "${MOCK_PORTS[@]}"; do upstreams+="        server 127.0.0.1:$p;"$'\n'; done
-        awk -v prefix="$TMP/nginx" -v listen="127.0.0.1:$port" -v ups="${upstreams%$'\n'}" '
-            { gsub(/@PREFIX@/, prefix); gsub(/@LISTEN@/, listen) }
+        awk -v prefix="$TMP/nginx" -v listen="127.0.0.1:$port" -v workers="$PROXY_THREADS" \
+            -v ups="${upstreams%$'\n'}" '
+            { gsub(/@PREFIX@/, prefix); gsub(/@LISTEN@/, listen); gsub(/@WORKERS@/, workers) }
             /@UPSTREAMS@/ { print ups; next }
             { print }' "$ROOT/benches/nginx.conf.tmpl" >"$TMP/nginx/nginx.conf"
         nginx -t -q -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.log" 2>&1 ||
@@ -292,7 +322,8 @@ for t in $TARGETS; do
         run_target nginx "$port" "$pid"
         ;;
     bare)
-        port=$(free_port)
+        free_port
+        port=$PORT
         ups=()
         for p in "${MOCK_PORTS[@]}"; do ups+=(--upstream "127.0.0.1:$p"); done
         start bare INT "$BIN" bare --listen "127.0.0.1:$port" "${ups[@]}" --threads "$PROXY_THREADS"
@@ -313,15 +344,17 @@ echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (+${WARMUP}s warm-up), POST /v1
 echo "stream = \"stream\": true, $CHUNKS SSE chunks per answer; proxies run $PROXY_THREADS worker threads/processes;"
 echo "switchyard: policy round_robin, RUST_LOG=$SY_LOG (per-request access log to a file); nginx: access_log off."
 echo "direct = wrk against mock 0 alone. up_conns = established proxy->mock connections mid-run (ss);"
-echo "up_connects = TCP connects during the run beyond wrk's own $CONNS (new upstream connections)."
+echo "up_connects = TCP connects during the run beyond wrk's own $CONNS (new upstream connections);"
+echo "cpu_us/req = CPU time of the process under test (proxy incl. workers; mock 0 for direct) per request."
+echo "Load average before the run: $LOADAVG_AT_START (anything well above 0 means other work shares the CPUs)."
 echo
-fmt="%-17s %-7s %10s %9s %9s %8s %8s %9s %12s\n"
+fmt="%-17s %-7s %9s %8s %8s %7s %8s %9s %12s %11s\n"
 # shellcheck disable=SC2059 # the format is ours
-printf "$fmt" target mode req/s p50_ms p99_ms non2xx sockerr up_conns up_connects
+printf "$fmt" target mode req/s p50_ms p99_ms non2xx sockerr up_conns up_connects cpu_us/req
 for key in "${ROWS[@]}"; do
     # shellcheck disable=SC2059
     printf "$fmt" "${key%/*}" "${key#*/}" "${RPS[$key]}" "${P50[$key]}" "${P99[$key]}" \
-        "${NON2XX[$key]}" "${SOCKERR[$key]}" "${UPEST[$key]}" "${UPNEW[$key]}"
+        "${NON2XX[$key]}" "${SOCKERR[$key]}" "${UPEST[$key]}" "${UPNEW[$key]}" "${CPU[$key]}"
 done
 
 ratio() { # ratio A B: A/B of two req/s, or "-" when either is missing

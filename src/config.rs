@@ -20,6 +20,9 @@ pub struct Config {
     /// Client-facing listeners. Default: one on `0.0.0.0:8080`.
     #[serde(default = "default_listen")]
     pub listen: Vec<Listener>,
+    /// Admin listener (metrics, reloads, policy versions). Default: none.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// Directory holding `*.lua` policies. Default `policies`, relative to the config file.
     #[serde(default = "default_policies_dir")]
     pub policies_dir: PathBuf,
@@ -37,6 +40,13 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port`; keep it on loopback (it has no authentication yet).
     pub addr: String,
 }
 
@@ -262,6 +272,14 @@ impl Config {
                 out.push(format!(
                     "listen[{i}].addr: `{}` is not an address like 0.0.0.0:8080",
                     l.addr
+                ));
+            }
+        }
+        if let Some(a) = &self.admin {
+            if a.addr.parse::<std::net::SocketAddr>().is_err() {
+                out.push(format!(
+                    "admin.addr: `{}` is not an address like 127.0.0.1:9090",
+                    a.addr
                 ));
             }
         }

@@ -49,7 +49,7 @@ pub fn run() -> anyhow::Result<()> {
     println!();
     println!("The models: curl -s http://{addr}/v1/models");
     println!();
-    server::run(config, RunOptions::default())
+    server::run(config, None, RunOptions::default())
 }
 
 /// `./policies` when run from a checkout, else the built-in policies written to a

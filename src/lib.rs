@@ -2,16 +2,19 @@
 //! every upstream choice is made by a Lua policy.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backends;
 pub mod bare;
 pub mod body;
 pub mod config;
 pub mod demo;
 pub mod errors;
+pub mod metrics;
 pub mod mock;
 pub mod plan;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod request;
 pub mod routes;
 pub mod runtime;

@@ -93,9 +93,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config, upgrade } => {
-            let config =
+            let loaded =
                 Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
-            switchyard::server::run(config, switchyard::server::RunOptions { upgrade })?;
+            switchyard::server::run(
+                loaded,
+                Some(config),
+                switchyard::server::RunOptions { upgrade },
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {

@@ -10,6 +10,7 @@ use pingora::http::RequestHeader;
 
 use crate::backends::Backend;
 use crate::errors::ClientError;
+use crate::metrics::METRICS;
 use crate::policy::{self, Decision, Policy};
 use crate::request::RequestMeta;
 use crate::runtime::Runtime;
@@ -96,14 +97,30 @@ fn run_policy<'r>(
             &runtime.backends,
             &runtime.config.lua,
         ) {
-            Ok(decision) => return Ok((decision, policy)),
-            Err(e) => warn!(
+            Ok(decision) => {
+                if let Decision::Candidates(names) = &decision {
+                    let first = names.first().map_or("-", String::as_str);
+                    // Only configured names reach here (unknown ones are a policy error).
+                    METRICS
+                        .policy_decisions
+                        .with_label_values(&[name, first])
+                        .inc();
+                }
+                return Ok((decision, policy));
+            }
+            Err(e) => {
+                METRICS
+                    .policy_errors
+                    .with_label_values(&[name, e.kind()])
+                    .inc();
+                warn!(
                 target: "switchyard::policy",
                 "{request_id} policy {}@{} failed ({}): {e}",
                 policy.name,
                 policy.version,
                 e.kind()
-            ),
+                )
+            }
         }
     }
     Err(ClientError::PolicyFailed)

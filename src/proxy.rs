@@ -27,6 +27,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::backends::{Backend, InflightGuard, Outcome};
 use crate::body;
 use crate::errors::ClientError;
+use crate::metrics::METRICS;
 use crate::plan::{self, Plan};
 use crate::request::{RequestMeta, CREDENTIAL_HEADERS};
 use crate::runtime::{Runtime, Shared};
@@ -306,6 +307,10 @@ impl ProxyHttp for Switchyard {
                 let now = Instant::now();
                 cur.first_byte = Some(now);
                 cur.backend.stats.record_ttft(now - cur.started);
+                METRICS
+                    .ttft
+                    .with_label_values(&[cur.backend.name()])
+                    .observe((now - cur.started).as_secs_f64());
             }
         }
         Ok(None)
@@ -423,6 +428,8 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let served_by = ctx.backend_name().unwrap_or("none").to_string();
+        count_request(ctx, &served_by);
         if ctx.current.is_some() {
             let ok = e.is_none() && ctx.status < 500;
             ctx.finish_attempt(
@@ -455,6 +462,28 @@ impl ProxyHttp for Switchyard {
             e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default(),
         );
     }
+}
+
+/// Count the request in `switchyard_requests_total` and the duration histogram.
+fn count_request(ctx: &RequestCtx, served_by: &str) {
+    let model = match (
+        ctx.meta.as_deref().and_then(|m| m.model.as_deref()),
+        &ctx.runtime,
+    ) {
+        (None, _) => "none",
+        (Some(m), Some(rt)) if rt.backends.knows_model(m) => m,
+        // Label values never come from raw client input.
+        (Some(_), _) => "other",
+    };
+    let mut status = itoa::Buffer::new();
+    METRICS
+        .requests
+        .with_label_values(&[served_by, model, status.format(ctx.status)])
+        .inc();
+    METRICS
+        .request_duration
+        .with_label_values(&[served_by])
+        .observe(ctx.started.elapsed().as_secs_f64());
 }
 
 /// What `request_filter` decided.

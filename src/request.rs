@@ -126,7 +126,7 @@ impl RequestMeta {
                 let text_len = m.content.as_ref().map_or(0, |c| {
                     c.visit_text(&mut |t| {
                         // The system prompt and the first message identify a conversation.
-                    if m.role.as_deref() == Some("system") || session.messages == 0 {
+                        if m.role.as_deref() == Some("system") || session.messages == 0 {
                             session.add(t);
                         }
                     })
@@ -185,7 +185,11 @@ fn check_depth(body: &[u8]) -> Result<(), ClientError> {
                 depth += 1;
                 if depth > MAX_JSON_DEPTH {
                     let line = 1 + body[..i].iter().filter(|&&b| b == b'\n').count();
-                    let column = i - body[..i].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+                    let column = i - body[..i]
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                        .map_or(0, |p| p + 1)
+                        + 1;
                     return Err(ClientError::BadJson {
                         line,
                         column,
@@ -408,11 +412,20 @@ mod tests {
     #[test]
     fn brackets_inside_strings_do_not_count_as_nesting() {
         let text = format!("{}\\\" {}", "[{".repeat(500), "}]".repeat(500));
-        let body = serde_json::json!({ "model": "m", "messages": [{ "role": "user", "content": text }] });
+        let body =
+            serde_json::json!({ "model": "m", "messages": [{ "role": "user", "content": text }] });
         assert!(meta(&body.to_string()).is_ok());
-        let nested = format!("{{\"model\":\"m\",\"x\":{}1{}}}", "[".repeat(128), "]".repeat(128));
+        let nested = format!(
+            "{{\"model\":\"m\",\"x\":{}1{}}}",
+            "[".repeat(128),
+            "]".repeat(128)
+        );
         assert!(meta(&nested).is_err(), "129 levels with the outer object");
-        let ok = format!("{{\"model\":\"m\",\"x\":{}1{}}}", "[".repeat(127), "]".repeat(127));
+        let ok = format!(
+            "{{\"model\":\"m\",\"x\":{}1{}}}",
+            "[".repeat(127),
+            "]".repeat(127)
+        );
         assert!(meta(&ok).is_ok(), "128 levels");
     }
 

@@ -1,7 +1,10 @@
 //! The runtime snapshot: config, backend set, routes and policies of one generation, held
 //! in an `ArcSwap` and replaced whole. A request keeps the snapshot it started with.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -11,12 +14,13 @@ use crate::config::Config;
 use crate::policy::PolicySet;
 use crate::routes::Routes;
 
-/// Everything a request needs that can change at run time.
-#[derive(Debug)]
+/// Everything a request needs that can change at run time. Cloning is cheap: a policy
+/// reload clones the snapshot and replaces only its policies.
+#[derive(Debug, Clone)]
 pub struct Runtime {
     pub config: Arc<Config>,
     pub backends: Arc<BackendSet>,
-    pub routes: Routes,
+    pub routes: Arc<Routes>,
     pub policies: PolicySet,
     /// Body of `GET /v1/models`: every configured model, OpenAI list format.
     pub models_json: Bytes,
@@ -37,7 +41,7 @@ impl Runtime {
         let models_json =
             Bytes::from(serde_json::json!({ "object": "list", "data": models }).to_string());
         Ok(Runtime {
-            routes: Routes::new(&config.routes),
+            routes: Arc::new(Routes::new(&config.routes)),
             config: Arc::new(config),
             backends: Arc::new(backends),
             policies,
@@ -46,16 +50,57 @@ impl Runtime {
     }
 }
 
-/// The current snapshot, shared by every worker thread.
+/// The current snapshot, shared by every worker thread, and what the admin API reports
+/// about policy versions.
 #[derive(Debug)]
 pub struct Shared {
     current: ArcSwap<Runtime>,
+    /// Per policy: the version in service and the last version refused. Written only by
+    /// reloads, read by the admin API; never on the request path.
+    pub policy_status: Mutex<BTreeMap<String, PolicyStatus>>,
+}
+
+/// A policy's state, as `GET /admin/policies` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStatus {
+    pub version: String,
+    /// Unix seconds when this version went into service.
+    pub loaded_at: u64,
+    pub last_rejection: Option<Rejection>,
+}
+
+/// A version that was refused, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub version: String,
+    pub at: u64,
+    pub reason: String,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Shared {
     pub fn new(runtime: Runtime) -> Shared {
+        let now = unix_now();
+        let status = runtime
+            .policies
+            .iter()
+            .map(|p| {
+                let s = PolicyStatus {
+                    version: p.version.clone(),
+                    loaded_at: now,
+                    last_rejection: None,
+                };
+                (p.name.clone(), s)
+            })
+            .collect();
         Shared {
             current: ArcSwap::from_pointee(runtime),
+            policy_status: Mutex::new(status),
         }
     }
 

@@ -2,13 +2,19 @@
 //! listener, with server settings (threads, grace period, keep-alive pool) taken from the
 //! config's `proxy:` section.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::proxy::Switchyard;
+use crate::reload::{ReloadService, Reloader};
 use crate::runtime::{Runtime, Shared};
 
 /// Pingora retries at most this often per request; our own cap is the route's
@@ -23,7 +29,8 @@ pub struct RunOptions {
 }
 
 /// Build the runtime snapshot (policies compiled, tests run) and serve until signalled.
-pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
+/// `config_path`, when given, is watched and re-read on change and on `SIGHUP`.
+pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> anyhow::Result<()> {
     let runtime = Runtime::build(config, None)
         .map_err(|problems| anyhow::anyhow!("cannot start:\n  {}", problems.join("\n  ")))?;
     let config = runtime.config.clone();
@@ -40,13 +47,27 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Switchyard::new(shared),
+        Switchyard::new(shared.clone()),
         "switchyard",
     );
     for listener in &config.listen {
         proxy.add_tcp(&listener.addr);
     }
     server.add_service(proxy);
+
+    let reloader = Arc::new(Reloader::new(shared.clone(), config_path));
+    server.add_service(background_service(
+        "reload",
+        ReloadService {
+            reloader: reloader.clone(),
+        },
+    ));
+    if let Some(admin) = &config.admin {
+        let mut svc = Service::new("switchyard admin".to_string(), Admin { shared, reloader });
+        svc.add_tcp(&admin.addr);
+        server.add_service(svc);
+        log::info!("admin API and /metrics on {}", admin.addr);
+    }
     log::info!(
         "switchyard listening on {}",
         config

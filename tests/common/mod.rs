@@ -28,6 +28,13 @@ pub struct Proc {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Proc {
+    /// The proxy's working directory (config file and `policies/`).
+    pub fn dir(&self) -> &Path {
+        self._dir.as_ref().expect("a proxy has a directory").path()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,298 @@
+//! Hot reload: policies and config replaced while traffic flows, without a restart.
+//!
+//! A changed policy file is compiled in a fresh sandbox and its `tests` run; only a version
+//! that passes replaces the one in service, by swapping the runtime snapshot (every worker
+//! thread picks it up on its next request; requests in flight keep the snapshot they hold).
+//! A refused version is logged with file, line and reason, counted, and shown on the admin
+//! API; the old version keeps serving. A deleted file keeps its last good version.
+//!
+//! Triggers: file changes in `policies_dir` and to the config file (debounced), `SIGHUP`,
+//! and `POST /admin/reload`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::{error, info, warn};
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::metrics::METRICS;
+use crate::policy::{self, Policy};
+use crate::runtime::{unix_now, PolicyStatus, Rejection, Runtime, Shared};
+
+/// Events arriving within this window after the first are handled by one reload, so an
+/// editor saving 50 times a second costs at most a few reloads.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// What one reload did, for logs and the admin API.
+#[derive(Debug, Default, Serialize)]
+pub struct ReloadReport {
+    /// `name@version` of each version put into service.
+    pub loaded: Vec<String>,
+    /// Why each refused version was refused.
+    pub rejected: Vec<String>,
+    /// Problems of a refused config (the old config keeps serving).
+    pub config_errors: Vec<String>,
+}
+
+/// Reloads the runtime snapshot; serialised, so two triggers never race.
+pub struct Reloader {
+    shared: Arc<Shared>,
+    config_path: Option<PathBuf>,
+    lock: Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>, config_path: Option<PathBuf>) -> Self {
+        Reloader {
+            shared,
+            config_path,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Re-read the config file (when there is one) and every policy; apply what is valid.
+    pub fn reload_all(&self) -> ReloadReport {
+        match &self.config_path {
+            Some(path) => self.reload_config(path),
+            None => self.reload_policies(),
+        }
+    }
+
+    /// Re-read every policy the routes name; swap in the new versions that pass.
+    pub fn reload_policies(&self) -> ReloadReport {
+        let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.shared.load();
+        let mut report = ReloadReport::default();
+        let mut policies = current.policies.clone();
+        for name in current.config.policy_names() {
+            let path = current.config.policies_dir.join(format!("{name}.lua"));
+            let serving = current.policies.get(&name).map(|p| p.version.clone());
+            let candidate = match Policy::read(&path) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(
+                        target: "switchyard::reload",
+                        "policy {name}: cannot read {} ({e}); keeping version {}",
+                        path.display(),
+                        serving.as_deref().unwrap_or("-")
+                    );
+                    continue;
+                }
+            };
+            if serving.as_deref() == Some(candidate.version.as_str()) {
+                continue;
+            }
+            let version = candidate.version.clone();
+            match policy::validate(candidate, &current.config.lua) {
+                Ok(p) => {
+                    self.loaded(&p, serving.as_deref(), &mut report);
+                    policies.insert(Arc::new(p));
+                }
+                Err(why) => self.rejected(&name, &version, serving.as_deref(), why, &mut report),
+            }
+        }
+        if !report.loaded.is_empty() {
+            self.shared.store(Runtime {
+                policies,
+                ..(*current).clone()
+            });
+        }
+        report
+    }
+
+    /// Re-read the config file and build a whole new snapshot; a config with any problem
+    /// (or a policy that fails) is refused whole.
+    pub fn reload_config(&self, path: &Path) -> ReloadReport {
+        let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.shared.load();
+        let mut report = ReloadReport::default();
+        let built = Config::load(path)
+            .map_err(|e| e.problems)
+            .and_then(|config| Runtime::build(config, Some(&current)));
+        match built {
+            Ok(runtime) => {
+                for p in runtime.policies.iter() {
+                    let before = current.policies.get(&p.name).map(|o| o.version.clone());
+                    if before.as_deref() != Some(p.version.as_str()) {
+                        self.loaded(p, before.as_deref(), &mut report);
+                    }
+                }
+                info!(target: "switchyard::reload", "config {} reloaded: {} backend(s), {} route(s)", path.display(), runtime.config.backends.len(), runtime.config.routes.len());
+                self.shared.store(runtime);
+            }
+            Err(problems) => {
+                error!(target: "switchyard::reload", "config {} refused; the old config keeps serving:\n  {}", path.display(), problems.join("\n  "));
+                report.config_errors = problems;
+            }
+        }
+        report
+    }
+
+    fn loaded(&self, p: &Policy, before: Option<&str>, report: &mut ReloadReport) {
+        info!(
+            target: "switchyard::reload",
+            "policy {} version {} in service (was {})",
+            p.name,
+            p.version,
+            before.unwrap_or("-")
+        );
+        METRICS
+            .policy_reloads
+            .with_label_values(&[p.name.as_str(), "loaded"])
+            .inc();
+        let mut status = self
+            .shared
+            .policy_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = status
+            .entry(p.name.clone())
+            .or_insert_with(|| PolicyStatus {
+                version: String::new(),
+                loaded_at: 0,
+                last_rejection: None,
+            });
+        entry.version = p.version.clone();
+        entry.loaded_at = unix_now();
+        report.loaded.push(format!("{}@{}", p.name, p.version));
+    }
+
+    fn rejected(
+        &self,
+        name: &str,
+        version: &str,
+        serving: Option<&str>,
+        why: String,
+        report: &mut ReloadReport,
+    ) {
+        warn!(
+            target: "switchyard::reload",
+            "policy {name} version {version} rejected, version {} keeps serving: {why}",
+            serving.unwrap_or("-")
+        );
+        METRICS
+            .policy_reloads
+            .with_label_values(&[name, "rejected"])
+            .inc();
+        let mut status = self
+            .shared
+            .policy_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = status.get_mut(name) {
+            entry.last_rejection = Some(Rejection {
+                version: version.to_string(),
+                at: unix_now(),
+                reason: why.clone(),
+            });
+        }
+        report.rejected.push(why);
+    }
+}
+
+/// The background service that turns file events and `SIGHUP` into reloads.
+pub struct ReloadService {
+    pub reloader: Arc<Reloader>,
+}
+
+/// What a file event asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Wanted {
+    Policies,
+    Config,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Wanted>();
+        let config_file = self.reloader.config_path.clone();
+        let config_name = config_file
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_os_string());
+        let mut watcher = match notify::recommended_watcher(
+            move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if event.kind.is_access() {
+                    return;
+                }
+                for path in &event.paths {
+                    if config_name
+                        .as_deref()
+                        .is_some_and(|n| path.file_name() == Some(n))
+                    {
+                        let _ = tx.send(Wanted::Config);
+                    } else if path.extension().is_some_and(|e| e == "lua") {
+                        let _ = tx.send(Wanted::Policies);
+                    }
+                }
+            },
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                error!(target: "switchyard::reload", "cannot watch files ({e}); reload with SIGHUP or POST /admin/reload");
+                return;
+            }
+        };
+        let mut watched: Vec<PathBuf> = Vec::new();
+        let watch_dirs = |watcher: &mut notify::RecommendedWatcher,
+                          watched: &mut Vec<PathBuf>,
+                          runtime: &Runtime| {
+            let mut dirs = vec![runtime.config.policies_dir.clone()];
+            if let Some(dir) = config_file.as_ref().and_then(|p| p.parent()) {
+                dirs.push(if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir.to_path_buf()
+                });
+            }
+            for dir in dirs {
+                if !watched.contains(&dir) {
+                    match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                        Ok(()) => watched.push(dir),
+                        Err(e) => {
+                            warn!(target: "switchyard::reload", "cannot watch {}: {e}", dir.display())
+                        }
+                    }
+                }
+            }
+        };
+        watch_dirs(&mut watcher, &mut watched, &self.reloader.shared.load());
+
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    info!(target: "switchyard::reload", "SIGHUP: reloading");
+                    Wanted::Config
+                }
+                Some(w) = rx.recv() => w,
+            };
+            tokio::time::sleep(DEBOUNCE).await;
+            let mut wanted = first;
+            while let Ok(w) = rx.try_recv() {
+                wanted = wanted.max(w);
+            }
+            let reloader = self.reloader.clone();
+            // Compiling and testing policies is CPU work; keep it off the async workers.
+            let report = tokio::task::spawn_blocking(move || match wanted {
+                Wanted::Config => reloader.reload_all(),
+                Wanted::Policies => reloader.reload_policies(),
+            })
+            .await;
+            if let Err(e) = report {
+                error!(target: "switchyard::reload", "reload panicked: {e}");
+            }
+            watch_dirs(&mut watcher, &mut watched, &self.reloader.shared.load());
+        }
+    }
+}

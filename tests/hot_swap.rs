@@ -1,0 +1,225 @@
+//! Policies swapped while traffic flows: new versions take effect within a second, broken
+//! ones are refused, and no request fails either way.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn always(backend: &str, marker: usize) -> String {
+    format!(
+        r#"-- version marker {marker}
+local P = {{}}
+function P.route(req, backends) return "{backend}" end
+P.tests = {{ {{ req = {{ model = "m" }}, backends = {{ {{ name = "a" }}, {{ name = "b" }} }}, expect = "{backend}" }} }}
+return P
+"#
+    )
+}
+
+/// Bounded load: `workers` clients until `stop` or `max` requests; records who served.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    last_served: Arc<Mutex<String>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, workers: usize, max: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let last_served = Arc::new(Mutex::new(String::new()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let tasks = (0..workers)
+            .map(|_| {
+                let (url, stop, sent, failures, last) = (
+                    url.clone(),
+                    stop.clone(),
+                    sent.clone(),
+                    failures.clone(),
+                    last_served.clone(),
+                );
+                tokio::spawn(async move {
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed)
+                        && sent.fetch_add(1, Ordering::Relaxed) < max
+                        && Instant::now() < deadline
+                    {
+                        match c.post(&url).json(&chat_body("m", "hi", false)).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                *last.lock().unwrap() = r.headers()["x-switchyard-backend"]
+                                    .to_str()
+                                    .unwrap()
+                                    .to_string();
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status())),
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            sent,
+            failures,
+            last_served,
+            tasks,
+        }
+    }
+
+    fn served_by(&self) -> String {
+        self.last_served.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, backend: &str, within: Duration) -> Duration {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Two consecutive looks, so a request in flight before the swap does not count.
+            if self.served_by() == backend {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self.served_by() == backend {
+                    return started.elapsed();
+                }
+            }
+        }
+        panic!("traffic did not move to {backend} within {within:?}");
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let sent = self.sent.load(Ordering::Relaxed);
+        (sent, self.failures.lock().unwrap().clone())
+    }
+}
+
+async fn setup() -> (Proc, Proc, Proc, u16) {
+    let a = mock("a", &[]).await;
+    let b = mock("b", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: switchable\nbackends:\n{}{}",
+        backend("a", a.port, "[m]"),
+        backend("b", b.port, "[m]")
+    );
+    let p = proxy(&config, &[("switchable", &always("a", 0))]).await;
+    (a, b, p, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_versions_take_effect_and_broken_ones_are_refused_under_load() {
+    let (_a, _b, p, admin) = setup().await;
+    let file = p.dir().join("policies/switchable.lua");
+    let load = Load::start(p.url("/v1/chat/completions"), 4, 100_000);
+    load.wait_for("a", Duration::from_secs(5)).await;
+
+    std::fs::write(&file, always("b", 1)).unwrap();
+    let took = load.wait_for("b", Duration::from_secs(3)).await;
+    assert!(
+        took < Duration::from_secs(1) + Duration::from_millis(500),
+        "took {took:?}"
+    );
+
+    // A syntax error, then a version whose own tests fail: both refused, b keeps serving.
+    std::fs::write(
+        &file,
+        "local P = {\nfunction P.route(req, backends) return 'a' end\nreturn P",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(load.served_by(), "b");
+    let wrong_tests = always("a", 2).replace("expect = \"a\"", "expect = \"b\"");
+    std::fs::write(&file, wrong_tests).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(load.served_by(), "b");
+
+    // Deleting the file keeps the last good version.
+    std::fs::remove_file(&file).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(load.served_by(), "b");
+
+    while load.sent.load(Ordering::Relaxed) < 2000 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (sent, failures) = load.finish().await;
+    assert!(sent >= 2000);
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    let admin_url = format!("http://127.0.0.1:{admin}");
+    let policies: serde_json::Value = client()
+        .get(format!("{admin_url}/admin/policies"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sw = &policies["policies"][0];
+    assert_eq!(sw["name"], "switchable");
+    let reason = sw["last_rejection"]["reason"].as_str().unwrap();
+    assert!(reason.contains("expected [\"b\"], got [\"a\"]"), "{reason}");
+    let metrics = client()
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rejected = metric(
+        &metrics,
+        "switchyard_policy_reloads_total{policy=\"switchable\",result=\"rejected\"}",
+    );
+    assert!(rejected >= 2.0, "{metrics}");
+    let log = p.output();
+    assert!(
+        log.contains("switchable.lua:2:"),
+        "the syntax error names its line:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_swaps_during_load_lose_no_request() {
+    let (_a, _b, p, _admin) = setup().await;
+    let file = p.dir().join("policies/switchable.lua");
+    let load = Load::start(p.url("/v1/chat/completions"), 4, 100_000);
+    for i in 1..=100 {
+        let target = if i % 2 == 0 { "a" } else { "b" };
+        std::fs::write(&file, always(target, i)).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The last version (100 → "a") wins once the debounce settles.
+    load.wait_for("a", Duration::from_secs(3)).await;
+    let (sent, failures) = load.finish().await;
+    assert!(sent > 200, "load ran: {sent}");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0.0)
+}
