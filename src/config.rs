@@ -64,6 +64,21 @@ pub struct Route {
     /// Upstream attempts for one request, first try included. Default 3.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Values the policy reads as `req.params` (thresholds, percentages, names), so one
+    /// policy file serves many routes without edits. Default: empty.
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamValue>,
+}
+
+/// A route parameter: a scalar or a list of scalars.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    List(Vec<ParamValue>),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

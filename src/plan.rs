@@ -13,6 +13,7 @@ use crate::errors::ClientError;
 use crate::metrics::METRICS;
 use crate::policy::{self, Decision, Policy};
 use crate::request::RequestMeta;
+use crate::routes::Route;
 use crate::runtime::Runtime;
 
 /// Backends to try for a request, in order.
@@ -53,14 +54,7 @@ pub fn decide(
         ));
     }
 
-    let (decision, policy) = run_policy(
-        runtime,
-        &route.policy,
-        route.fallback_policy.as_deref(),
-        meta,
-        &candidates,
-        request_id,
-    )?;
+    let (decision, policy) = run_policy(runtime, route, meta, &candidates, request_id)?;
     let names = match decision {
         Decision::Reject { status, message } => {
             return Err(ClientError::PolicyRejected { status, message })
@@ -79,13 +73,12 @@ pub fn decide(
 /// the policy's version and the reason (which carries the script line).
 fn run_policy<'r>(
     runtime: &'r Runtime,
-    primary: &str,
-    fallback: Option<&str>,
+    route: &Route,
     meta: &Arc<RequestMeta>,
     candidates: &[Arc<Backend>],
     request_id: &str,
 ) -> Result<(Decision, &'r Arc<Policy>), ClientError> {
-    for name in std::iter::once(primary).chain(fallback) {
+    for name in std::iter::once(route.policy.as_str()).chain(route.fallback_policy.as_deref()) {
         let Some(policy) = runtime.policies.get(name) else {
             warn!("{request_id} policy `{name}` is not loaded");
             continue;
@@ -93,6 +86,7 @@ fn run_policy<'r>(
         match policy::decide(
             policy,
             meta,
+            &route.params,
             candidates,
             &runtime.backends,
             &runtime.config.lua,

@@ -1,9 +1,32 @@
 //! Routes: which policy decides for a request, chosen by path prefix and model glob. The
 //! first route whose `match` fits wins.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use wildmatch::WildMatch;
 
-use crate::config::Route as RouteConfig;
+use crate::config::{ParamValue, Route as RouteConfig};
+
+/// A route's `params`, as `req.params` shows them. The id is unique for the life of the
+/// process, so each Lua VM builds the table once and reuses it.
+#[derive(Debug, Default)]
+pub struct Params {
+    pub id: u64,
+    pub values: BTreeMap<String, ParamValue>,
+}
+
+static NEXT_PARAMS_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Params {
+    pub fn new(values: BTreeMap<String, ParamValue>) -> Params {
+        Params {
+            id: NEXT_PARAMS_ID.fetch_add(1, Ordering::Relaxed),
+            values,
+        }
+    }
+}
 
 /// A route ready to match.
 #[derive(Debug)]
@@ -14,6 +37,7 @@ pub struct Route {
     pub policy: String,
     pub fallback_policy: Option<String>,
     pub max_attempts: usize,
+    pub params: Arc<Params>,
 }
 
 impl Route {
@@ -49,6 +73,7 @@ impl Routes {
                     policy: r.policy.clone(),
                     fallback_policy: r.fallback_policy.clone(),
                     max_attempts: r.max_attempts as usize,
+                    params: Arc::new(Params::new(r.params.clone())),
                 })
                 .collect(),
         )
@@ -74,6 +99,7 @@ mod tests {
             policy: policy.into(),
             fallback_policy: None,
             max_attempts: 3,
+            params: Default::default(),
         }
     }
 

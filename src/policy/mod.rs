@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::backends::{Backend, BackendSet};
 use crate::config::LuaConfig;
 use crate::request::RequestMeta;
+use crate::routes::Params;
 
 pub use vm::PolicyVm;
 
@@ -176,6 +177,7 @@ thread_local! {
 pub fn decide(
     policy: &Policy,
     req: &Arc<RequestMeta>,
+    params: &Params,
     candidates: &[Arc<Backend>],
     all: &Arc<BackendSet>,
     limits: &LuaConfig,
@@ -186,7 +188,7 @@ pub fn decide(
             *slot = Some(PolicyVm::new(limits).map_err(|e| PolicyError::Load(e.to_string()))?);
         }
         let vm = slot.as_mut().expect("VM was just built");
-        let result = vm.route(policy, req, candidates, all);
+        let result = vm.route(policy, req, params, candidates, all);
         if matches!(result, Err(PolicyError::Memory(_))) {
             // A VM that hit its cap may hold garbage the policy keeps alive: start clean.
             *slot = None;

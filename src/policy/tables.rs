@@ -12,7 +12,9 @@ use std::sync::Arc;
 use mlua::{Function, Lua, LuaString, Table, Value};
 
 use crate::backends::Backend;
+use crate::config::ParamValue;
 use crate::request::RequestMeta;
+use crate::routes::Params;
 
 /// Field names, interned once per VM.
 struct Keys {
@@ -28,6 +30,7 @@ struct Keys {
     path: LuaString,
     method: LuaString,
     priority: LuaString,
+    params: LuaString,
 }
 
 /// Names of the live statistics, in [`Live`] order.
@@ -48,6 +51,8 @@ pub(super) struct TableCache {
     backends: HashMap<u64, CachedBackend>,
     req_data: Table,
     req_view: Table,
+    /// The `req.params` table last used, by `Params::id`.
+    params: Option<(u64, Table)>,
 }
 
 impl TableCache {
@@ -70,6 +75,7 @@ impl TableCache {
             path: s("path")?,
             method: s("method")?,
             priority: s("priority")?,
+            params: s("params")?,
         };
         let req_data = lua.create_table_with_capacity(0, 12)?;
         req_data.raw_set("header", header_function(lua)?)?;
@@ -80,11 +86,17 @@ impl TableCache {
             backends: HashMap::new(),
             req_data,
             req_view,
+            params: None,
         })
     }
 
     /// The `req` view, rewritten for this request.
-    pub fn request(&mut self, lua: &Lua, req: &RequestMeta) -> mlua::Result<Table> {
+    pub fn request(&mut self, lua: &Lua, req: &RequestMeta, params: &Params) -> mlua::Result<Table> {
+        if self.params.as_ref().is_none_or(|(id, _)| *id != params.id) {
+            let table = params_table(lua, &self.readonly, params)?;
+            self.req_data.raw_set(&self.keys.params, &table)?;
+            self.params = Some((params.id, table));
+        }
         let k = &self.keys;
         let t = &self.req_data;
         let opt_str = |v: &Option<String>| -> mlua::Result<Value> {
@@ -206,6 +218,30 @@ pub(super) fn fresh_backend(
     }
     t.raw_set("inflight", b.stats.inflight())?;
     t.raw_set("eligible", eligible)?;
+    readonly.call(t)
+}
+
+/// A route's `params` as a read-only Lua table (lists become read-only arrays).
+fn params_table(lua: &Lua, readonly: &Function, params: &Params) -> mlua::Result<Table> {
+    fn value(lua: &Lua, readonly: &Function, v: &ParamValue) -> mlua::Result<Value> {
+        Ok(match v {
+            ParamValue::Bool(b) => Value::Boolean(*b),
+            ParamValue::Int(i) => Value::Integer(*i),
+            ParamValue::Float(f) => Value::Number(*f),
+            ParamValue::Str(s) => Value::String(lua.create_string(s)?),
+            ParamValue::List(items) => {
+                let t = lua.create_table_with_capacity(items.len(), 0)?;
+                for item in items {
+                    t.raw_push(value(lua, readonly, item)?)?;
+                }
+                Value::Table(readonly.call(t)?)
+            }
+        })
+    }
+    let t = lua.create_table_with_capacity(0, params.values.len())?;
+    for (k, v) in &params.values {
+        t.raw_set(k.as_str(), value(lua, readonly, v)?)?;
+    }
     readonly.call(t)
 }
 

@@ -21,6 +21,7 @@ use super::{sy, Decision, Policy, PolicyError};
 use crate::backends::{Backend, BackendSet};
 use crate::config::LuaConfig;
 use crate::request::RequestMeta;
+use crate::routes::Params;
 
 /// The budget hook runs every this many VM instructions.
 const HOOK_EVERY: u32 = 1000;
@@ -194,13 +195,14 @@ impl PolicyVm {
         &mut self,
         policy: &Policy,
         req: &Arc<RequestMeta>,
+        params: &Params,
         candidates: &[Arc<Backend>],
         all: &Arc<BackendSet>,
     ) -> Result<Decision, PolicyError> {
         self.ensure_loaded(policy)?;
         let route = self.loaded[&policy.name].route.clone();
         let lua_err = |e: mlua::Error| PolicyError::Runtime(e.to_string());
-        let req_table = self.tables.request(&self.lua, req).map_err(lua_err)?;
+        let req_table = self.tables.request(&self.lua, req, params).map_err(lua_err)?;
         let backends = self
             .tables
             .backends(&self.lua, candidates, all.backends.len())

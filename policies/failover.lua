@@ -1,0 +1,37 @@
+-- failover: a fixed chain. Backends are tried in the order of their tag `order`
+-- ("1" primary, "2" backup, "3" secondary, ...), or of params.chain (a list of backend
+-- names) when the route gives one. Untagged backends come last, by name.
+
+local P = { name = "failover" }
+
+function P.route(req, backends)
+  local params = req.params or {}
+  local rank = {}
+  if params.chain then
+    for i, name in ipairs(params.chain) do rank[name] = i end
+  end
+  local function r(b)
+    return rank[b.name] or tonumber(b.tags.order) or math.huge
+  end
+  table.sort(backends, function(a, b)
+    if r(a) ~= r(b) then return r(a) < r(b) end
+    return a.name < b.name
+  end)
+  local order = {}
+  for i, b in ipairs(backends) do order[i] = b.name end
+  return order
+end
+
+P.tests = {
+  { name = "by tag order", req = {},
+    backends = { { name = "c", tags = { order = "3" } }, { name = "a", tags = { order = "1" } }, { name = "b", tags = { order = "2" } } },
+    expect = { "a", "b", "c" } },
+  { name = "the route's chain wins", req = { params = { chain = { "b", "a" } } },
+    backends = { { name = "a" }, { name = "b" }, { name = "z" } },
+    expect = { "b", "a", "z" } },
+  { name = "when the primary is down it is simply not a candidate", req = {},
+    backends = { { name = "b", tags = { order = "2" } }, { name = "c", tags = { order = "3" } } },
+    expect = { "b", "c" } },
+}
+
+return P
