@@ -14,6 +14,7 @@ use switchyard::backends::{BackendSet, InflightGuard};
 use switchyard::config::Config;
 use switchyard::policy::{decide, Decision, Policy};
 use switchyard::request::RequestMeta;
+use switchyard::routes::Params;
 
 /// Candidate backends in the decision benchmarks.
 const BACKENDS: usize = 32;
@@ -64,10 +65,12 @@ fn policy_decision(c: &mut Criterion) {
         let path = config.policies_dir.join(format!("{name}.lua"));
         let policy = Policy::read(&path).expect("policy file reads");
         let req = small_request();
+        // The route has no `params`, as in the bench config.
+        let params = Params::new(Default::default());
 
         // One call outside the timing loop: loads the policy into this thread's VM and
         // checks the decision is what a proxy would act on.
-        match decide(&policy, &req, &candidates, &set, &config.lua) {
+        match decide(&policy, &req, &params, &candidates, &set, &config.lua) {
             Ok(Decision::Candidates(names)) => assert_eq!(names.len(), BACKENDS),
             other => panic!("{name}: unexpected decision {other:?}"),
         }
@@ -77,6 +80,7 @@ fn policy_decision(c: &mut Criterion) {
                 decide(
                     black_box(&policy),
                     black_box(&req),
+                    &params,
                     black_box(&candidates),
                     &set,
                     &config.lua,

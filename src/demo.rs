@@ -15,9 +15,15 @@ pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
 /// The built-in policies, so the demo runs outside a checkout too.
 pub const BUILTIN_POLICIES: &[(&str, &str)] = &[
     ("round_robin", include_str!("../policies/round_robin.lua")),
-    ("least_inflight", include_str!("../policies/least_inflight.lua")),
+    (
+        "least_inflight",
+        include_str!("../policies/least_inflight.lua"),
+    ),
     ("weighted", include_str!("../policies/weighted.lua")),
-    ("random_two_choices", include_str!("../policies/random_two_choices.lua")),
+    (
+        "random_two_choices",
+        include_str!("../policies/random_two_choices.lua"),
+    ),
     ("latency", include_str!("../policies/latency.lua")),
     ("cost", include_str!("../policies/cost.lua")),
     ("content", include_str!("../policies/content.lua")),

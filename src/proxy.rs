@@ -420,6 +420,9 @@ impl ProxyHttp for Switchyard {
             };
         }
         let status = error.status();
+        // Pingora closes the client connection after a failed proxy attempt whatever we
+        // return here; say so, or a keep-alive client races into a reset.
+        session.set_keepalive(None);
         reject(session, ctx, error).await;
         FailToProxy {
             error_code: status,

@@ -91,7 +91,12 @@ impl TableCache {
     }
 
     /// The `req` view, rewritten for this request.
-    pub fn request(&mut self, lua: &Lua, req: &RequestMeta, params: &Params) -> mlua::Result<Table> {
+    pub fn request(
+        &mut self,
+        lua: &Lua,
+        req: &RequestMeta,
+        params: &Params,
+    ) -> mlua::Result<Table> {
         if self.params.as_ref().is_none_or(|(id, _)| *id != params.id) {
             let table = params_table(lua, &self.readonly, params)?;
             self.req_data.raw_set(&self.keys.params, &table)?;

@@ -202,7 +202,10 @@ impl PolicyVm {
         self.ensure_loaded(policy)?;
         let route = self.loaded[&policy.name].route.clone();
         let lua_err = |e: mlua::Error| PolicyError::Runtime(e.to_string());
-        let req_table = self.tables.request(&self.lua, req, params).map_err(lua_err)?;
+        let req_table = self
+            .tables
+            .request(&self.lua, req, params)
+            .map_err(lua_err)?;
         let backends = self
             .tables
             .backends(&self.lua, candidates, all.backends.len())
