@@ -35,6 +35,48 @@ pub struct Config {
     /// Lua sandbox limits.
     #[serde(default)]
     pub lua: LuaConfig,
+    /// Client authentication. Default: required when `tenants` are configured, else off.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Who may call, with what key, and what they may use.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `required` or `off`. Default: `required` if any tenant is configured, else `off`.
+    #[serde(default)]
+    pub mode: AuthMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Resolved at load: `required` with tenants, `off` without.
+    #[default]
+    Auto,
+    Required,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// SHA-256 (hex) of each of the tenant's API keys; never the keys themselves.
+    pub key_sha256: Vec<String>,
+    /// The tenant's region, `req.region` when the request carries no region header.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Model globs the tenant may use. Default: all.
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    /// Backend regions (or prefixes: `eu` covers `eu-west`) the tenant's traffic may go
+    /// to. Default: all.
+    #[serde(default)]
+    pub allowed_regions: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -268,6 +310,14 @@ impl Config {
                 .unwrap_or_default();
             ConfigError::one(format!("{e}{at}"))
         })?;
+        let mut config = config;
+        if config.auth.mode == AuthMode::Auto {
+            config.auth.mode = if config.tenants.is_empty() {
+                AuthMode::Off
+            } else {
+                AuthMode::Required
+            };
+        }
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
@@ -362,6 +412,33 @@ impl Config {
                     ));
                 }
             }
+        }
+        let mut tenant_names = HashSet::new();
+        let mut key_hashes = HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            if !tenant_names.insert(t.name.as_str()) || t.name == crate::request::ANONYMOUS {
+                out.push(format!(
+                    "tenants[{i}].name: `{}` is a duplicate or reserved name",
+                    t.name
+                ));
+            }
+            if t.key_sha256.is_empty() {
+                out.push(format!(
+                    "tenants[{i}].key_sha256: at least one key hash is required"
+                ));
+            }
+            for (j, h) in t.key_sha256.iter().enumerate() {
+                if crate::tenants::decode_hash(h).is_none() {
+                    out.push(format!("tenants[{i}].key_sha256[{j}]: must be 64 hex digits (the SHA-256 of the key, not the key)"));
+                } else if !key_hashes.insert(h.trim().to_ascii_lowercase()) {
+                    out.push(format!(
+                        "tenants[{i}].key_sha256[{j}]: the same key is configured twice"
+                    ));
+                }
+            }
+        }
+        if self.auth.mode == AuthMode::Required && self.tenants.is_empty() {
+            out.push("auth.mode: `required` needs at least one tenant".into());
         }
         let p = &self.proxy;
         if p.threads == Some(0) {

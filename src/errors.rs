@@ -43,6 +43,9 @@ pub enum ClientError {
     /// The body uses a content encoding we do not decode.
     #[error("Content-Encoding `{0}` is not supported; send the body uncompressed")]
     UnsupportedEncoding(String),
+    /// No API key, or one no tenant has. Deliberately says nothing more.
+    #[error("invalid or missing API key")]
+    Unauthorized,
     /// No route, or no API at this path.
     #[error("unknown path `{0}`")]
     NotFound(String),
@@ -90,6 +93,7 @@ impl ClientError {
             PolicyFailed | Internal => 500,
             PolicyRejected { status, .. } => *status,
             Forbidden(_) => 403,
+            Unauthorized => 401,
             NoBackendAvailable(_) => 503,
             UpstreamUnavailable | UpstreamAuthFailed => 502,
             UpstreamTimeout => 504,
@@ -115,6 +119,7 @@ impl ClientError {
             }
             PolicyRejected { .. } => ("invalid_request_error", "policy_rejected"),
             Forbidden(_) => ("permission_error", "forbidden"),
+            Unauthorized => ("invalid_request_error", "invalid_api_key"),
             NoBackendAvailable(_) => ("server_error", "no_backend_available"),
             UpstreamUnavailable => ("server_error", "upstream_unavailable"),
             UpstreamTimeout => ("server_error", "upstream_timeout"),

@@ -19,3 +19,4 @@ pub mod request;
 pub mod routes;
 pub mod runtime;
 pub mod server;
+pub mod tenants;

@@ -15,6 +15,7 @@ use crate::policy::{self, Decision, Policy};
 use crate::request::RequestMeta;
 use crate::routes::Route;
 use crate::runtime::Runtime;
+use crate::tenants::Tenant;
 
 /// Backends to try for a request, in order.
 #[derive(Debug)]
@@ -26,9 +27,10 @@ pub struct Plan {
     pub policy: String,
 }
 
-/// Route the request and run its policy.
+/// Route the request and run its policy, within what the tenant may use.
 pub fn decide(
     runtime: &Runtime,
+    tenant: &Tenant,
     meta: &Arc<RequestMeta>,
     request_id: &str,
 ) -> Result<Plan, ClientError> {
@@ -41,13 +43,25 @@ pub fn decide(
         if !runtime.backends.knows_model(m) {
             return Err(ClientError::ModelNotFound(m.chars().take(200).collect()));
         }
+        if !tenant.may_use_model(m) {
+            return Err(ClientError::Forbidden(format!(
+                "this API key may not use model `{m}`"
+            )));
+        }
     }
-    let candidates: Vec<Arc<Backend>> = runtime
+    let allowed: Vec<Arc<Backend>> = runtime
         .backends
         .serving(model)
         .into_iter()
-        .filter(|b| b.has_capacity())
+        .filter(|b| tenant.may_use_backend(b))
         .collect();
+    if allowed.is_empty() {
+        return Err(ClientError::Forbidden(format!(
+            "no backend in the regions allowed for this API key serves model `{}`",
+            model.unwrap_or("-")
+        )));
+    }
+    let candidates: Vec<Arc<Backend>> = allowed.into_iter().filter(|b| b.has_capacity()).collect();
     if candidates.is_empty() {
         return Err(ClientError::NoBackendAvailable(
             model.unwrap_or("-").to_string(),
@@ -121,7 +135,8 @@ fn run_policy<'r>(
 }
 
 /// The rules a policy cannot break: only backends that are candidates for this request
-/// (serve the model, eligible now) are kept, each once, in the policy's order.
+/// (serve the model, allowed for the tenant, eligible now) are kept, each once, in the
+/// policy's order.
 fn guard(
     names: &[String],
     candidates: &[Arc<Backend>],
@@ -147,6 +162,20 @@ fn guard(
         });
     }
     Ok(plan)
+}
+
+/// `GET /v1/models` for a tenant: only the models it may use.
+pub fn visible_models(runtime: &Runtime, tenant: &Tenant) -> Bytes {
+    let names = runtime.config.model_names();
+    if names.iter().all(|m| tenant.may_use_model(m)) {
+        return runtime.models_json.clone();
+    }
+    crate::runtime::models_list(
+        names
+            .iter()
+            .map(String::as_str)
+            .filter(|m| tenant.may_use_model(m)),
+    )
 }
 
 /// The body as `backend` gets it: unchanged, or with `model` renamed when the backend knows

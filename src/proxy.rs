@@ -505,10 +505,18 @@ async fn admit(
 ) -> Result<Admitted, ClientError> {
     let head = session.req_header();
     let path = head.uri.path().to_string();
+    let tenant = runtime.tenants.authenticate(&head.headers).map_err(|why| {
+        info!(target: "switchyard::auth", "{} refused: {why:?} API key", ctx.request_id);
+        ClientError::Unauthorized
+    })?;
     if head.method == http::Method::GET && path == "/v1/models" {
-        return Ok(Admitted::Answer(runtime.models_json.clone()));
+        return Ok(Admitted::Answer(plan::visible_models(runtime, tenant)));
     }
     let mut meta = RequestMeta::from_head(head.method.as_str(), &path, &head.headers);
+    meta.tenant = tenant.name.clone();
+    if meta.region.is_none() {
+        meta.region = tenant.region.clone();
+    }
     // The OpenAI APIs take JSON whatever the content type says (curl -d sends a form type).
     let json = plan::is_json(head) || plan::needs_model(head.method.as_str(), &path);
     let proxy = &runtime.config.proxy;
@@ -527,7 +535,7 @@ async fn admit(
     let meta = Arc::new(meta);
     ctx.meta = Some(meta.clone());
     ctx.body = body;
-    ctx.plan = Some(plan::decide(runtime, &meta, &ctx.request_id)?);
+    ctx.plan = Some(plan::decide(runtime, tenant, &meta, &ctx.request_id)?);
     Ok(Admitted::Proxy)
 }
 

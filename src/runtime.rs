@@ -13,6 +13,7 @@ use crate::backends::BackendSet;
 use crate::config::Config;
 use crate::policy::PolicySet;
 use crate::routes::Routes;
+use crate::tenants::Tenants;
 
 /// Everything a request needs that can change at run time. Cloning is cheap: a policy
 /// reload clones the snapshot and replaces only its policies.
@@ -22,7 +23,8 @@ pub struct Runtime {
     pub backends: Arc<BackendSet>,
     pub routes: Arc<Routes>,
     pub policies: PolicySet,
-    /// Body of `GET /v1/models`: every configured model, OpenAI list format.
+    pub tenants: Arc<Tenants>,
+    /// Body of `GET /v1/models` when every model is visible: OpenAI list format.
     pub models_json: Bytes,
 }
 
@@ -40,7 +42,9 @@ impl Runtime {
             .collect();
         let models_json =
             Bytes::from(serde_json::json!({ "object": "list", "data": models }).to_string());
+        let tenants = Arc::new(Tenants::new(&config));
         Ok(Runtime {
+            tenants,
             routes: Arc::new(Routes::new(&config.routes)),
             config: Arc::new(config),
             backends: Arc::new(backends),
@@ -48,6 +52,14 @@ impl Runtime {
             models_json,
         })
     }
+}
+
+/// An OpenAI model list.
+pub fn models_list<'a>(models: impl Iterator<Item = &'a str>) -> Bytes {
+    let data: Vec<serde_json::Value> = models
+        .map(|m| serde_json::json!({ "id": m, "object": "model", "created": 0, "owned_by": "switchyard" }))
+        .collect();
+    Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string())
 }
 
 /// The current snapshot, shared by every worker thread, and what the admin API reports

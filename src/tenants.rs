@@ -1,0 +1,205 @@
+//! Tenants: who sent a request, found from the client's API key, and what they may use.
+//!
+//! Keys are configured only as SHA-256 hashes. A presented key is hashed and compared
+//! against every configured hash in constant time (no early exit), so response timing
+//! says nothing about how close a guess was. The tenant's region and allowed models and
+//! regions are enforced in Rust, before and after the policy runs.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use wildmatch::WildMatch;
+
+use crate::backends::Backend;
+use crate::config::{AuthMode, Config, TenantConfig};
+use crate::request::ANONYMOUS;
+
+/// A tenant ready for lookups.
+#[derive(Debug)]
+pub struct Tenant {
+    pub name: String,
+    pub region: Option<String>,
+    /// Globs; empty = every model.
+    allowed_models: Vec<WildMatch>,
+    /// Region names or prefixes (`eu` covers `eu-west`); empty = every region.
+    allowed_regions: Vec<String>,
+}
+
+impl Tenant {
+    fn anonymous() -> Tenant {
+        Tenant {
+            name: ANONYMOUS.to_string(),
+            region: None,
+            allowed_models: Vec::new(),
+            allowed_regions: Vec::new(),
+        }
+    }
+
+    pub fn may_use_model(&self, model: &str) -> bool {
+        self.allowed_models.is_empty() || self.allowed_models.iter().any(|g| g.matches(model))
+    }
+
+    /// Whether the tenant may send traffic to this backend's region. A backend without a
+    /// region is refused to a tenant restricted to regions.
+    pub fn may_use_backend(&self, backend: &Backend) -> bool {
+        if self.allowed_regions.is_empty() {
+            return true;
+        }
+        let Some(region) = backend.config.region.as_deref() else {
+            return false;
+        };
+        self.allowed_regions
+            .iter()
+            .any(|a| region_covers(a, region))
+    }
+}
+
+/// `eu` covers `eu` and `eu-west`, not `europe`.
+pub fn region_covers(allowed: &str, region: &str) -> bool {
+    region == allowed
+        || (region.starts_with(allowed) && region.as_bytes().get(allowed.len()) == Some(&b'-'))
+}
+
+/// Why a request was not authenticated. Both get the same generic 401 message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Wrong,
+}
+
+/// The tenants of one config.
+#[derive(Debug)]
+pub struct Tenants {
+    mode: AuthMode,
+    tenants: Vec<Tenant>,
+    /// (key hash, index into `tenants`), scanned whole on every lookup.
+    keys: Vec<([u8; 32], usize)>,
+    anonymous: Tenant,
+}
+
+impl Tenants {
+    pub fn new(config: &Config) -> Tenants {
+        let mut tenants = Vec::new();
+        let mut keys = Vec::new();
+        for (i, t) in config.tenants.iter().enumerate() {
+            for hash in &t.key_sha256 {
+                if let Some(bytes) = decode_hash(hash) {
+                    keys.push((bytes, i));
+                }
+            }
+            tenants.push(from_config(t));
+        }
+        Tenants {
+            mode: config.auth.mode,
+            tenants,
+            keys,
+            anonymous: Tenant::anonymous(),
+        }
+    }
+
+    /// The tenant a request belongs to, from `Authorization: Bearer KEY` or `x-api-key`.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<&Tenant, AuthFailure> {
+        if self.mode == AuthMode::Off {
+            return Ok(&self.anonymous);
+        }
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(AuthFailure::Missing)?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found: Option<usize> = None;
+        for (hash, index) in &self.keys {
+            if bool::from(hash.ct_eq(&digest)) {
+                found = Some(*index);
+            }
+        }
+        found.map(|i| &self.tenants[i]).ok_or(AuthFailure::Wrong)
+    }
+}
+
+fn from_config(t: &TenantConfig) -> Tenant {
+    Tenant {
+        name: t.name.clone(),
+        region: t.region.clone(),
+        allowed_models: t.allowed_models.iter().map(|g| WildMatch::new(g)).collect(),
+        allowed_regions: t.allowed_regions.clone(),
+    }
+}
+
+/// A 64-digit hex SHA-256, as configured.
+pub fn decode_hash(hex_digest: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(hex_digest.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml_tenants: &str) -> Config {
+        Config::parse(&format!(
+            "routes: [{{ policy: p }}]\nbackends: [{{ name: a, url: \"http://127.0.0.1:1\", models: [m] }}]\n{yaml_tenants}"
+        ))
+        .unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn finds_the_tenant_by_bearer_or_x_api_key() {
+        let hash = hex::encode(Sha256::digest(b"sk-acme"));
+        let t = Tenants::new(&config(&format!(
+            "tenants:\n  - name: acme\n    key_sha256: [\"{hash}\"]\n    region: eu\n"
+        )));
+        assert_eq!(
+            t.authenticate(&headers(&[("authorization", "Bearer sk-acme")]))
+                .unwrap()
+                .name,
+            "acme"
+        );
+        assert_eq!(
+            t.authenticate(&headers(&[("x-api-key", "sk-acme")]))
+                .unwrap()
+                .name,
+            "acme"
+        );
+        assert_eq!(
+            t.authenticate(&headers(&[("authorization", "Bearer sk-nope")]))
+                .unwrap_err(),
+            AuthFailure::Wrong
+        );
+        assert_eq!(
+            t.authenticate(&headers(&[])).unwrap_err(),
+            AuthFailure::Missing
+        );
+    }
+
+    #[test]
+    fn auth_off_is_anonymous() {
+        let t = Tenants::new(&config("auth: { mode: \"off\" }\n"));
+        assert_eq!(t.authenticate(&headers(&[])).unwrap().name, "anonymous");
+    }
+
+    #[test]
+    fn regions_cover_their_subregions_only() {
+        assert!(region_covers("eu", "eu-west"));
+        assert!(region_covers("eu", "eu"));
+        assert!(!region_covers("eu", "europe"));
+        assert!(!region_covers("eu-west", "eu"));
+    }
+}
