@@ -5,9 +5,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    register_int_gauge_vec_with_registry, Encoder, HistogramVec, IntCounterVec, IntGaugeVec,
-    Registry, TextEncoder,
+    register_counter_vec_with_registry, register_histogram_vec_with_registry,
+    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry, CounterVec,
+    Encoder, HistogramVec, IntCounterVec, IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, 10 ms to 60 s: LLM requests range from a cached embedding
@@ -24,6 +24,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
     pub backend_inflight: IntGaugeVec,
+    pub tokens: IntCounterVec,
+    pub cost_usd: CounterVec,
     pub policy_decisions: IntCounterVec,
     pub policy_errors: IntCounterVec,
     pub policy_reloads: IntCounterVec,
@@ -53,6 +55,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Time from sending upstream to the first response body byte",
             &["backend"],
             TTFT_BUCKETS.to_vec(),
+            r
+        )
+        .expect("metric registers"),
+        tokens: register_int_counter_vec_with_registry!(
+            "switchyard_tokens_total",
+            "Tokens by backend, model and direction (in = prompt, out = completion), from usage",
+            &["backend", "model", "direction"],
+            r
+        )
+        .expect("metric registers"),
+        cost_usd: register_counter_vec_with_registry!(
+            "switchyard_cost_usd_total",
+            "Spend in USD from usage and the backends' configured prices",
+            &["tenant", "backend"],
             r
         )
         .expect("metric registers"),

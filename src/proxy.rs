@@ -31,6 +31,7 @@ use crate::metrics::METRICS;
 use crate::plan::{self, Plan};
 use crate::request::{RequestMeta, CREDENTIAL_HEADERS};
 use crate::runtime::{Runtime, Shared};
+use crate::usage::{Usage, UsageReader};
 
 /// Header carrying the request id, to the client and upstream.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -66,6 +67,8 @@ pub struct RequestCtx {
     /// backend once more on a fresh one.
     retry_same_backend: bool,
     status: u16,
+    /// Tokens of the answer, when the response reported (or streamed) them.
+    usage: Option<Usage>,
 }
 
 /// The attempt in progress.
@@ -73,8 +76,11 @@ struct Current {
     backend: Arc<Backend>,
     started: Instant,
     first_byte: Option<Instant>,
+    last_byte: Option<Instant>,
     /// The body as this backend gets it (the model renamed if the backend maps it).
     body: Option<Bytes>,
+    /// Reads `usage` from the response as it streams by.
+    usage_reader: Option<UsageReader>,
     _inflight: InflightGuard,
 }
 
@@ -99,6 +105,7 @@ impl RequestCtx {
             failure: None,
             retry_same_backend: false,
             status: 0,
+            usage: None,
         }
     }
 
@@ -190,7 +197,9 @@ impl ProxyHttp for Switchyard {
             backend,
             started: Instant::now(),
             first_byte: None,
+            last_byte: None,
             body,
+            usage_reader: None,
         });
         Ok(Box::new(peer))
     }
@@ -259,6 +268,13 @@ impl ProxyHttp for Switchyard {
         let auth_failed = matches!(status, 401 | 403);
         let failed = status >= 500 || status == 429 || auth_failed;
         if !failed {
+            if let Some(cur) = ctx.current.as_mut() {
+                let content_type = upstream
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                cur.usage_reader = Some(UsageReader::new(content_type));
+            }
             return Ok(());
         }
         let name = ctx.backend_name().unwrap_or_default().to_string();
@@ -295,23 +311,30 @@ impl ProxyHttp for Switchyard {
         Ok(())
     }
 
+    /// Each chunk passes straight through; on the way, TTFT is taken at the first and
+    /// usage read from all of them.
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if let Some(cur) = ctx.current.as_mut() {
-            if cur.first_byte.is_none() {
-                let now = Instant::now();
-                cur.first_byte = Some(now);
-                cur.backend.stats.record_ttft(now - cur.started);
-                METRICS
-                    .ttft
-                    .with_label_values(&[cur.backend.name()])
-                    .observe((now - cur.started).as_secs_f64());
-            }
+        let Some(cur) = ctx.current.as_mut() else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        if cur.first_byte.is_none() {
+            cur.first_byte = Some(now);
+            cur.backend.stats.record_ttft(now - cur.started);
+            METRICS
+                .ttft
+                .with_label_values(&[cur.backend.name()])
+                .observe((now - cur.started).as_secs_f64());
+        }
+        cur.last_byte = Some(now);
+        if let (Some(reader), Some(chunk)) = (cur.usage_reader.as_mut(), body.as_ref()) {
+            reader.feed(chunk);
         }
         Ok(None)
     }
@@ -431,6 +454,9 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if e.is_none() {
+            read_usage(ctx);
+        }
         let served_by = ctx.backend_name().unwrap_or("none").to_string();
         count_request(ctx, &served_by);
         if ctx.current.is_some() {
@@ -453,18 +479,40 @@ impl ProxyHttp for Switchyard {
             .collect();
         info!(
             target: "switchyard::access",
-            "{} {} {} status={} model={} policy={} attempts=[{}] ms={:.1}{}",
+            "{} {} {} status={} tenant={} model={} policy={} attempts=[{}] tokens_in={} tokens_out={} ms={:.1}{}",
             ctx.request_id,
             head.method,
             head.uri.path(),
             ctx.status,
+            meta.map_or("-", |m| m.tenant.as_str()),
             meta.and_then(|m| m.model.as_deref()).unwrap_or("-"),
             ctx.plan.as_ref().map_or("-", |p| p.policy.as_str()),
             attempts.join(","),
+            ctx.usage.map_or(0, |u| u.prompt_tokens),
+            ctx.usage.map_or(0, |u| u.completion_tokens),
             ctx.started.elapsed().as_secs_f64() * 1e3,
             e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default(),
         );
     }
+}
+
+/// Take the usage of a completed response; its decode rate feeds the backend's `tps`.
+fn read_usage(ctx: &mut RequestCtx) {
+    let Some(cur) = ctx.current.as_mut() else {
+        return;
+    };
+    let Some(usage) = cur.usage_reader.take().and_then(UsageReader::finish) else {
+        return;
+    };
+    if let (Some(first), Some(last)) = (cur.first_byte, cur.last_byte) {
+        let decoding = last - first;
+        if usage.completion_tokens > 1 && decoding > Duration::from_millis(1) {
+            cur.backend
+                .stats
+                .record_tps(usage.completion_tokens as f64 / decoding.as_secs_f64());
+        }
+    }
+    ctx.usage = Some(usage);
 }
 
 /// Count the request in `switchyard_requests_total` and the duration histogram.
@@ -487,6 +535,24 @@ fn count_request(ctx: &RequestCtx, served_by: &str) {
         .request_duration
         .with_label_values(&[served_by])
         .observe(ctx.started.elapsed().as_secs_f64());
+    if let (Some(usage), Some(cur), Some(meta)) = (&ctx.usage, &ctx.current, &ctx.meta) {
+        let cost = &cur.backend.config.cost;
+        METRICS
+            .tokens
+            .with_label_values(&[served_by, model, "in"])
+            .inc_by(usage.prompt_tokens);
+        METRICS
+            .tokens
+            .with_label_values(&[served_by, model, "out"])
+            .inc_by(usage.completion_tokens);
+        let usd = (usage.prompt_tokens as f64 * cost.input
+            + usage.completion_tokens as f64 * cost.output)
+            / 1e6;
+        METRICS
+            .cost_usd
+            .with_label_values(&[meta.tenant.as_str(), served_by])
+            .inc_by(usd);
+    }
 }
 
 /// What `request_filter` decided.
