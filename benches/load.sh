@@ -270,7 +270,10 @@ start_switchyard() { # start_switchyard NAME RUST_LOG: prints "PORT PID"
     local name=$1 level=$2 port cfg p
     free_port
     port=$PORT
-    cfg="$TMP/$name.yaml"
+    # The config gets a directory of its own: Switchyard watches the config's directory for
+    # reloads, and its own log written next to it would wake the watcher on every request.
+    mkdir -p "$TMP/conf-$name"
+    cfg="$TMP/conf-$name/switchyard.yaml"
     {
         printf 'listen:\n  - addr: "127.0.0.1:%s"\n' "$port"
         printf 'policies_dir: "%s/policies"\n' "$ROOT"

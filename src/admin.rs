@@ -34,6 +34,15 @@ impl ServeHttp for Admin {
             }
             (Method::GET, "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
             (Method::GET, "/admin/policies") => json_reply(StatusCode::OK, self.policies()),
+            (Method::GET, "/admin/backends") => json_reply(StatusCode::OK, self.backends()),
+            (Method::POST, p) if p.starts_with("/admin/backends/") => {
+                let rest = &p["/admin/backends/".len()..];
+                match rest.rsplit_once('/') {
+                    Some((name, "drain")) => self.drain(name, true),
+                    Some((name, "undrain")) => self.drain(name, false),
+                    _ => error(StatusCode::NOT_FOUND, "unknown admin endpoint"),
+                }
+            }
             (Method::POST, "/admin/reload") => {
                 let reloader = self.reloader.clone();
                 match tokio::task::spawn_blocking(move || reloader.reload_all()).await {
@@ -67,6 +76,56 @@ impl Admin {
                 .with_label_values(&[b.name()])
                 .set(b.stats.inflight() as i64);
         }
+    }
+
+    /// Each backend's config (without secrets) and live state.
+    fn backends(&self) -> serde_json::Value {
+        let runtime = self.shared.load();
+        let now = tokio::time::Instant::now();
+        let list: Vec<serde_json::Value> = runtime
+            .backends
+            .backends
+            .iter()
+            .map(|b| {
+                let s = &b.stats;
+                let mut models: Vec<&String> = b.models.keys().collect();
+                models.sort();
+                json!({
+                    "name": b.name(),
+                    "url": b.config.url,
+                    "provider": b.config.provider,
+                    "region": b.config.region,
+                    "weight": b.config.weight,
+                    "max_inflight": b.config.max_inflight,
+                    "models": models,
+                    "tags": b.config.tags,
+                    "cost": { "input": b.config.cost.input, "output": b.config.cost.output },
+                    "healthy": s.health.is_healthy(),
+                    "draining": s.breaker.is_draining(),
+                    "eligible": b.eligibility(now).is_ok(),
+                    "why_not": b.eligibility(now).err().map(|w| w.as_str()),
+                    "inflight": s.inflight(),
+                    "latency_ms": s.latency_ms(),
+                    "ttft_ms": s.ttft_ms(),
+                    "tps": s.tps(),
+                    "error_rate": s.error_rate(),
+                })
+            })
+            .collect();
+        json!({ "backends": list })
+    }
+
+    fn drain(&self, name: &str, draining: bool) -> Response<Vec<u8>> {
+        let runtime = self.shared.load();
+        let Some(b) = runtime.backends.get(name) else {
+            return error(StatusCode::NOT_FOUND, "no backend of that name");
+        };
+        b.stats.breaker.set_draining(draining);
+        log::info!(target: "switchyard::admin", "backend {name} {}", if draining { "draining" } else { "back in rotation" });
+        json_reply(
+            StatusCode::OK,
+            json!({ "name": name, "draining": draining, "inflight": b.stats.inflight() }),
+        )
     }
 
     fn policies(&self) -> serde_json::Value {

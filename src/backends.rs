@@ -11,6 +11,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{BackendConfig, Config};
+use crate::health::Health;
+use crate::outlier::{Admission, Breaker, Why};
 
 /// Where a backend lives, parsed from its `url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,10 +137,60 @@ impl Backend {
         self.models.contains_key(model)
     }
 
+    /// Count a request in flight until the guard drops.
+    pub fn start_request(&self) -> InflightGuard {
+        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard {
+            stats: self.stats.clone(),
+            bounded: self.config.max_inflight > 0,
+        }
+    }
+
     /// Whether a new request may be sent now (capacity from `max_inflight`).
     pub fn has_capacity(&self) -> bool {
         let max = self.config.max_inflight;
         max == 0 || self.stats.inflight() < max
+    }
+
+    /// Whether the backend may be a candidate now, and if not, why.
+    pub fn eligibility(&self, now: tokio::time::Instant) -> Result<(), Ineligible> {
+        if !self.stats.health.is_healthy() {
+            return Err(Ineligible::Unhealthy);
+        }
+        match self.stats.breaker.admission(now) {
+            Admission::Open | Admission::Probe => {}
+            Admission::Closed(Why::Ejected) => return Err(Ineligible::Ejected),
+            Admission::Closed(Why::CoolingDown) => return Err(Ineligible::CoolingDown),
+            Admission::Closed(Why::Draining) => return Err(Ineligible::Draining),
+        }
+        if self.has_capacity() {
+            Ok(())
+        } else {
+            Err(Ineligible::Full)
+        }
+    }
+}
+
+/// Why a backend is not a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ineligible {
+    Unhealthy,
+    Ejected,
+    CoolingDown,
+    Draining,
+    /// At `max_inflight`.
+    Full,
+}
+
+impl Ineligible {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Ineligible::Unhealthy => "unhealthy",
+            Ineligible::Ejected => "ejected",
+            Ineligible::CoolingDown => "cooling down",
+            Ineligible::Draining => "draining",
+            Ineligible::Full => "at max_inflight",
+        }
     }
 }
 
@@ -208,6 +260,16 @@ impl BackendSet {
     pub fn knows_model(&self, model: &str) -> bool {
         self.by_model.contains_key(model)
     }
+
+    /// Whether one more ejection keeps the ejected share within `max_percent`.
+    pub fn may_eject(&self, max_percent: u32) -> bool {
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|b| b.stats.breaker.is_ejected())
+            .count();
+        (ejected + 1) * 100 <= self.backends.len() * max_percent as usize
+    }
 }
 
 /// Smoothing factor of the EWMAs: each new sample weighs 20%.
@@ -215,9 +277,13 @@ const EWMA_ALPHA: f64 = 0.2;
 /// Seconds in the error-rate window.
 const WINDOW_SECS: usize = 60;
 
-/// Live statistics of one backend.
+/// Live statistics of one backend, and what its requests and health checks taught us.
 #[derive(Debug)]
 pub struct BackendStats {
+    /// Active health-check state.
+    pub health: Health,
+    /// Ejection, 429 cool-down and drain state.
+    pub breaker: Breaker,
     inflight: AtomicU32,
     latency_ms: AtomicF64,
     ttft_ms: AtomicF64,
@@ -228,6 +294,8 @@ pub struct BackendStats {
 impl Default for BackendStats {
     fn default() -> Self {
         BackendStats {
+            health: Health::default(),
+            breaker: Breaker::default(),
             inflight: AtomicU32::new(0),
             latency_ms: AtomicF64::default(),
             ttft_ms: AtomicF64::default(),
@@ -249,8 +317,8 @@ struct WindowSlot {
 pub enum Outcome {
     Success,
     Failure,
-    /// The backend asked us to slow down (429): neither a success nor a failure.
-    Throttled,
+    /// Neither: the backend asked us to slow down (429), or the client went away.
+    Neutral,
 }
 
 impl BackendStats {
@@ -270,7 +338,10 @@ impl BackendStats {
     /// Count a request as in flight until the guard is dropped.
     pub fn start(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(self.clone())
+        InflightGuard {
+            stats: self.clone(),
+            bounded: false,
+        }
     }
 
     pub fn record_latency(&self, total: Duration) {
@@ -302,7 +373,7 @@ impl BackendStats {
         match outcome {
             Outcome::Success => slot.ok.fetch_add(1, Ordering::Relaxed),
             Outcome::Failure => slot.failed.fetch_add(1, Ordering::Relaxed),
-            Outcome::Throttled => 0,
+            Outcome::Neutral => 0,
         };
     }
 
@@ -331,15 +402,25 @@ fn now_secs() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_secs() + 1
 }
 
-/// Decrements a backend's in-flight count when dropped (also on error paths and panics).
+/// Decrements a backend's in-flight count when dropped (also on error paths and panics),
+/// waking requests queued for capacity when the backend has a `max_inflight`.
 #[derive(Debug)]
-pub struct InflightGuard(Arc<BackendStats>);
+pub struct InflightGuard {
+    stats: Arc<BackendStats>,
+    bounded: bool,
+}
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.bounded {
+            CAPACITY_FREED.notify_waiters();
+        }
     }
 }
+
+/// Notified whenever a request to a backend with `max_inflight` ends.
+pub static CAPACITY_FREED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// An f64 in an `AtomicU64`; 0.0 until the first sample.
 #[derive(Debug, Default)]

@@ -35,6 +35,12 @@ pub struct Config {
     /// Lua sandbox limits.
     #[serde(default)]
     pub lua: LuaConfig,
+    /// Passive outlier detection and 429 cool-downs.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// Active health checks. Default: none (backends are healthy until requests say otherwise).
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
     /// Client authentication. Default: required when `tenants` are configured, else off.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -106,6 +112,17 @@ pub struct Route {
     /// Upstream attempts for one request, first try included. Default 3.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Retry on another backend after a response-header timeout (the first backend may
+    /// still be generating, and billing). Default false: the client gets 504.
+    #[serde(default)]
+    pub retry_on_timeout: bool,
+    /// Requests allowed to wait for capacity when every candidate is at `max_inflight`.
+    /// Default 64.
+    #[serde(default = "default_queue_max")]
+    pub queue_max: usize,
+    /// How long a request waits for capacity before 503. Default 5 000 ms.
+    #[serde(default = "default_queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
     /// Values the policy reads as `req.params` (thresholds, percentages, names), so one
     /// policy file serves many routes without edits. Default: empty.
     #[serde(default)]
@@ -208,6 +225,10 @@ pub struct ProxyConfig {
     pub grace_period_seconds: u64,
     /// Idle upstream connections kept per process. Default 1024.
     pub upstream_keepalive_pool_size: usize,
+    /// Retries allowed as a percentage of requests (10 s window). Default 20.
+    pub retry_budget_percent: u32,
+    /// Retries per second always allowed, whatever the traffic. Default 5.
+    pub retry_budget_min_per_sec: u32,
 }
 
 impl Default for ProxyConfig {
@@ -221,6 +242,8 @@ impl Default for ProxyConfig {
             body_timeout_ms: 30_000,
             grace_period_seconds: 30,
             upstream_keepalive_pool_size: 1024,
+            retry_budget_percent: 20,
+            retry_budget_min_per_sec: 5,
         }
     }
 }
@@ -243,6 +266,63 @@ impl Default for LuaConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Failures in a row (connect errors, 5xx, timeouts) that eject a backend. Default 5.
+    pub consecutive_failures: u32,
+    /// First ejection; each further one doubles it. Default 10 000 ms.
+    pub base_ejection_ms: u64,
+    /// Longest ejection. Default 300 000 ms.
+    pub max_ejection_ms: u64,
+    /// Most backends (percent of the set) ejected at once. Default 50.
+    pub max_ejected_percent: u32,
+    /// Cool-down after a 429 without `Retry-After`. Default 1 000 ms.
+    pub default_cooldown_ms: u64,
+    /// Longest cool-down whatever `Retry-After` says. Default 60 000 ms.
+    pub max_cooldown_ms: u64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection_ms: 10_000,
+            max_ejection_ms: 300_000,
+            max_ejected_percent: 50,
+            default_cooldown_ms: 1_000,
+            max_cooldown_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Path probed with GET on every backend. Default `/health`.
+    pub path: String,
+    /// Time between probes. Default 5 000 ms.
+    pub interval_ms: u64,
+    /// Probe timeout (connect and answer). Default 1 000 ms.
+    pub timeout_ms: u64,
+    /// Successes in a row that bring an unhealthy backend back. Default 2.
+    pub rise: u32,
+    /// Failures in a row that mark a healthy backend down. Default 3.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: "/health".into(),
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
 fn default_listen() -> Vec<Listener> {
     vec![Listener {
         addr: "0.0.0.0:8080".into(),
@@ -256,6 +336,12 @@ fn default_provider() -> String {
 }
 fn default_weight() -> f64 {
     1.0
+}
+fn default_queue_max() -> usize {
+    64
+}
+fn default_queue_timeout_ms() -> u64 {
+    5_000
 }
 fn default_max_attempts() -> u32 {
     3
@@ -455,6 +541,24 @@ impl Config {
         ] {
             if v == 0 {
                 out.push(format!("proxy.{name}: must be > 0"));
+            }
+        }
+        let o = &self.outlier;
+        if o.consecutive_failures == 0 {
+            out.push("outlier.consecutive_failures: must be >= 1".into());
+        }
+        if o.base_ejection_ms == 0 || o.max_ejection_ms < o.base_ejection_ms {
+            out.push("outlier.base_ejection_ms: must be > 0 and <= max_ejection_ms".into());
+        }
+        if o.max_ejected_percent > 100 {
+            out.push("outlier.max_ejected_percent: must be <= 100".into());
+        }
+        if let Some(h) = &self.health {
+            if !h.path.starts_with('/') {
+                out.push("health.path: must start with `/`".into());
+            }
+            if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
+                out.push("health: interval_ms, timeout_ms, rise and fall must be > 0".into());
             }
         }
         if self.lua.instruction_budget < 1000 {

@@ -95,7 +95,8 @@ impl ClientError {
             Forbidden(_) => 403,
             Unauthorized => 401,
             NoBackendAvailable(_) => 503,
-            UpstreamUnavailable | UpstreamAuthFailed => 502,
+            UpstreamAuthFailed => 502,
+            UpstreamUnavailable => 503,
             UpstreamTimeout => 504,
         }
     }

@@ -8,7 +8,9 @@ use bytes::{Bytes, BytesMut};
 use log::warn;
 use pingora::http::RequestHeader;
 
-use crate::backends::Backend;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::backends::{Backend, Ineligible, CAPACITY_FREED};
 use crate::errors::ClientError;
 use crate::metrics::METRICS;
 use crate::policy::{self, Decision, Policy};
@@ -23,8 +25,25 @@ pub struct Plan {
     pub backends: Vec<Arc<Backend>>,
     /// Attempts allowed (the route's `max_attempts`).
     pub max_attempts: usize,
+    /// The route's `retry_on_timeout`.
+    pub retry_on_timeout: bool,
     /// `name@version` of the policy that decided.
     pub policy: String,
+}
+
+/// Why no plan could be made.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Answer the client with this error.
+    Client(ClientError),
+    /// Every candidate is at `max_inflight`: the request may wait in this route's queue.
+    AtCapacity(usize),
+}
+
+impl From<ClientError> for Refusal {
+    fn from(e: ClientError) -> Self {
+        Refusal::Client(e)
+    }
 }
 
 /// Route the request and run its policy, within what the tenant may use.
@@ -33,7 +52,7 @@ pub fn decide(
     tenant: &Tenant,
     meta: &Arc<RequestMeta>,
     request_id: &str,
-) -> Result<Plan, ClientError> {
+) -> Result<Plan, Refusal> {
     let model = meta.model.as_deref();
     let route = runtime
         .routes
@@ -41,12 +60,12 @@ pub fn decide(
         .ok_or_else(|| ClientError::NotFound(meta.path.chars().take(200).collect()))?;
     if let Some(m) = model {
         if !runtime.backends.knows_model(m) {
-            return Err(ClientError::ModelNotFound(m.chars().take(200).collect()));
+            return Err(ClientError::ModelNotFound(m.chars().take(200).collect()).into());
         }
         if !tenant.may_use_model(m) {
-            return Err(ClientError::Forbidden(format!(
-                "this API key may not use model `{m}`"
-            )));
+            return Err(
+                ClientError::Forbidden(format!("this API key may not use model `{m}`")).into(),
+            );
         }
     }
     let allowed: Vec<Arc<Backend>> = runtime
@@ -59,19 +78,21 @@ pub fn decide(
         return Err(ClientError::Forbidden(format!(
             "no backend in the regions allowed for this API key serves model `{}`",
             model.unwrap_or("-")
-        )));
+        ))
+        .into());
     }
-    let candidates: Vec<Arc<Backend>> = allowed.into_iter().filter(|b| b.has_capacity()).collect();
-    if candidates.is_empty() {
-        return Err(ClientError::NoBackendAvailable(
-            model.unwrap_or("-").to_string(),
-        ));
-    }
+    let candidates = match eligible(&allowed, request_id) {
+        Ok(c) => c,
+        Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity(route.index)),
+        Err(_) => {
+            return Err(ClientError::NoBackendAvailable(model.unwrap_or("-").to_string()).into())
+        }
+    };
 
     let (decision, policy) = run_policy(runtime, route, meta, &candidates, request_id)?;
     let names = match decision {
         Decision::Reject { status, message } => {
-            return Err(ClientError::PolicyRejected { status, message })
+            return Err(ClientError::PolicyRejected { status, message }.into())
         }
         Decision::Candidates(names) => names,
     };
@@ -79,8 +100,89 @@ pub fn decide(
     Ok(Plan {
         backends,
         max_attempts: route.max_attempts,
+        retry_on_timeout: route.retry_on_timeout,
         policy: format!("{}@{}", policy.name, policy.version),
     })
+}
+
+/// The backends that may take a request now. When every one is out only because it is
+/// unhealthy or ejected, "panic mode" returns them all (minus drained and full ones):
+/// routing to possibly-bad backends beats failing every request outright.
+fn eligible(allowed: &[Arc<Backend>], request_id: &str) -> Result<Vec<Arc<Backend>>, Unavailable> {
+    let now = tokio::time::Instant::now();
+    let mut candidates = Vec::with_capacity(allowed.len());
+    let mut only_health = true;
+    let mut full = false;
+    for b in allowed {
+        match b.eligibility(now) {
+            Ok(()) => candidates.push(b.clone()),
+            Err(Ineligible::Unhealthy | Ineligible::Ejected) => {}
+            Err(Ineligible::Full) => {
+                only_health = false;
+                full = true;
+            }
+            Err(_) => only_health = false,
+        }
+    }
+    if candidates.is_empty() && only_health {
+        warn!(target: "switchyard::health", "{request_id} panic mode: every backend for this request is unhealthy or ejected; trying them all");
+        candidates = allowed
+            .iter()
+            .filter(|b| !b.stats.breaker.is_draining() && b.has_capacity())
+            .cloned()
+            .collect();
+    }
+    if candidates.is_empty() {
+        Err(Unavailable { full })
+    } else {
+        Ok(candidates)
+    }
+}
+
+/// No backend can take the request now; `full` when some are only at capacity.
+struct Unavailable {
+    full: bool,
+}
+
+/// Wait in the route's bounded queue until a backend has capacity (then plan again), or
+/// until the queue timeout (503 with `Retry-After`).
+pub async fn wait_for_capacity(
+    runtime: &Runtime,
+    route_index: usize,
+    tenant: &Tenant,
+    meta: &Arc<RequestMeta>,
+    request_id: &str,
+) -> Result<Plan, ClientError> {
+    let unavailable =
+        || ClientError::NoBackendAvailable(meta.model.clone().unwrap_or_else(|| "-".into()));
+    let Some(route) = runtime.routes.get(route_index) else {
+        return Err(unavailable());
+    };
+    if route.queued.fetch_add(1, Ordering::AcqRel) >= route.queue_max {
+        route.queued.fetch_sub(1, Ordering::AcqRel);
+        return Err(unavailable());
+    }
+    // Leaves the queue however this future ends, also when the client goes away.
+    struct Queued<'a>(&'a AtomicUsize);
+    impl Drop for Queued<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _queued = Queued(&route.queued);
+    let deadline = tokio::time::Instant::now() + route.queue_timeout;
+    loop {
+        // Registered before planning again, so a wake-up in between is not lost.
+        let freed = CAPACITY_FREED.notified();
+        match decide(runtime, tenant, meta, request_id) {
+            Ok(plan) => return Ok(plan),
+            Err(Refusal::Client(e)) => return Err(e),
+            Err(Refusal::AtCapacity(_)) => {}
+        }
+        if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            return Err(unavailable());
+        }
+    }
 }
 
 /// Run the route's policy; when it fails, its fallback (if any). A failure is logged with

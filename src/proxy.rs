@@ -2,16 +2,21 @@
 //! hands its work to the module that owns it; read top to bottom, it is the story of one
 //! request:
 //!
-//! 1. `request_filter` — read and bound the body, extract [`RequestMeta`], pick the route,
-//!    run its policy, apply the guardrails: an ordered plan of backends.
-//! 2. `upstream_peer` — the next backend of the plan; counts it in flight.
+//! 1. `request_filter` — API key → tenant, read and bound the body, extract
+//!    [`RequestMeta`], pick the route, run its policy, apply the guardrails: an ordered
+//!    plan of backends (waiting in the route's queue while all are at capacity).
+//! 2. `upstream_peer` — the next backend of the plan that will take it (an ejected backend
+//!    admits one probe at a time); counts it in flight.
 //! 3. `upstream_request_filter` / `request_body_filter` — swap client credentials for the
 //!    backend's, and send the whole body (again, on a retry).
 //! 4. `upstream_response_filter` — a 5xx/429/401 before any byte went to the client moves
-//!    the request to the next backend of the plan.
-//! 5. body filters — the response streams through chunk by chunk; TTFT is taken at the
-//!    first chunk.
-//! 6. `logging` — statistics and the access log.
+//!    the request to the next backend, within the attempt cap and the retry budget; a 429
+//!    cools the backend down.
+//! 5. body filters — the response streams through chunk by chunk; TTFT at the first
+//!    chunk, usage read on the way.
+//! 6. failures — connect errors and timeouts count against the backend and may retry;
+//!    once a byte went downstream nothing is retried.
+//! 7. `logging` — the attempt's outcome, statistics, metrics and the access log.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,114 +29,48 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::backends::{Backend, InflightGuard, Outcome};
+use crate::backends::{Backend, Outcome};
 use crate::body;
+use crate::context::RequestCtx;
 use crate::errors::ClientError;
 use crate::metrics::METRICS;
-use crate::plan::{self, Plan};
+use crate::outlier::parse_retry_after;
+use crate::plan::{self, Refusal};
+use crate::reply::{reject, request_id, respond, REQUEST_ID, SERVED_BY};
 use crate::request::{RequestMeta, CREDENTIAL_HEADERS};
+use crate::retry::RetryBudget;
 use crate::runtime::{Runtime, Shared};
-use crate::usage::{Usage, UsageReader};
-
-/// Header carrying the request id, to the client and upstream.
-pub const REQUEST_ID: &str = "x-request-id";
-/// Header naming the backend that produced a response.
-pub const SERVED_BY: &str = "x-switchyard-backend";
+use crate::usage::UsageReader;
 
 /// The Switchyard proxy service.
 pub struct Switchyard {
     shared: Arc<Shared>,
+    retry_budget: RetryBudget,
 }
 
 impl Switchyard {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Switchyard { shared }
-    }
-}
-
-/// Per-request state, from `request_filter` to `logging`.
-pub struct RequestCtx {
-    request_id: String,
-    started: Instant,
-    runtime: Option<Arc<Runtime>>,
-    meta: Option<Arc<RequestMeta>>,
-    /// The client's body, whole; replayed on every attempt.
-    body: Option<Bytes>,
-    plan: Option<Plan>,
-    /// One entry per upstream attempt, in order.
-    attempts: Vec<Attempt>,
-    current: Option<Current>,
-    /// An error answered by Switchyard itself, decided before `fail_to_proxy` runs.
-    failure: Option<ClientError>,
-    /// The pooled connection of the current attempt turned out stale; try the same
-    /// backend once more on a fresh one.
-    retry_same_backend: bool,
-    status: u16,
-    /// Tokens of the answer, when the response reported (or streamed) them.
-    usage: Option<Usage>,
-}
-
-/// The attempt in progress.
-struct Current {
-    backend: Arc<Backend>,
-    started: Instant,
-    first_byte: Option<Instant>,
-    last_byte: Option<Instant>,
-    /// The body as this backend gets it (the model renamed if the backend maps it).
-    body: Option<Bytes>,
-    /// Reads `usage` from the response as it streams by.
-    usage_reader: Option<UsageReader>,
-    _inflight: InflightGuard,
-}
-
-/// What happened to one upstream attempt.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    pub backend: String,
-    pub outcome: String,
-}
-
-impl RequestCtx {
-    fn new() -> Self {
-        RequestCtx {
-            request_id: String::new(),
-            started: Instant::now(),
-            runtime: None,
-            meta: None,
-            body: None,
-            plan: None,
-            attempts: Vec::new(),
-            current: None,
-            failure: None,
-            retry_same_backend: false,
-            status: 0,
-            usage: None,
+        Switchyard {
+            shared,
+            retry_budget: RetryBudget::default(),
         }
     }
 
-    /// Whether another backend of the plan may still be tried.
-    fn can_try_next(&self) -> bool {
-        self.plan.as_ref().is_some_and(|p| {
-            self.attempts.len() < p.max_attempts && self.attempts.len() < p.backends.len()
-        })
-    }
-
-    /// Close the current attempt with an outcome; it counts for the backend's statistics.
-    fn finish_attempt(&mut self, outcome: Outcome, what: impl Into<String>) {
-        if let Some(cur) = self.current.take() {
-            cur.backend.stats.record_outcome(outcome);
-            if outcome == Outcome::Success {
-                cur.backend.stats.record_latency(cur.started.elapsed());
-            }
-            self.attempts.push(Attempt {
-                backend: cur.backend.name().to_string(),
-                outcome: what.into(),
-            });
+    /// Whether to try the plan's next backend: one must be left, and the retry budget
+    /// must allow it (taking one retry from it if so).
+    fn retry_allowed(&self, ctx: &RequestCtx) -> bool {
+        let Some(rt) = &ctx.runtime else { return false };
+        let p = &rt.config.proxy;
+        if !ctx.has_next_attempt() {
+            return false;
         }
-    }
-
-    fn backend_name(&self) -> Option<&str> {
-        self.current.as_ref().map(|c| c.backend.name())
+        let allowed = self
+            .retry_budget
+            .try_retry(p.retry_budget_percent, p.retry_budget_min_per_sec);
+        if !allowed {
+            warn!(target: "switchyard::retry", "{} retry budget exhausted; not retrying", ctx.request_id);
+        }
+        allowed
     }
 }
 
@@ -150,7 +89,10 @@ impl ProxyHttp for Switchyard {
         let runtime = self.shared.load();
         ctx.runtime = Some(runtime.clone());
         match admit(session, ctx, &runtime).await {
-            Ok(Admitted::Proxy) => Ok(false),
+            Ok(Admitted::Proxy) => {
+                self.retry_budget.record_request();
+                Ok(false)
+            }
             Ok(Admitted::Answer(body)) => {
                 respond(session, ctx, 200, body, None).await;
                 Ok(true)
@@ -162,46 +104,43 @@ impl ProxyHttp for Switchyard {
         }
     }
 
-    /// The next backend of the plan, counted in flight until its attempt ends.
+    /// The next backend of the plan, counted in flight until its attempt ends. A backend
+    /// whose one half-open probe is already out is skipped.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let backend = if std::mem::take(&mut ctx.retry_same_backend) {
-            ctx.current.as_ref().map(|c| c.backend.clone())
-        } else {
-            ctx.plan
-                .as_ref()
-                .and_then(|p| p.backends.get(ctx.attempts.len()).cloned())
-        };
-        let Some(backend) = backend else {
-            // Unreachable while errors are marked retryable only with a backend left.
-            ctx.failure = Some(ClientError::UpstreamUnavailable);
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "no backend left to try",
-            ));
-        };
         let runtime = ctx
             .runtime
-            .as_ref()
+            .clone()
             .expect("request_filter sets the runtime");
-        let body = match (&ctx.body, &ctx.meta) {
-            (Some(body), Some(meta)) => Some(plan::body_for(body, meta, &backend)),
-            (body, _) => body.clone(),
-        };
-        let peer = peer_for(&backend, &runtime.config.proxy);
-        ctx.current = Some(Current {
-            _inflight: backend.stats.start(),
-            backend,
-            started: Instant::now(),
-            first_byte: None,
-            last_byte: None,
-            body,
-            usage_reader: None,
-        });
-        Ok(Box::new(peer))
+        if let Some(backend) = ctx.retry_same_backend.take() {
+            ctx.begin_attempt(backend, false);
+        } else {
+            let now = tokio::time::Instant::now();
+            loop {
+                let Some(backend) = ctx.next_backend() else {
+                    ctx.failure = Some(ClientError::UpstreamUnavailable);
+                    return Err(Error::explain(
+                        ErrorType::InternalError,
+                        "no backend left to try",
+                    ));
+                };
+                if backend.stats.breaker.begin(now) {
+                    ctx.begin_attempt(backend, true);
+                    break;
+                }
+                ctx.skip(&backend, "its half-open probe is already in flight");
+            }
+        }
+        let cur = ctx.current.as_ref().expect("an attempt was just begun");
+        let stream = ctx.meta.as_ref().is_some_and(|m| m.stream);
+        Ok(Box::new(peer_for(
+            &cur.backend,
+            &runtime.config.proxy,
+            stream,
+        )))
     }
 
     /// Client credentials out, the backend's in; the body's length as this backend gets it.
@@ -257,7 +196,8 @@ impl ProxyHttp for Switchyard {
     }
 
     /// A backend's failure status before any byte went downstream moves the request to the
-    /// next backend; the last one's answer is relayed as it is (except 401/403).
+    /// next backend; the last one's answer is relayed as it is (except 401/403, which
+    /// become 502: the backend's body is never shown).
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
@@ -265,50 +205,62 @@ impl ProxyHttp for Switchyard {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream.status.as_u16();
+        let Some(cur) = ctx.current.as_mut() else {
+            return Ok(());
+        };
+        if status == 429 {
+            let retry_after = upstream
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let outlier = &ctx
+                .runtime
+                .as_ref()
+                .expect("set in request_filter")
+                .config
+                .outlier;
+            cur.backend
+                .stats
+                .breaker
+                .cool_down(tokio::time::Instant::now(), retry_after, outlier);
+        }
         let auth_failed = matches!(status, 401 | 403);
-        let failed = status >= 500 || status == 429 || auth_failed;
-        if !failed {
-            if let Some(cur) = ctx.current.as_mut() {
-                let content_type = upstream
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok());
-                cur.usage_reader = Some(UsageReader::new(content_type));
-            }
+        if !(status >= 500 || status == 429 || auth_failed) {
+            let content_type = upstream
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            cur.usage_reader = Some(UsageReader::new(content_type));
             return Ok(());
         }
-        let name = ctx.backend_name().unwrap_or_default().to_string();
+        let name = cur.backend.name().to_string();
         if auth_failed {
             warn!(
                 "{} backend {name} refused our credentials ({status})",
                 ctx.request_id
             );
         }
-        if auth_failed
-            || ctx.attempts.len() + 1
-                < ctx
-                    .plan
-                    .as_ref()
-                    .map_or(0, |p| p.max_attempts.min(p.backends.len()))
-        {
-            let outcome = if status == 429 {
-                Outcome::Throttled
-            } else {
-                Outcome::Failure
-            };
-            ctx.finish_attempt(outcome, format!("status {status}"));
-            let retry = ctx.can_try_next();
-            if !retry && auth_failed {
-                ctx.failure = Some(ClientError::UpstreamAuthFailed);
-            }
-            let mut e = Error::explain(
-                ErrorType::HTTPStatus(status),
-                format!("backend {name} answered {status}"),
-            );
-            e.set_retry(retry);
-            return Err(e);
+        let retry = self.retry_allowed(ctx);
+        if !(retry || auth_failed) {
+            // The last backend's answer goes to the client; `logging` records the outcome.
+            return Ok(());
         }
-        Ok(())
+        let outcome = if status == 429 {
+            Outcome::Neutral
+        } else {
+            Outcome::Failure
+        };
+        ctx.finish_attempt(outcome, format!("status {status}"));
+        if !retry {
+            ctx.failure = Some(ClientError::UpstreamAuthFailed);
+        }
+        let mut e = Error::explain(
+            ErrorType::HTTPStatus(status),
+            format!("backend {name} answered {status}"),
+        );
+        e.set_retry(retry);
+        Err(e)
     }
 
     /// Each chunk passes straight through; on the way, TTFT is taken at the first and
@@ -353,7 +305,8 @@ impl ProxyHttp for Switchyard {
         Ok(())
     }
 
-    /// Connection failures: count against the backend; retry on the next one.
+    /// Connection failures count against the backend (and may eject it); the request
+    /// moves on to the next backend.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -362,7 +315,7 @@ impl ProxyHttp for Switchyard {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.finish_attempt(Outcome::Failure, format!("connect: {}", e.etype().as_str()));
-        e.set_retry(ctx.can_try_next());
+        e.set_retry(self.retry_allowed(ctx));
         e
     }
 
@@ -377,7 +330,8 @@ impl ProxyHttp for Switchyard {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if session.response_written().is_some() {
+        if session.response_written().is_some() || *e.esource() == ErrorSource::Downstream {
+            // Bytes went to the client, or the client is the problem: never retried.
             e.set_retry(false);
             return e;
         }
@@ -385,25 +339,30 @@ impl ProxyHttp for Switchyard {
             // Our own verdict from upstream_response_filter; its retry flag stands.
             return e;
         }
+        let no_answer_yet = ctx.current.as_ref().is_some_and(|c| c.first_byte.is_none());
         let stale = client_reused
-            && *e.esource() == ErrorSource::Upstream
+            && no_answer_yet
             && matches!(
                 e.etype(),
                 ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
             )
-            && ctx.current.as_ref().is_some_and(|c| c.first_byte.is_none());
-        if stale && !ctx.attempts.iter().any(|a| a.outcome == "stale connection") {
+            && !ctx.stale_retried;
+        if stale {
             // A pooled connection the backend had already closed: not the backend's fault.
-            ctx.retry_same_backend = true;
-            ctx.attempts.push(Attempt {
-                backend: ctx.backend_name().unwrap_or_default().to_string(),
-                outcome: "stale connection".into(),
-            });
+            ctx.stale_retried = true;
+            ctx.retry_same_backend = ctx.current.as_ref().map(|c| c.backend.clone());
+            ctx.finish_attempt(Outcome::Neutral, "stale pooled connection");
             e.set_retry(true);
             return e;
         }
+        let timed_out = matches!(e.etype(), ErrorType::ReadTimedout);
         ctx.finish_attempt(Outcome::Failure, e.etype().as_str());
-        e.set_retry(ctx.can_try_next());
+        let may_retry = !timed_out || ctx.plan.as_ref().is_some_and(|p| p.retry_on_timeout);
+        let retry = may_retry && self.retry_allowed(ctx);
+        if timed_out && !retry {
+            ctx.failure = Some(ClientError::UpstreamTimeout);
+        }
+        e.set_retry(retry);
         e
     }
 
@@ -416,7 +375,15 @@ impl ProxyHttp for Switchyard {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        if session.response_written().is_some() {
+        let client_gone = *e.esource() == ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+            );
+        if session.response_written().is_some() || client_gone {
+            if client_gone {
+                ctx.status = 499;
+            }
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
@@ -429,19 +396,6 @@ impl ProxyHttp for Switchyard {
             _ if *e.esource() == ErrorSource::Downstream => ClientError::BadBody,
             _ => ClientError::UpstreamUnavailable,
         });
-        if *e.esource() == ErrorSource::Downstream
-            && matches!(
-                e.etype(),
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
-            )
-        {
-            // The client is gone; there is no one to answer.
-            ctx.status = 499;
-            return FailToProxy {
-                error_code: 0,
-                can_reuse_downstream: false,
-            };
-        }
         let status = error.status();
         // Pingora closes the client connection after a failed proxy attempt whatever we
         // return here; say so, or a keep-alive client races into a reset.
@@ -455,20 +409,21 @@ impl ProxyHttp for Switchyard {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if e.is_none() {
-            read_usage(ctx);
+            ctx.read_usage();
         }
         let served_by = ctx.backend_name().unwrap_or("none").to_string();
-        count_request(ctx, &served_by);
+        ctx.count(&served_by);
         if ctx.current.is_some() {
-            let ok = e.is_none() && ctx.status < 500;
-            ctx.finish_attempt(
-                if ok {
-                    Outcome::Success
-                } else {
-                    Outcome::Failure
-                },
-                format!("status {}", ctx.status),
-            );
+            let (outcome, what) = match e {
+                Some(e) if *e.esource() == ErrorSource::Downstream => {
+                    (Outcome::Neutral, "client closed".to_string())
+                }
+                Some(e) => (Outcome::Failure, format!("broken: {}", e.etype().as_str())),
+                None if ctx.status >= 500 => (Outcome::Failure, format!("status {}", ctx.status)),
+                None if ctx.status == 429 => (Outcome::Neutral, "status 429".to_string()),
+                None => (Outcome::Success, format!("status {}", ctx.status)),
+            };
+            ctx.finish_attempt(outcome, what);
         }
         let head = session.req_header();
         let meta = ctx.meta.as_deref();
@@ -493,65 +448,6 @@ impl ProxyHttp for Switchyard {
             ctx.started.elapsed().as_secs_f64() * 1e3,
             e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default(),
         );
-    }
-}
-
-/// Take the usage of a completed response; its decode rate feeds the backend's `tps`.
-fn read_usage(ctx: &mut RequestCtx) {
-    let Some(cur) = ctx.current.as_mut() else {
-        return;
-    };
-    let Some(usage) = cur.usage_reader.take().and_then(UsageReader::finish) else {
-        return;
-    };
-    if let (Some(first), Some(last)) = (cur.first_byte, cur.last_byte) {
-        let decoding = last - first;
-        if usage.completion_tokens > 1 && decoding > Duration::from_millis(1) {
-            cur.backend
-                .stats
-                .record_tps(usage.completion_tokens as f64 / decoding.as_secs_f64());
-        }
-    }
-    ctx.usage = Some(usage);
-}
-
-/// Count the request in `switchyard_requests_total` and the duration histogram.
-fn count_request(ctx: &RequestCtx, served_by: &str) {
-    let model = match (
-        ctx.meta.as_deref().and_then(|m| m.model.as_deref()),
-        &ctx.runtime,
-    ) {
-        (None, _) => "none",
-        (Some(m), Some(rt)) if rt.backends.knows_model(m) => m,
-        // Label values never come from raw client input.
-        (Some(_), _) => "other",
-    };
-    let mut status = itoa::Buffer::new();
-    METRICS
-        .requests
-        .with_label_values(&[served_by, model, status.format(ctx.status)])
-        .inc();
-    METRICS
-        .request_duration
-        .with_label_values(&[served_by])
-        .observe(ctx.started.elapsed().as_secs_f64());
-    if let (Some(usage), Some(cur), Some(meta)) = (&ctx.usage, &ctx.current, &ctx.meta) {
-        let cost = &cur.backend.config.cost;
-        METRICS
-            .tokens
-            .with_label_values(&[served_by, model, "in"])
-            .inc_by(usage.prompt_tokens);
-        METRICS
-            .tokens
-            .with_label_values(&[served_by, model, "out"])
-            .inc_by(usage.completion_tokens);
-        let usd = (usage.prompt_tokens as f64 * cost.input
-            + usage.completion_tokens as f64 * cost.output)
-            / 1e6;
-        METRICS
-            .cost_usd
-            .with_label_values(&[meta.tenant.as_str(), served_by])
-            .inc_by(usd);
     }
 }
 
@@ -601,21 +497,23 @@ async fn admit(
     let meta = Arc::new(meta);
     ctx.meta = Some(meta.clone());
     ctx.body = body;
-    ctx.plan = Some(plan::decide(runtime, tenant, &meta, &ctx.request_id)?);
+    ctx.plan = Some(
+        match plan::decide(runtime, tenant, &meta, &ctx.request_id) {
+            Ok(p) => p,
+            Err(Refusal::Client(e)) => return Err(e),
+            Err(Refusal::AtCapacity(route)) => {
+                plan::wait_for_capacity(runtime, route, tenant, &meta, &ctx.request_id).await?
+            }
+        },
+    );
     Ok(Admitted::Proxy)
 }
 
-/// The client's `x-request-id` when it is a sane token, else a fresh UUID.
-fn request_id(head: &RequestHeader) -> String {
-    head.headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-}
-
-fn peer_for(backend: &Backend, proxy: &crate::config::ProxyConfig) -> HttpPeer {
+/// How to reach a backend. Pingora's read timeout is the gap allowed between two reads,
+/// the first of which waits for the response head: a plain answer's head comes only when
+/// the whole answer is ready (`ttfb_timeout_ms`), a stream's comes at once and then its
+/// chunks (`idle_timeout_ms`).
+fn peer_for(backend: &Backend, proxy: &crate::config::ProxyConfig, stream: bool) -> HttpPeer {
     let mut peer = HttpPeer::new(
         backend.addr,
         backend.upstream.tls,
@@ -623,51 +521,13 @@ fn peer_for(backend: &Backend, proxy: &crate::config::ProxyConfig) -> HttpPeer {
     );
     let o = &mut peer.options;
     o.connection_timeout = Some(Duration::from_millis(proxy.connect_timeout_ms));
-    // Pingora's read timeout is the gap allowed between two reads: the first read waits for
-    // the response head, later ones for stream chunks.
-    o.read_timeout = Some(Duration::from_millis(
-        proxy.ttfb_timeout_ms.max(proxy.idle_timeout_ms),
-    ));
+    let read_ms = if stream {
+        proxy.idle_timeout_ms
+    } else {
+        proxy.ttfb_timeout_ms
+    };
+    o.read_timeout = Some(Duration::from_millis(read_ms));
     o.write_timeout = Some(Duration::from_millis(proxy.idle_timeout_ms));
     o.idle_timeout = Some(Duration::from_secs(60));
     peer
-}
-
-/// Answer the client with an error in the OpenAI envelope.
-async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientError) {
-    info!(target: "switchyard::reject", "{} {} -> {} {}", ctx.request_id, session.req_header().uri.path(), error.status(), error);
-    let status = error.status();
-    let retry_after = error.retry_after_secs();
-    respond(session, ctx, status, error.envelope(), retry_after).await;
-}
-
-/// Write a complete JSON response from Switchyard itself.
-async fn respond(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    status: u16,
-    body: Bytes,
-    retry_after: Option<u64>,
-) {
-    ctx.status = status;
-    let build = || -> Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(status, Some(4))?;
-        h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-        h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
-        if let Some(s) = retry_after {
-            h.insert_header(http::header::RETRY_AFTER, s)?;
-        }
-        Ok(h)
-    };
-    let result = match build() {
-        Ok(h) => match session.write_response_header(Box::new(h), false).await {
-            Ok(()) => session.write_response_body(Some(body), true).await,
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        info!("{} could not answer the client: {e}", ctx.request_id);
-    }
 }

@@ -2,7 +2,7 @@
 //! first route whose `match` fits wins.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use wildmatch::WildMatch;
@@ -37,6 +37,11 @@ pub struct Route {
     pub policy: String,
     pub fallback_policy: Option<String>,
     pub max_attempts: usize,
+    pub retry_on_timeout: bool,
+    pub queue_max: usize,
+    pub queue_timeout: std::time::Duration,
+    /// Requests waiting for capacity on this route now.
+    pub queued: AtomicUsize,
     pub params: Arc<Params>,
 }
 
@@ -73,10 +78,18 @@ impl Routes {
                     policy: r.policy.clone(),
                     fallback_policy: r.fallback_policy.clone(),
                     max_attempts: r.max_attempts as usize,
+                    retry_on_timeout: r.retry_on_timeout,
+                    queue_max: r.queue_max,
+                    queue_timeout: std::time::Duration::from_millis(r.queue_timeout_ms),
+                    queued: AtomicUsize::new(0),
                     params: Arc::new(Params::new(r.params.clone())),
                 })
                 .collect(),
         )
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Route> {
+        self.0.get(index)
     }
 
     /// The first route that fits.
@@ -99,6 +112,9 @@ mod tests {
             policy: policy.into(),
             fallback_policy: None,
             max_attempts: 3,
+            retry_on_timeout: false,
+            queue_max: 64,
+            queue_timeout_ms: 5_000,
             params: Default::default(),
         }
     }

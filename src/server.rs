@@ -13,6 +13,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::health::HealthService;
 use crate::proxy::Switchyard;
 use crate::reload::{ReloadService, Reloader};
 use crate::runtime::{Runtime, Shared};
@@ -56,6 +57,12 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
     server.add_service(proxy);
 
     let reloader = Arc::new(Reloader::new(shared.clone(), config_path));
+    server.add_service(background_service(
+        "health",
+        HealthService {
+            shared: shared.clone(),
+        },
+    ));
     server.add_service(background_service(
         "reload",
         ReloadService {

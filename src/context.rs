@@ -1,0 +1,243 @@
+//! Per-request state, from `request_filter` to `logging`, and the bookkeeping of upstream
+//! attempts: each attempt's outcome feeds the backend's statistics and breaker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::backends::{Backend, InflightGuard, Outcome};
+use crate::errors::ClientError;
+use crate::metrics::METRICS;
+use crate::plan::Plan;
+use crate::request::RequestMeta;
+use crate::runtime::Runtime;
+use crate::usage::{Usage, UsageReader};
+
+/// Everything one request carries through the proxy phases.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub runtime: Option<Arc<Runtime>>,
+    pub meta: Option<Arc<RequestMeta>>,
+    /// The client's body, whole; replayed on every attempt.
+    pub body: Option<Bytes>,
+    pub plan: Option<Plan>,
+    /// One entry per finished upstream attempt, in order.
+    pub attempts: Vec<Attempt>,
+    pub current: Option<Current>,
+    /// An error answered by Switchyard itself, decided before `fail_to_proxy` runs.
+    pub failure: Option<ClientError>,
+    /// Position of the next backend to try in the plan.
+    next_candidate: usize,
+    /// Attempts made (a retry on a stale pooled connection does not count).
+    tries: usize,
+    /// The pooled connection of an attempt was stale: try the same backend once more on a
+    /// fresh connection (at most once per request).
+    pub retry_same_backend: Option<Arc<Backend>>,
+    pub stale_retried: bool,
+    /// Status sent to the client (499 when it went away first).
+    pub status: u16,
+    /// Tokens of the answer, when the response reported (or streamed) them.
+    pub usage: Option<Usage>,
+}
+
+/// The attempt in progress.
+pub struct Current {
+    pub backend: Arc<Backend>,
+    pub started: Instant,
+    pub first_byte: Option<Instant>,
+    pub last_byte: Option<Instant>,
+    /// The body as this backend gets it (the model renamed if the backend maps it).
+    pub body: Option<Bytes>,
+    /// Reads `usage` from the response as it streams by.
+    pub usage_reader: Option<UsageReader>,
+    _inflight: InflightGuard,
+}
+
+/// What happened to one upstream attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub backend: String,
+    pub outcome: String,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            request_id: String::new(),
+            started: Instant::now(),
+            runtime: None,
+            meta: None,
+            body: None,
+            plan: None,
+            attempts: Vec::new(),
+            current: None,
+            failure: None,
+            next_candidate: 0,
+            tries: 0,
+            retry_same_backend: None,
+            stale_retried: false,
+            status: 0,
+            usage: None,
+        }
+    }
+
+    /// Whether the plan has another backend to try, within the route's attempt cap.
+    pub fn has_next_attempt(&self) -> bool {
+        self.plan
+            .as_ref()
+            .is_some_and(|p| self.next_candidate < p.backends.len() && self.tries < p.max_attempts)
+    }
+
+    /// The plan's next backend, if the attempt cap allows one.
+    pub fn next_backend(&mut self) -> Option<Arc<Backend>> {
+        if !self.has_next_attempt() {
+            return None;
+        }
+        let backend = self
+            .plan
+            .as_ref()?
+            .backends
+            .get(self.next_candidate)
+            .cloned();
+        self.next_candidate += 1;
+        backend
+    }
+
+    /// Start an attempt on `backend`: counted in flight until it ends. `counts` is false
+    /// for the repeat after a stale pooled connection.
+    pub fn begin_attempt(&mut self, backend: Arc<Backend>, counts: bool) {
+        if counts {
+            self.tries += 1;
+        }
+        let body = match (&self.body, &self.meta) {
+            (Some(body), Some(meta)) => Some(crate::plan::body_for(body, meta, &backend)),
+            (body, _) => body.clone(),
+        };
+        self.current = Some(Current {
+            _inflight: backend.start_request(),
+            backend,
+            started: Instant::now(),
+            first_byte: None,
+            last_byte: None,
+            body,
+            usage_reader: None,
+        });
+    }
+
+    /// Record a backend that was skipped without being tried.
+    pub fn skip(&mut self, backend: &Backend, why: &str) {
+        self.attempts.push(Attempt {
+            backend: backend.name().to_string(),
+            outcome: format!("skipped: {why}"),
+        });
+    }
+
+    /// Close the current attempt: its outcome feeds the backend's error rate, latency and
+    /// breaker (failures may eject it).
+    pub fn finish_attempt(&mut self, outcome: Outcome, what: impl Into<String>) {
+        let Some(cur) = self.current.take() else {
+            return;
+        };
+        let stats = &cur.backend.stats;
+        stats.record_outcome(outcome);
+        match outcome {
+            Outcome::Success => {
+                stats.record_latency(cur.started.elapsed());
+                stats.breaker.record_success();
+            }
+            Outcome::Failure => {
+                if let Some(rt) = &self.runtime {
+                    let outlier = &rt.config.outlier;
+                    let may_eject = rt.backends.may_eject(outlier.max_ejected_percent);
+                    if stats
+                        .breaker
+                        .record_failure(tokio::time::Instant::now(), outlier, may_eject)
+                    {
+                        log::warn!(
+                            target: "switchyard::outlier",
+                            "{} backend {} ejected after repeated failures",
+                            self.request_id,
+                            cur.backend.name()
+                        );
+                    }
+                }
+            }
+            Outcome::Neutral => {}
+        }
+        self.attempts.push(Attempt {
+            backend: cur.backend.name().to_string(),
+            outcome: what.into(),
+        });
+    }
+
+    pub fn backend_name(&self) -> Option<&str> {
+        self.current.as_ref().map(|c| c.backend.name())
+    }
+
+    /// Take the usage of a completed response; its decode rate feeds the backend's `tps`.
+    pub fn read_usage(&mut self) {
+        let Some(cur) = self.current.as_mut() else {
+            return;
+        };
+        let Some(usage) = cur.usage_reader.take().and_then(UsageReader::finish) else {
+            return;
+        };
+        if let (Some(first), Some(last)) = (cur.first_byte, cur.last_byte) {
+            let decoding = last - first;
+            if usage.completion_tokens > 1 && decoding > Duration::from_millis(1) {
+                cur.backend
+                    .stats
+                    .record_tps(usage.completion_tokens as f64 / decoding.as_secs_f64());
+            }
+        }
+        self.usage = Some(usage);
+    }
+
+    /// Count the request in the request, duration, token and cost metrics.
+    pub fn count(&self, served_by: &str) {
+        let model = match (
+            self.meta.as_deref().and_then(|m| m.model.as_deref()),
+            &self.runtime,
+        ) {
+            (None, _) => "none",
+            (Some(m), Some(rt)) if rt.backends.knows_model(m) => m,
+            // Label values never come from raw client input.
+            (Some(_), _) => "other",
+        };
+        let mut status = itoa::Buffer::new();
+        METRICS
+            .requests
+            .with_label_values(&[served_by, model, status.format(self.status)])
+            .inc();
+        METRICS
+            .request_duration
+            .with_label_values(&[served_by])
+            .observe(self.started.elapsed().as_secs_f64());
+        if let (Some(usage), Some(cur), Some(meta)) = (&self.usage, &self.current, &self.meta) {
+            let cost = &cur.backend.config.cost;
+            METRICS
+                .tokens
+                .with_label_values(&[served_by, model, "in"])
+                .inc_by(usage.prompt_tokens);
+            METRICS
+                .tokens
+                .with_label_values(&[served_by, model, "out"])
+                .inc_by(usage.completion_tokens);
+            let usd = (usage.prompt_tokens as f64 * cost.input
+                + usage.completion_tokens as f64 * cost.output)
+                / 1e6;
+            METRICS
+                .cost_usd
+                .with_label_values(&[meta.tenant.as_str(), served_by])
+                .inc_by(usd);
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx::new()
+    }
+}

@@ -1,0 +1,165 @@
+//! Active health checks: every backend probed with `GET health.path` on an interval, with
+//! rise/fall hysteresis so a flapping backend does not flap the routing. An unhealthy
+//! backend is not a candidate; it comes back after `rise` successes in a row. The probe
+//! itself is Pingora's `HttpHealthCheck`; the loop is a background service.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::backends::Backend;
+use crate::config::HealthConfig;
+use crate::runtime::Shared;
+
+/// A backend's health as the checks see it. Healthy until a check says otherwise.
+#[derive(Debug)]
+pub struct Health {
+    healthy: AtomicBool,
+    hysteresis: Mutex<Hysteresis>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            healthy: AtomicBool::new(true),
+            hysteresis: Mutex::new(Hysteresis::default()),
+        }
+    }
+}
+
+impl Health {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Feed one probe result; returns the new state when it changed.
+    pub fn observe(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        let mut h = self.hysteresis.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = h.observe(ok, rise, fall, self.is_healthy());
+        if let Some(state) = changed {
+            self.healthy.store(state, Ordering::Relaxed);
+        }
+        changed
+    }
+}
+
+/// Counts results that disagree with the current state; flips after `rise`/`fall` of them.
+#[derive(Debug, Default)]
+struct Hysteresis {
+    streak: u32,
+}
+
+impl Hysteresis {
+    fn observe(&mut self, ok: bool, rise: u32, fall: u32, healthy: bool) -> Option<bool> {
+        if ok == healthy {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if ok { rise } else { fall };
+        if self.streak >= needed {
+            self.streak = 0;
+            Some(ok)
+        } else {
+            None
+        }
+    }
+}
+
+/// The background service that probes every backend of the current config.
+pub struct HealthService {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let runtime = self.shared.load();
+            let interval = match &runtime.config.health {
+                Some(config) => {
+                    let checks = runtime
+                        .backends
+                        .backends
+                        .iter()
+                        .map(|b| probe(b.clone(), config.clone()));
+                    futures::future::join_all(checks).await;
+                    Duration::from_millis(config.interval_ms)
+                }
+                // Checks may be switched on by a config reload; look again now and then.
+                None => Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+async fn probe(backend: Arc<Backend>, config: HealthConfig) {
+    let u = &backend.upstream;
+    let mut check = HttpHealthCheck::new(&u.authority, u.tls);
+    if let Ok(mut req) = pingora::http::RequestHeader::build(
+        "GET",
+        format!("{}{}", u.path_prefix, config.path).as_bytes(),
+        None,
+    ) {
+        let _ = req.insert_header(http::header::HOST, u.authority.as_str());
+        check.req = req;
+    }
+    if u.tls {
+        check.peer_template = pingora::prelude::HttpPeer::new("0.0.0.0:1", true, u.host.clone());
+    }
+    let timeout = Duration::from_millis(config.timeout_ms);
+    check.peer_template.options.connection_timeout = Some(timeout);
+    check.peer_template.options.read_timeout = Some(timeout);
+    let ok = match pingora::lb::Backend::new(&backend.addr.to_string()) {
+        Ok(target) => matches!(
+            tokio::time::timeout(timeout * 2, check.check(&target)).await,
+            Ok(Ok(()))
+        ),
+        Err(_) => false,
+    };
+    match backend.stats.health.observe(ok, config.rise, config.fall) {
+        Some(true) => {
+            info!(target: "switchyard::health", "backend {} is healthy again", backend.name())
+        }
+        Some(false) => {
+            warn!(target: "switchyard::health", "backend {} is unhealthy ({} failed checks of {})", backend.name(), config.fall, config.path)
+        }
+        None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hysteresis_needs_fall_failures_and_rise_successes_in_a_row() {
+        let h = Health::default();
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), None, "a success breaks the streak");
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), None);
+        assert_eq!(h.observe(false, 2, 3), Some(false));
+        assert!(!h.is_healthy());
+        assert_eq!(h.observe(true, 2, 3), None);
+        assert_eq!(
+            h.observe(false, 2, 3),
+            None,
+            "flapping does not bring it back"
+        );
+        assert_eq!(h.observe(true, 2, 3), None);
+        assert_eq!(h.observe(true, 2, 3), Some(true));
+        assert!(h.is_healthy());
+    }
+}

@@ -1,0 +1,72 @@
+//! Answers Switchyard writes itself: the request id, and JSON bodies — errors in the OpenAI
+//! envelope, and `GET /v1/models`.
+
+use bytes::Bytes;
+use log::info;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::Session;
+use pingora::Result;
+
+use crate::context::RequestCtx;
+use crate::errors::ClientError;
+
+/// Header carrying the request id, to the client and upstream.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Header naming the backend that produced a response.
+pub const SERVED_BY: &str = "x-switchyard-backend";
+
+/// The client's `x-request-id` when it is a sane token, else a fresh UUID.
+pub fn request_id(head: &RequestHeader) -> String {
+    head.headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Answer the client with an error in the OpenAI envelope.
+pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientError) {
+    info!(
+        target: "switchyard::reject",
+        "{} {} -> {} {}",
+        ctx.request_id,
+        session.req_header().uri.path(),
+        error.status(),
+        error
+    );
+    let status = error.status();
+    let retry_after = error.retry_after_secs();
+    respond(session, ctx, status, error.envelope(), retry_after).await;
+}
+
+/// Write a complete JSON response from Switchyard itself.
+pub async fn respond(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    body: Bytes,
+    retry_after: Option<u64>,
+) {
+    ctx.status = status;
+    let build = || -> Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(status, Some(4))?;
+        h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(s) = retry_after {
+            h.insert_header(http::header::RETRY_AFTER, s)?;
+        }
+        Ok(h)
+    };
+    let result = match build() {
+        Ok(h) => match session.write_response_header(Box::new(h), false).await {
+            Ok(()) => session.write_response_body(Some(body), true).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        info!("{} could not answer the client: {e}", ctx.request_id);
+    }
+}
