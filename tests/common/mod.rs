@@ -52,6 +52,32 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal by name (TERM, QUIT, HUP).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Wait for the process to exit, up to `within`; its exit status, if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -95,7 +121,11 @@ pub async fn wait_ready(url: &str) {
 
 /// Start a mock backend: `switchyard mock --port P --name NAME EXTRA...`.
 pub async fn mock(name: &str, extra: &[&str]) -> Proc {
-    let port = free_port();
+    mock_on(free_port(), name, extra).await
+}
+
+/// Start a mock backend on a given port (to restart one that was killed).
+pub async fn mock_on(port: u16, name: &str, extra: &[&str]) -> Proc {
     let port_s = port.to_string();
     let mut args = vec!["mock", "--port", &port_s, "--name", name];
     args.extend_from_slice(extra);
@@ -119,8 +149,13 @@ pub async fn proxy_with_env(
     let port = free_port();
     let policies = write_policies(dir.path(), extra_policies);
     let full = format!(
-        "listen: [{{ addr: \"127.0.0.1:{port}\" }}]\npolicies_dir: {}\n{config}\nproxy:\n  threads: 2\n  grace_period_seconds: 0\n",
-        policies.display()
+        "listen: [{{ addr: \"127.0.0.1:{port}\" }}]\npolicies_dir: {}\n{config}\n{}",
+        policies.display(),
+        if config.contains("\nproxy:") || config.starts_with("proxy:") {
+            ""
+        } else {
+            "proxy:\n  threads: 2\n  grace_period_seconds: 0\n"
+        }
     );
     let path = dir.path().join("switchyard.yaml");
     std::fs::write(&path, full).unwrap();
@@ -132,6 +167,18 @@ pub async fn proxy_with_env(
     );
     wait_ready(&p.url("/v1/models")).await;
     p
+}
+
+/// What a mock says about itself (`GET /mock/stats`).
+pub async fn mock_stats(mock: &Proc) -> Value {
+    client()
+        .get(mock.url("/mock/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Copy the repository's policies and write extra ones; returns the directory.

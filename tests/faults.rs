@@ -1,0 +1,559 @@
+//! FAULTS.md, "From a backend" and "From the operator": one test per row, with the real
+//! binary and real mock processes, asserting what the client saw and what each backend saw.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+
+/// Tries `first`, then `second`, then `third`, among the candidates.
+const CHAIN: &str = r#"
+local P = {}
+local order = { first = 1, second = 2, third = 3 }
+function P.route(req, backends)
+  table.sort(backends, function(a, b) return order[a.name] < order[b.name] end)
+  local names = {}
+  for i, b in ipairs(backends) do names[i] = b.name end
+  return names
+end
+return P
+"#;
+
+fn chain_config(first: u16, second: Option<u16>, extra: &str) -> String {
+    let mut c = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: chain\n{extra}backends:\n{}",
+        backend("first", first, "[m]")
+    );
+    if let Some(s) = second {
+        c.push_str(&backend("second", s, "[m]"));
+    }
+    c
+}
+
+fn admin_config(admin: u16) -> String {
+    format!("admin: {{ addr: \"127.0.0.1:{admin}\" }}\n")
+}
+
+async fn admin_backend(admin: u16, name: &str) -> serde_json::Value {
+    let v: serde_json::Value = client()
+        .get(format!("http://127.0.0.1:{admin}/admin/backends"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+async fn post_chat(
+    p: &Proc,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client().post(p.url("/v1/chat/completions")).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+// ---- From a backend -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_refused_moves_on_and_counts_as_a_failure() {
+    let dead = free_port();
+    let live = mock("live", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "{}{}outlier: {{ consecutive_failures: 3 }}\n",
+        admin_config(admin),
+        chain_config(dead, Some(live.port), "")
+    );
+    let p = proxy(&config, &[("chain", CHAIN)]).await;
+    for _ in 0..5 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-switchyard-backend"], "second");
+    }
+    let first = admin_backend(admin, "first").await;
+    assert_eq!(first["why_not"], "ejected", "{first}");
+    assert!(first["error_rate"].as_f64().unwrap() > 0.5);
+    assert!(p
+        .output()
+        .contains("backend first ejected after repeated failures"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_headers_within_the_ttfb_timeout_is_504_or_the_next_candidate_if_the_route_allows() {
+    let hung = mock("hung", &["--latency-ms", "5000"]).await;
+    let live = mock("live", &[]).await;
+    let proxy_conf = "proxy: { threads: 2, grace_period_seconds: 0, ttfb_timeout_ms: 300 }\n";
+    let p = proxy(
+        &format!(
+            "{proxy_conf}{}",
+            chain_config(hung.port, Some(live.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let started = Instant::now();
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_code(&r.text().await.unwrap()), "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(received(&live).await.is_empty(), "not retried by default");
+
+    let p = proxy(
+        &format!(
+            "{proxy_conf}{}",
+            chain_config(hung.port, Some(live.port), "    retry_on_timeout: true\n")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-backend"], "second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_cools_the_backend_down_and_moves_on_or_is_relayed_when_none_is_left() {
+    let limited = mock(
+        "limited",
+        &["--rate-limit-rate", "1", "--retry-after-s", "30"],
+    )
+    .await;
+    let live = mock("live", &[]).await;
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "{}{}",
+            admin_config(admin),
+            chain_config(limited.port, Some(live.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-backend"], "second");
+    let first = admin_backend(admin, "first").await;
+    assert_eq!(first["why_not"], "cooling down");
+    assert_eq!(
+        first["error_rate"].as_f64().unwrap(),
+        0.0,
+        "a 429 is not a failure"
+    );
+    // While it cools down it is not tried at all.
+    for _ in 0..5 {
+        assert_eq!(
+            post_chat(&p, &chat_body("m", "hi", false), &[])
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(received(&limited).await.len(), 1);
+
+    // The only backend rate-limits: its 429 and Retry-After reach the client.
+    let only = mock("only", &["--rate-limit-rate", "1", "--retry-after-s", "7"]).await;
+    let p = proxy(&chain_config(only.port, None, ""), &[("chain", CHAIN)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_moves_on_within_the_attempt_cap() {
+    let a = mock("a", &["--fail-rate", "1"]).await;
+    let b = mock("b", &["--fail-rate", "1"]).await;
+    let c = mock("c", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: chain\n    max_attempts: 2\nbackends:\n{}{}{}",
+        backend("first", a.port, "[m]"),
+        backend("second", b.port, "[m]"),
+        backend("third", c.port, "[m]")
+    );
+    let p = proxy(&config, &[("chain", CHAIN)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(
+        r.status(),
+        503,
+        "the second (last allowed) attempt's answer is relayed"
+    );
+    assert_eq!(r.headers()["x-switchyard-backend"], "second");
+    assert_eq!(received(&a).await.len(), 1);
+    assert_eq!(received(&b).await.len(), 1);
+    assert!(
+        received(&c).await.is_empty(),
+        "the attempt cap stops before the third"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_from_the_backend_is_relayed_unchanged_and_is_no_failure() {
+    let a = mock("a", &[]).await;
+    let b = mock("b", &[]).await;
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "{}{}",
+            admin_config(admin),
+            chain_config(a.port, Some(b.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", false),
+        &[("x-mock-status", "400")],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.headers()["x-mock-backend"],
+        "a",
+        "the backend's own answer"
+    );
+    assert!(received(&b).await.is_empty(), "not retried");
+    assert_eq!(
+        admin_backend(admin, "first").await["error_rate"]
+            .as_f64()
+            .unwrap(),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_from_the_backend_becomes_502_and_its_body_is_never_shown() {
+    let a = mock("a", &[]).await;
+    let p = proxy(&chain_config(a.port, None, ""), &[("chain", CHAIN)]).await;
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", false),
+        &[("x-mock-status", "401")],
+    )
+    .await;
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert_eq!(error_code(&body), "upstream_auth_failed");
+    assert!(!body.contains("mock"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_stream_is_not_retried_and_ends_the_stream_without_done() {
+    let a = mock("a", &["--chunks", "6"]).await;
+    let b = mock("b", &[]).await;
+    let p = proxy(&chain_config(a.port, Some(b.port), ""), &[("chain", CHAIN)]).await;
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", true),
+        &[("x-mock-fault", "reset-mid-stream")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    let mut broken = false;
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Err(_) => {
+                broken = true;
+                break;
+            }
+        }
+    }
+    assert!(broken, "the client sees the stream end abnormally: {text}");
+    assert!(text.contains("data: "), "part of the stream arrived");
+    assert!(!text.contains("[DONE]"), "never a made-up end");
+    assert!(
+        received(&b).await.is_empty(),
+        "never retried once bytes went out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_hits_the_idle_timeout_and_ends_without_done() {
+    let a = mock("a", &["--chunks", "6"]).await;
+    let p = proxy(
+        &format!(
+            "proxy: {{ threads: 2, grace_period_seconds: 0, idle_timeout_ms: 400 }}\n{}",
+            chain_config(a.port, None, "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let started = Instant::now();
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", true),
+        &[("x-mock-fault", "stall-mid-stream")],
+    )
+    .await;
+    let mut text = String::new();
+    let mut broken = false;
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Err(_) => {
+                broken = true;
+                break;
+            }
+        }
+    }
+    assert!(broken && !text.contains("[DONE]"), "{text}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_sse_is_forwarded_as_it_is() {
+    // A raw backend that streams events no parser would accept.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let raw = "data: {not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\nevent: weird\ndata: \u{1}\u{2}\n\ndata: [DONE]\n\n";
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        let _ = s.read(&mut buf).await.unwrap();
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        s.write_all(head.as_bytes()).await.unwrap();
+        for part in raw.split_inclusive("\n\n") {
+            s.write_all(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+    let p = proxy(&chain_config(port, None, ""), &[("chain", CHAIN)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), raw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_down_is_a_fast_503_with_retry_after() {
+    let (d1, d2) = (free_port(), free_port());
+    let p = proxy(&chain_config(d1, Some(d2), ""), &[("chain", CHAIN)]).await;
+    for _ in 0..8 {
+        let started = Instant::now();
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_request() {
+    let a = mock("a", &["--chunks", "50", "--chunk-delay-ms", "100"]).await;
+    let p = proxy(&chain_config(a.port, None, ""), &[("chain", CHAIN)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    assert_eq!(mock_stats(&a).await["inflight"], 1);
+    drop(stream);
+    let dropped = Instant::now();
+    loop {
+        if mock_stats(&a).await["inflight"] == 0 {
+            break;
+        }
+        assert!(
+            dropped.elapsed() < Duration::from_millis(300),
+            "upstream still open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        dropped.elapsed() < Duration::from_millis(200),
+        "closed in {:?}",
+        dropped.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
+    let port = free_port();
+    let mut flappy = mock_on(port, "flappy", &[]).await;
+    let steady = mock("steady", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "{}health: {{ interval_ms: 100, timeout_ms: 200, rise: 2, fall: 2 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}",
+        admin_config(admin),
+        backend("flappy", port, "[m]"),
+        backend("steady", steady.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    flappy.kill();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while admin_backend(admin, "flappy").await["healthy"] != false {
+        assert!(Instant::now() < deadline, "never marked unhealthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.headers()["x-switchyard-backend"], "steady");
+    }
+    let _back = mock_on(port, "flappy", &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while admin_backend(admin, "flappy").await["healthy"] != true {
+        assert!(Instant::now() < deadline, "never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut served = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        served.insert(
+            r.headers()["x-switchyard-backend"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert!(served.contains("flappy"), "traffic returns after recovery");
+}
+
+// ---- From the operator ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_valid_backend_set_and_refuses_an_invalid_one_whole() {
+    let a = mock("a", &[]).await;
+    let b = mock("b", &[]).await;
+    let admin = free_port();
+    let routes = "routes:\n  - match: { path_prefix: /v1/ }\n    policy: round_robin\n";
+    let p = proxy(
+        &format!(
+            "{}{routes}backends:\n{}",
+            admin_config(admin),
+            backend("a", a.port, "[m]")
+        ),
+        &[],
+    )
+    .await;
+    let path = p.dir().join("switchyard.yaml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let reload = || async {
+        client()
+            .post(format!("http://127.0.0.1:{admin}/admin/reload"))
+            .send()
+            .await
+            .unwrap()
+    };
+
+    // Invalid: a duplicate name and a weight of 0. Refused whole; `a` keeps serving.
+    let bad = original.replace(
+        "backends:\n",
+        &format!(
+            "backends:\n{}    weight: 0\n{}",
+            backend("b", b.port, "[m]"),
+            backend("b", b.port, "[m]")
+        ),
+    );
+    std::fs::write(&path, &bad).unwrap();
+    let r = reload().await;
+    assert_eq!(r.status(), 422);
+    let report: serde_json::Value = r.json().await.unwrap();
+    let problems = report["config_errors"].to_string();
+    assert!(
+        problems.contains("weight: must be > 0") && problems.contains("duplicate backend name"),
+        "{problems}"
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            post_chat(&p, &chat_body("m", "hi", false), &[])
+                .await
+                .headers()["x-switchyard-backend"],
+            "a"
+        );
+    }
+
+    // Valid: only `b` now.
+    let good = original.replace(&backend("a", a.port, "[m]"), &backend("b", b.port, "[m]"));
+    std::fs::write(&path, good).unwrap();
+    assert_eq!(reload().await.status(), 200);
+    for _ in 0..4 {
+        assert_eq!(
+            post_chat(&p, &chat_body("m", "hi", false), &[])
+                .await
+                .headers()["x-switchyard-backend"],
+            "b"
+        );
+    }
+}
+
+#[test]
+fn a_missing_key_variable_is_a_start_up_error_naming_it_and_no_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = write_policies(dir.path(), &[]);
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "policies_dir: {}\nroutes: [{{ policy: round_robin }}]\nbackends: [{{ name: a, url: \"http://127.0.0.1:1\", models: [m], api_key_env: SWITCHYARD_TEST_UNSET_KEY }}]\n",
+            policies.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("SWITCHYARD_TEST_UNSET_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("environment variable `SWITCHYARD_TEST_UNSET_KEY` is not set"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_streams_finish_and_stops_accepting() {
+    let a = mock("a", &["--chunks", "8", "--chunk-delay-ms", "150"]).await;
+    let config = format!(
+        "proxy: {{ threads: 2, grace_period_seconds: 3 }}\n{}",
+        chain_config(a.port, None, "")
+    );
+    let mut p = proxy(&config, &[("chain", CHAIN)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    let mut stream = r.bytes_stream();
+    let mut text = String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()).to_string();
+    p.signal("TERM");
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(
+            &chunk.expect("the stream finishes cleanly"),
+        ));
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    // New connections are refused once the listener is closed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .is_err(),
+        "still accepting after SIGTERM"
+    );
+    assert!(
+        p.wait_exit(Duration::from_secs(10)).is_some(),
+        "exits after the grace period"
+    );
+}
