@@ -137,13 +137,21 @@ impl Backend {
         self.models.contains_key(model)
     }
 
-    /// Count a request in flight until the guard drops.
-    pub fn start_request(&self) -> InflightGuard {
-        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard {
+    /// Take one of the backend's `max_inflight` slots, atomically (so concurrent requests
+    /// cannot all see the last free slot); the request counts in flight until the guard
+    /// drops. `None` when the backend is full.
+    pub fn try_start_request(&self) -> Option<InflightGuard> {
+        let max = self.config.max_inflight;
+        self.stats
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InflightGuard {
             stats: self.stats.clone(),
-            bounded: self.config.max_inflight > 0,
-        }
+            bounded: max > 0,
+        })
     }
 
     /// Whether a new request may be sent now (capacity from `max_inflight`).

@@ -105,9 +105,22 @@ impl RequestCtx {
         backend
     }
 
-    /// Start an attempt on `backend`: counted in flight until it ends. `counts` is false
-    /// for the repeat after a stale pooled connection.
-    pub fn begin_attempt(&mut self, backend: Arc<Backend>, counts: bool) {
+    /// Start an attempt on `backend`, counted in flight until it ends. `counts` is false
+    /// for the repeat after a stale pooled connection. Fails (with the reason) when the
+    /// backend is full, or its one half-open probe is already out.
+    pub fn begin_attempt(
+        &mut self,
+        backend: Arc<Backend>,
+        counts: bool,
+    ) -> Result<(), &'static str> {
+        let reserved = self.plan.as_mut().and_then(|p| p.reserved.take());
+        let inflight = match reserved {
+            Some(guard) if self.tries == 0 => guard,
+            _ => backend.try_start_request().ok_or("at max_inflight")?,
+        };
+        if counts && !backend.stats.breaker.begin(tokio::time::Instant::now()) {
+            return Err("its half-open probe is already in flight");
+        }
         if counts {
             self.tries += 1;
         }
@@ -116,7 +129,7 @@ impl RequestCtx {
             (body, _) => body.clone(),
         };
         self.current = Some(Current {
-            _inflight: backend.start_request(),
+            _inflight: inflight,
             backend,
             started: Instant::now(),
             first_byte: None,
@@ -124,6 +137,7 @@ impl RequestCtx {
             body,
             usage_reader: None,
         });
+        Ok(())
     }
 
     /// Record a backend that was skipped without being tried.

@@ -10,7 +10,7 @@ use pingora::http::RequestHeader;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::backends::{Backend, Ineligible, CAPACITY_FREED};
+use crate::backends::{Backend, Ineligible, InflightGuard, CAPACITY_FREED};
 use crate::errors::ClientError;
 use crate::metrics::METRICS;
 use crate::policy::{self, Decision, Policy};
@@ -29,6 +29,8 @@ pub struct Plan {
     pub retry_on_timeout: bool,
     /// `name@version` of the policy that decided.
     pub policy: String,
+    /// A slot already taken on the first backend (see `Backend::try_start_request`).
+    pub reserved: Option<InflightGuard>,
 }
 
 /// Why no plan could be made.
@@ -96,11 +98,24 @@ pub fn decide(
         }
         Decision::Candidates(names) => names,
     };
-    let backends = guard(&names, &candidates, model)?;
+    let mut backends = guard(&names, &candidates, model)?;
+    // Take a slot now: the first backend of the policy's order that has one leads.
+    let Some((first, reserved)) = backends
+        .iter()
+        .enumerate()
+        .find_map(|(i, b)| b.try_start_request().map(|g| (i, g)))
+    else {
+        return Err(Refusal::AtCapacity(route.index));
+    };
+    if first > 0 {
+        let b = backends.remove(first);
+        backends.insert(0, b);
+    }
     Ok(Plan {
         backends,
         max_attempts: route.max_attempts,
         retry_on_timeout: route.retry_on_timeout,
+        reserved: Some(reserved),
         policy: format!("{}@{}", policy.name, policy.version),
     })
 }

@@ -116,22 +116,19 @@ impl ProxyHttp for Switchyard {
             .clone()
             .expect("request_filter sets the runtime");
         if let Some(backend) = ctx.retry_same_backend.take() {
-            ctx.begin_attempt(backend, false);
-        } else {
-            let now = tokio::time::Instant::now();
-            loop {
-                let Some(backend) = ctx.next_backend() else {
-                    ctx.failure = Some(ClientError::UpstreamUnavailable);
-                    return Err(Error::explain(
-                        ErrorType::InternalError,
-                        "no backend left to try",
-                    ));
-                };
-                if backend.stats.breaker.begin(now) {
-                    ctx.begin_attempt(backend, true);
-                    break;
-                }
-                ctx.skip(&backend, "its half-open probe is already in flight");
+            // Best effort: if it is full now, the plan's next backend takes over.
+            let _ = ctx.begin_attempt(backend, false);
+        }
+        while ctx.current.is_none() {
+            let Some(backend) = ctx.next_backend() else {
+                ctx.failure = Some(ClientError::UpstreamUnavailable);
+                return Err(Error::explain(
+                    ErrorType::InternalError,
+                    "no backend left to try",
+                ));
+            };
+            if let Err(why) = ctx.begin_attempt(backend.clone(), true) {
+                ctx.skip(&backend, why);
             }
         }
         let cur = ctx.current.as_ref().expect("an attempt was just begun");
@@ -293,10 +290,15 @@ impl ProxyHttp for Switchyard {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if session.is_process_shutting_down() || crate::server::closing() {
+            // Shutting down (SIGTERM, or a graceful upgrade): tell the client not to reuse
+            // this connection, so its next request goes to the listener's new owner.
+            session.set_keepalive(None);
+        }
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(name) = ctx.backend_name() {
             response.insert_header(SERVED_BY, name)?;

@@ -49,6 +49,9 @@ pub async fn respond(
     retry_after: Option<u64>,
 ) {
     ctx.status = status;
+    if session.is_process_shutting_down() || crate::server::closing() {
+        session.set_keepalive(None);
+    }
     let build = || -> Result<ResponseHeader> {
         let mut h = ResponseHeader::build(status, Some(4))?;
         h.insert_header(http::header::CONTENT_TYPE, "application/json")?;

@@ -3,10 +3,11 @@
 //! config's `proxy:` section.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{ExecutionPhase, Server};
 
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
@@ -84,7 +85,42 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
             .collect::<Vec<_>>()
             .join(", ")
     );
+    watch_for_shutdown(&server);
     server.run_forever()
+}
+
+/// Set once the process is handing over (graceful upgrade) or terminating.
+static CLOSING: AtomicBool = AtomicBool::new(false);
+
+/// Whether responses should now close their connections: the process is about to stop,
+/// and a kept-alive connection would be dropped under a client's next request.
+pub fn closing() -> bool {
+    CLOSING.load(Ordering::Relaxed)
+}
+
+/// Pingora serves for a while after SIGQUIT (listeners already handed to the new process)
+/// and SIGTERM before it drops idle connections; from the first moment, answer with
+/// `Connection: close` so clients reconnect instead of racing that drop.
+fn watch_for_shutdown(server: &Server) {
+    let mut phases = server.watch_execution_phase();
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-watch".into())
+        .spawn(move || {
+            while let Ok(phase) = phases.blocking_recv() {
+                if matches!(
+                    phase,
+                    ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::GracefulTerminate
+                        | ExecutionPhase::ShutdownStarted
+                ) {
+                    CLOSING.store(true, Ordering::Relaxed);
+                    log::info!("shutting down: answering with Connection: close");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot watch for shutdown ({e}); connections stay keep-alive until the end");
+    }
 }
 
 fn server_conf(config: &Config) -> ServerConf {

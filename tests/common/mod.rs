@@ -145,8 +145,19 @@ pub async fn proxy_with_env(
     extra_policies: &[(&str, &str)],
     env: &[(&str, &str)],
 ) -> Proc {
+    proxy_on(free_port(), config, extra_policies, env, &[]).await
+}
+
+/// Start the proxy on a given port, with extra command-line arguments (with `--upgrade`
+/// it is not waited for: it takes its sockets over from the running instance).
+pub async fn proxy_on(
+    port: u16,
+    config: &str,
+    extra_policies: &[(&str, &str)],
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Proc {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let policies = write_policies(dir.path(), extra_policies);
     let full = format!(
         "listen: [{{ addr: \"127.0.0.1:{port}\" }}]\npolicies_dir: {}\n{config}\n{}",
@@ -159,13 +170,12 @@ pub async fn proxy_with_env(
     );
     let path = dir.path().join("switchyard.yaml");
     std::fs::write(&path, full).unwrap();
-    let p = spawn(
-        &["run", "--config", path.to_str().unwrap()],
-        port,
-        Some(dir),
-        env,
-    );
-    wait_ready(&p.url("/v1/models")).await;
+    let mut argv = vec!["run", "--config", path.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let p = spawn(&argv, port, Some(dir), env);
+    if !args.contains(&"--upgrade") {
+        wait_ready(&p.url("/v1/models")).await;
+    }
     p
 }
 

@@ -1,0 +1,277 @@
+//! Whole-fleet behaviour under trouble: a chaos run, a graceful binary upgrade under load,
+//! draining, and waiting for capacity.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Bounded load: `workers` clients sending non-streamed requests until stopped (or 60 s).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    errors: Arc<Mutex<Vec<String>>>,
+    served: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, ok, errors, served) =
+                    (stop.clone(), ok.clone(), errors.clone(), served.clone());
+                tokio::spawn(async move {
+                    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match c.post(&url).json(&chat_body("m", "hi", false)).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                served.lock().unwrap().push(
+                                    r.headers()["x-switchyard-backend"]
+                                        .to_str()
+                                        .unwrap()
+                                        .to_string(),
+                                );
+                            }
+                            Ok(r) => errors
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status())),
+                            Err(e) => errors.lock().unwrap().push(format!("{e:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            errors,
+            served,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (usize, Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let served = self.served.lock().unwrap().clone();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.errors.lock().unwrap().clone(),
+            served,
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_loses_no_request_that_could_be_served() {
+    let restart_port = free_port();
+    let mut flaky = mock_on(restart_port, "flaky", &[]).await;
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let limited = mock(
+        "limited",
+        &["--rate-limit-rate", "0.5", "--retry-after-s", "1"],
+    )
+    .await;
+    let healthy = mock("healthy", &[]).await;
+    // Generous retry budget and attempts: with three of four backends in trouble, saving
+    // every request takes retries (FAULTS: the budget is for a failing fleet, not this).
+    let config = format!(
+        "health: {{ interval_ms: 100, timeout_ms: 200, rise: 1, fall: 1 }}\noutlier: {{ consecutive_failures: 2, base_ejection_ms: 500, max_ejected_percent: 75 }}\nproxy: {{ threads: 2, grace_period_seconds: 0, retry_budget_percent: 400 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    max_attempts: 4\nbackends:\n{}{}{}{}",
+        backend("flaky", restart_port, "[m]"),
+        backend("failing", failing.port, "[m]"),
+        backend("limited", limited.port, "[m]"),
+        backend("healthy", healthy.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    let load = Load::start(p.port, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    flaky.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let restarted = mock_on(restart_port, "flaky", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, errors, served) = load.finish().await;
+    assert!(ok > 200, "the load ran: {ok}");
+    assert!(
+        errors.is_empty(),
+        "{} client-visible errors of {}: {:?}",
+        errors.len(),
+        ok + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(
+        !served.iter().any(|b| b == "failing"),
+        "the 503 backend never served"
+    );
+    assert!(
+        !received(&restarted).await.is_empty(),
+        "the restarted backend gets traffic again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_under_load_refuses_no_connection() {
+    let a = mock("a", &[]).await;
+    let port = free_port();
+    let config = format!(
+        "proxy: {{ threads: 2, grace_period_seconds: 2 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}",
+        backend("a", a.port, "[m]")
+    );
+    let mut old = proxy_on(port, &config, &[], &[], &[]).await;
+    let load = Load::start(port, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new process waits on the upgrade socket for the old one's listeners.
+    let _new = proxy_on(port, &config, &[], &[], &["--upgrade"]).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    old.signal("QUIT");
+    assert!(
+        old.wait_exit(Duration::from_secs(15)).is_some(),
+        "the old process hands over and exits"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, errors, _) = load.finish().await;
+    assert!(ok > 100, "{ok}");
+    assert!(
+        errors.is_empty(),
+        "{} errors during the upgrade: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_stops_new_traffic_while_in_flight_requests_finish() {
+    let a = mock("a", &["--latency-ms", "600"]).await;
+    let b = mock("b", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}",
+        backend("a", a.port, "[m]"),
+        backend("b", b.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    // Put a slow request in flight on `a`.
+    let url = p.url("/v1/chat/completions");
+    let mut slow = None;
+    for _ in 0..2 {
+        let url = url.clone();
+        let t = tokio::spawn(async move {
+            client()
+                .post(url)
+                .json(&chat_body("m", "hi", false))
+                .send()
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if mock_stats(&a).await["inflight"] == 1 {
+            slow = Some(t);
+            break;
+        }
+        assert_eq!(t.await.unwrap().status(), 200);
+    }
+    let slow = slow.expect("one request went to a");
+    let r = client()
+        .post(format!("http://127.0.0.1:{admin}/admin/backends/a/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for _ in 0..10 {
+        let (status, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-switchyard-backend"], "b");
+    }
+    let r = slow.await.unwrap();
+    assert_eq!(r.status(), 200, "the in-flight request finished");
+    assert_eq!(r.headers()["x-switchyard-backend"], "a");
+    client()
+        .post(format!("http://127.0.0.1:{admin}/admin/backends/a/undrain"))
+        .send()
+        .await
+        .unwrap();
+    let mut served = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let (_, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
+        served.insert(
+            headers["x-switchyard-backend"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert!(served.contains("a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
+    let a = mock("a", &["--latency-ms", "300"]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: 2000\nbackends:\n{}    max_inflight: 1\n",
+        backend("a", a.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    // Three at once on a backend that takes one: they queue and all succeed, one by one.
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let url = p.url("/v1/chat/completions");
+            tokio::spawn(async move {
+                client()
+                    .post(url)
+                    .json(&chat_body("m", "hi", false))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(850),
+        "served one at a time"
+    );
+
+    // With a short queue timeout, the waiting request gives up with 503 and Retry-After.
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: 100\nbackends:\n{}    max_inflight: 1\n",
+        backend("a", a.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    let url = p.url("/v1/chat/completions");
+    let first = tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(first.await.unwrap(), 200);
+}
