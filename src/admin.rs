@@ -32,6 +32,20 @@ impl ServeHttp for Admin {
                     metrics::render(),
                 )
             }
+            (Method::GET, "/") => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                DASHBOARD.as_bytes().to_vec(),
+            ),
+            (Method::GET, "/admin/decisions") => {
+                let limit = query_param(session.req_header().uri.query(), "limit")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(50usize);
+                let recent = self.shared.audit.recent(limit.min(200));
+                let decisions: Vec<&crate::audit::AuditRecord> =
+                    recent.iter().map(|r| r.as_ref()).collect();
+                json_reply(StatusCode::OK, json!({ "decisions": decisions }))
+            }
             (Method::GET, "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
             (Method::GET, "/admin/policies") => json_reply(StatusCode::OK, self.policies()),
             (Method::GET, "/admin/backends") => json_reply(StatusCode::OK, self.backends()),
@@ -151,6 +165,16 @@ impl Admin {
             .collect();
         json!({ "policies": list })
     }
+}
+
+/// The live dashboard: one self-contained page (no CDN), refreshed from the JSON endpoints.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// A query-string value, by name.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {

@@ -44,9 +44,26 @@ pub struct Config {
     /// Client authentication. Default: required when `tenants` are configured, else off.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// The routing audit log. Default: none (recent decisions are still kept in memory).
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
     /// Who may call, with what key, and what they may use.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// File to append to, or `-` for stdout. Read at start only.
+    pub path: PathBuf,
+    /// Chain each line to the one before by hash (tamper-evident). Default true.
+    #[serde(default = "default_true")]
+    pub chain: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::audit::{AttemptRecord, AuditRecord, Skipped};
 use crate::backends::{Backend, InflightGuard, Outcome};
 use crate::errors::ClientError;
 use crate::metrics::METRICS;
@@ -40,6 +41,10 @@ pub struct RequestCtx {
     pub status: u16,
     /// Tokens of the answer, when the response reported (or streamed) them.
     pub usage: Option<Usage>,
+    /// Time to the first response byte of the attempt that answered.
+    pub ttft: Option<Duration>,
+    /// The backend whose response went to the client.
+    pub served_by: Option<String>,
 }
 
 /// The attempt in progress.
@@ -80,6 +85,8 @@ impl RequestCtx {
             stale_retried: false,
             status: 0,
             usage: None,
+            ttft: None,
+            served_by: None,
         }
     }
 
@@ -229,8 +236,7 @@ impl RequestCtx {
             .request_duration
             .with_label_values(&[served_by])
             .observe(self.started.elapsed().as_secs_f64());
-        if let (Some(usage), Some(cur), Some(meta)) = (&self.usage, &self.current, &self.meta) {
-            let cost = &cur.backend.config.cost;
+        if let (Some(usage), Some(meta)) = (&self.usage, &self.meta) {
             METRICS
                 .tokens
                 .with_label_values(&[served_by, model, "in"])
@@ -239,13 +245,71 @@ impl RequestCtx {
                 .tokens
                 .with_label_values(&[served_by, model, "out"])
                 .inc_by(usage.completion_tokens);
-            let usd = (usage.prompt_tokens as f64 * cost.input
-                + usage.completion_tokens as f64 * cost.output)
-                / 1e6;
             METRICS
                 .cost_usd
                 .with_label_values(&[meta.tenant.as_str(), served_by])
-                .inc_by(usd);
+                .inc_by(self.cost_usd());
+        }
+    }
+
+    /// What the answer cost at the serving backend's prices (0 without usage).
+    pub fn cost_usd(&self) -> f64 {
+        match (&self.usage, &self.current) {
+            (Some(u), Some(cur)) => {
+                let price = &cur.backend.config.cost;
+                (u.prompt_tokens as f64 * price.input + u.completion_tokens as f64 * price.output)
+                    / 1e6
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// The audit record of this request (call before the last attempt is finished).
+    pub fn audit_record(&self, method: &str, path: &str) -> AuditRecord {
+        let meta = self.meta.as_deref();
+        let plan = self.plan.as_ref();
+        let skipped = plan
+            .map(|p| {
+                p.skipped
+                    .iter()
+                    .map(|(b, why)| Skipped {
+                        backend: b.clone(),
+                        reason: why.to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let attempts = self
+            .attempts
+            .iter()
+            .map(|a| AttemptRecord {
+                backend: a.backend.clone(),
+                outcome: a.outcome.clone(),
+            })
+            .collect();
+        AuditRecord {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            request_id: self.request_id.clone(),
+            tenant: meta.map_or_else(|| "-".to_string(), |m| m.tenant.clone()),
+            method: method.to_string(),
+            path: path.chars().take(256).collect(),
+            model: meta
+                .and_then(|m| m.model.as_ref())
+                .map(|m| m.chars().take(256).collect()),
+            policy: plan.map(|p| p.policy.clone()),
+            candidates: plan.map(|p| p.candidates.clone()).unwrap_or_default(),
+            plan: plan
+                .map(|p| p.backends.iter().map(|b| b.name().to_string()).collect())
+                .unwrap_or_default(),
+            skipped,
+            attempts,
+            backend: self.served_by.clone(),
+            status: self.status,
+            tokens_in: self.usage.map_or(0, |u| u.prompt_tokens),
+            tokens_out: self.usage.map_or(0, |u| u.completion_tokens),
+            cost_usd: self.cost_usd(),
+            ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1e3),
+            duration_ms: self.started.elapsed().as_secs_f64() * 1e3,
         }
     }
 }

@@ -67,6 +67,11 @@ enum Command {
         /// Policy files (default: every `*.lua` in ./policies).
         files: Vec<PathBuf>,
     },
+    /// Work with audit logs.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Benchmark-only bare Pingora round-robin pass-through (no body read, no Lua).
     #[command(hide = true)]
     Bare {
@@ -77,6 +82,12 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check a chained audit file: every line intact and in order. Exit non-zero if not.
+    Verify { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -140,6 +151,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { files } => check(files),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match switchyard::audit::verify(&file) {
+            Ok(lines) => {
+                println!("ok: {} line(s), chain intact", lines);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("FAILED: {}: {e}", file.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Bare {
             listen,
             upstreams,

@@ -31,6 +31,10 @@ pub struct Plan {
     pub policy: String,
     /// A slot already taken on the first backend (see `Backend::try_start_request`).
     pub reserved: Option<InflightGuard>,
+    /// Backends offered to the policy.
+    pub candidates: Vec<String>,
+    /// Backends left out, and why.
+    pub skipped: Vec<(String, &'static str)>,
 }
 
 /// Why no plan could be made.
@@ -83,7 +87,8 @@ pub fn decide(
         ))
         .into());
     }
-    let candidates = match eligible(&allowed, request_id) {
+    let mut skipped = Vec::new();
+    let candidates = match eligible(&allowed, request_id, &mut skipped) {
         Ok(c) => c,
         Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity(route.index)),
         Err(_) => {
@@ -98,6 +103,11 @@ pub fn decide(
         }
         Decision::Candidates(names) => names,
     };
+    for name in &names {
+        if !candidates.iter().any(|b| b.name() == name) && !skipped.iter().any(|(n, _)| n == name) {
+            skipped.push((name.clone(), "guardrail: not allowed for this request"));
+        }
+    }
     let mut backends = guard(&names, &candidates, model)?;
     // Take a slot now: the first backend of the policy's order that has one leads.
     let Some((first, reserved)) = backends
@@ -116,6 +126,8 @@ pub fn decide(
         max_attempts: route.max_attempts,
         retry_on_timeout: route.retry_on_timeout,
         reserved: Some(reserved),
+        candidates: candidates.iter().map(|b| b.name().to_string()).collect(),
+        skipped,
         policy: format!("{}@{}", policy.name, policy.version),
     })
 }
@@ -123,13 +135,21 @@ pub fn decide(
 /// The backends that may take a request now. When every one is out only because it is
 /// unhealthy or ejected, "panic mode" returns them all (minus drained and full ones):
 /// routing to possibly-bad backends beats failing every request outright.
-fn eligible(allowed: &[Arc<Backend>], request_id: &str) -> Result<Vec<Arc<Backend>>, Unavailable> {
+fn eligible(
+    allowed: &[Arc<Backend>],
+    request_id: &str,
+    skipped: &mut Vec<(String, &'static str)>,
+) -> Result<Vec<Arc<Backend>>, Unavailable> {
     let now = tokio::time::Instant::now();
     let mut candidates = Vec::with_capacity(allowed.len());
     let mut only_health = true;
     let mut full = false;
     for b in allowed {
-        match b.eligibility(now) {
+        let eligibility = b.eligibility(now);
+        if let Err(why) = eligibility {
+            skipped.push((b.name().to_string(), why.as_str()));
+        }
+        match eligibility {
             Ok(()) => candidates.push(b.clone()),
             Err(Ineligible::Unhealthy | Ineligible::Ejected) => {}
             Err(Ineligible::Full) => {

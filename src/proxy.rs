@@ -276,6 +276,7 @@ impl ProxyHttp for Switchyard {
         if cur.first_byte.is_none() {
             cur.first_byte = Some(now);
             cur.backend.stats.record_ttft(now - cur.started);
+            ctx.ttft = Some(now - cur.started);
             METRICS
                 .ttft
                 .with_label_values(&[cur.backend.name()])
@@ -302,6 +303,7 @@ impl ProxyHttp for Switchyard {
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(name) = ctx.backend_name() {
             response.insert_header(SERVED_BY, name)?;
+            ctx.served_by = Some(name.to_string());
         }
         ctx.status = response.status.as_u16();
         Ok(())
@@ -428,6 +430,9 @@ impl ProxyHttp for Switchyard {
             ctx.finish_attempt(outcome, what);
         }
         let head = session.req_header();
+        self.shared
+            .audit
+            .record(ctx.audit_record(head.method.as_str(), head.uri.path()));
         let meta = ctx.meta.as_deref();
         let attempts: Vec<String> = ctx
             .attempts

@@ -9,6 +9,7 @@ use serde::Serialize;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
+use crate::audit::Audit;
 use crate::backends::BackendSet;
 use crate::config::Config;
 use crate::policy::PolicySet;
@@ -70,6 +71,8 @@ pub struct Shared {
     /// Per policy: the version in service and the last version refused. Written only by
     /// reloads, read by the admin API; never on the request path.
     pub policy_status: Mutex<BTreeMap<String, PolicyStatus>>,
+    /// The audit log and the recent decisions (not replaced by reloads).
+    pub audit: Audit,
 }
 
 /// A policy's state, as `GET /admin/policies` shows it.
@@ -97,6 +100,10 @@ pub fn unix_now() -> u64 {
 
 impl Shared {
     pub fn new(runtime: Runtime) -> Shared {
+        Shared::with_audit(runtime, Audit::memory_only())
+    }
+
+    pub fn with_audit(runtime: Runtime, audit: Audit) -> Shared {
         let now = unix_now();
         let status = runtime
             .policies
@@ -113,6 +120,7 @@ impl Shared {
         Shared {
             current: ArcSwap::from_pointee(runtime),
             policy_status: Mutex::new(status),
+            audit,
         }
     }
 

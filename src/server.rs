@@ -13,6 +13,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::health::HealthService;
 use crate::proxy::Switchyard;
@@ -36,7 +37,12 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
     let runtime = Runtime::build(config, None)
         .map_err(|problems| anyhow::anyhow!("cannot start:\n  {}", problems.join("\n  ")))?;
     let config = runtime.config.clone();
-    let shared = Arc::new(Shared::new(runtime));
+    let audit = match &config.audit {
+        Some(a) => Audit::to_file(&a.path, a.chain)
+            .map_err(|e| anyhow::anyhow!("audit.path: cannot open {}: {e}", a.path.display()))?,
+        None => Audit::memory_only(),
+    };
+    let shared = Arc::new(Shared::with_audit(runtime, audit));
 
     let mut server = Server::new_with_opt_and_conf(
         Opt {

@@ -1,0 +1,113 @@
+//! The routing audit on the wire: a failed-over request's record names every attempt and
+//! why, the chain verifies, and an edited line is caught.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_names_every_attempt_and_the_chain_catches_an_edit() {
+    let live = mock("live", &[]).await;
+    let dead = free_port();
+    let admin = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let chain = r#"
+local P = {}
+function P.route(req, backends) return { "dead", "live" } end
+return P
+"#;
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\naudit: {{ path: \"{}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: chain\nbackends:\n{}{}",
+        log.display(),
+        backend("dead", dead, "[m]"),
+        backend("live", live.port, "[m]")
+    );
+    let p = proxy(&config, &[("chain", chain)]).await;
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("authorization", "Bearer sk-never-logged")
+        .json(&chat_body("m", "a secret prompt", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    for _ in 0..3 {
+        assert_eq!(chat(&p, &chat_body("m", "hi", false)).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains(&id))
+        .expect("the request has an audit line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["backend"], "live");
+    assert_eq!(
+        v["policy"].as_str().unwrap().split('@').next(),
+        Some("chain")
+    );
+    assert_eq!(v["candidates"], serde_json::json!(["dead", "live"]));
+    let attempts = v["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["backend"], "dead");
+    assert!(
+        attempts[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("connect"),
+        "{line}"
+    );
+    assert_eq!(attempts[1]["backend"], "live");
+    assert_eq!(v["status"], 200);
+    assert!(v["tokens_out"].as_u64().unwrap() > 0);
+    assert!(
+        !text.contains("secret prompt") && !text.contains("sk-never-logged"),
+        "no prompt, no credentials"
+    );
+
+    // The same decisions are on the admin API, newest first.
+    let d: serde_json::Value = client()
+        .get(format!("http://127.0.0.1:{admin}/admin/decisions?limit=10"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Four chat requests, and the harness's readiness probe (GET /v1/models) before them.
+    let decisions = d["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 5);
+    assert_eq!(decisions[3]["request_id"], id.as_str(), "newest first");
+
+    let verify = |path: &std::path::Path| {
+        std::process::Command::new(BIN)
+            .args(["audit", "verify"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&log);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{} line(s)", text.lines().count()))
+    );
+
+    let edited = dir.path().join("edited.log");
+    std::fs::write(
+        &edited,
+        text.replacen("\"status\":200", "\"status\":500", 1),
+    )
+    .unwrap();
+    let out = verify(&edited);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("line 1: its content does not match its hash"));
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what the dashboard browser test needs: Debian's Chromium (playwright never
+# downloads a browser here) and playwright-core in tests/browser/node_modules. Each step is
+# skipped when already done; any failure exits non-zero with a message saying what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+fail() {
+  echo "tests/browser/setup.sh: $*" >&2
+  exit 1
+}
+
+if [ ! -x /usr/bin/chromium ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || fail "not root and no sudo: cannot apt-get install chromium"
+    sudo="sudo"
+  fi
+  echo "setup: installing chromium" >&2
+  $sudo apt-get update -qq || fail "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null \
+    || fail "apt-get install chromium failed"
+  [ -x /usr/bin/chromium ] || fail "chromium installed but /usr/bin/chromium is missing"
+fi
+
+command -v node >/dev/null 2>&1 || fail "node is not installed (apt-get install nodejs npm)"
+command -v npm >/dev/null 2>&1 || fail "npm is not installed (apt-get install npm)"
+
+if [ ! -f node_modules/playwright-core/package.json ]; then
+  echo "setup: installing playwright-core" >&2
+  # The browser comes from Debian; never let playwright fetch one of its own.
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund >&2 \
+    || fail "npm install playwright-core failed"
+fi
