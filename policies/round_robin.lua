@@ -1,5 +1,6 @@
--- round_robin: each request goes to the next backend in turn; the others follow as
--- failover candidates, in order.
+-- round_robin: each request goes to the next backend in turn; the next ones in the
+-- rotation follow as failover candidates: params.candidates of them in all (default 4,
+-- enough for the default attempt cap of 3 — raise it with a route's max_attempts).
 --
 -- The cursor is a local of this file, so each worker thread keeps its own; over many
 -- requests every backend still gets an equal share.
@@ -11,8 +12,9 @@ local cursor = 0
 function P.route(req, backends)
   local n = #backends
   cursor = cursor % n + 1
+  local k = math.min(n, (req.params and req.params.candidates) or 4)
   local order = {}
-  for i = 0, n - 1 do
+  for i = 0, k - 1 do
     order[i + 1] = backends[(cursor - 1 + i) % n + 1].name
   end
   return order
@@ -27,6 +29,10 @@ P.tests = {
     req = { model = "m" },
     backends = { { name = "a" }, { name = "b" }, { name = "c" } },
     expect = { "b", "c", "a" } },
+  { name = "at most params.candidates names",
+    req = { model = "m", params = { candidates = 2 } },
+    backends = { { name = "a" }, { name = "b" }, { name = "c" } },
+    expect = { "c", "a" } },
   { name = "a single backend",
     req = { model = "m" },
     backends = { { name = "only" } },

@@ -297,6 +297,8 @@ pub struct BackendStats {
     ttft_ms: AtomicF64,
     tps: AtomicF64,
     window: [WindowSlot; WINDOW_SECS],
+    error_rate_second: AtomicU64,
+    error_rate_cached: AtomicF64,
 }
 
 impl Default for BackendStats {
@@ -309,6 +311,8 @@ impl Default for BackendStats {
             ttft_ms: AtomicF64::default(),
             tps: AtomicF64::default(),
             window: std::array::from_fn(|_| WindowSlot::default()),
+            error_rate_second: AtomicU64::new(0),
+            error_rate_cached: AtomicF64::default(),
         }
     }
 }
@@ -383,11 +387,33 @@ impl BackendStats {
             Outcome::Failure => slot.failed.fetch_add(1, Ordering::Relaxed),
             Outcome::Neutral => 0,
         };
+        if outcome == Outcome::Failure {
+            // A failure shows at once; successes may wait for the next second.
+            self.error_rate_second.store(0, Ordering::Release);
+        }
     }
 
-    /// Share of failed attempts over the last 60 s (0 when there were none).
+    /// Share of failed attempts over the last 60 s (0 when there were none), recomputed
+    /// at most once a second: policies read it for every backend on every request, and
+    /// scanning the window each time was the largest cost of a decision.
     pub fn error_rate(&self) -> f64 {
-        let now = now_secs();
+        self.error_rate_at(now_secs())
+    }
+
+    /// [`Self::error_rate`] with the clock read by the caller (once per decision).
+    pub fn error_rate_at(&self, now: u64) -> f64 {
+        if self.error_rate_second.load(Ordering::Acquire) == now {
+            return self.error_rate_cached.get();
+        }
+        let rate = self.scan_error_rate(now);
+        self.error_rate_cached
+            .0
+            .store(rate.to_bits(), Ordering::Relaxed);
+        self.error_rate_second.store(now, Ordering::Release);
+        rate
+    }
+
+    fn scan_error_rate(&self, now: u64) -> f64 {
         let (mut ok, mut failed) = (0u64, 0u64);
         for slot in &self.window {
             let s = slot.second.load(Ordering::Relaxed);
@@ -405,7 +431,7 @@ impl BackendStats {
 }
 
 /// Whole seconds on a monotonic clock that starts at 1 (0 means "never" in a window slot).
-fn now_secs() -> u64 {
+pub fn now_secs() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_secs() + 1
 }

@@ -241,6 +241,8 @@ fn run_policy<'r>(
             candidates,
             &runtime.backends,
             &runtime.config.lua,
+            // A few more names than attempts, for those the guardrails may drop.
+            route.max_attempts + 2,
         ) {
             Ok(decision) => {
                 if let Decision::Candidates(names) = &decision {

@@ -173,7 +173,8 @@ thread_local! {
 /// Run `policy` for one request on this thread's VM.
 ///
 /// `candidates` are the eligible backends for the request; `all` is the whole backend set
-/// (for `sy.backends` and to tell an unknown name from an ineligible one).
+/// (for `sy.backends` and to tell an unknown name from an ineligible one). At most
+/// `max_names` names of a returned list are read.
 pub fn decide(
     policy: &Policy,
     req: &Arc<RequestMeta>,
@@ -181,6 +182,7 @@ pub fn decide(
     candidates: &[Arc<Backend>],
     all: &Arc<BackendSet>,
     limits: &LuaConfig,
+    max_names: usize,
 ) -> Result<Decision, PolicyError> {
     VM.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -188,7 +190,7 @@ pub fn decide(
             *slot = Some(PolicyVm::new(limits).map_err(|e| PolicyError::Load(e.to_string()))?);
         }
         let vm = slot.as_mut().expect("VM was just built");
-        let result = vm.route(policy, req, params, candidates, all);
+        let result = vm.route(policy, req, params, candidates, all, max_names);
         if matches!(result, Err(PolicyError::Memory(_))) {
             // A VM that hit its cap may hold garbage the policy keeps alive: start clean.
             *slot = None;

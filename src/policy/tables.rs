@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use mlua::{Function, Lua, LuaString, Table, Value};
 
-use crate::backends::Backend;
+use crate::backends::{now_secs, Backend};
 use crate::config::ParamValue;
 use crate::request::RequestMeta;
 use crate::routes::Params;
@@ -53,6 +53,23 @@ pub(super) struct TableCache {
     req_view: Table,
     /// The `req.params` table last used, by `Params::id`.
     params: Option<(u64, Table)>,
+    /// What the `req` table holds now.
+    last_req: LastRequest,
+}
+
+/// The values last written into the `req` table.
+#[derive(Default)]
+struct LastRequest {
+    written: bool,
+    model: Option<String>,
+    tenant: Option<String>,
+    region: Option<String>,
+    session: Option<String>,
+    path: Option<String>,
+    method: Option<String>,
+    /// `tokens`, `max_tokens`, `priority`.
+    numbers: [Option<i64>; 3],
+    stream: bool,
 }
 
 impl TableCache {
@@ -87,10 +104,12 @@ impl TableCache {
             req_data,
             req_view,
             params: None,
+            last_req: LastRequest::default(),
         })
     }
 
-    /// The `req` view, rewritten for this request.
+    /// The `req` view, with only the fields that differ from the previous request
+    /// rewritten (most requests on a route share model, path, method and tenant).
     pub fn request(
         &mut self,
         lua: &Lua,
@@ -102,24 +121,38 @@ impl TableCache {
             self.req_data.raw_set(&self.keys.params, &table)?;
             self.params = Some((params.id, table));
         }
-        let k = &self.keys;
-        let t = &self.req_data;
-        let opt_str = |v: &Option<String>| -> mlua::Result<Value> {
-            Ok(match v {
-                Some(s) => Value::String(lua.create_string(s)?),
-                None => Value::Nil,
-            })
-        };
-        t.raw_set(&k.model, opt_str(&req.model)?)?;
-        t.raw_set(&k.tokens, req.tokens as i64)?;
-        t.raw_set(&k.max_tokens, req.max_tokens.map(|m| m as i64))?;
-        t.raw_set(&k.stream, req.stream)?;
-        t.raw_set(&k.tenant, req.tenant.as_str())?;
-        t.raw_set(&k.region, opt_str(&req.region)?)?;
-        t.raw_set(&k.session, opt_str(&req.session)?)?;
-        t.raw_set(&k.path, req.path.as_str())?;
-        t.raw_set(&k.method, req.method.as_str())?;
-        t.raw_set(&k.priority, req.priority)?;
+        let (k, t, last) = (&self.keys, &self.req_data, &mut self.last_req);
+        let fresh = !last.written;
+        let set_str =
+            |key: &LuaString, new: Option<&str>, old: &mut Option<String>| -> mlua::Result<()> {
+                if fresh || old.as_deref() != new {
+                    t.raw_set(key, new)?;
+                    *old = new.map(str::to_string);
+                }
+                Ok(())
+            };
+        set_str(&k.model, req.model.as_deref(), &mut last.model)?;
+        set_str(&k.tenant, Some(&req.tenant), &mut last.tenant)?;
+        set_str(&k.region, req.region.as_deref(), &mut last.region)?;
+        set_str(&k.session, req.session.as_deref(), &mut last.session)?;
+        set_str(&k.path, Some(&req.path), &mut last.path)?;
+        set_str(&k.method, Some(&req.method), &mut last.method)?;
+        let numbers = [
+            (&k.tokens, Some(req.tokens as i64)),
+            (&k.max_tokens, req.max_tokens.map(|m| m as i64)),
+            (&k.priority, Some(req.priority)),
+        ];
+        for (i, (key, value)) in numbers.into_iter().enumerate() {
+            if fresh || last.numbers[i] != value {
+                t.raw_set(key, value)?;
+                last.numbers[i] = value;
+            }
+        }
+        if fresh || last.stream != req.stream {
+            t.raw_set(&k.stream, req.stream)?;
+            last.stream = req.stream;
+        }
+        last.written = true;
         Ok(self.req_view.clone())
     }
 
@@ -135,8 +168,9 @@ impl TableCache {
             self.backends.clear();
         }
         let array = lua.create_table_with_capacity(candidates.len(), 0)?;
+        let now = now_secs();
         for (i, b) in candidates.iter().enumerate() {
-            let live = live_stats(b);
+            let live = live_stats(b, now);
             let cached = match self.backends.get_mut(&b.id) {
                 Some(c) => c,
                 None => {
@@ -167,14 +201,14 @@ impl TableCache {
     }
 }
 
-fn live_stats(b: &Backend) -> Live {
+fn live_stats(b: &Backend, now: u64) -> Live {
     let s = &b.stats;
     [
         s.inflight() as f64,
         round2(s.latency_ms()),
         round2(s.ttft_ms()),
         round2(s.tps()),
-        s.error_rate(),
+        s.error_rate_at(now),
     ]
 }
 
@@ -218,7 +252,7 @@ pub(super) fn fresh_backend(
     eligible: bool,
 ) -> mlua::Result<Table> {
     let t = static_table(lua, readonly, b)?;
-    for (name, value) in LIVE_FIELDS.iter().zip(live_stats(b)) {
+    for (name, value) in LIVE_FIELDS.iter().zip(live_stats(b, now_secs())) {
         t.raw_set(*name, value)?;
     }
     t.raw_set("inflight", b.stats.inflight())?;

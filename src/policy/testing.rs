@@ -117,7 +117,7 @@ fn run_cases(vm: &mut PolicyVm, policy: &Policy) -> Result<Vec<CaseResult>, Stri
             Err(e) => return Err(format!("tests[{index}]: {e}")),
         };
         let expectation = Expectation::read(&case).map_err(|e| format!("tests[{index}]: {e}"))?;
-        let actual = vm.call(&route, req, backends);
+        let actual = vm.call(&route, req, backends, usize::MAX);
         let actual_text = match &actual {
             Ok(d) => describe_decision(d),
             Err(e) => format!("policy failure: {e}"),

@@ -198,6 +198,7 @@ impl PolicyVm {
         params: &Params,
         candidates: &[Arc<Backend>],
         all: &Arc<BackendSet>,
+        max_names: usize,
     ) -> Result<Decision, PolicyError> {
         self.ensure_loaded(policy)?;
         let route = self.loaded[&policy.name].route.clone();
@@ -215,7 +216,7 @@ impl PolicyVm {
             all: Some(all.clone()),
             policy: format!("{}@{}", policy.name, policy.version),
         });
-        let result = self.call(&route, req_table, backends);
+        let result = self.call(&route, req_table, backends, max_names);
         self.lua.remove_app_data::<CallContext>();
         result
     }
@@ -226,12 +227,13 @@ impl PolicyVm {
         route: &Function,
         req: Table,
         backends: Table,
+        max_names: usize,
     ) -> Result<Decision, PolicyError> {
         self.arm_budget();
         let values = route
             .call::<MultiValue>((req, backends))
             .map_err(|e| self.classify(e))?;
-        decision_from(values)
+        decision_from(values, max_names)
     }
 
     /// Load a version of a policy unless this VM already has it; returns its module table.
@@ -362,7 +364,11 @@ fn error_message(e: &mlua::Error) -> String {
 }
 
 /// Read `route`'s return values as a decision.
-fn decision_from(values: MultiValue) -> Result<Decision, PolicyError> {
+///
+/// Only the first `max_names` names of a list are read: a policy may rank every backend,
+/// but a request tries only a few, and copying names out of Lua is a large share of the
+/// cost of a decision.
+fn decision_from(values: MultiValue, max_names: usize) -> Result<Decision, PolicyError> {
     let mut values = values.into_iter();
     match values.next().unwrap_or(Value::Nil) {
         Value::String(s) => Ok(Decision::Candidates(vec![s
@@ -370,8 +376,8 @@ fn decision_from(values: MultiValue) -> Result<Decision, PolicyError> {
             .map_err(|_| bad("a non-UTF-8 string"))?
             .to_string()])),
         Value::Table(t) => {
-            let mut names = Vec::with_capacity(t.raw_len());
-            for v in t.sequence_values::<Value>() {
+            let mut names = Vec::with_capacity(t.raw_len().min(max_names));
+            for v in t.sequence_values::<Value>().take(max_names) {
                 match v.map_err(|e| PolicyError::Runtime(e.to_string()))? {
                     Value::String(s) => {
                         names.push(s.to_str().map_err(|_| bad("a non-UTF-8 name"))?.to_string())
