@@ -205,7 +205,10 @@ impl RequestCtx {
         let Some(usage) = cur.usage_reader.take().and_then(UsageReader::finish) else {
             return;
         };
-        if let (Some(first), Some(last)) = (cur.first_byte, cur.last_byte) {
+        // Only a stream's first and last bytes bracket the decoding; a plain answer arrives
+        // all at once, and its transfer time says nothing about tokens per second.
+        let streamed = self.meta.as_ref().is_some_and(|m| m.stream);
+        if let (true, Some(first), Some(last)) = (streamed, cur.first_byte, cur.last_byte) {
             let decoding = last - first;
             if usage.completion_tokens > 1 && decoding > Duration::from_millis(1) {
                 cur.backend

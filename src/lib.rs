@@ -12,6 +12,7 @@ pub mod context;
 pub mod demo;
 pub mod errors;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod mock;
 pub mod outlier;

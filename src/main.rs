@@ -91,7 +91,7 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    switchyard::logging::init();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

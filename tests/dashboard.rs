@@ -44,54 +44,39 @@ async fn dashboard_shows_live_backends_traffic_policies_and_decisions_in_a_brows
     // that the operator drains, so every column and badge has something to show.
     let fast = mock(
         "vllm-eu-1",
-        &[
-            "--latency-ms",
-            "12",
-            "--chunks",
-            "24",
-            "--chunk-delay-ms",
-            "2",
-        ],
+        &args("--latency-ms 12 --chunks 24 --chunk-delay-ms 2"),
     )
     .await;
     let slow = mock(
         "vllm-eu-2",
-        &[
-            "--latency-ms",
-            "45",
-            "--chunks",
-            "16",
-            "--chunk-delay-ms",
-            "3",
-        ],
+        &args("--latency-ms 45 --chunks 16 --chunk-delay-ms 3"),
     )
     .await;
     let flaky = mock(
         "openai-us",
-        &[
-            "--latency-ms",
-            "90",
-            "--chunks",
-            "12",
-            "--fail-rate",
-            "0.03",
-        ],
+        &args("--latency-ms 90 --chunks 12 --chunk-delay-ms 5 --fail-rate 0.03"),
     )
     .await;
     let spare = mock("tgi-spare", &[]).await;
     let admin = free_port();
+    let backends = [
+        backend("vllm-eu-1", fast.port, "[llama-3.1-8b]")
+            + "    weight: 5\n    region: eu-west\n    max_inflight: 64\n",
+        backend("vllm-eu-2", slow.port, "[llama-3.1-8b]") + "    weight: 3\n    region: eu-west\n",
+        backend("openai-us", flaky.port, "[llama-3.1-8b, gpt-4o-mini]")
+            + "    weight: 2\n    region: us-east\n",
+        backend("tgi-spare", spare.port, "[llama-3.1-8b, gpt-4o-mini]") + "    region: eu-west\n",
+    ]
+    .concat();
     let config = format!(
-        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\n\
-         routes:\n\
-         \x20 - match: {{ path_prefix: /v1/, model: \"gpt-4o-mini\" }}\n\
-         \x20   policy: least_inflight\n\
-         \x20 - match: {{ path_prefix: /v1/ }}\n\
-         \x20   policy: weighted\n\
-         backends:\n{}    weight: 5\n    region: eu-west\n{}    weight: 3\n    region: eu-west\n{}    weight: 2\n    region: us-east\n{}    region: eu-west\n",
-        backend("vllm-eu-1", fast.port, "[llama-3.1-8b]"),
-        backend("vllm-eu-2", slow.port, "[llama-3.1-8b]"),
-        backend("openai-us", flaky.port, "[llama-3.1-8b, gpt-4o-mini]"),
-        backend("tgi-spare", spare.port, "[llama-3.1-8b, gpt-4o-mini]"),
+        r#"admin: {{ addr: "127.0.0.1:{admin}" }}
+routes:
+  - match: {{ path_prefix: /v1/, model: "gpt-4o-mini" }}
+    policy: least_inflight
+  - match: {{ path_prefix: /v1/ }}
+    policy: weighted
+backends:
+{backends}"#
     );
     let proxy = proxy(&config, &[]).await;
     let admin_url = format!("http://127.0.0.1:{admin}");
@@ -103,7 +88,7 @@ async fn dashboard_shows_live_backends_traffic_policies_and_decisions_in_a_brows
         .unwrap();
     assert_eq!(drained.status(), 200, "drain tgi-spare");
 
-    // A refused hot swap: the old canary_split keeps serving, the reason is on the page.
+    // A refused hot swap: the old least_inflight keeps serving, the reason is on the page.
     std::fs::write(
         proxy.dir().join("policies/least_inflight.lua"),
         LEAST_INFLIGHT_BROKEN,
@@ -133,6 +118,8 @@ async fn dashboard_shows_live_backends_traffic_policies_and_decisions_in_a_brows
             .env("DASHBOARD_EXPECT_TRAFFIC", "vllm-eu-1,vllm-eu-2,openai-us")
             .env("DASHBOARD_EXPECT_REJECTED", "least_inflight")
             .env("DASHBOARD_EXPECT_STATUS", "tgi-spare=draining")
+            // Long enough for the chart to show a stretch of history in the screenshot.
+            .env("DASHBOARD_SETTLE_MS", "25000")
             .output()
     })
     .await
@@ -243,7 +230,8 @@ async fn traffic_loop(url: String, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) 
                 } else {
                     "llama-3.1-8b"
                 };
-                let body = chat_body(model, &format!("worker {w} request {i}"), i % 3 == 0);
+                let stream = rand::random::<f64>() < 0.35;
+                let body = chat_body(model, &format!("worker {w} request {i}"), stream);
                 if let Ok(r) = client.post(&url).json(&body).send().await {
                     let _ = r.bytes().await;
                 }
@@ -252,6 +240,11 @@ async fn traffic_loop(url: String, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) 
         });
     }
     while workers.join_next().await.is_some() {}
+}
+
+/// Command-line arguments from one string.
+fn args(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
 }
 
 /// Width and height from a PNG's IHDR chunk.

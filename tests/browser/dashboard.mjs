@@ -34,7 +34,7 @@ function check(name, ok, detail) {
   if (!ok) console.error(`FAIL ${name}: ${JSON.stringify(detail)}`);
 }
 
-/** Polls `fn` in Node until it returns a truthy value or the deadline passes. */
+/** Polls `fn` until its result has `ok: true` or `ms` pass; returns the last result. */
 async function until(fn, ms) {
   const deadline = Date.now() + ms;
   let last;
@@ -83,7 +83,7 @@ try {
     [...document.querySelectorAll("#backends tbody tr[data-backend]")].map((tr) => {
       const f = {};
       for (const c of tr.querySelectorAll("[data-field]")) f[c.dataset.field] = c.textContent.trim();
-      return { name: tr.dataset.backend, ...f, status: tr.dataset.status, status_text: f.status };
+      return { ...f, name: tr.dataset.backend, status: tr.dataset.status, status_text: f.status };
     }));
   const num = (s) => Number(String(s).replace(/,/g, "").split("/")[0]);
   const live = await until(async () => {
@@ -136,11 +136,11 @@ try {
 
   // Policies and decisions.
   const policies = await page.evaluate(() =>
-    [...document.querySelectorAll("#policies tbody tr")].map((tr) => ({
-      name: tr.dataset.policy,
-      version: tr.querySelector('[data-field="version"]')?.textContent.trim(),
-      result: tr.dataset.result,
-      reason: tr.querySelector('[data-field="reason"]')?.textContent.trim() || null,
+    [...document.querySelectorAll("#policies [data-policy]")].map((item) => ({
+      name: item.dataset.policy,
+      version: item.querySelector('[data-field="version"]')?.textContent.trim(),
+      result: item.dataset.result,
+      reason: item.querySelector('[data-field="reason"]')?.textContent.trim() || null,
     })));
   summary.policies = policies;
   check("policies render with versions", policies.length > 0 && policies.every((p) => p.name && p.version),
