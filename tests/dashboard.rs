@@ -225,7 +225,7 @@ async fn traffic_loop(url: String, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) 
                 && sent.fetch_add(1, Ordering::Relaxed) < TRAFFIC_MAX_REQUESTS
             {
                 i += 1;
-                let model = if (i + w as u64) % 5 == 0 {
+                let model = if (i + w as u64).is_multiple_of(5) {
                     "gpt-4o-mini"
                 } else {
                     "llama-3.1-8b"
