@@ -32,11 +32,7 @@ impl ServeHttp for Admin {
                     metrics::render(),
                 )
             }
-            (Method::GET, "/") => reply(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                DASHBOARD.as_bytes().to_vec(),
-            ),
+            (Method::GET, "/") => dashboard(),
             (Method::GET, "/admin/decisions") => {
                 let limit = query_param(session.req_header().uri.query(), "limit")
                     .and_then(|v| v.parse().ok())
@@ -169,6 +165,27 @@ impl Admin {
 
 /// The live dashboard: one self-contained page (no CDN), refreshed from the JSON endpoints.
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The dashboard page: never cached, and allowed to load nothing from anywhere else.
+fn dashboard() -> Response<Vec<u8>> {
+    let mut page = reply(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        DASHBOARD.as_bytes().to_vec(),
+    );
+    let headers = page.headers_mut();
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+        ),
+    );
+    page
+}
 
 /// A query-string value, by name.
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
