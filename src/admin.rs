@@ -181,7 +181,7 @@ fn dashboard() -> Response<Vec<u8>> {
     headers.insert(
         http::header::CONTENT_SECURITY_POLICY,
         http::HeaderValue::from_static(
-            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            "default-src 'self'; img-src 'self' data:; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
         ),
     );
     page
