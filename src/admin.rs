@@ -9,6 +9,9 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use sha2::{Digest, Sha256};
+
+use crate::config::{BackendConfig, Config};
 use crate::metrics::{self, METRICS};
 use crate::reload::Reloader;
 use crate::runtime::Shared;
@@ -23,6 +26,10 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let head = session.req_header();
         let (method, path) = (head.method.clone(), head.uri.path().to_string());
+        let public = method == Method::GET && matches!(path.as_str(), "/" | "/healthz");
+        if !public && !self.authorized(head) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
+        }
         match (method, path.as_str()) {
             (Method::GET, "/metrics") => {
                 self.refresh_gauges();
@@ -45,6 +52,15 @@ impl ServeHttp for Admin {
             (Method::GET, "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
             (Method::GET, "/admin/policies") => json_reply(StatusCode::OK, self.policies()),
             (Method::GET, "/admin/backends") => json_reply(StatusCode::OK, self.backends()),
+            (Method::GET, "/admin/config") => json_reply(StatusCode::OK, self.config()),
+            (Method::POST, "/admin/backends") => match read_body(session).await {
+                Ok(body) => self.add_backend(&body).await,
+                Err(resp) => resp,
+            },
+            (Method::DELETE, p) if p.starts_with("/admin/backends/") => {
+                let name = p["/admin/backends/".len()..].to_string();
+                self.remove_backend(&name).await
+            }
             (Method::POST, p) if p.starts_with("/admin/backends/") => {
                 let rest = &p["/admin/backends/".len()..];
                 match rest.rsplit_once('/') {
@@ -77,7 +93,36 @@ impl ServeHttp for Admin {
 }
 
 impl Admin {
-    /// Gauges are read from the live counters when scraped, not kept up to date per request.
+    /// With `admin.token_env` set, every request but the page and `/healthz` needs
+    /// `Authorization: Bearer TOKEN` (compared in constant time).
+    fn authorized(&self, head: &pingora::http::RequestHeader) -> bool {
+        let runtime = self.shared.load();
+        let Some(var) = runtime
+            .config
+            .admin
+            .as_ref()
+            .and_then(|a| a.token_env.as_ref())
+        else {
+            return true;
+        };
+        let Ok(token) = std::env::var(var) else {
+            return false;
+        };
+        let presented = head
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        use subtle::ConstantTimeEq;
+        let (a, b) = (
+            Sha256::digest(presented.as_bytes()),
+            Sha256::digest(token.as_bytes()),
+        );
+        bool::from(a.ct_eq(&b))
+    }
+
+    /// Gauges are read from the live state when scraped, not kept up to date per request.
     fn refresh_gauges(&self) {
         let runtime = self.shared.load();
         for b in &runtime.backends.backends {
@@ -85,6 +130,82 @@ impl Admin {
                 .backend_inflight
                 .with_label_values(&[b.name()])
                 .set(b.stats.inflight() as i64);
+            let up = b.stats.health.is_healthy() && !b.stats.breaker.is_ejected();
+            METRICS
+                .backend_healthy
+                .with_label_values(&[b.name()])
+                .set(i64::from(up));
+        }
+    }
+
+    /// The effective config, with tenants' key hashes masked.
+    fn config(&self) -> serde_json::Value {
+        let runtime = self.shared.load();
+        let mut value = serde_json::to_value(runtime.config.as_ref()).unwrap_or_default();
+        if let Some(tenants) = value.get_mut("tenants").and_then(|t| t.as_array_mut()) {
+            for t in tenants {
+                if let Some(keys) = t.get_mut("key_sha256").and_then(|k| k.as_array_mut()) {
+                    for k in keys {
+                        *k = json!("***");
+                    }
+                }
+            }
+        }
+        value
+    }
+
+    /// `POST /admin/backends`: add a backend (the hook an autoscaler calls). The body is a
+    /// backend as in the config file, in JSON.
+    async fn add_backend(&self, body: &[u8]) -> Response<Vec<u8>> {
+        let backend: BackendConfig = match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("not a backend: {e}")),
+        };
+        let name = backend.name.clone();
+        let mut config = (*self.shared.load().config).clone();
+        if config.backends.iter().any(|b| b.name == name) {
+            return error(StatusCode::CONFLICT, "a backend of that name exists");
+        }
+        config.backends.push(backend);
+        self.apply(config, StatusCode::CREATED, &name, "added")
+            .await
+    }
+
+    /// `DELETE /admin/backends/{name}`: stop sending it traffic; requests in flight finish.
+    async fn remove_backend(&self, name: &str) -> Response<Vec<u8>> {
+        let mut config = (*self.shared.load().config).clone();
+        let before = config.backends.len();
+        config.backends.retain(|b| b.name != name);
+        if config.backends.len() == before {
+            return error(StatusCode::NOT_FOUND, "no backend of that name");
+        }
+        self.apply(config, StatusCode::OK, name, "removed").await
+    }
+
+    async fn apply(
+        &self,
+        config: Config,
+        ok: StatusCode,
+        name: &str,
+        what: &str,
+    ) -> Response<Vec<u8>> {
+        let reloader = self.reloader.clone();
+        match tokio::task::spawn_blocking(move || reloader.apply(config)).await {
+            Ok(Ok(())) => {
+                log::info!(target: "switchyard::admin", "backend {name} {what}");
+                json_reply(ok, json!({ "name": name, "result": what }))
+            }
+            Ok(Err(problems)) => json_reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "error": { "message": "the change was refused", "type": "admin_error", "param": null, "code": "invalid_config" },
+                    "problems": problems,
+                }),
+            ),
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the change failed; see the log",
+            ),
         }
     }
 
@@ -185,6 +306,23 @@ fn dashboard() -> Response<Vec<u8>> {
         ),
     );
     page
+}
+
+/// The request body, up to 1 MiB.
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > 1024 * 1024 {
+                    return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body over 1 MiB"));
+                }
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => return Err(error(StatusCode::BAD_REQUEST, "cannot read the body")),
+        }
+    }
 }
 
 /// A query-string value, by name.

@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default cap on a request body: 8 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Client-facing listeners. Default: one on `0.0.0.0:8080`.
@@ -52,7 +52,7 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// File to append to, or `-` for stdout. Read at start only.
@@ -66,7 +66,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// `required` or `off`. Default: `required` if any tenant is configured, else `off`.
@@ -74,7 +74,7 @@ pub struct AuthConfig {
     pub mode: AuthMode,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// Resolved at load: `required` with tenants, `off` without.
@@ -84,7 +84,7 @@ pub enum AuthMode {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub name: String,
@@ -102,20 +102,24 @@ pub struct TenantConfig {
     pub allowed_regions: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub addr: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// `host:port`; keep it on loopback (it has no authentication yet).
+    /// `host:port`. Default in the demo: 127.0.0.1:9090; keep it off public networks.
     pub addr: String,
+    /// Environment variable holding a bearer token required on `/metrics` and `/admin/*`
+    /// (the dashboard passes it from its URL fragment, `/#token=...`). Default: none.
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     #[serde(rename = "match", default)]
@@ -147,7 +151,7 @@ pub struct Route {
 }
 
 /// A route parameter: a scalar or a list of scalars.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ParamValue {
     Bool(bool),
@@ -157,7 +161,7 @@ pub enum ParamValue {
     List(Vec<ParamValue>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     /// Request path prefix. Default: any path.
@@ -168,7 +172,7 @@ pub struct RouteMatch {
     pub model: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub name: String,
@@ -197,7 +201,7 @@ pub struct BackendConfig {
     pub tags: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Models {
     List(Vec<String>),
@@ -214,7 +218,7 @@ impl Models {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cost {
     #[serde(default)]
@@ -223,7 +227,7 @@ pub struct Cost {
     pub output: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Worker threads of the proxy service. Default: the number of CPUs.
@@ -265,7 +269,7 @@ impl Default for ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LuaConfig {
     /// VM instructions one `route` call may run. Default 1 000 000.
@@ -283,7 +287,7 @@ impl Default for LuaConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
     /// Failures in a row (connect errors, 5xx, timeouts) that eject a backend. Default 5.
@@ -313,7 +317,7 @@ impl Default for OutlierConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Path probed with GET on every backend. Default `/health`.
@@ -424,6 +428,19 @@ impl Config {
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Check an in-memory config (e.g. one changed through the admin API) as a file is.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = self.problems();
+        if let Err(e) = self.check_policies_exist() {
+            problems.extend(e.problems);
+        }
+        if problems.is_empty() {
+            Ok(())
         } else {
             Err(ConfigError { problems })
         }

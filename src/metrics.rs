@@ -24,6 +24,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
     pub backend_inflight: IntGaugeVec,
+    pub backend_healthy: IntGaugeVec,
     pub tokens: IntCounterVec,
     pub cost_usd: CounterVec,
     pub policy_decisions: IntCounterVec,
@@ -75,6 +76,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         backend_inflight: register_int_gauge_vec_with_registry!(
             "switchyard_backend_inflight",
             "Requests in flight to each backend",
+            &["backend"],
+            r
+        )
+        .expect("metric registers"),
+        backend_healthy: register_int_gauge_vec_with_registry!(
+            "switchyard_backend_healthy",
+            "1 when the backend passes its health checks and is not ejected, else 0",
             &["backend"],
             r
         )

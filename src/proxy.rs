@@ -165,6 +165,13 @@ impl ProxyHttp for Switchyard {
         }
         upstream.insert_header(http::header::HOST, cur.backend.upstream.authority.as_str())?;
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        let traceparent = upstream
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok());
+        if !traceparent.is_some_and(valid_traceparent) {
+            upstream.insert_header("traceparent", new_traceparent())?;
+        }
         if let Some(body) = &cur.body {
             upstream.remove_header(&http::header::TRANSFER_ENCODING);
             upstream.insert_header(http::header::CONTENT_LENGTH, body.len())?;
@@ -516,6 +523,31 @@ async fn admit(
     Ok(Admitted::Proxy)
 }
 
+/// A W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero).
+fn valid_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+}
+
+/// A new sampled trace for a request that arrived without one.
+fn new_traceparent() -> String {
+    let trace: u128 = rand::random::<u128>() | 1;
+    let span: u64 = rand::random::<u64>() | 1;
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
 /// How to reach a backend. Pingora's read timeout is the gap allowed between two reads,
 /// the first of which waits for the response head: a plain answer's head comes only when
 /// the whole answer is ready (`ttfb_timeout_ms`), a stream's comes at once and then its
@@ -537,4 +569,26 @@ fn peer_for(backend: &Backend, proxy: &crate::config::ProxyConfig, stream: bool)
     o.write_timeout = Some(Duration::from_millis(proxy.idle_timeout_ms));
     o.idle_timeout = Some(Duration::from_secs(60));
     peer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_validated_and_created_in_w3c_form() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent("garbage"));
+        for _ in 0..100 {
+            assert!(valid_traceparent(&new_traceparent()));
+        }
+    }
 }

@@ -134,6 +134,18 @@ impl Reloader {
         report
     }
 
+    /// Put an in-memory config (changed through the admin API) into service, validated as a
+    /// file would be. The config file stays the source of truth: its next reload replaces
+    /// changes made this way.
+    pub fn apply(&self, config: Config) -> Result<(), Vec<String>> {
+        let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        config.validate().map_err(|e| e.problems)?;
+        let current = self.shared.load();
+        let runtime = Runtime::build(config, Some(&current))?;
+        self.shared.store(runtime);
+        Ok(())
+    }
+
     fn loaded(&self, p: &Policy, before: Option<&str>, report: &mut ReloadReport) {
         info!(
             target: "switchyard::reload",

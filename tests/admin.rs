@@ -1,0 +1,187 @@
+//! The admin API on the wire: backends added and removed at run time, the effective config
+//! with secrets masked, the optional bearer token, and trace context sent upstream.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_added_and_removed_at_run_time_take_and_lose_traffic() {
+    let a = mock("a", &[]).await;
+    let b = mock("b", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\", token_env: SWITCHYARD_TEST_ADMIN_TOKEN }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}tenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n",
+        backend("a", a.port, "[m]"),
+        sha256_hex(b"sk-acme")
+    );
+    let p = proxy_with_env(
+        &config,
+        &[],
+        &[("SWITCHYARD_TEST_ADMIN_TOKEN", "admin-secret")],
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{admin}");
+    let auth = ("authorization", "Bearer admin-secret");
+    let send = |n: usize| {
+        let url = p.url("/v1/chat/completions");
+        async move {
+            let mut served = Vec::new();
+            for _ in 0..n {
+                let r = client()
+                    .post(&url)
+                    .header("authorization", "Bearer sk-acme")
+                    .json(&chat_body("m", "hi", false))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                served.push(
+                    r.headers()["x-switchyard-backend"]
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+            served
+        }
+    };
+
+    // Without the token: refused; the page and /healthz stay open.
+    for path in ["/admin/backends", "/metrics", "/admin/config"] {
+        assert_eq!(
+            client()
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        client()
+            .get(format!("{base}/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client()
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    assert!(send(4).await.iter().all(|s| s == "a"));
+    let added = client()
+        .post(format!("{base}/admin/backends"))
+        .header(auth.0, auth.1)
+        .json(&serde_json::json!({ "name": "b", "url": format!("http://127.0.0.1:{}", b.port), "models": ["m"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    assert!(
+        send(6).await.iter().any(|s| s == "b"),
+        "the new backend takes traffic on the next requests"
+    );
+
+    // A backend the config would refuse is refused whole, with the reason.
+    let bad = client()
+        .post(format!("{base}/admin/backends"))
+        .header(auth.0, auth.1)
+        .json(&serde_json::json!({ "name": "c", "url": "ftp://nowhere", "models": ["m"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+    assert!(bad
+        .text()
+        .await
+        .unwrap()
+        .contains("must start with http://"));
+
+    let removed = client()
+        .delete(format!("{base}/admin/backends/a"))
+        .header(auth.0, auth.1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    let before = received(&a).await.len();
+    assert!(send(6).await.iter().all(|s| s == "b"));
+    assert_eq!(
+        received(&a).await.len(),
+        before,
+        "a removed backend gets nothing more"
+    );
+
+    let config: serde_json::Value = client()
+        .get(format!("{base}/admin/config"))
+        .header(auth.0, auth.1)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["tenants"][0]["key_sha256"][0], "***");
+    assert_eq!(config["backends"].as_array().unwrap().len(), 1);
+    let text = config.to_string();
+    assert!(!text.contains(&sha256_hex(b"sk-acme")) && !text.contains("admin-secret"));
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .header(auth.0, auth.1)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchyard_backend_healthy{backend=\"b\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_is_passed_through_or_created() {
+    let a = mock("a", &[]).await;
+    let p = proxy(
+        &format!(
+            "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}",
+            backend("a", a.port, "[m]")
+        ),
+        &[],
+    )
+    .await;
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    client()
+        .post(p.url("/v1/chat/completions"))
+        .header("traceparent", given)
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    client()
+        .post(p.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    let seen = received(&a).await;
+    assert_eq!(seen[0]["headers"]["traceparent"], given);
+    let created = seen[1]["headers"]["traceparent"].as_str().unwrap();
+    assert!(
+        created.starts_with("00-") && created.len() == 55 && created.ends_with("-01"),
+        "{created}"
+    );
+    assert!(seen[1]["headers"]["x-request-id"].is_string());
+}
