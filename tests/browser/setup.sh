@@ -10,21 +10,24 @@ fail() {
   exit 1
 }
 
-if [ ! -x /usr/bin/chromium ]; then
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || fail "not root and no sudo: cannot apt-get install chromium"
+    command -v sudo >/dev/null 2>&1 || fail "not root and no sudo: cannot apt-get install ${missing[*]}"
     sudo="sudo"
   fi
-  echo "setup: installing chromium" >&2
+  echo "setup: installing ${missing[*]}" >&2
   $sudo apt-get update -qq || fail "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null \
-    || fail "apt-get install chromium failed"
-  [ -x /usr/bin/chromium ] || fail "chromium installed but /usr/bin/chromium is missing"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || fail "apt-get install ${missing[*]} failed"
 fi
-
-command -v node >/dev/null 2>&1 || fail "node is not installed (apt-get install nodejs npm)"
-command -v npm >/dev/null 2>&1 || fail "npm is not installed (apt-get install npm)"
+[ -x /usr/bin/chromium ] || fail "chromium installed but /usr/bin/chromium is missing"
+command -v node >/dev/null 2>&1 || fail "node is missing after install"
+command -v npm >/dev/null 2>&1 || fail "npm is missing after install"
 
 if [ ! -f node_modules/playwright-core/package.json ]; then
   echo "setup: installing playwright-core" >&2
