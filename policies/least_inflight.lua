@@ -3,7 +3,7 @@
 -- enough for the default attempt cap of 3). Ties are broken by a rotating offset so idle
 -- backends share the traffic instead of the first one taking it all.
 --
--- It selects the best few in one pass each rather than sorting: with 32 backends a sort
+-- It keeps the best few in a single pass rather than sorting: with 32 backends a sort
 -- would read every backend's fields again on each of ~160 comparisons.
 
 local P = { name = "least_inflight" }
@@ -14,21 +14,24 @@ function P.route(req, backends)
   local n = #backends
   turn = turn + 1
   local k = math.min(n, (req.params and req.params.candidates) or 4)
-  -- One number per backend: in-flight count first, rotation second (unique per backend).
-  local load = {}
+  -- One pass keeps the k least loaded, sorted: `load` is the in-flight count first and a
+  -- rotation second, unique per backend so ties are shared out.
+  local top_load, top_index, count = {}, {}, 0
   for i = 1, n do
-    load[i] = backends[i].inflight * n + (i + turn) % n
+    local load = backends[i].inflight * n + (i + turn) % n
+    if count < k or load < top_load[count] then
+      local j = count < k and count + 1 or count
+      while j > 1 and top_load[j - 1] > load do
+        top_load[j], top_index[j] = top_load[j - 1], top_index[j - 1]
+        j = j - 1
+      end
+      top_load[j], top_index[j] = load, i
+      if count < k then count = count + 1 end
+    end
   end
   local order = {}
-  for j = 1, k do
-    local best, best_i = math.huge, 1
-    for i = 1, n do
-      if load[i] < best then
-        best, best_i = load[i], i
-      end
-    end
-    order[j] = backends[best_i].name
-    load[best_i] = math.huge
+  for j = 1, count do
+    order[j] = backends[top_index[j]].name
   end
   return order
 end

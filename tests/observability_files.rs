@@ -306,12 +306,17 @@ fn scan(expr: &str) -> Scan {
             Tok::Var(v) => {
                 s.vars.insert(v.clone());
             }
-            Tok::Str(text) if text.contains('$') => {
-                s.vars
-                    .extend(tokenize(text).into_iter().filter_map(|t| match t {
-                        Tok::Var(v) => Some(v),
-                        _ => None,
-                    }));
+            Tok::Str(text) => {
+                for part in text.split('$').skip(1) {
+                    let name: String = part
+                        .trim_start_matches('{')
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if !name.is_empty() {
+                        s.vars.insert(name);
+                    }
+                }
             }
             _ => {}
         }
@@ -570,6 +575,7 @@ fn the_scanner_catches_renamed_metrics_and_labels() {
     bad("rate(switchyard_backend_inflight_bucket[5m])"); // gauge with a histogram suffix
     bad(r#"switchyard_requests_total{tenant="x"}"#); // label it does not have
     bad(r#"switchyard_tokens_total{direction="input"}"#); // closed value set
+    bad(r#"switchyard_policy_reloads_total{result="failed"}"#);
     bad("sum by (tenant) (rate(switchyard_requests_total[5m]))");
     bad("sum by (le) (rate(switchyard_requests_total[5m]))");
     bad("sum(rate(switchyard_requests_total[5m])) by (backend)"); // by after the argument
