@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{BackendConfig, Config};
 use crate::health::Health;
 use crate::outlier::{Admission, Breaker, Why};
+use crate::window::Window;
 
 /// Where a backend lives, parsed from its `url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +297,8 @@ pub struct BackendStats {
     latency_ms: AtomicF64,
     ttft_ms: AtomicF64,
     tps: AtomicF64,
-    window: [WindowSlot; WINDOW_SECS],
+    /// Successes (0) and failures (1) per second.
+    window: Window<WINDOW_SECS>,
     error_rate_second: AtomicU64,
     error_rate_cached: AtomicF64,
 }
@@ -310,18 +312,11 @@ impl Default for BackendStats {
             latency_ms: AtomicF64::default(),
             ttft_ms: AtomicF64::default(),
             tps: AtomicF64::default(),
-            window: std::array::from_fn(|_| WindowSlot::default()),
+            window: Window::default(),
             error_rate_second: AtomicU64::new(0),
             error_rate_cached: AtomicF64::default(),
         }
     }
-}
-
-#[derive(Debug, Default)]
-struct WindowSlot {
-    second: AtomicU64,
-    ok: AtomicU32,
-    failed: AtomicU32,
 }
 
 /// Outcome of one upstream attempt, as the statistics count it.
@@ -369,24 +364,11 @@ impl BackendStats {
     }
 
     pub fn record_outcome(&self, outcome: Outcome) {
-        let now = now_secs();
-        let slot = &self.window[(now % WINDOW_SECS as u64) as usize];
-        let seen = slot.second.load(Ordering::Relaxed);
-        if seen != now
-            && slot
-                .second
-                .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            // First sample of a new second in this slot: forget what it held a minute ago.
-            slot.ok.store(0, Ordering::Relaxed);
-            slot.failed.store(0, Ordering::Relaxed);
-        }
         match outcome {
-            Outcome::Success => slot.ok.fetch_add(1, Ordering::Relaxed),
-            Outcome::Failure => slot.failed.fetch_add(1, Ordering::Relaxed),
-            Outcome::Neutral => 0,
-        };
+            Outcome::Success => self.window.add(now_secs(), 0),
+            Outcome::Failure => self.window.add(now_secs(), 1),
+            Outcome::Neutral => {}
+        }
         if outcome == Outcome::Failure {
             // A failure shows at once; successes may wait for the next second.
             self.error_rate_second.store(0, Ordering::Release);
@@ -414,14 +396,7 @@ impl BackendStats {
     }
 
     fn scan_error_rate(&self, now: u64) -> f64 {
-        let (mut ok, mut failed) = (0u64, 0u64);
-        for slot in &self.window {
-            let s = slot.second.load(Ordering::Relaxed);
-            if s + (WINDOW_SECS as u64) > now && s <= now {
-                ok += slot.ok.load(Ordering::Relaxed) as u64;
-                failed += slot.failed.load(Ordering::Relaxed) as u64;
-            }
-        }
+        let [ok, failed] = self.window.sums(now);
         if ok + failed == 0 {
             0.0
         } else {
@@ -430,11 +405,7 @@ impl BackendStats {
     }
 }
 
-/// Whole seconds on a monotonic clock that starts at 1 (0 means "never" in a window slot).
-pub fn now_secs() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs() + 1
-}
+pub use crate::window::now_secs;
 
 /// Decrements a backend's in-flight count when dropped (also on error paths and panics),
 /// waking requests queued for capacity when the backend has a `max_inflight`.

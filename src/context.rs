@@ -163,6 +163,15 @@ impl RequestCtx {
         };
         let stats = &cur.backend.stats;
         stats.record_outcome(outcome);
+        let label = match outcome {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Neutral => "neutral",
+        };
+        METRICS
+            .attempts
+            .with_label_values(&[cur.backend.name(), label])
+            .inc();
         match outcome {
             Outcome::Success => {
                 stats.record_latency(cur.started.elapsed());

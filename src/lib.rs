@@ -28,3 +28,4 @@ pub mod runtime;
 pub mod server;
 pub mod tenants;
 pub mod usage;
+pub mod window;

@@ -21,6 +21,7 @@ const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 
 pub struct Metrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
+    pub attempts: IntCounterVec,
     pub request_duration: HistogramVec,
     pub ttft: HistogramVec,
     pub backend_inflight: IntGaugeVec,
@@ -40,6 +41,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "switchyard_requests_total",
             "Requests answered, by the backend that served them (`none` if Switchyard answered), model and status",
             &["backend", "model", "status"],
+            r
+        )
+        .expect("metric registers"),
+        attempts: register_int_counter_vec_with_registry!(
+            "switchyard_upstream_attempts_total",
+            "Upstream attempts by backend and outcome (success, failure, neutral = 429 or client gone), retried ones included",
+            &["backend", "outcome"],
             r
         )
         .expect("metric registers"),

@@ -3,74 +3,36 @@
 //! a small floor of retries per second is always allowed so a quiet route can still fail
 //! over.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Instant;
+use crate::window::{now_secs, Window};
 
 const WINDOW_SECS: usize = 10;
 
 #[derive(Debug, Default)]
 pub struct RetryBudget {
-    slots: [Slot; WINDOW_SECS],
-}
-
-#[derive(Debug, Default)]
-struct Slot {
-    second: AtomicU64,
-    requests: AtomicU32,
-    retries: AtomicU32,
+    /// Requests (0) and retries (1) per second.
+    window: Window<WINDOW_SECS>,
 }
 
 impl RetryBudget {
     /// Count a request (first attempts only).
     pub fn record_request(&self) {
-        self.slot(now_secs())
-            .requests
-            .fetch_add(1, Ordering::Relaxed);
+        self.window.add(now_secs(), 0);
     }
 
     /// Take one retry from the budget if it allows: retries in the window stay under
     /// `percent` of requests, or under `min_per_sec` per second.
     pub fn try_retry(&self, percent: u32, min_per_sec: u32) -> bool {
         let now = now_secs();
-        let (mut requests, mut retries) = (0u64, 0u64);
-        for s in &self.slots {
-            let sec = s.second.load(Ordering::Relaxed);
-            if sec + WINDOW_SECS as u64 > now && sec <= now {
-                requests += s.requests.load(Ordering::Relaxed) as u64;
-                retries += s.retries.load(Ordering::Relaxed) as u64;
-            }
-        }
+        let [requests, retries] = self.window.sums(now);
         let allowed =
             (requests * percent as u64 / 100).max(min_per_sec as u64 * WINDOW_SECS as u64);
         if retries >= allowed {
             return false;
         }
-        self.slot(now).retries.fetch_add(1, Ordering::Relaxed);
+        self.window.add(now, 1);
         true
     }
-
-    fn slot(&self, now: u64) -> &Slot {
-        let slot = &self.slots[(now % WINDOW_SECS as u64) as usize];
-        let seen = slot.second.load(Ordering::Relaxed);
-        if seen != now
-            && slot
-                .second
-                .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            slot.requests.store(0, Ordering::Relaxed);
-            slot.retries.store(0, Ordering::Relaxed);
-        }
-        slot
-    }
 }
-
-fn now_secs() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs() + 1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

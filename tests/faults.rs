@@ -86,6 +86,20 @@ async fn connection_refused_moves_on_and_counts_as_a_failure() {
     }
     let first = admin_backend(admin, "first").await;
     assert_eq!(first["why_not"], "ejected", "{first}");
+    let metrics = client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "switchyard_upstream_attempts_total{backend=\"first\",outcome=\"failure\"} 3"
+        ),
+        "{metrics}"
+    );
     assert!(first["error_rate"].as_f64().unwrap() > 0.5);
     assert!(p
         .output()
