@@ -199,6 +199,9 @@ pub struct BackendConfig {
     pub api_key_env: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Overrides `health.path` for this backend; `""` switches its active checks off.
+    #[serde(default)]
+    pub health_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -524,6 +527,13 @@ impl Config {
             }
             if b.cost.input < 0.0 || b.cost.output < 0.0 {
                 out.push(format!("{at}.cost: prices must be >= 0"));
+            }
+            if let Some(path) = &b.health_path {
+                if !path.is_empty() && !path.starts_with('/') {
+                    out.push(format!(
+                        "{at}.health_path: must start with `/` (or be empty to switch checks off)"
+                    ));
+                }
             }
             if let Some(var) = &b.api_key_env {
                 if std::env::var_os(var).is_none() {

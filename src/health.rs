@@ -104,11 +104,19 @@ impl BackgroundService for HealthService {
 }
 
 async fn probe(backend: Arc<Backend>, config: HealthConfig) {
+    let path = backend
+        .config
+        .health_path
+        .as_deref()
+        .unwrap_or(&config.path);
+    if path.is_empty() {
+        return; // checks switched off for this backend
+    }
     let u = &backend.upstream;
     let mut check = HttpHealthCheck::new(&u.authority, u.tls);
     if let Ok(mut req) = pingora::http::RequestHeader::build(
         "GET",
-        format!("{}{}", u.path_prefix, config.path).as_bytes(),
+        format!("{}{path}", u.path_prefix).as_bytes(),
         None,
     ) {
         let _ = req.insert_header(http::header::HOST, u.authority.as_str());
@@ -132,7 +140,7 @@ async fn probe(backend: Arc<Backend>, config: HealthConfig) {
             info!(target: "switchyard::health", "backend {} is healthy again", backend.name())
         }
         Some(false) => {
-            warn!(target: "switchyard::health", "backend {} is unhealthy ({} failed checks of {})", backend.name(), config.fall, config.path)
+            warn!(target: "switchyard::health", "backend {} is unhealthy ({} failed checks of {path})", backend.name(), config.fall)
         }
         None => {}
     }
