@@ -276,18 +276,7 @@ async fn a_reset_mid_stream_is_not_retried_and_ends_the_stream_without_done() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let mut text = String::new();
-    let mut broken = false;
-    let mut stream = r.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
-            Err(_) => {
-                broken = true;
-                break;
-            }
-        }
-    }
+    let (text, broken) = read_stream(r).await;
     assert!(broken, "the client sees the stream end abnormally: {text}");
     assert!(text.contains("data: "), "part of the stream arrived");
     assert!(!text.contains("[DONE]"), "never a made-up end");
@@ -315,18 +304,7 @@ async fn a_stalled_stream_hits_the_idle_timeout_and_ends_without_done() {
         &[("x-mock-fault", "stall-mid-stream")],
     )
     .await;
-    let mut text = String::new();
-    let mut broken = false;
-    let mut stream = r.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
-            Err(_) => {
-                broken = true;
-                break;
-            }
-        }
-    }
+    let (text, broken) = read_stream(r).await;
     assert!(broken && !text.contains("[DONE]"), "{text}");
     let took = started.elapsed();
     assert!(
@@ -545,25 +523,10 @@ async fn a_reload_applies_a_valid_backend_set_and_refuses_an_invalid_one_whole()
 
 #[test]
 fn a_missing_key_variable_is_a_start_up_error_naming_it_and_no_value() {
-    let dir = tempfile::tempdir().unwrap();
-    let policies = write_policies(dir.path(), &[]);
-    let path = dir.path().join("c.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "policies_dir: {}\nroutes: [{{ policy: round_robin }}]\nbackends: [{{ name: a, url: \"http://127.0.0.1:1\", models: [m], api_key_env: SWITCHYARD_TEST_UNSET_KEY }}]\n",
-            policies.display()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env_remove("SWITCHYARD_TEST_UNSET_KEY")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(
+        "routes: [{ policy: round_robin }]\nbackends: [{ name: a, url: \"http://127.0.0.1:1\", models: [m], api_key_env: SWITCHYARD_TEST_UNSET_KEY }]\n",
+        &["SWITCHYARD_TEST_UNSET_KEY"],
+    );
     assert!(
         err.contains("environment variable `SWITCHYARD_TEST_UNSET_KEY` is not set"),
         "{err}"

@@ -138,24 +138,10 @@ async fn a_tenant_sees_and_uses_only_its_models() {
 
 #[test]
 fn a_plaintext_key_in_the_config_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let policies = write_policies(dir.path(), &[]);
-    let path = dir.path().join("c.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "policies_dir: {}\nroutes: [{{ policy: round_robin }}]\nbackends: [{{ name: a, url: \"http://127.0.0.1:1\", models: [m] }}]\ntenants:\n  - name: acme\n    key_sha256: [\"sk-live-plaintext\"]\n",
-            policies.display()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(
+        "routes: [{ policy: round_robin }]\nbackends: [{ name: a, url: \"http://127.0.0.1:1\", models: [m] }]\ntenants:\n  - name: acme\n    key_sha256: [\"sk-live-plaintext\"]\n",
+        &[],
+    );
     assert!(
         err.contains("tenants[0].key_sha256[0]: must be 64 hex digits"),
         "{err}"

@@ -262,3 +262,39 @@ pub fn error_code(body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
     v["error"]["code"].as_str().unwrap_or_default().to_string()
 }
+
+/// Run `switchyard run` on a config (with the repository's policies) that must be refused;
+/// returns what it wrote to stderr. `env_remove` names variables to unset.
+pub fn refused_config(yaml: &str, env_remove: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = write_policies(dir.path(), &[]);
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!("policies_dir: {}\n{yaml}", policies.display()),
+    )
+    .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(&path);
+    for var in env_remove {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "the config was accepted");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Read a response body to its end; the text, and whether it ended abnormally (the
+/// connection broke before the body was complete).
+pub async fn read_stream(r: reqwest::Response) -> (String, bool) {
+    use futures_util::StreamExt;
+    let mut text = String::new();
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+            Err(_) => return (text, true),
+        }
+    }
+    (text, false)
+}
