@@ -3,78 +3,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Bounded load: `workers` clients sending non-streamed requests until stopped (or 60 s).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    errors: Arc<Mutex<Vec<String>>>,
-    served: Arc<Mutex<Vec<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, workers: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let served = Arc::new(Mutex::new(Vec::new()));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let tasks = (0..workers)
-            .map(|_| {
-                let (stop, ok, errors, served) =
-                    (stop.clone(), ok.clone(), errors.clone(), served.clone());
-                tokio::spawn(async move {
-                    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
-                    let c = client();
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match c.post(&url).json(&chat_body("m", "hi", false)).send().await {
-                            Ok(r) if r.status() == 200 => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                                served.lock().unwrap().push(
-                                    r.headers()["x-switchyard-backend"]
-                                        .to_str()
-                                        .unwrap()
-                                        .to_string(),
-                                );
-                            }
-                            Ok(r) => errors
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}", r.status())),
-                            Err(e) => errors.lock().unwrap().push(format!("{e:?}")),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            errors,
-            served,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (usize, Vec<String>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let served = self.served.lock().unwrap().clone();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.errors.lock().unwrap().clone(),
-            served,
-        )
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_loses_no_request_that_could_be_served() {
@@ -97,13 +28,15 @@ async fn chaos_loses_no_request_that_could_be_served() {
         backend("healthy", healthy.port, "[m]")
     );
     let p = proxy(&config, &[]).await;
-    let load = Load::start(p.port, 4);
+    let load = Load::start(p.url("/v1/chat/completions"), 4, usize::MAX);
     tokio::time::sleep(Duration::from_millis(500)).await;
     flaky.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let restarted = mock_on(restart_port, "flaky", &[]).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (ok, errors, served) = load.finish().await;
+    let LoadResult {
+        ok, errors, served, ..
+    } = load.finish().await;
     assert!(ok > 200, "the load ran: {ok}");
     assert!(
         errors.is_empty(),
@@ -131,7 +64,11 @@ async fn a_graceful_upgrade_under_load_refuses_no_connection() {
         backend("a", a.port, "[m]")
     );
     let mut old = proxy_on(port, &config, &[], &[], &[]).await;
-    let load = Load::start(port, 4);
+    let load = Load::start(
+        format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        4,
+        usize::MAX,
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The new process waits on the upgrade socket for the old one's listeners.
     let _new = proxy_on(port, &config, &[], &[], &["--upgrade"]).await;
@@ -142,7 +79,7 @@ async fn a_graceful_upgrade_under_load_refuses_no_connection() {
         "the old process hands over and exits"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (ok, errors, _) = load.finish().await;
+    let LoadResult { ok, errors, .. } = load.finish().await;
     assert!(ok > 100, "{ok}");
     assert!(
         errors.is_empty(),

@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -18,92 +16,6 @@ P.tests = {{ {{ req = {{ model = "m" }}, backends = {{ {{ name = "a" }}, {{ name
 return P
 "#
     )
-}
-
-/// Bounded load: `workers` clients until `stop` or `max` requests; records who served.
-struct Load {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    last_served: Arc<Mutex<String>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(url: String, workers: usize, max: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let last_served = Arc::new(Mutex::new(String::new()));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let tasks = (0..workers)
-            .map(|_| {
-                let (url, stop, sent, failures, last) = (
-                    url.clone(),
-                    stop.clone(),
-                    sent.clone(),
-                    failures.clone(),
-                    last_served.clone(),
-                );
-                tokio::spawn(async move {
-                    let c = client();
-                    while !stop.load(Ordering::Relaxed)
-                        && sent.fetch_add(1, Ordering::Relaxed) < max
-                        && Instant::now() < deadline
-                    {
-                        match c.post(&url).json(&chat_body("m", "hi", false)).send().await {
-                            Ok(r) if r.status() == 200 => {
-                                *last.lock().unwrap() = r.headers()["x-switchyard-backend"]
-                                    .to_str()
-                                    .unwrap()
-                                    .to_string();
-                            }
-                            Ok(r) => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}", r.status())),
-                            Err(e) => failures.lock().unwrap().push(e.to_string()),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            sent,
-            failures,
-            last_served,
-            tasks,
-        }
-    }
-
-    fn served_by(&self) -> String {
-        self.last_served.lock().unwrap().clone()
-    }
-
-    async fn wait_for(&self, backend: &str, within: Duration) -> Duration {
-        let started = Instant::now();
-        while started.elapsed() < within {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            // Two consecutive looks, so a request in flight before the swap does not count.
-            if self.served_by() == backend {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if self.served_by() == backend {
-                    return started.elapsed();
-                }
-            }
-        }
-        panic!("traffic did not move to {backend} within {within:?}");
-    }
-
-    async fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let sent = self.sent.load(Ordering::Relaxed);
-        (sent, self.failures.lock().unwrap().clone())
-    }
 }
 
 async fn setup() -> (Proc, Proc, Proc, u16) {
@@ -140,21 +52,25 @@ async fn new_versions_take_effect_and_broken_ones_are_refused_under_load() {
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(load.served_by(), "b");
+    assert_eq!(load.last_served(), "b");
     let wrong_tests = always("a", 2).replace("expect = \"a\"", "expect = \"b\"");
     std::fs::write(&file, wrong_tests).unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(load.served_by(), "b");
+    assert_eq!(load.last_served(), "b");
 
     // Deleting the file keeps the last good version.
     std::fs::remove_file(&file).unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(load.served_by(), "b");
+    assert_eq!(load.last_served(), "b");
 
-    while load.sent.load(Ordering::Relaxed) < 2000 {
+    while load.sent() < 2000 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (sent, failures) = load.finish().await;
+    let LoadResult {
+        sent,
+        errors: failures,
+        ..
+    } = load.finish().await;
     assert!(sent >= 2000);
     assert!(
         failures.is_empty(),
@@ -208,7 +124,11 @@ async fn a_hundred_swaps_during_load_lose_no_request() {
     }
     // The last version (100 → "a") wins once the debounce settles.
     load.wait_for("a", Duration::from_secs(3)).await;
-    let (sent, failures) = load.finish().await;
+    let LoadResult {
+        sent,
+        errors: failures,
+        ..
+    } = load.finish().await;
     assert!(sent > 200, "load ran: {sent}");
     assert!(
         failures.is_empty(),

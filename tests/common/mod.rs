@@ -298,3 +298,116 @@ pub async fn read_stream(r: reqwest::Response) -> (String, bool) {
     }
     (text, false)
 }
+
+/// What a bounded load saw.
+pub struct LoadResult {
+    pub sent: usize,
+    pub ok: usize,
+    /// One line per failed request (status or transport error).
+    pub errors: Vec<String>,
+    /// The backend that served each successful request, in order.
+    pub served: Vec<String>,
+}
+
+/// Bounded load: `workers` clients posting plain chat requests to `url` until stopped,
+/// `max` requests were sent, or 60 s passed.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    served: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: String, workers: usize, max: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let load = Load {
+            stop: Default::default(),
+            sent: Default::default(),
+            errors: Default::default(),
+            served: Default::default(),
+            tasks: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let tasks = (0..workers)
+            .map(|_| {
+                let (url, stop, sent) = (url.clone(), load.stop.clone(), load.sent.clone());
+                let (errors, served) = (load.errors.clone(), load.served.clone());
+                tokio::spawn(async move {
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed)
+                        && Instant::now() < deadline
+                        && sent.fetch_add(1, Ordering::Relaxed) < max
+                    {
+                        match c.post(&url).json(&chat_body("m", "hi", false)).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                let name = r.headers()["x-switchyard-backend"]
+                                    .to_str()
+                                    .unwrap()
+                                    .to_string();
+                                served.lock().unwrap().push(name);
+                            }
+                            Ok(r) => errors
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status())),
+                            Err(e) => errors.lock().unwrap().push(format!("{e:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { tasks, ..load }
+    }
+
+    /// Requests started so far.
+    pub fn sent(&self) -> usize {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The backend that served the latest successful request.
+    pub fn last_served(&self) -> String {
+        self.served
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Wait until traffic is served by `backend` (seen twice, 50 ms apart, so a request
+    /// already in flight before a change does not count); how long it took.
+    pub async fn wait_for(&self, backend: &str, within: Duration) -> Duration {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.last_served() == backend {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self.last_served() == backend {
+                    return started.elapsed();
+                }
+            }
+        }
+        panic!("traffic did not move to {backend} within {within:?}");
+    }
+
+    pub async fn finish(self) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let served = std::mem::take(&mut *self.served.lock().unwrap());
+        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
+        let sent = self
+            .sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(served.len() + errors.len());
+        LoadResult {
+            sent,
+            ok: served.len(),
+            errors,
+            served,
+        }
+    }
+}
