@@ -61,6 +61,12 @@ pub fn run() -> anyhow::Result<()> {
     println!("    -d '{{\"model\":\"demo-large\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
     println!();
     println!("The models: curl -s http://{addr}/v1/models");
+    if let Some(admin) = &config.admin {
+        println!(
+            "The live dashboard: http://{}/  (metrics at /metrics)",
+            admin.addr
+        );
+    }
     println!();
     server::run(config, None, RunOptions::default())
 }
