@@ -70,9 +70,6 @@ pub enum ClientError {
     /// The backend refused our credentials (its body is never echoed).
     #[error("upstream authentication failed")]
     UpstreamAuthFailed,
-    /// A bug or an unexpected state inside Switchyard.
-    #[error("internal error")]
-    Internal,
 }
 
 impl ClientError {
@@ -90,7 +87,7 @@ impl ClientError {
             LengthRequired { .. } => 411,
             BodyTimeout => 408,
             UnsupportedEncoding(_) => 415,
-            PolicyFailed | Internal => 500,
+            PolicyFailed => 500,
             PolicyRejected { status, .. } => *status,
             Forbidden(_) => 403,
             Unauthorized => 401,
@@ -125,7 +122,6 @@ impl ClientError {
             UpstreamUnavailable => ("server_error", "upstream_unavailable"),
             UpstreamTimeout => ("server_error", "upstream_timeout"),
             UpstreamAuthFailed => ("server_error", "upstream_auth_failed"),
-            Internal => ("server_error", "internal_error"),
         }
     }
 

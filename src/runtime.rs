@@ -99,11 +99,7 @@ pub fn unix_now() -> u64 {
 }
 
 impl Shared {
-    pub fn new(runtime: Runtime) -> Shared {
-        Shared::with_audit(runtime, Audit::memory_only())
-    }
-
-    pub fn with_audit(runtime: Runtime, audit: Audit) -> Shared {
+    pub fn new(runtime: Runtime, audit: Audit) -> Shared {
         let now = unix_now();
         let status = runtime
             .policies

@@ -42,7 +42,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
             .map_err(|e| anyhow::anyhow!("audit.path: cannot open {}: {e}", a.path.display()))?,
         None => Audit::memory_only(),
     };
-    let shared = Arc::new(Shared::with_audit(runtime, audit));
+    let shared = Arc::new(Shared::new(runtime, audit));
 
     let mut server = Server::new_with_opt_and_conf(
         Opt {

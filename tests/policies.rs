@@ -201,12 +201,25 @@ fn check_runs_policy_tests_and_fails_on_a_wrong_expectation() {
     let repo = env!("CARGO_MANIFEST_DIR");
     let shipped = std::fs::read_dir(format!("{repo}/policies"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "lua"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "lua")
+        })
         .count();
-    let out = std::process::Command::new(BIN).arg("check").current_dir(repo).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .current_dir(repo)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains(&format!("{shipped} passed, 0 failed")), "{text}");
+    assert!(
+        text.contains(&format!("{shipped} passed, 0 failed")),
+        "{text}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("wrong.lua");
