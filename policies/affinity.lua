@@ -2,7 +2,7 @@
 -- (header x-session-id, else a hash of the system prompt and first message) is mapped to
 -- a backend by sy.hash: consistent hashing with bounded load, so sessions spread evenly,
 -- a removed backend moves only its own sessions, and one hot session cannot push its
--- backend past 1.25x the average load (it spills to its next choice). Requests without a
+-- backend past 1.25x the average load plus one (it spills to its next choice). Requests without a
 -- session go to the backend with the fewest in flight. The rest follow as failover.
 
 local P = { name = "affinity" }

@@ -125,7 +125,8 @@ fn weighted(backends: &Table) -> mlua::Result<Option<String>> {
 /// `sy.hash(key, backends)`: rendezvous (highest random weight) hashing with bounded load.
 ///
 /// Each backend scores `hash(key, name)`, scaled by weight; the key goes to the best-scoring
-/// backend whose in-flight count stays under 1.25× the average after this request. A key
+/// backend whose in-flight count stays within 1.25× the average (plus one) after this
+/// request. A key
 /// keeps its backend while the set is unchanged, removing a backend moves only its keys,
 /// and one hot key spills over to its second choice instead of overloading the first.
 fn hash(key: &Value, backends: &Table) -> mlua::Result<Option<String>> {
@@ -160,7 +161,9 @@ fn hash(key: &Value, backends: &Table) -> mlua::Result<Option<String>> {
         return Ok(None);
     }
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let cap = ((total_inflight + 1.0) / scored.len() as f64 * HASH_LOAD_FACTOR).ceil();
+    // One request of slack: at near-zero load the bound alone would be 1, and a session
+    // would leave its backend whenever its previous request was still being counted.
+    let cap = ((total_inflight + 1.0) / scored.len() as f64 * HASH_LOAD_FACTOR).ceil() + 1.0;
     let chosen = scored
         .iter()
         .find(|(_, _, inflight)| inflight + 1.0 <= cap)
@@ -244,6 +247,20 @@ mod tests {
             .collect();
         let moved = hash(&key, &backends(&lua, &loaded)).unwrap().unwrap();
         assert_ne!(moved, home);
+    }
+
+    #[test]
+    fn hash_keeps_a_key_home_at_low_load() {
+        let lua = Lua::new();
+        let key = Value::String(lua.create_string("s").unwrap());
+        let idle = backends(&lua, &[("a", 1.0, 0.0), ("b", 1.0, 0.0), ("c", 1.0, 0.0)]);
+        let home = hash(&key, &idle).unwrap().unwrap();
+        // The key's previous request still counted in flight on its home backend.
+        let busy: Vec<(&str, f64, f64)> = ["a", "b", "c"]
+            .iter()
+            .map(|n| (*n, 1.0, if *n == home { 1.0 } else { 0.0 }))
+            .collect();
+        assert_eq!(hash(&key, &backends(&lua, &busy)).unwrap().unwrap(), home);
     }
 
     #[test]
