@@ -36,12 +36,7 @@ async fn backends_added_and_removed_at_run_time_take_and_lose_traffic() {
                     .await
                     .unwrap();
                 assert_eq!(r.status(), 200);
-                served.push(
-                    r.headers()["x-switchyard-backend"]
-                        .to_str()
-                        .unwrap()
-                        .to_string(),
-                );
+                served.push(served_by(r.headers()));
             }
             served
         }

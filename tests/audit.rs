@@ -70,14 +70,8 @@ return P
     );
 
     // The same decisions are on the admin API, newest first.
-    let d: serde_json::Value = client()
-        .get(format!("http://127.0.0.1:{admin}/admin/decisions?limit=10"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let d: serde_json::Value =
+        get_json(format!("http://127.0.0.1:{admin}/admin/decisions?limit=10")).await;
     // Four chat requests, and the harness's readiness probe (GET /v1/models) before them.
     let decisions = d["decisions"].as_array().unwrap();
     assert_eq!(decisions.len(), 5);

@@ -143,12 +143,7 @@ async fn draining_stops_new_traffic_while_in_flight_requests_finish() {
     let mut served = std::collections::HashSet::new();
     for _ in 0..4 {
         let (_, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
-        served.insert(
-            headers["x-switchyard-backend"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
+        served.insert(served_by(&headers));
     }
     assert!(served.contains("a"));
 }

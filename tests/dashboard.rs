@@ -183,14 +183,7 @@ fn run_setup(browser_dir: &Path) {
 async fn wait_for_rejection(admin_url: &str, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v: serde_json::Value = client()
-            .get(format!("{admin_url}/admin/policies"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: serde_json::Value = get_json(format!("{admin_url}/admin/policies")).await;
         let refused = v["policies"]
             .as_array()
             .into_iter()

@@ -37,14 +37,7 @@ fn admin_config(admin: u16) -> String {
 }
 
 async fn admin_backend(admin: u16, name: &str) -> serde_json::Value {
-    let v: serde_json::Value = client()
-        .get(format!("http://127.0.0.1:{admin}/admin/backends"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(format!("http://127.0.0.1:{admin}/admin/backends")).await;
     v["backends"]
         .as_array()
         .unwrap()
@@ -413,12 +406,7 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     let mut served = std::collections::HashSet::new();
     for _ in 0..10 {
         let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
-        served.insert(
-            r.headers()["x-switchyard-backend"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
+        served.insert(served_by(r.headers()));
     }
     assert!(served.contains("flappy"), "traffic returns after recovery");
 }

@@ -80,14 +80,7 @@ async fn new_versions_take_effect_and_broken_ones_are_refused_under_load() {
     );
 
     let admin_url = format!("http://127.0.0.1:{admin}");
-    let policies: serde_json::Value = client()
-        .get(format!("{admin_url}/admin/policies"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let policies: serde_json::Value = get_json(format!("{admin_url}/admin/policies")).await;
     let sw = &policies["policies"][0];
     assert_eq!(sw["name"], "switchable");
     let reason = sw["last_rejection"]["reason"].as_str().unwrap();

@@ -264,14 +264,7 @@ async fn round_robin_spreads_300_requests_evenly_over_3_backends() {
     for _ in 0..300 {
         let (status, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
         assert_eq!(status, 200);
-        *counts
-            .entry(
-                headers["x-switchyard-backend"]
-                    .to_str()
-                    .unwrap()
-                    .to_string(),
-            )
-            .or_insert(0) += 1;
+        *counts.entry(served_by(&headers)).or_insert(0) += 1;
     }
     for name in ["a", "b", "c"] {
         let n = counts.get(name).copied().unwrap_or(0);
@@ -307,12 +300,7 @@ async fn least_inflight_sends_new_requests_away_from_a_busy_backend() {
                     .await
                     .unwrap();
                 assert_eq!(r.status(), 200);
-                served.push(
-                    r.headers()["x-switchyard-backend"]
-                        .to_str()
-                        .unwrap()
-                        .to_string(),
-                );
+                served.push(served_by(r.headers()));
             }
             served
         }));
@@ -373,11 +361,10 @@ async fn client_errors_get_the_openai_envelope() {
     let m = mock("m1", &[]).await;
     let p = proxy(
         &format!(
-            "{}backends:\n{}proxy_placeholder: 0\n",
+            "{}backends:\n{}",
             routes("round_robin"),
             backend("b1", m.port, "[m, other]")
-        )
-        .replace("proxy_placeholder: 0\n", ""),
+        ),
         &[],
     )
     .await;
@@ -426,14 +413,7 @@ async fn client_errors_get_the_openai_envelope() {
     // Nothing above reached the backend.
     assert!(received(&m).await.is_empty());
 
-    let models: serde_json::Value = client()
-        .get(p.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: serde_json::Value = get_json(p.url("/v1/models")).await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -452,8 +432,7 @@ async fn a_body_over_the_limit_is_refused_with_413() {
             "{}backends:\n{}",
             routes("round_robin"),
             backend("b1", m.port, "[m]")
-        )
-        .replace("routes:", "lua: {}\nroutes:"),
+        ),
         &[],
     )
     .await;

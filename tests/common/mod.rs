@@ -181,14 +181,7 @@ pub async fn proxy_on(
 
 /// What a mock says about itself (`GET /mock/stats`).
 pub async fn mock_stats(mock: &Proc) -> Value {
-    client()
-        .get(mock.url("/mock/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(mock.url("/mock/stats")).await
 }
 
 /// Copy the repository's policies and write extra ones; returns the directory.
@@ -243,14 +236,7 @@ pub async fn chat(proxy: &Proc, body: &Value) -> (u16, reqwest::header::HeaderMa
 
 /// What a mock received (`GET /mock/requests`).
 pub async fn received(mock: &Proc) -> Vec<Value> {
-    client()
-        .get(mock.url("/mock/requests"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Vec<Value>>()
-        .await
-        .unwrap()
+    serde_json::from_value(get_json(mock.url("/mock/requests")).await).expect("a JSON array")
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -410,4 +396,24 @@ impl Load {
             served,
         }
     }
+}
+
+/// GET a URL and parse its JSON body.
+pub async fn get_json(url: impl reqwest::IntoUrl) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The backend that served a response (`x-switchyard-backend`).
+pub fn served_by(headers: &reqwest::header::HeaderMap) -> String {
+    headers["x-switchyard-backend"]
+        .to_str()
+        .unwrap()
+        .to_string()
 }
