@@ -50,6 +50,103 @@ pub struct Config {
     /// Who may call, with what key, and what they may use.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// Where tenant limits are counted. Default: none, each instance counts on its own.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+}
+
+/// Redis holding every tenant's limit counters, shared by a fleet of instances. Read at
+/// start only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`, without a password. Either this or `url_env`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Environment variable holding the URL, for one that carries a password.
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// What to do while Redis is unreachable: `open` (default) keeps serving on this
+    /// instance's own counters; `closed` answers 503.
+    #[serde(default)]
+    pub on_failure: FailMode,
+    /// Time allowed for one Redis call before it counts as unreachable. Default 200 ms.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Prefix of every key Switchyard writes. Default `switchyard`.
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// How long a concurrency slot is held in Redis if its instance dies before releasing
+    /// it. Default 600 s.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Open,
+    Closed,
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    200
+}
+
+fn default_redis_prefix() -> String {
+    "switchyard".into()
+}
+
+fn default_lease_seconds() -> u64 {
+    600
+}
+
+impl RedisConfig {
+    /// The URL, from the config or its environment variable.
+    pub fn resolve_url(&self) -> Result<String, String> {
+        match (&self.url, &self.url_env) {
+            (Some(u), None) => Ok(u.clone()),
+            (None, Some(var)) => std::env::var(var)
+                .map_err(|_| format!("redis.url_env: environment variable `{var}` is not set")),
+            _ => Err("redis: exactly one of `url` and `url_env` is required".into()),
+        }
+    }
+}
+
+/// A tenant's limits; each one absent is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Requests per minute (sliding 60 s window).
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute: prompt estimate + `max_tokens` reserved up front, settled to the
+    /// reported usage after.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub concurrent: Option<u64>,
+    /// Spend per UTC day, in USD, at the backends' `cost` prices.
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+    /// Completion tokens reserved for a request that sets no `max_tokens`. Default 1024.
+    #[serde(default = "default_reserve_tokens")]
+    pub default_max_tokens: u64,
+}
+
+fn default_reserve_tokens() -> u64 {
+    1024
+}
+
+impl TenantLimits {
+    pub fn any(&self) -> bool {
+        self.rpm.is_some()
+            || self.tpm.is_some()
+            || self.concurrent.is_some()
+            || self.usd_per_day.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,6 +197,9 @@ pub struct TenantConfig {
     /// to. Default: all.
     #[serde(default)]
     pub allowed_regions: Vec<String>,
+    /// Requests, tokens, concurrency and spend allowed. Default: unlimited.
+    #[serde(default)]
+    pub limits: Option<TenantLimits>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +294,11 @@ pub struct BackendConfig {
     /// Price per 1M tokens. Default 0/0.
     #[serde(default)]
     pub cost: Cost,
+    /// Ask for the usage chunk of streams the client did not ask it for (OpenAI-format
+    /// backends), and strip it from the client's stream. Default true; turn off for a
+    /// server that rejects `stream_options`.
+    #[serde(default = "default_true")]
+    pub stream_usage: bool,
     /// Environment variable holding the backend's API key, injected as `Authorization: Bearer`.
     #[serde(default)]
     pub api_key_env: Option<String>,
@@ -565,6 +670,37 @@ impl Config {
                         "tenants[{i}].key_sha256[{j}]: the same key is configured twice"
                     ));
                 }
+            }
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            let Some(l) = &t.limits else { continue };
+            for (name, v) in [("rpm", l.rpm), ("tpm", l.tpm), ("concurrent", l.concurrent)] {
+                if v == Some(0) {
+                    out.push(format!(
+                        "tenants[{i}].limits.{name}: must be > 0 (leave it out for no limit)"
+                    ));
+                }
+            }
+            if l.usd_per_day.is_some_and(|u| !(u.is_finite() && u > 0.0)) {
+                out.push(format!("tenants[{i}].limits.usd_per_day: must be > 0"));
+            }
+        }
+        if let Some(r) = &self.redis {
+            match r.resolve_url() {
+                Err(e) => out.push(e),
+                Ok(url) => match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                    Err(_) => out.push("redis.url: not a redis:// URL".into()),
+                    Ok(info) if r.url.is_some() && info.redis_settings().password().is_some() => {
+                        out.push("redis.url: holds a password; put the URL in an environment variable named by `url_env`".into())
+                    }
+                    Ok(_) => {}
+                },
+            }
+            if r.timeout_ms == 0 {
+                out.push("redis.timeout_ms: must be > 0".into());
+            }
+            if r.lease_seconds == 0 {
+                out.push("redis.lease_seconds: must be > 0".into());
             }
         }
         if self.auth.mode == AuthMode::Required && self.tenants.is_empty() {

@@ -9,10 +9,12 @@ use bytes::Bytes;
 use crate::audit::{AttemptRecord, AuditRecord, Skipped};
 use crate::backends::{Backend, InflightGuard, Outcome};
 use crate::errors::ClientError;
+use crate::limits::Lease;
 use crate::metrics::METRICS;
 use crate::plan::Plan;
 use crate::request::RequestMeta;
 use crate::runtime::Runtime;
+use crate::stream_usage::{self, UsageStripper};
 use crate::usage::{Usage, UsageReader};
 
 /// Everything one request carries through the proxy phases.
@@ -45,6 +47,10 @@ pub struct RequestCtx {
     pub ttft: Option<Duration>,
     /// The backend whose response went to the client.
     pub served_by: Option<String>,
+    /// The request's hold on its tenant's limits, settled in `logging`.
+    pub lease: Option<Lease>,
+    /// `x-ratelimit-*` headers for the client.
+    pub rate_headers: Vec<(&'static str, String)>,
 }
 
 /// The attempt in progress.
@@ -57,6 +63,8 @@ pub struct Current {
     pub body: Option<Bytes>,
     /// Reads `usage` from the response as it streams by.
     pub usage_reader: Option<UsageReader>,
+    /// Takes out of the client's stream the usage Switchyard asked for on its behalf.
+    pub usage_stripper: Option<UsageStripper>,
     _inflight: InflightGuard,
 }
 
@@ -87,6 +95,8 @@ impl RequestCtx {
             usage: None,
             ttft: None,
             served_by: None,
+            lease: None,
+            rate_headers: Vec::new(),
         }
     }
 
@@ -131,8 +141,17 @@ impl RequestCtx {
         if counts {
             self.tries += 1;
         }
+        let mut usage_stripper = None;
         let body = match (&self.body, &self.meta) {
-            (Some(body), Some(meta)) => Some(crate::plan::body_for(body, meta, &backend)),
+            (Some(body), Some(meta)) => {
+                let body = crate::plan::body_for(body, meta, &backend);
+                if stream_usage::should_add(meta, &backend) {
+                    usage_stripper = Some(UsageStripper::default());
+                    Some(stream_usage::add_include_usage(&body))
+                } else {
+                    Some(body)
+                }
+            }
             (body, _) => body.clone(),
         };
         self.current = Some(Current {
@@ -143,6 +162,7 @@ impl RequestCtx {
             last_byte: None,
             body,
             usage_reader: None,
+            usage_stripper,
         });
         Ok(())
     }
@@ -262,6 +282,32 @@ impl RequestCtx {
                 .with_label_values(&[meta.tenant.as_str(), served_by])
                 .inc_by(self.cost_usd());
         }
+    }
+
+    /// What the request really used, to settle its limits: tokens and nano-USD. Nothing
+    /// when no backend answered; the reservation stands (`None`) when a backend answered
+    /// but its usage is unknown. A stream that reported no usage counts its prompt
+    /// estimate and its content events.
+    pub fn settlement(&self) -> (Option<u64>, Option<i64>) {
+        let answered = self.served_by.is_some() && self.status < 500;
+        let (Some(cur), true) = (&self.current, answered) else {
+            return (Some(0), Some(0));
+        };
+        let Some(usage) = self.usage else {
+            return (None, None);
+        };
+        let prompt = if usage.reported {
+            usage.prompt_tokens
+        } else {
+            self.meta.as_ref().map_or(0, |m| m.tokens)
+        };
+        let price = &cur.backend.config.cost;
+        let usd =
+            (prompt as f64 * price.input + usage.completion_tokens as f64 * price.output) / 1e6;
+        (
+            Some(prompt + usage.completion_tokens),
+            Some(crate::limits::nano_usd(usd)),
+        )
     }
 
     /// What the answer cost at the serving backend's prices (0 without usage).

@@ -70,6 +70,12 @@ pub enum ClientError {
     /// The backend refused our credentials (its body is never echoed).
     #[error("upstream authentication failed")]
     UpstreamAuthFailed,
+    /// Over one of the tenant's limits or its daily budget.
+    #[error("{}", .0.message)]
+    RateLimited(Box<crate::limits::Exceeded>),
+    /// The shared limit counters are unreachable and `redis.on_failure` is `closed`.
+    #[error("rate limits cannot be checked right now; retry later")]
+    LimitsUnavailable,
 }
 
 impl ClientError {
@@ -95,6 +101,8 @@ impl ClientError {
             UpstreamAuthFailed => 502,
             UpstreamUnavailable => 503,
             UpstreamTimeout => 504,
+            RateLimited(_) => 429,
+            LimitsUnavailable => 503,
         }
     }
 
@@ -122,6 +130,11 @@ impl ClientError {
             UpstreamUnavailable => ("server_error", "upstream_unavailable"),
             UpstreamTimeout => ("server_error", "upstream_timeout"),
             UpstreamAuthFailed => ("server_error", "upstream_auth_failed"),
+            RateLimited(e) if e.kind == crate::limits::Kind::Spend => {
+                ("insufficient_quota", "budget_exceeded")
+            }
+            RateLimited(_) => ("rate_limit_error", "rate_limit_exceeded"),
+            LimitsUnavailable => ("server_error", "limits_unavailable"),
         }
     }
 
@@ -136,7 +149,10 @@ impl ClientError {
     /// Seconds a client should wait before retrying, when that is known.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            ClientError::NoBackendAvailable(_) | ClientError::UpstreamUnavailable => Some(1),
+            ClientError::NoBackendAvailable(_)
+            | ClientError::UpstreamUnavailable
+            | ClientError::LimitsUnavailable => Some(1),
+            ClientError::RateLimited(e) => Some(e.retry_after_secs),
             _ => None,
         }
     }

@@ -6,8 +6,9 @@ use std::sync::LazyLock;
 
 use prometheus::{
     register_counter_vec_with_registry, register_histogram_vec_with_registry,
-    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry, CounterVec,
-    Encoder, HistogramVec, IntCounterVec, IntGaugeVec, Registry, TextEncoder,
+    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry, CounterVec, Encoder, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, 10 ms to 60 s: LLM requests range from a cached embedding
@@ -31,6 +32,8 @@ pub struct Metrics {
     pub policy_decisions: IntCounterVec,
     pub policy_errors: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub redis_up: IntGauge,
 }
 
 /// The process-wide metrics.
@@ -113,6 +116,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "switchyard_policy_reloads_total",
             "Policy versions offered by a reload, by result (loaded, rejected)",
             &["policy", "result"],
+            r
+        )
+        .expect("metric registers"),
+        rate_limited: register_int_counter_vec_with_registry!(
+            "switchyard_rate_limited_total",
+            "Requests refused with 429 by a tenant limit (requests, tokens, concurrent, usd)",
+            &["tenant", "limit"],
+            r
+        )
+        .expect("metric registers"),
+        redis_up: register_int_gauge_with_registry!(
+            "switchyard_redis_up",
+            "1 while the limit counters in Redis are reachable, 0 while this instance counts alone or none is configured",
             r
         )
         .expect("metric registers"),

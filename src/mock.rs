@@ -743,8 +743,10 @@ struct Envelope<'a, C> {
     created: u64,
     model: &'a str,
     choices: &'a [C],
+    /// Absent, `null` (stream chunks when the client asked for usage, as OpenAI does), or
+    /// the usage.
     #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Usage>,
+    usage: Option<Option<Usage>>,
 }
 
 #[derive(Serialize)]
@@ -793,6 +795,8 @@ struct Completion {
     name: Arc<str>,
     chunks: u32,
     usage: Usage,
+    /// Stream chunks carry `"usage": null` (`stream_options.include_usage` was asked).
+    null_usage: bool,
 }
 
 impl Completion {
@@ -814,6 +818,7 @@ impl Completion {
                 completion_tokens: u64::from(chunks),
                 total_tokens: prompt_tokens + u64::from(chunks),
             },
+            null_usage: parsed.stream && parsed.include_usage,
         }
     }
 
@@ -848,7 +853,7 @@ impl Completion {
             created: self.created,
             model: &self.model,
             choices,
-            usage: None,
+            usage: self.null_usage.then_some(None),
         }
     }
 
@@ -867,7 +872,7 @@ impl Completion {
                     finish_reason: "stop",
                 };
                 let mut envelope = self.envelope("chat.completion", std::slice::from_ref(&choice));
-                envelope.usage = Some(self.usage);
+                envelope.usage = Some(Some(self.usage));
                 write_json(&mut out, &envelope);
             }
             Kind::Text => {
@@ -878,7 +883,7 @@ impl Completion {
                     finish_reason: Some("stop"),
                 };
                 let mut envelope = self.envelope("text_completion", std::slice::from_ref(&choice));
-                envelope.usage = Some(self.usage);
+                envelope.usage = Some(Some(self.usage));
                 write_json(&mut out, &envelope);
             }
         }
@@ -932,7 +937,7 @@ impl Completion {
             Kind::Text => "text_completion",
         };
         let mut envelope = self.envelope::<DeltaChoice<'_>>(object, &[]);
-        envelope.usage = Some(self.usage);
+        envelope.usage = Some(Some(self.usage));
         sse_event(&envelope)
     }
 }

@@ -88,7 +88,7 @@ impl ProxyHttp for Switchyard {
         ctx.request_id = request_id(session.req_header());
         let runtime = self.shared.load();
         ctx.runtime = Some(runtime.clone());
-        match admit(session, ctx, &runtime).await {
+        match admit(session, ctx, &runtime, &self.shared).await {
             Ok(Admitted::Proxy) => {
                 self.retry_budget.record_request();
                 Ok(false)
@@ -235,7 +235,14 @@ impl ProxyHttp for Switchyard {
                 .headers
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
+            let sse = content_type.is_some_and(|ct| ct.starts_with("text/event-stream"));
             cur.usage_reader = Some(UsageReader::new(content_type));
+            if !sse {
+                cur.usage_stripper = None;
+            } else if cur.usage_stripper.is_some() {
+                // The stream is rewritten on the way: its length is no longer the backend's.
+                upstream.remove_header(&http::header::CONTENT_LENGTH);
+            }
             return Ok(());
         }
         let name = cur.backend.name().to_string();
@@ -273,7 +280,7 @@ impl ProxyHttp for Switchyard {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         let Some(cur) = ctx.current.as_mut() else {
@@ -293,6 +300,19 @@ impl ProxyHttp for Switchyard {
         if let (Some(reader), Some(chunk)) = (cur.usage_reader.as_mut(), body.as_ref()) {
             reader.feed(chunk);
         }
+        if let Some(stripper) = cur.usage_stripper.as_mut() {
+            let mut out = body
+                .as_ref()
+                .map(|c| stripper.filter(c))
+                .unwrap_or_default();
+            if end_of_stream {
+                let rest = stripper.finish();
+                if !rest.is_empty() {
+                    out = [out, rest].concat().into();
+                }
+            }
+            *body = Some(out);
+        }
         Ok(None)
     }
 
@@ -308,6 +328,9 @@ impl ProxyHttp for Switchyard {
             session.set_keepalive(None);
         }
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        for (name, value) in &ctx.rate_headers {
+            response.insert_header(*name, value.as_str())?;
+        }
         if let Some(name) = ctx.backend_name() {
             response.insert_header(SERVED_BY, name)?;
             ctx.served_by = Some(name.to_string());
@@ -422,6 +445,10 @@ impl ProxyHttp for Switchyard {
         if e.is_none() {
             ctx.read_usage();
         }
+        if let Some(lease) = ctx.lease.take() {
+            let (tokens, nano) = ctx.settlement();
+            self.shared.limiter.settle(lease, tokens, nano).await;
+        }
         let served_by = ctx.backend_name().unwrap_or("none").to_string();
         ctx.count(&served_by);
         if ctx.current.is_some() {
@@ -478,6 +505,7 @@ async fn admit(
     session: &mut Session,
     ctx: &mut RequestCtx,
     runtime: &Arc<Runtime>,
+    shared: &Shared,
 ) -> Result<Admitted, ClientError> {
     let head = session.req_header();
     let path = head.uri.path().to_string();
@@ -511,6 +539,14 @@ async fn admit(
     let meta = Arc::new(meta);
     ctx.meta = Some(meta.clone());
     ctx.body = body;
+    if let Some(limits) = &tenant.limits {
+        let mut lease = shared
+            .limiter
+            .admit(&tenant.name, limits, &ctx.request_id, runtime, &meta)
+            .await?;
+        ctx.rate_headers = std::mem::take(&mut lease.headers);
+        ctx.lease = Some(lease);
+    }
     ctx.plan = Some(
         match plan::decide(runtime, tenant, &meta, &ctx.request_id) {
             Ok(p) => p,

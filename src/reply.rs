@@ -37,6 +37,9 @@ pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientEr
     );
     let status = error.status();
     let retry_after = error.retry_after_secs();
+    if let ClientError::RateLimited(e) = &error {
+        ctx.rate_headers = e.headers.clone();
+    }
     respond(session, ctx, status, error.envelope(), retry_after).await;
 }
 
@@ -59,6 +62,9 @@ pub async fn respond(
         h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(s) = retry_after {
             h.insert_header(http::header::RETRY_AFTER, s)?;
+        }
+        for (name, value) in &ctx.rate_headers {
+            h.insert_header(*name, value.as_str())?;
         }
         Ok(h)
     };

@@ -34,6 +34,8 @@ pub struct RequestMeta {
     pub tokens: u64,
     pub max_tokens: Option<u64>,
     pub stream: bool,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    pub asked_usage: bool,
     pub tenant: String,
     pub region: Option<String>,
     pub session: Option<String>,
@@ -110,6 +112,11 @@ impl RequestMeta {
                 .map_err(|_| ClientError::wrong_type("stream", "a boolean"))?
                 .unwrap_or(false),
         };
+        self.asked_usage = peek
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
         let max_tokens = peek.max_completion_tokens.or(peek.max_tokens);
         self.max_tokens = match max_tokens {
             None => None,
@@ -278,6 +285,14 @@ struct BodyPeek<'a> {
     input: Option<&'a RawValue>,
     #[serde(borrow, default)]
     system: Option<&'a RawValue>,
+    #[serde(default)]
+    stream_options: Option<StreamOptionsPeek>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsPeek {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]

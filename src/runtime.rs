@@ -12,6 +12,7 @@ use bytes::Bytes;
 use crate::audit::Audit;
 use crate::backends::BackendSet;
 use crate::config::Config;
+use crate::limits::Limiter;
 use crate::policy::PolicySet;
 use crate::routes::Routes;
 use crate::tenants::Tenants;
@@ -73,6 +74,8 @@ pub struct Shared {
     pub policy_status: Mutex<BTreeMap<String, PolicyStatus>>,
     /// The audit log and the recent decisions (not replaced by reloads).
     pub audit: Audit,
+    /// Tenant limit counters (kept across reloads; Redis settings are read at start).
+    pub limiter: Limiter,
 }
 
 /// A policy's state, as `GET /admin/policies` shows it.
@@ -99,7 +102,7 @@ pub fn unix_now() -> u64 {
 }
 
 impl Shared {
-    pub fn new(runtime: Runtime, audit: Audit) -> Shared {
+    pub fn new(runtime: Runtime, audit: Audit, limiter: Limiter) -> Shared {
         let now = unix_now();
         let status = runtime
             .policies
@@ -117,6 +120,7 @@ impl Shared {
             current: ArcSwap::from_pointee(runtime),
             policy_status: Mutex::new(status),
             audit,
+            limiter,
         }
     }
 

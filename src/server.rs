@@ -42,7 +42,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
             .map_err(|e| anyhow::anyhow!("audit.path: cannot open {}: {e}", a.path.display()))?,
         None => Audit::memory_only(),
     };
-    let shared = Arc::new(Shared::new(runtime, audit));
+    let limiter = crate::limits::Limiter::new(&config)?;
+    let shared = Arc::new(Shared::new(runtime, audit, limiter));
 
     let mut server = Server::new_with_opt_and_conf(
         Opt {

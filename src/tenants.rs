@@ -10,7 +10,7 @@ use subtle::ConstantTimeEq;
 use wildmatch::WildMatch;
 
 use crate::backends::Backend;
-use crate::config::{AuthMode, Config, TenantConfig};
+use crate::config::{AuthMode, Config, TenantConfig, TenantLimits};
 use crate::request::ANONYMOUS;
 
 /// A tenant ready for lookups.
@@ -22,6 +22,8 @@ pub struct Tenant {
     allowed_models: Vec<WildMatch>,
     /// Region names or prefixes (`eu` covers `eu-west`); empty = every region.
     allowed_regions: Vec<String>,
+    /// Requests, tokens, concurrency and spend allowed; `None` when unlimited.
+    pub limits: Option<TenantLimits>,
 }
 
 impl Tenant {
@@ -31,6 +33,7 @@ impl Tenant {
             region: None,
             allowed_models: Vec::new(),
             allowed_regions: Vec::new(),
+            limits: None,
         }
     }
 
@@ -129,6 +132,7 @@ fn from_config(t: &TenantConfig) -> Tenant {
         region: t.region.clone(),
         allowed_models: t.allowed_models.iter().map(|g| WildMatch::new(g)).collect(),
         allowed_regions: t.allowed_regions.clone(),
+        limits: t.limits.clone().filter(TenantLimits::any),
     }
 }
 

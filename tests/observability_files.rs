@@ -595,15 +595,21 @@ fn the_metric_table_matches_what_src_metrics_rs_registers() {
         let after = &rest[at + 1..];
         let end = after.find('"').expect("closing quote");
         let name = &after[..end];
-        let labels_at = after.find("&[").expect("a label list after the name");
-        let labels_end = labels_at + after[labels_at..].find(']').expect("`]`");
-        let labels: BTreeSet<String> = after[labels_at + 2..labels_end]
-            .split(',')
-            .map(|l| l.trim().trim_matches('"').to_string())
-            .filter(|l| !l.is_empty())
-            .collect();
+        // The registration ends at its `.expect(`; a gauge without labels has no `&[`.
+        let registration = &after[..after.find(".expect(").expect("`.expect(` after a metric")];
+        let labels: BTreeSet<String> = match registration.find("&[") {
+            Some(at) => {
+                let end = at + registration[at..].find(']').expect("`]`");
+                registration[at + 2..end]
+                    .split(',')
+                    .map(|l| l.trim().trim_matches('"').to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect()
+            }
+            None => BTreeSet::new(),
+        };
         registered.push((name.to_string(), labels));
-        rest = &after[labels_end..];
+        rest = &after[registration.len()..];
     }
     assert!(!registered.is_empty(), "no metric found in src/metrics.rs");
     let mut problems = Vec::new();

@@ -1,0 +1,289 @@
+//! Limit counters held by this instance alone: used without Redis, and while Redis is
+//! unreachable (fail-open). The same rules as the Redis scripts, so a fleet of one behaves
+//! like a fleet of many.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use super::{Ask, Kind, Outcome, Settle, Snapshot, DAY_MS, WINDOW_MS};
+
+/// One tenant's counters.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Admission times (ms) in the last minute.
+    requests: VecDeque<u64>,
+    /// Token entries in the last minute: (admitted at ms, request id, tokens).
+    tokens: VecDeque<(u64, String, u64)>,
+    token_sum: u64,
+    inflight: u64,
+    /// The UTC day `spent_nano` belongs to.
+    day: u64,
+    spent_nano: i64,
+}
+
+impl Counters {
+    fn expire(&mut self, now: u64) {
+        let cutoff = now.saturating_sub(WINDOW_MS);
+        while self.requests.front().is_some_and(|&t| t <= cutoff) {
+            self.requests.pop_front();
+        }
+        while self.tokens.front().is_some_and(|e| e.0 <= cutoff) {
+            let (_, _, n) = self.tokens.pop_front().expect("front exists");
+            self.token_sum -= n;
+        }
+        let day = now / DAY_MS;
+        if day != self.day {
+            self.day = day;
+            self.spent_nano = 0;
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            requests: self.requests.len() as u64,
+            tokens: self.token_sum,
+            inflight: self.inflight,
+            spent_nano: self.spent_nano,
+        }
+    }
+
+    /// When `needed` more tokens fit under `limit`, as ms from `now`.
+    fn tokens_free_in(&self, needed: u64, limit: u64, now: u64) -> u64 {
+        if needed > limit {
+            return WINDOW_MS;
+        }
+        let mut sum = self.token_sum;
+        for (at, _, n) in &self.tokens {
+            sum -= n;
+            if sum + needed <= limit {
+                return (at + WINDOW_MS).saturating_sub(now);
+            }
+        }
+        0
+    }
+}
+
+/// Every tenant's counters, behind one lock held for microseconds.
+#[derive(Debug, Default)]
+pub struct LocalCounters {
+    tenants: Mutex<HashMap<String, Counters>>,
+}
+
+impl LocalCounters {
+    /// Check every limit of `ask` and, if all allow it, count the request.
+    pub fn admit(&self, ask: &Ask, now: u64) -> Outcome {
+        let mut tenants = self.tenants.lock().expect("limit counters poisoned");
+        let c = tenants.entry(ask.tenant.to_string()).or_default();
+        c.expire(now);
+        let l = ask.limits;
+        let refuse = |kind, retry_ms| Outcome::Refused {
+            kind,
+            retry_ms,
+            snapshot: c.snapshot(),
+        };
+        if l.concurrent.is_some_and(|max| c.inflight >= max) {
+            return refuse(Kind::Concurrent, 1_000);
+        }
+        if let Some(max) = l.rpm {
+            if c.requests.len() as u64 >= max {
+                let oldest = c.requests.front().copied().unwrap_or(now);
+                return refuse(Kind::Requests, (oldest + WINDOW_MS).saturating_sub(now));
+            }
+        }
+        if let Some(max) = l.tpm {
+            if c.token_sum + ask.tokens > max {
+                return refuse(Kind::Tokens, c.tokens_free_in(ask.tokens, max, now));
+            }
+        }
+        if let Some(budget) = ask.budget_nano() {
+            if c.spent_nano + ask.nano > budget {
+                return refuse(Kind::Spend, (c.day + 1) * DAY_MS - now);
+            }
+        }
+        if l.rpm.is_some() {
+            c.requests.push_back(now);
+        }
+        if l.tpm.is_some() {
+            c.tokens.push_back((now, ask.id.to_string(), ask.tokens));
+            c.token_sum += ask.tokens;
+        }
+        if l.concurrent.is_some() {
+            c.inflight += 1;
+        }
+        if l.usd_per_day.is_some() {
+            c.spent_nano += ask.nano;
+        }
+        Outcome::Admitted(c.snapshot())
+    }
+
+    /// Release the request's concurrency slot and replace its reservation with what it
+    /// really used.
+    pub fn settle(&self, s: &Settle, now: u64) {
+        let mut tenants = self.tenants.lock().expect("limit counters poisoned");
+        let Some(c) = tenants.get_mut(&s.tenant) else {
+            return;
+        };
+        c.expire(now);
+        if s.concurrent {
+            c.inflight = c.inflight.saturating_sub(1);
+        }
+        if let Some(actual) = s.tokens {
+            match c.tokens.iter_mut().find(|e| e.1 == s.id) {
+                Some(entry) => {
+                    c.token_sum = c.token_sum - entry.2 + actual;
+                    entry.2 = actual;
+                }
+                // The reservation left the window already: the usage counts from now.
+                None if actual > 0 => {
+                    c.tokens.push_back((now, s.id.clone(), actual));
+                    c.token_sum += actual;
+                }
+                None => {}
+            }
+        }
+        if c.day == s.day {
+            c.spent_nano += s.nano_delta;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TenantLimits;
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>, concurrent: Option<u64>) -> TenantLimits {
+        TenantLimits {
+            rpm,
+            tpm,
+            concurrent,
+            usd_per_day: None,
+            default_max_tokens: 0,
+        }
+    }
+
+    fn ask<'a>(id: &'a str, l: &'a TenantLimits, tokens: u64) -> Ask<'a> {
+        Ask {
+            tenant: "t",
+            id,
+            limits: l,
+            tokens,
+            nano: 0,
+            day: 0,
+        }
+    }
+
+    const T0: u64 = 1_000 * DAY_MS;
+
+    #[test]
+    fn requests_per_minute_slide() {
+        let c = LocalCounters::default();
+        let l = limits(Some(2), None, None);
+        assert!(matches!(
+            c.admit(&ask("a", &l, 0), T0),
+            Outcome::Admitted(_)
+        ));
+        assert!(matches!(
+            c.admit(&ask("b", &l, 0), T0 + 10_000),
+            Outcome::Admitted(_)
+        ));
+        match c.admit(&ask("c", &l, 0), T0 + 20_000) {
+            Outcome::Refused { kind, retry_ms, .. } => {
+                assert_eq!(kind, Kind::Requests);
+                assert_eq!(retry_ms, 40_000, "the oldest leaves the window at T0+60s");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            c.admit(&ask("d", &l, 0), T0 + 60_001),
+            Outcome::Admitted(_)
+        ));
+    }
+
+    #[test]
+    fn tokens_are_reserved_then_settled() {
+        let c = LocalCounters::default();
+        let l = limits(None, Some(1_000), None);
+        assert!(matches!(
+            c.admit(&ask("a", &l, 600), T0),
+            Outcome::Admitted(_)
+        ));
+        // The reservation holds: a second 600 does not fit.
+        assert!(matches!(
+            c.admit(&ask("b", &l, 600), T0 + 1),
+            Outcome::Refused {
+                kind: Kind::Tokens,
+                ..
+            }
+        ));
+        // Settled to 100 used: now it fits.
+        c.settle(
+            &Settle {
+                tenant: "t".into(),
+                id: "a".into(),
+                concurrent: false,
+                tokens: Some(100),
+                nano_delta: 0,
+                day: T0 / DAY_MS,
+            },
+            T0 + 2,
+        );
+        match c.admit(&ask("b", &l, 600), T0 + 3) {
+            Outcome::Admitted(s) => assert_eq!(s.tokens, 700),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn concurrency_is_released_on_settle() {
+        let c = LocalCounters::default();
+        let l = limits(None, None, Some(1));
+        assert!(matches!(
+            c.admit(&ask("a", &l, 0), T0),
+            Outcome::Admitted(_)
+        ));
+        assert!(matches!(
+            c.admit(&ask("b", &l, 0), T0),
+            Outcome::Refused {
+                kind: Kind::Concurrent,
+                ..
+            }
+        ));
+        c.settle(
+            &Settle {
+                tenant: "t".into(),
+                id: "a".into(),
+                concurrent: true,
+                tokens: None,
+                nano_delta: 0,
+                day: T0 / DAY_MS,
+            },
+            T0,
+        );
+        assert!(matches!(
+            c.admit(&ask("b", &l, 0), T0),
+            Outcome::Admitted(_)
+        ));
+    }
+
+    #[test]
+    fn the_daily_budget_resets_at_utc_midnight() {
+        let c = LocalCounters::default();
+        let l = TenantLimits {
+            usd_per_day: Some(1.0),
+            ..limits(None, None, None)
+        };
+        let mut a = ask("a", &l, 0);
+        a.nano = 800_000_000;
+        assert!(matches!(c.admit(&a, T0 + 5_000), Outcome::Admitted(_)));
+        a.id = "b";
+        match c.admit(&a, T0 + 6_000) {
+            Outcome::Refused { kind, retry_ms, .. } => {
+                assert_eq!(kind, Kind::Spend);
+                assert_eq!(retry_ms, DAY_MS - 6_000);
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(c.admit(&a, T0 + DAY_MS), Outcome::Admitted(_)));
+    }
+}

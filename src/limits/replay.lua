@@ -1,0 +1,21 @@
+-- Record a request admitted on this instance's own counters while Redis was unreachable,
+-- so the fleet's counters include it once Redis is back.
+-- KEYS: 1 requests zset, 2 tokens zset, 3 tokens hash, 4 tokens sum, 5 spend of that day
+-- ARGV: 1 id, 2 admitted at (unix ms), 3 count the request 1/0, 4 tokens (-1 = none),
+--       5 nano-USD (0 = none), 6 window ms
+local id, at = ARGV[1], tonumber(ARGV[2])
+local tokens, nano, window = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], at, id)
+  redis.call('PEXPIRE', KEYS[1], window * 2)
+end
+if tokens >= 0 and redis.call('HEXISTS', KEYS[3], id) == 0 then
+  redis.call('ZADD', KEYS[2], at, id)
+  redis.call('HSET', KEYS[3], id, tokens)
+  redis.call('INCRBY', KEYS[4], tokens)
+end
+if nano ~= 0 then
+  redis.call('INCRBY', KEYS[5], nano)
+  redis.call('EXPIRE', KEYS[5], 3 * 86400)
+end
+return 1

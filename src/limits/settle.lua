@@ -1,0 +1,25 @@
+-- Release a request's concurrency slot and replace its reservation with its real usage.
+-- Mirrors LocalCounters::settle in src/limits/local.rs.
+-- KEYS: 1 tokens zset, 2 tokens hash, 3 tokens sum, 4 in-flight zset, 5 spend of the day
+-- ARGV: 1 id, 2 actual tokens (-1 = keep the reservation), 3 nano-USD to add (may be < 0)
+local id = ARGV[1]
+local tokens, nano = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREM', KEYS[4], id)
+if tokens >= 0 then
+  local old = redis.call('HGET', KEYS[2], id)
+  if old then
+    redis.call('HSET', KEYS[2], id, tokens)
+    redis.call('INCRBY', KEYS[3], tokens - tonumber(old))
+  elseif tokens > 0 then
+    -- The reservation left the window already: the usage counts from now.
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), id)
+    redis.call('HSET', KEYS[2], id, tokens)
+    redis.call('INCRBY', KEYS[3], tokens)
+  end
+end
+if nano ~= 0 then
+  redis.call('INCRBY', KEYS[5], nano)
+  redis.call('EXPIRE', KEYS[5], 3 * 86400)
+end
+return 1

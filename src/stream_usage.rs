@@ -1,0 +1,222 @@
+//! Usage for streams whose client did not ask for it.
+//!
+//! An OpenAI-format stream reports its token usage only when the request says
+//! `stream_options: {include_usage: true}`. Accounting and limits need that usage, so
+//! Switchyard asks for it upstream when the client did not — and then takes out of the
+//! client's stream what the client did not ask for: the final chunk that has no choices and
+//! only `usage`, and the `"usage": null` every other chunk then carries. The client sees
+//! exactly the stream it would have without Switchyard.
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+
+use crate::backends::Backend;
+use crate::request::RequestMeta;
+
+/// A partial line longer than this is passed on rather than held back.
+const MAX_HELD_BYTES: usize = 64 * 1024;
+
+/// Whether to ask this backend for the usage chunk of this request.
+pub fn should_add(meta: &RequestMeta, backend: &Backend) -> bool {
+    meta.stream
+        && !meta.asked_usage
+        && backend.config.stream_usage
+        && matches!(backend.config.provider.as_str(), "openai" | "azure")
+        && (meta.path.ends_with("/chat/completions") || meta.path.ends_with("/completions"))
+}
+
+/// The body with `stream_options.include_usage` set to true. The common case (no
+/// `stream_options` at all) is a splice before the closing brace; a body that has
+/// `stream_options` without the flag is re-serialized.
+pub fn add_include_usage(body: &Bytes) -> Bytes {
+    let trimmed_end = body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
+    let has_options = memmem::find(body, b"\"stream_options\"").is_some();
+    if !has_options && body.get(trimmed_end) == Some(&b'}') {
+        let insert = b",\"stream_options\":{\"include_usage\":true}";
+        let mut out = BytesMut::with_capacity(body.len() + insert.len());
+        out.extend_from_slice(&body[..trimmed_end]);
+        out.extend_from_slice(insert);
+        out.extend_from_slice(&body[trimmed_end..]);
+        return out.freeze();
+    }
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return body.clone();
+    };
+    let Some(object) = value.as_object_mut() else {
+        return body.clone();
+    };
+    let options = object
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}));
+    if !options.is_object() {
+        *options = serde_json::json!({});
+    }
+    options["include_usage"] = serde_json::Value::Bool(true);
+    Bytes::from(value.to_string())
+}
+
+/// Takes the usage Switchyard asked for out of an SSE stream, chunk by chunk. Complete
+/// lines pass at once; only a line split across chunks is held until its end arrives.
+#[derive(Debug, Default)]
+pub struct UsageStripper {
+    held: Vec<u8>,
+    /// The blank line that ended a dropped event is dropped too.
+    drop_blank: bool,
+}
+
+impl UsageStripper {
+    /// The chunk as the client gets it.
+    pub fn filter(&mut self, chunk: &Bytes) -> Bytes {
+        let Some(last_nl) = memchr::memrchr(b'\n', chunk) else {
+            if self.held.len() + chunk.len() > MAX_HELD_BYTES {
+                let mut out = std::mem::take(&mut self.held);
+                out.extend_from_slice(chunk);
+                return Bytes::from(out);
+            }
+            self.held.extend_from_slice(chunk);
+            return Bytes::new();
+        };
+        let (lines, rest) = chunk.split_at(last_nl + 1);
+        let untouched =
+            self.held.is_empty() && !self.drop_blank && memmem::find(lines, b"\"usage\"").is_none();
+        let out = if untouched {
+            chunk.slice(..last_nl + 1)
+        } else {
+            let mut joined = std::mem::take(&mut self.held);
+            joined.extend_from_slice(lines);
+            self.strip(&joined)
+        };
+        self.held.extend_from_slice(rest);
+        out
+    }
+
+    /// Whatever is still held, at the end of the stream.
+    pub fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.held))
+    }
+
+    fn strip(&mut self, lines: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(lines.len());
+        for line in lines.split_inclusive(|&b| b == b'\n') {
+            let content = line.trim_ascii_end();
+            if content.is_empty() && self.drop_blank {
+                self.drop_blank = false;
+                continue;
+            }
+            self.drop_blank = false;
+            let Some(data) = content.strip_prefix(b"data:") else {
+                out.extend_from_slice(line);
+                continue;
+            };
+            if memmem::find(data, b"\"usage\"").is_none() {
+                out.extend_from_slice(line);
+            } else if is_usage_only(data) {
+                self.drop_blank = true;
+            } else {
+                out.extend_from_slice(&remove_null_usage(line));
+            }
+        }
+        out.freeze()
+    }
+}
+
+/// The chunk `include_usage` adds: no choices, a usage object.
+fn is_usage_only(data: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Chunk>(data.trim_ascii())
+        .is_ok_and(|c| c.usage.is_some() && c.choices.is_none_or(|c| c.is_empty()))
+}
+
+/// `,"usage":null` (any spacing) out of one JSON line; a line without it is unchanged.
+fn remove_null_usage(line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = memmem::find(rest, b"\"usage\"") {
+        let after = &rest[at + 7..];
+        let after = after.trim_ascii_start();
+        let null_end = after
+            .strip_prefix(b":")
+            .map(<[u8]>::trim_ascii_start)
+            .filter(|v| v.starts_with(b"null"))
+            .map(|v| rest.len() - v.len() + 4);
+        let before = rest[..at].trim_ascii_end();
+        match (null_end, before.last()) {
+            (Some(end), Some(b',')) => {
+                out.extend_from_slice(&before[..before.len() - 1]);
+                rest = &rest[end..];
+            }
+            (Some(end), Some(b'{')) => {
+                // First member: drop it and the comma after it.
+                out.extend_from_slice(before);
+                let tail = rest[end..].trim_ascii_start();
+                rest = tail
+                    .strip_prefix(b",")
+                    .map_or(tail, <[u8]>::trim_ascii_start);
+            }
+            _ => {
+                out.extend_from_slice(&rest[..at + 7]);
+                rest = &rest[at + 7..];
+            }
+        }
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_the_option_by_splice_or_by_rewrite() {
+        let spliced =
+            add_include_usage(&Bytes::from_static(b"{\"model\":\"m\",\"stream\":true}\n"));
+        let v: serde_json::Value = serde_json::from_slice(&spliced).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        let rewritten = add_include_usage(&Bytes::from_static(
+            b"{\"model\":\"m\",\"stream\":true,\"stream_options\":{\"include_usage\":false,\"x\":1}}",
+        ));
+        let v: serde_json::Value = serde_json::from_slice(&rewritten).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["x"], 1);
+    }
+
+    fn strip_all(stream: &str, piece: usize) -> String {
+        let mut s = UsageStripper::default();
+        let mut out = Vec::new();
+        for chunk in stream.as_bytes().chunks(piece) {
+            out.extend_from_slice(&s.filter(&Bytes::copy_from_slice(chunk)));
+        }
+        out.extend_from_slice(&s.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_stream_is_what_the_client_would_have_got_without_the_option() {
+        let upstream = "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n\
+                        data: {\"usage\": null, \"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\
+                        data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\n\
+                        data: [DONE]\n\n";
+        let expected = "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+                        data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\
+                        data: [DONE]\n\n";
+        for piece in [1, 2, 7, 50, 4096] {
+            assert_eq!(strip_all(upstream, piece), expected, "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn content_mentioning_usage_is_left_alone() {
+        let stream =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"the \\\"usage\\\": null field\"}}]}\n\n";
+        assert_eq!(strip_all(stream, 4096), stream);
+    }
+}

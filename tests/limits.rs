@@ -1,0 +1,204 @@
+//! Tenant limits on one instance: requests, tokens and concurrency per tenant, the daily
+//! budget, the 429s they give with `Retry-After` and `x-ratelimit-*`, and the settlement of
+//! reservations to the usage a backend reports — streamed usage included, which Switchyard
+//! asks for on the client's behalf and takes out of the client's stream.
+
+mod common;
+
+use common::*;
+use reqwest::header::HeaderMap;
+
+const KEY: &str = "sk-limited";
+
+/// A proxy over one mock whose only tenant has `limits` (a YAML flow map) and whose
+/// backend has `cost` (a YAML flow map).
+async fn setup(limits: &str, cost: &str) -> (Proc, Proc) {
+    let m = mock("m1", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}    cost: {cost}\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {limits}\n",
+        backend("m1", m.port, "[llama-3]"),
+        sha256_hex(KEY.as_bytes()),
+    );
+    let p = proxy(&config, &[]).await;
+    (m, p)
+}
+
+/// POST a raw JSON body with the tenant's key; (status, headers, body).
+async fn post(p: &Proc, body: &str, extra: &[(&str, &str)]) -> (u16, HeaderMap, String) {
+    let mut req = client()
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.text().await.unwrap())
+}
+
+fn header(h: &HeaderMap, name: &str) -> String {
+    h.get(name)
+        .unwrap_or_else(|| panic!("no {name} header in {h:?}"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn number(h: &HeaderMap, name: &str) -> i64 {
+    header(h, name)
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number"))
+}
+
+const PLAIN: &str =
+    r#"{"model":"llama-3","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_per_minute_count_down_then_429_without_reaching_the_backend() {
+    let (m, p) = setup("{ rpm: 3 }", "{ input: 0, output: 0 }").await;
+    for left in [2, 1, 0] {
+        let (status, h, body) = post(&p, PLAIN, &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(number(&h, "x-ratelimit-limit-requests"), 3);
+        assert_eq!(number(&h, "x-ratelimit-remaining-requests"), left);
+    }
+    let (status, h, body) = post(&p, PLAIN, &[]).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(error_code(&body), "rate_limit_exceeded");
+    let retry: u64 = header(&h, "retry-after").parse().unwrap();
+    assert!((55..=60).contains(&retry), "retry-after {retry}");
+    assert_eq!(number(&h, "x-ratelimit-remaining-requests"), 0);
+    assert_eq!(
+        header(&h, "x-ratelimit-reset-requests"),
+        format!("{retry}s")
+    );
+    assert!(h.get("x-switchyard-backend").is_none());
+    assert_eq!(
+        received(&m).await.len(),
+        3,
+        "the refused request reached the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_reservation_lets_exactly_one_of_two_concurrent_requests_through() {
+    // One request reserves its prompt estimate + max_tokens (100): a bit over 100 tokens.
+    let (m, p) = setup("{ tpm: 150 }", "{ input: 0, output: 0 }").await;
+    let slow = [("x-mock-latency-ms", "600")];
+    let (a, b) = tokio::join!(post(&p, PLAIN, &slow), post(&p, PLAIN, &slow));
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 429], "{} / {}", a.2, b.2);
+    let (ok, refused) = if a.0 == 200 { (a, b) } else { (b, a) };
+    let reserved = 150 - number(&ok.1, "x-ratelimit-remaining-tokens");
+    assert!(reserved > 100 && reserved <= 150, "reserved {reserved}");
+    assert_eq!(error_code(&refused.2), "rate_limit_exceeded");
+    assert_eq!(number(&refused.1, "x-ratelimit-limit-tokens"), 150);
+    assert!(refused.1.get("retry-after").is_some());
+    assert_eq!(received(&m).await.len(), 1);
+
+    // Settled to the reported usage (a few tokens), the next one fits at once.
+    let (status, _, body) = post(&p, PLAIN, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    // A request that can never fit says so.
+    let huge = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":1000");
+    let (status, _, body) = post(&p, &huge, &[]).await;
+    assert_eq!(status, 429);
+    assert!(body.contains("request too large"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_capped_and_released() {
+    let (_m, p) = setup("{ concurrent: 1 }", "{ input: 0, output: 0 }").await;
+    let slow = [("x-mock-latency-ms", "600")];
+    let (a, b) = tokio::join!(post(&p, PLAIN, &slow), post(&p, PLAIN, &slow));
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 429]);
+    let refused = if a.0 == 429 { &a } else { &b };
+    assert_eq!(number(&refused.1, "x-ratelimit-remaining-concurrent"), 0);
+    // Both finished: the slot is free again.
+    assert_eq!(post(&p, PLAIN, &[]).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_usage_is_settled_and_the_client_sees_only_what_it_asked_for() {
+    let (m, p) = setup("{ tpm: 100000 }", "{ input: 0, output: 0 }").await;
+    let asked_none = r#"{"model":"llama-3","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"tell me"}]}"#;
+    // What the backend must get: the same body, asking for usage.
+    let asked_usage = format!(
+        "{},\"stream_options\":{{\"include_usage\":true}}}}",
+        &asked_none[..asked_none.len() - 1]
+    );
+
+    let (status, h, stream) = post(&p, asked_none, &[]).await;
+    assert_eq!(status, 200);
+    let reserved = 100_000 - number(&h, "x-ratelimit-remaining-tokens");
+    assert!(stream.contains("data: [DONE]"), "{stream}");
+    assert!(
+        !stream.contains("usage"),
+        "the client did not ask for usage but got it:\n{stream}"
+    );
+    let sent = received(&m).await;
+    assert_eq!(
+        sent[0]["body_sha256"],
+        sha256_hex(asked_usage.as_bytes()),
+        "the backend was not asked for the usage chunk"
+    );
+
+    // The same request with the option set by the client: the backend sees the same bytes
+    // (so reports the same usage) and the client gets the usage chunk.
+    let (status, h, stream) = post(&p, &asked_usage, &[]).await;
+    assert_eq!(status, 200);
+    let usage_line = stream
+        .lines()
+        .find(|l| l.contains("\"usage\":{"))
+        .unwrap_or_else(|| panic!("no usage chunk for a client that asked:\n{stream}"));
+    let usage: serde_json::Value =
+        serde_json::from_str(usage_line.trim_start_matches("data: ")).unwrap();
+    let total = usage["usage"]["total_tokens"].as_i64().unwrap();
+    assert!(total > 0);
+    // At this admission the first request counts what the backend reported, not its
+    // reservation; this one reserves as much as the first did.
+    assert_eq!(
+        number(&h, "x-ratelimit-remaining-tokens"),
+        100_000 - total - reserved,
+        "the first request was not settled to the usage its backend streamed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_budget_stops_the_tenant_and_says_when_it_resets() {
+    // $0.01 per output token: a request reserves 50 tokens = $0.50 and really spends
+    // 8 chunks = $0.08. With $1 a day, the budget holds after a handful.
+    let (m, p) = setup("{ usd_per_day: 1.0 }", "{ input: 0, output: 10000 }").await;
+    let body = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":50");
+    let mut served = 0;
+    let refused = loop {
+        let (status, h, text) = post(&p, &body, &[]).await;
+        match status {
+            200 => served += 1,
+            429 => break (h, text),
+            s => panic!("{s}: {text}"),
+        }
+        assert!(served < 20, "the budget never stopped the tenant");
+    };
+    assert_eq!(served, 7, "0.08 × 7 + 0.50 > 1.00 refuses the 8th");
+    let (h, text) = refused;
+    assert_eq!(error_code(&text), "budget_exceeded");
+    assert!(text.contains("00:00 UTC"), "{text}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    let retry: u64 = header(&h, "retry-after").parse().unwrap();
+    assert!(retry.abs_diff(to_midnight) <= 2, "{retry} vs {to_midnight}");
+    assert_eq!(header(&h, "x-ratelimit-reset-usd"), format!("{retry}s"));
+    let left: f64 = header(&h, "x-ratelimit-remaining-usd").parse().unwrap();
+    assert!((left - 0.44).abs() < 1e-6, "remaining {left}");
+    assert_eq!(received(&m).await.len(), 7);
+}
