@@ -299,7 +299,8 @@ pub struct BackendConfig {
     /// server that rejects `stream_options`.
     #[serde(default = "default_true")]
     pub stream_usage: bool,
-    /// Environment variable holding the backend's API key, injected as `Authorization: Bearer`.
+    /// Environment variable holding the backend's API key, injected where its provider
+    /// expects it (`Authorization: Bearer`, `x-api-key`, `api-key`).
     #[serde(default)]
     pub api_key_env: Option<String>,
     #[serde(default)]
@@ -307,6 +308,11 @@ pub struct BackendConfig {
     /// Overrides `health.path` for this backend; `""` switches its active checks off.
     #[serde(default)]
     pub health_path: Option<String>,
+    /// `azure`: the `api-version` query (default `2024-10-21`); `anthropic`: the
+    /// `anthropic-version` header sent when the client sent none (default `2023-06-01`).
+    /// Not allowed for `openai`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -623,6 +629,26 @@ impl Config {
                     "{at}.provider: `{}` is not one of openai, anthropic, azure",
                     b.provider
                 ));
+            }
+            if let Some(v) = &b.api_version {
+                if b.provider == "openai" {
+                    out.push(format!(
+                        "{at}.api_version: only `azure` and `anthropic` backends take one"
+                    ));
+                } else if !crate::provider::is_plain_token(v) {
+                    out.push(format!(
+                        "{at}.api_version: `{v}` must be letters, digits, `-`, `_` or `.`"
+                    ));
+                }
+            }
+            if b.provider == "azure" {
+                for (_, deployment) in b.models.pairs() {
+                    if !crate::provider::is_plain_token(&deployment) {
+                        out.push(format!(
+                            "{at}.models: `{deployment}` is not an Azure deployment name (letters, digits, `-`, `_`, `.`)"
+                        ));
+                    }
+                }
             }
             if !(b.weight > 0.0 && b.weight.is_finite()) {
                 out.push(format!("{at}.weight: must be > 0"));

@@ -1,10 +1,12 @@
 //! Errors a client can see. Each variant says what went wrong in the client's terms; it
-//! becomes an HTTP status and an OpenAI error envelope in exactly one place,
-//! [`ClientError::envelope`]. Internals (upstream bodies, policy source lines, keys) stay in
+//! becomes an HTTP status and an error envelope in exactly one place,
+//! [`ClientError::envelope`]: OpenAI's, or Anthropic's for Anthropic-format requests. Internals (upstream bodies, policy source lines, keys) stay in
 //! the log, keyed by request id, and never reach the response.
 
 use bytes::Bytes;
 use serde_json::json;
+
+use crate::provider::{anthropic_error_type, ApiFormat};
 
 /// Why a request was answered by Switchyard itself instead of a backend.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -28,6 +30,9 @@ pub enum ClientError {
     /// No configured backend serves the model.
     #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotFound(String),
+    /// Backends serve the model, but none in the request's API format.
+    #[error("the model `{model}` is not available through {api} here")]
+    NotInFormat { model: String, api: &'static str },
     /// The body is over the configured limit.
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
     BodyTooLarge { limit_bytes: usize },
@@ -88,7 +93,7 @@ impl ClientError {
         use ClientError::*;
         match self {
             BadJson { .. } | WrongType { .. } | MissingModel | BadBody => 400,
-            ModelNotFound(_) | NotFound(_) => 404,
+            ModelNotFound(_) | NotInFormat { .. } | NotFound(_) => 404,
             BodyTooLarge { .. } => 413,
             LengthRequired { .. } => 411,
             BodyTimeout => 408,
@@ -113,7 +118,7 @@ impl ClientError {
             BadJson { .. } | WrongType { .. } | MissingModel | BadBody => {
                 ("invalid_request_error", "invalid_request")
             }
-            ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
+            ModelNotFound(_) | NotInFormat { .. } => ("invalid_request_error", "model_not_found"),
             NotFound(_) => ("invalid_request_error", "not_found"),
             BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             LengthRequired { .. } => ("invalid_request_error", "length_required"),
@@ -141,7 +146,9 @@ impl ClientError {
     fn param(&self) -> Option<&'static str> {
         match self {
             ClientError::WrongType { field, .. } => Some(field),
-            ClientError::MissingModel | ClientError::ModelNotFound(_) => Some("model"),
+            ClientError::MissingModel
+            | ClientError::ModelNotFound(_)
+            | ClientError::NotInFormat { .. } => Some("model"),
             _ => None,
         }
     }
@@ -157,17 +164,31 @@ impl ClientError {
         }
     }
 
-    /// The OpenAI error envelope: `{"error":{"message","type","param","code"}}`.
-    pub fn envelope(&self) -> Bytes {
-        let (kind, code) = self.kind();
-        let body = json!({
-            "error": {
-                "message": self.to_string(),
-                "type": kind,
-                "param": self.param(),
-                "code": code,
+    /// The error body in the request's format: OpenAI's envelope
+    /// `{"error":{"message","type","param","code"}}`, or Anthropic's
+    /// `{"type":"error","error":{"type","message"}}` (its `type` from the status, as
+    /// Anthropic's API uses them).
+    pub fn envelope(&self, format: ApiFormat) -> Bytes {
+        let body = match format {
+            ApiFormat::OpenAi => {
+                let (kind, code) = self.kind();
+                json!({
+                    "error": {
+                        "message": self.to_string(),
+                        "type": kind,
+                        "param": self.param(),
+                        "code": code,
+                    }
+                })
             }
-        });
+            ApiFormat::Anthropic => json!({
+                "type": "error",
+                "error": {
+                    "type": anthropic_error_type(self.status()),
+                    "message": self.to_string(),
+                }
+            }),
+        };
         Bytes::from(body.to_string())
     }
 }
@@ -179,12 +200,33 @@ mod tests {
     #[test]
     fn envelope_has_the_openai_shape() {
         let e = ClientError::ModelNotFound("nope".into());
-        let v: serde_json::Value = serde_json::from_slice(&e.envelope()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&e.envelope(ApiFormat::OpenAi)).unwrap();
         assert_eq!(e.status(), 404);
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["param"], "model");
         assert!(v["error"]["message"].as_str().unwrap().contains("nope"));
+    }
+
+    #[test]
+    fn anthropic_requests_get_anthropics_envelope() {
+        let e = ClientError::NotInFormat {
+            model: "gpt-4o".into(),
+            api: ApiFormat::Anthropic.api_name(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&e.envelope(ApiFormat::Anthropic)).unwrap();
+        assert_eq!(e.status(), 404);
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`gpt-4o` is not available through the Anthropic Messages API"));
+        let v: serde_json::Value =
+            serde_json::from_slice(&ClientError::Unauthorized.envelope(ApiFormat::Anthropic))
+                .unwrap();
+        assert_eq!(v["error"]["type"], "authentication_error");
     }
 
     #[test]
@@ -204,7 +246,7 @@ mod tests {
     #[test]
     fn policy_failure_is_500_policy_error() {
         let v: serde_json::Value =
-            serde_json::from_slice(&ClientError::PolicyFailed.envelope()).unwrap();
+            serde_json::from_slice(&ClientError::PolicyFailed.envelope(ApiFormat::OpenAi)).unwrap();
         assert_eq!(ClientError::PolicyFailed.status(), 500);
         assert_eq!(v["error"]["code"], "policy_error");
         assert!(v["error"]["param"].is_null());

@@ -19,6 +19,7 @@ pub mod mock;
 pub mod outlier;
 pub mod plan;
 pub mod policy;
+pub mod provider;
 pub mod proxy;
 pub mod reload;
 pub mod reply;

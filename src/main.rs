@@ -35,7 +35,8 @@ enum Command {
     },
     /// Serve the embedded demo config with three mock backends started in-process.
     Demo,
-    /// Serve the OpenAI-compatible mock backend (for tests, benchmarks and trying things).
+    /// Serve the mock backend, OpenAI- and Anthropic-compatible (for tests, benchmarks and
+    /// trying things).
     Mock {
         #[arg(long)]
         port: u16,

@@ -1,10 +1,14 @@
-//! Switchyard's own OpenAI-compatible mock backend: a real HTTP/1.1 server used by the
-//! integration tests, the load benchmark and `switchyard demo`. It answers chat
-//! completions, completions (plain or streamed as SSE), embeddings and the model list,
-//! records what it received, and injects faults chosen by options or per request headers.
+//! Switchyard's own mock backend, OpenAI-compatible and Anthropic-compatible: a real
+//! HTTP/1.1 server used by the integration tests, the load benchmark and `switchyard demo`.
+//! It answers chat completions, completions (plain or streamed as SSE), embeddings, the
+//! model list and Anthropic's Messages API (plain or streamed, see [`anthropic`]), records
+//! what it received, and injects faults chosen by options or per request headers.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
-//! `GET /v1/models`, `GET /health`, and for tests `GET /mock/requests` (last 1000),
+//! the same three under Azure's deployment paths
+//! (`POST /openai/deployments/NAME/chat/completions?api-version=V`; the query is required),
+//! `POST /v1/messages`, `GET /v1/models`, `GET /health`, and for tests
+//! `GET /mock/requests` (last 1000),
 //! `GET /mock/stats`, `POST /mock/reset` (clears the log, the request counter and the
 //! models seen). Every request except `/health` and `/mock/*` is counted, recorded before
 //! any fault applies, and answered with `x-mock-backend`, `x-mock-body-sha256` and
@@ -13,7 +17,9 @@
 //! Per-request headers (each wins over the matching [`MockOptions`] field):
 //! `x-mock-latency-ms`, `x-mock-chunks`, `x-mock-chunk-delay-ms`, `x-mock-status`
 //! (300..=599 injects that status; 2xx answers normally), `x-mock-retry-after`,
-//! `x-mock-fault` (`hang`, `close`, `reset-mid-stream`, `stall-mid-stream`, `drip`).
+//! `x-mock-fault` (`hang`, `close`, `reset-mid-stream`, `stall-mid-stream`, `drip`), and
+//! `x-mock-cached-tokens` (prompt tokens reported as read from a prompt cache; default 0).
+//! Errors of `/v1/messages` use Anthropic's envelope, all others OpenAI's.
 //! An unusable value is answered 400 naming the header, so a typo in a test is loud.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -40,6 +46,10 @@ use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
+
+use crate::provider::{anthropic_error_type, ApiFormat};
+
+mod anthropic;
 
 /// How many received requests `/mock/requests` keeps.
 const REQUEST_LOG_CAPACITY: usize = 1000;
@@ -164,6 +174,8 @@ struct Journal {
 struct RequestRecord {
     method: String,
     path: String,
+    /// The query string, if any (Azure's `api-version`).
+    query: Option<String>,
     headers: BTreeMap<String, String>,
     body_bytes: usize,
     body_sha256: String,
@@ -299,6 +311,8 @@ struct Plan {
     status: Option<StatusCode>,
     retry_after_s: u64,
     fault: Option<Fault>,
+    /// Prompt tokens reported as read from a prompt cache.
+    cached_tokens: u64,
 }
 
 impl Plan {
@@ -310,6 +324,7 @@ impl Plan {
             status: header_status(headers)?,
             retry_after_s: header_or(headers, "x-mock-retry-after", opts.retry_after_s)?,
             fault: header_fault(headers)?,
+            cached_tokens: header_or(headers, "x-mock-cached-tokens", 0)?,
         };
         if plan.fault == Some(Fault::Drip) {
             plan.chunk_delay_ms = DRIP_DELAY_MS;
@@ -420,12 +435,13 @@ struct Call<'a> {
 
 /// Applies the plan (latency, faults, injected status), then answers the endpoint.
 async fn answer(shared: &Shared, call: &Call<'_>) -> Result<Response<MockBody>, MockError> {
+    let format = ApiFormat::of_path(call.parts.uri.path());
     let plan = match Plan::new(&shared.opts, &call.parts.headers) {
         Ok(plan) => plan,
         Err(e) => {
             return Ok(ApiError::invalid_request(e.to_string())
                 .param(e.header)
-                .response(shared));
+                .response(shared, format));
         }
     };
     if plan.latency_ms > 0 {
@@ -438,29 +454,80 @@ async fn answer(shared: &Shared, call: &Call<'_>) -> Result<Response<MockBody>, 
         _ => {}
     }
     if let Some(status) = plan.status.or_else(|| shared.random_status()) {
-        return Ok(injected_error(shared, status, plan.retry_after_s));
+        return Ok(injected_error(shared, status, plan.retry_after_s, format));
     }
     Ok(route(shared, call, &plan))
+}
+
+/// The APIs the mock answers with a generated completion or embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Text,
+    Embeddings,
+    Messages,
+}
+
+impl Api {
+    /// The API of a POST path, and whether it came by an Azure deployment path.
+    fn of_path(path: &str) -> Option<(Api, bool)> {
+        let openai = |rest: &str| match rest {
+            "chat/completions" => Some(Api::Chat),
+            "completions" => Some(Api::Text),
+            "embeddings" => Some(Api::Embeddings),
+            _ => None,
+        };
+        if path == "/v1/messages" {
+            return Some((Api::Messages, false));
+        }
+        if let Some(rest) = path.strip_prefix("/v1/") {
+            return openai(rest).map(|api| (api, false));
+        }
+        let (deployment, rest) = path.strip_prefix("/openai/deployments/")?.split_once('/')?;
+        if deployment.is_empty() {
+            return None;
+        }
+        openai(rest).map(|api| (api, true))
+    }
 }
 
 fn route(shared: &Shared, call: &Call<'_>, plan: &Plan) -> Response<MockBody> {
     let method = &call.parts.method;
     let path = call.parts.uri.path();
-    let parsed = match (method, path) {
-        (&Method::GET, "/v1/models") => return models(shared),
-        (&Method::POST, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
-            call.parsed
+    let format = ApiFormat::of_path(path);
+    if method == Method::GET && path == "/v1/models" {
+        return models(shared);
+    }
+    let api = match (method, Api::of_path(path)) {
+        (&Method::POST, Some((api, azure))) => {
+            let versioned = call
+                .parts
+                .uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p.starts_with("api-version=")));
+            if azure && !versioned {
+                return ApiError::invalid_request(
+                    "Missing required query parameter: api-version.".to_owned(),
+                )
+                .param("api-version")
+                .response(shared, format);
+            }
+            api
         }
-        _ => return ApiError::unknown_url(method, path).response(shared),
+        _ => return ApiError::unknown_url(method, path).response(shared, format),
     };
-    let parsed = match parsed {
+    let parsed = match call.parsed {
         Ok(parsed) => parsed,
-        Err(message) => return ApiError::invalid_request(message.clone()).response(shared),
+        Err(message) => return ApiError::invalid_request(message.clone()).response(shared, format),
     };
-    match path {
-        "/v1/embeddings" => embeddings(shared, parsed, call.body_bytes),
-        "/v1/completions" => completion(shared, call, parsed, plan, Kind::Text),
-        _ => completion(shared, call, parsed, plan, Kind::Chat),
+    match api {
+        Api::Embeddings => embeddings(shared, parsed, call.body_bytes),
+        Api::Text => completion(shared, call, parsed, plan, Kind::Text),
+        Api::Chat => completion(shared, call, parsed, plan, Kind::Chat),
+        Api::Messages => match anthropic::check_request(&call.parts.headers, parsed) {
+            Ok(()) => completion(shared, call, parsed, plan, Kind::Messages),
+            Err(message) => ApiError::invalid_request(message).response(shared, format),
+        },
     }
 }
 
@@ -484,6 +551,7 @@ fn record_of(
     RequestRecord {
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
         headers,
         body_bytes: body.len(),
         body_sha256: body_sha256.to_owned(),
@@ -499,6 +567,9 @@ struct ParsedBody {
     stream: bool,
     include_usage: bool,
     input: Option<serde_json::Value>,
+    /// `max_tokens` and `messages` are present (Anthropic requires both).
+    has_max_tokens: bool,
+    has_messages: bool,
 }
 
 /// Wire view of a request body; other fields are skipped without being built.
@@ -508,6 +579,8 @@ struct WireBody {
     stream: Option<serde_json::Value>,
     stream_options: Option<serde_json::Value>,
     input: Option<serde_json::Value>,
+    max_tokens: Option<serde::de::IgnoredAny>,
+    messages: Option<serde::de::IgnoredAny>,
 }
 
 impl ParsedBody {
@@ -536,6 +609,8 @@ impl ParsedBody {
             stream: wire.stream.and_then(|s| s.as_bool()).unwrap_or(false),
             include_usage,
             input: wire.input,
+            has_max_tokens: wire.max_tokens.is_some(),
+            has_messages: wire.messages.is_some(),
         })
     }
 }
@@ -587,7 +662,7 @@ fn control(shared: &Shared, method: &Method, path: &str) -> Response<MockBody> {
             };
             json_response(shared, StatusCode::OK, &stats)
         }
-        _ => ApiError::unknown_url(method, path).response(shared),
+        _ => ApiError::unknown_url(method, path).response(shared, ApiFormat::OpenAi),
     }
 }
 
@@ -649,7 +724,7 @@ fn embeddings(shared: &Shared, parsed: &ParsedBody, body_bytes: usize) -> Respon
         None | Some(serde_json::Value::Null) => {
             return ApiError::invalid_request("'input' is a required property".to_owned())
                 .param("input")
-                .response(shared);
+                .response(shared, ApiFormat::OpenAi);
         }
         Some(serde_json::Value::Array(items)) => items.iter().collect(),
         Some(single) => vec![single],
@@ -698,7 +773,7 @@ fn completion(
     plan: &Plan,
     kind: Kind,
 ) -> Response<MockBody> {
-    let completion = Completion::new(shared, call, parsed, plan.chunks, kind);
+    let completion = Completion::new(shared, call, parsed, plan, kind);
     let fault = plan.fault.and_then(Fault::body_fault);
     if parsed.stream {
         let delay = Duration::from_millis(plan.chunk_delay_ms);
@@ -726,6 +801,8 @@ enum Kind {
     Chat,
     /// `/v1/completions`: `text_completion`.
     Text,
+    /// `/v1/messages`: Anthropic's `message` and its stream events.
+    Messages,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -733,6 +810,14 @@ struct Usage {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: u64,
+    /// Present when some prompt tokens came from a prompt cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct PromptDetails {
+    cached_tokens: u64,
 }
 
 /// The outer object shared by every completion and chunk shape.
@@ -800,15 +885,17 @@ struct Completion {
 }
 
 impl Completion {
-    fn new(shared: &Shared, call: &Call<'_>, parsed: &ParsedBody, chunks: u32, kind: Kind) -> Self {
-        let prefix = match kind {
-            Kind::Chat => "chatcmpl",
-            Kind::Text => "cmpl",
-        };
+    fn new(shared: &Shared, call: &Call<'_>, parsed: &ParsedBody, plan: &Plan, kind: Kind) -> Self {
+        let chunks = plan.chunks;
         let prompt_tokens = prompt_tokens(call.body_bytes);
+        let cached_tokens = plan.cached_tokens.min(prompt_tokens);
         Completion {
             kind,
-            id: format!("{prefix}-mock-{}", call.seq),
+            id: match kind {
+                Kind::Chat => format!("chatcmpl-mock-{}", call.seq),
+                Kind::Text => format!("cmpl-mock-{}", call.seq),
+                Kind::Messages => format!("msg_mock_{}", call.seq),
+            },
             created: unix_now(),
             model: parsed.model.as_deref().unwrap_or(DEFAULT_MODEL).to_owned(),
             name: Arc::clone(&shared.name),
@@ -817,9 +904,18 @@ impl Completion {
                 prompt_tokens,
                 completion_tokens: u64::from(chunks),
                 total_tokens: prompt_tokens + u64::from(chunks),
+                prompt_tokens_details: (cached_tokens > 0)
+                    .then_some(PromptDetails { cached_tokens }),
             },
             null_usage: parsed.stream && parsed.include_usage,
         }
+    }
+
+    /// Prompt tokens reported as read from a prompt cache.
+    fn cached_tokens(&self) -> u64 {
+        self.usage
+            .prompt_tokens_details
+            .map_or(0, |d| d.cached_tokens)
     }
 
     /// Appends word `index` of the answer: "Hello from NAME word1 word2 …".
@@ -858,6 +954,9 @@ impl Completion {
     }
 
     fn full_json(&self) -> Bytes {
+        if self.kind == Kind::Messages {
+            return anthropic::full_json(self);
+        }
         let content = self.content();
         let mut out = Vec::with_capacity(256 + content.len());
         match self.kind {
@@ -886,8 +985,32 @@ impl Completion {
                 envelope.usage = Some(Some(self.usage));
                 write_json(&mut out, &envelope);
             }
+            Kind::Messages => unreachable!("answered by anthropic::full_json"),
         }
         Bytes::from(out)
+    }
+
+    /// Event `index` of those before the content, if there is one: the chat role chunk, or
+    /// Anthropic's opening events.
+    fn opening_event(&self, index: u8) -> Option<Bytes> {
+        match self.kind {
+            Kind::Chat => (index == 0).then(|| self.role_event()),
+            Kind::Text => None,
+            Kind::Messages => anthropic::opening_event(self, index),
+        }
+    }
+
+    /// Event `index` of those after the content, if there is one: the usage chunk (when
+    /// asked for) and `[DONE]`, or Anthropic's closing events.
+    fn closing_event(&self, index: u8, include_usage: bool) -> Option<Bytes> {
+        if self.kind == Kind::Messages {
+            return anthropic::closing_event(self, index);
+        }
+        match (index, include_usage) {
+            (0, true) => Some(self.usage_event()),
+            (0, false) | (1, true) => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+            _ => None,
+        }
     }
 
     /// The opening chat chunk, `delta: {role: assistant, content: ""}`.
@@ -903,6 +1026,7 @@ impl Completion {
         let finish_reason = (index + 1 == self.chunks).then_some("stop");
         match self.kind {
             Kind::Chat => self.delta_event(None, scratch, finish_reason),
+            Kind::Messages => anthropic::delta_event(scratch),
             Kind::Text => {
                 let choice = TextChoice {
                     text: scratch,
@@ -933,8 +1057,8 @@ impl Completion {
     /// The `stream_options.include_usage` chunk: no choices, only usage.
     fn usage_event(&self) -> Bytes {
         let object = match self.kind {
-            Kind::Chat => "chat.completion.chunk",
             Kind::Text => "text_completion",
+            Kind::Chat | Kind::Messages => "chat.completion.chunk",
         };
         let mut envelope = self.envelope::<DeltaChoice<'_>>(object, &[]);
         envelope.usage = Some(Some(self.usage));
@@ -996,7 +1120,7 @@ fn json_response(
     with_json_type(response(shared, status, MockBody::full(Bytes::from(out))))
 }
 
-/// An answer in the OpenAI error envelope.
+/// An error answer, in the OpenAI envelope or (for Anthropic-format paths) Anthropic's.
 struct ApiError {
     status: StatusCode,
     message: String,
@@ -1031,7 +1155,27 @@ impl ApiError {
         self
     }
 
-    fn response(&self, shared: &Shared) -> Response<MockBody> {
+    fn response(&self, shared: &Shared, format: ApiFormat) -> Response<MockBody> {
+        if format == ApiFormat::Anthropic {
+            #[derive(Serialize)]
+            struct Body<'a> {
+                r#type: &'a str,
+                message: &'a str,
+            }
+            #[derive(Serialize)]
+            struct Wrapper<'a> {
+                r#type: &'static str,
+                error: Body<'a>,
+            }
+            let wrapper = Wrapper {
+                r#type: "error",
+                error: Body {
+                    r#type: anthropic_error_type(self.status.as_u16()),
+                    message: &self.message,
+                },
+            };
+            return json_response(shared, self.status, &wrapper);
+        }
         #[derive(Serialize)]
         struct Body<'a> {
             message: &'a str,
@@ -1056,7 +1200,12 @@ impl ApiError {
 }
 
 /// `x-mock-status`, `fail_rate` or `rate_limit_rate`: that status in the error envelope.
-fn injected_error(shared: &Shared, status: StatusCode, retry_after_s: u64) -> Response<MockBody> {
+fn injected_error(
+    shared: &Shared,
+    status: StatusCode,
+    retry_after_s: u64,
+    format: ApiFormat,
+) -> Response<MockBody> {
     let kind = match status.as_u16() {
         429 => "rate_limit_error",
         500..=599 => "server_error",
@@ -1069,7 +1218,7 @@ fn injected_error(shared: &Shared, status: StatusCode, retry_after_s: u64) -> Re
         param: None,
         code: None,
     };
-    let mut response = error.response(shared);
+    let mut response = error.response(shared, format);
     if status == StatusCode::TOO_MANY_REQUESTS {
         response
             .headers_mut()
@@ -1200,13 +1349,14 @@ impl Body for MockBody {
     }
 }
 
-/// Position in a streamed answer.
+/// Position in a streamed answer: the events before the content (the chat role chunk,
+/// Anthropic's `message_start`…), the content, the events after it (usage, `[DONE]`,
+/// Anthropic's `message_stop`…).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
-    Role,
+    Open(u8),
     Content(u32),
-    Usage,
-    Done,
+    Close(u8),
     End,
 }
 
@@ -1231,25 +1381,17 @@ impl SseStream {
         delay: Duration,
         fault: Option<BodyFault>,
     ) -> Self {
-        let first = match completion.kind {
-            Kind::Chat => Step::Role,
-            Kind::Text => Step::Content(0),
-        };
         let sleep = (!delay.is_zero()).then(|| Box::pin(tokio::time::sleep(delay)));
-        let mut stream = SseStream {
+        SseStream {
             completion,
             include_usage,
             breaker: fault.map(Breaker::new),
-            next: first,
+            next: Step::Open(0),
             delay,
             sleep,
             sleeping: false,
             scratch: String::new(),
-        };
-        if first == Step::Content(0) {
-            stream.next = stream.first_content();
         }
-        stream
     }
 
     /// `Content(0)` if there is content (or a fault to reach), else what follows content.
@@ -1257,15 +1399,7 @@ impl SseStream {
         if self.completion.chunks > 0 || self.breaker.is_some() {
             Step::Content(0)
         } else {
-            self.after_content()
-        }
-    }
-
-    fn after_content(&self) -> Step {
-        if self.include_usage {
-            Step::Usage
-        } else {
-            Step::Done
+            Step::Close(0)
         }
     }
 
@@ -1281,37 +1415,49 @@ impl SseStream {
             }
             self.sleeping = false;
         }
-        let event = match self.next {
-            Step::Role => {
-                self.next = self.first_content();
-                self.completion.role_event()
-            }
-            Step::Content(index) => {
-                if index == self.completion.chunks / 2 {
-                    if let Some(breaker) = self.breaker.as_mut() {
-                        return breaker.poll(cx);
+        loop {
+            let event = match self.next {
+                Step::Open(index) => match self.completion.opening_event(index) {
+                    Some(event) => {
+                        self.next = Step::Open(index + 1);
+                        event
+                    }
+                    None => {
+                        self.next = self.first_content();
+                        continue;
+                    }
+                },
+                Step::Content(index) => {
+                    if index == self.completion.chunks / 2 {
+                        if let Some(breaker) = self.breaker.as_mut() {
+                            return breaker.poll(cx);
+                        }
+                    }
+                    let event = self.completion.content_event(index, &mut self.scratch);
+                    if index + 1 < self.completion.chunks {
+                        self.next = Step::Content(index + 1);
+                        self.arm_sleep();
+                    } else {
+                        self.next = Step::Close(0);
+                    }
+                    event
+                }
+                Step::Close(index) => {
+                    match self.completion.closing_event(index, self.include_usage) {
+                        Some(event) => {
+                            self.next = Step::Close(index + 1);
+                            event
+                        }
+                        None => {
+                            self.next = Step::End;
+                            continue;
+                        }
                     }
                 }
-                let event = self.completion.content_event(index, &mut self.scratch);
-                if index + 1 < self.completion.chunks {
-                    self.next = Step::Content(index + 1);
-                    self.arm_sleep();
-                } else {
-                    self.next = self.after_content();
-                }
-                event
-            }
-            Step::Usage => {
-                self.next = Step::Done;
-                self.completion.usage_event()
-            }
-            Step::Done => {
-                self.next = Step::End;
-                Bytes::from_static(b"data: [DONE]\n\n")
-            }
-            Step::End => return Poll::Ready(None),
-        };
-        Poll::Ready(Some(Ok(Frame::data(event))))
+                Step::End => return Poll::Ready(None),
+            };
+            return Poll::Ready(Some(Ok(Frame::data(event))));
+        }
     }
 
     fn arm_sleep(&mut self) {
@@ -1881,5 +2027,163 @@ mod tests {
             Plan::new(&opts, &headers).unwrap_err().header,
             "x-mock-fault"
         );
+    }
+
+    const MESSAGES: &str =
+        r#"{"model":"claude-x","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+    const VERSION: (&str, &str) = ("anthropic-version", "2023-06-01");
+
+    /// `(event name, JSON data)` of each event of an Anthropic SSE body.
+    fn named_events(body: &str) -> Vec<(String, Value)> {
+        body.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|event| {
+                let (name, data) = event.split_once('\n').expect("event and data lines");
+                let name = name.strip_prefix("event: ").expect("an event line");
+                let data = data.strip_prefix("data: ").expect("a data line");
+                (name.to_owned(), serde_json::from_str(data).unwrap())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn messages_answer_in_anthropics_shape_with_usage() {
+        let addr = start(MockOptions {
+            name: "claude-mock".into(),
+            chunks: 4,
+            ..Default::default()
+        })
+        .await;
+        let reply = call(addr, "POST", "/v1/messages", &[VERSION], MESSAGES).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        let json = reply.json();
+        assert_eq!(json["type"], "message");
+        assert_eq!(json["role"], "assistant");
+        assert_eq!(json["model"], "claude-x");
+        assert!(json["id"].as_str().unwrap().starts_with("msg_"));
+        assert_eq!(json["content"][0]["type"], "text");
+        assert_eq!(json["content"][0]["text"], "Hello from claude-mock word1");
+        assert_eq!(json["stop_reason"], "end_turn");
+        let prompt = MESSAGES.len().div_ceil(4) as u64;
+        assert_eq!(json["usage"]["input_tokens"], prompt);
+        assert_eq!(json["usage"]["output_tokens"], 4);
+        assert_eq!(json["usage"]["cache_read_input_tokens"], 0);
+        assert_eq!(json["usage"]["cache_creation_input_tokens"], 0);
+
+        let cached = [VERSION, ("x-mock-cached-tokens", "10")];
+        let json = call(addr, "POST", "/v1/messages", &cached, MESSAGES)
+            .await
+            .json();
+        assert_eq!(json["usage"]["input_tokens"], prompt - 10);
+        assert_eq!(json["usage"]["cache_read_input_tokens"], 10);
+    }
+
+    #[tokio::test]
+    async fn messages_stream_sends_anthropics_events_in_order() {
+        let addr = start(MockOptions {
+            chunks: 3,
+            ..Default::default()
+        })
+        .await;
+        let body = MESSAGES.replace("\"max_tokens\"", "\"stream\":true,\"max_tokens\"");
+        let reply = call(addr, "POST", "/v1/messages", &[VERSION], &body).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+        assert!(reply.complete);
+        let events = named_events(&reply.text());
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "ping",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        for (name, data) in &events {
+            assert_eq!(data["type"], name.as_str(), "data names its own event");
+        }
+        let start = &events[0].1["message"];
+        assert_eq!(start["model"], "claude-x");
+        assert_eq!(start["content"], Value::Array(vec![]));
+        assert!(start["stop_reason"].is_null());
+        let prompt = body.len().div_ceil(4) as u64;
+        assert_eq!(start["usage"]["input_tokens"], prompt);
+        let text: String = events[3..6]
+            .iter()
+            .map(|(_, e)| {
+                assert_eq!(e["delta"]["type"], "text_delta");
+                e["delta"]["text"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(text, "Hello from mock");
+        assert_eq!(events[7].1["delta"]["stop_reason"], "end_turn");
+        assert_eq!(events[7].1["usage"]["output_tokens"], 3);
+        assert!(!reply.text().contains("[DONE]"));
+    }
+
+    #[tokio::test]
+    async fn messages_are_checked_and_fail_in_anthropics_envelope() {
+        let addr = start(MockOptions::default()).await;
+        let reply = call(addr, "POST", "/v1/messages", &[], MESSAGES).await;
+        assert_eq!(reply.status, 400);
+        let json = reply.json();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+        assert!(json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("anthropic-version"));
+        let no_max = r#"{"model":"m","messages":[]}"#;
+        let reply = call(addr, "POST", "/v1/messages", &[VERSION], no_max).await;
+        assert_eq!(reply.status, 400);
+        assert_eq!(
+            reply.json()["error"]["message"],
+            "max_tokens: Field required"
+        );
+
+        let overloaded = [VERSION, ("x-mock-status", "529")];
+        let reply = call(addr, "POST", "/v1/messages", &overloaded, MESSAGES).await;
+        assert_eq!(reply.status, 529);
+        assert_eq!(reply.json()["error"]["type"], "overloaded_error");
+
+        // A fault cuts an Anthropic stream as it cuts an OpenAI one.
+        let body = MESSAGES.replace("\"max_tokens\"", "\"stream\":true,\"max_tokens\"");
+        let headers = [VERSION, ("x-mock-fault", "reset-mid-stream")];
+        let reply = call(addr, "POST", "/v1/messages", &headers, &body).await;
+        assert_eq!(reply.status, 200);
+        assert!(!reply.complete);
+        assert!(!reply.text().contains("message_stop"));
+    }
+
+    #[tokio::test]
+    async fn azure_deployment_paths_need_an_api_version() {
+        let addr = start(MockOptions {
+            chunks: 2,
+            ..Default::default()
+        })
+        .await;
+        let path = "/openai/deployments/gpt-4o-prod/chat/completions";
+        let reply = call(addr, "POST", path, &[], CHAT).await;
+        assert_eq!(reply.status, 400);
+        assert_eq!(reply.json()["error"]["param"], "api-version");
+        let versioned = format!("{path}?api-version=2024-10-21");
+        let reply = call(addr, "POST", &versioned, &[], CHAT).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["object"], "chat.completion");
+        let embeddings = "/openai/deployments/e/embeddings?api-version=1";
+        let reply = call(addr, "POST", embeddings, &[], r#"{"input":"x"}"#).await;
+        assert_eq!(reply.json()["object"], "list");
+        let log = call(addr, "GET", "/mock/requests", &[], "").await.json();
+        assert_eq!(log[1]["path"], path);
+        assert_eq!(log[1]["query"], "api-version=2024-10-21");
+        assert!(log[0]["query"].is_null());
     }
 }

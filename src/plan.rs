@@ -14,6 +14,7 @@ use crate::backends::{Backend, Ineligible, InflightGuard, CAPACITY_FREED};
 use crate::errors::ClientError;
 use crate::metrics::METRICS;
 use crate::policy::{self, Decision, Policy};
+use crate::provider;
 use crate::request::RequestMeta;
 use crate::routes::Route;
 use crate::runtime::Runtime;
@@ -74,9 +75,24 @@ pub fn decide(
             );
         }
     }
-    let allowed: Vec<Arc<Backend>> = runtime
-        .backends
-        .serving(model)
+    // The wire format is a guardrail too: a backend never gets a request it cannot parse.
+    let mut skipped = Vec::new();
+    let mut serving = runtime.backends.serving(model);
+    serving.retain(|b| {
+        let speaks = provider::speaks(b, meta.format);
+        if !speaks {
+            skipped.push((b.name().to_string(), meta.format.mismatch_reason()));
+        }
+        speaks
+    });
+    if serving.is_empty() {
+        return Err(ClientError::NotInFormat {
+            model: model.unwrap_or("-").chars().take(200).collect(),
+            api: meta.format.api_name(),
+        }
+        .into());
+    }
+    let allowed: Vec<Arc<Backend>> = serving
         .into_iter()
         .filter(|b| tenant.may_use_backend(b))
         .collect();
@@ -87,7 +103,6 @@ pub fn decide(
         ))
         .into());
     }
-    let mut skipped = Vec::new();
     let candidates = match eligible(&allowed, request_id, &mut skipped) {
         Ok(c) => c,
         Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity(route.index)),
@@ -333,21 +348,6 @@ pub fn body_for(body: &Bytes, meta: &RequestMeta, backend: &Backend) -> Bytes {
             out.freeze()
         }
         _ => body.clone(),
-    }
-}
-
-/// Put the backend's own key where its provider expects it.
-pub fn inject_credentials(upstream: &mut RequestHeader, backend: &Backend) -> pingora::Result<()> {
-    let Some(key) = &backend.api_key else {
-        return Ok(());
-    };
-    match backend.config.provider.as_str() {
-        "anthropic" => upstream.insert_header("x-api-key", key.expose()),
-        "azure" => upstream.insert_header("api-key", key.expose()),
-        _ => upstream.insert_header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", key.expose()),
-        ),
     }
 }
 

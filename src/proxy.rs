@@ -36,6 +36,7 @@ use crate::errors::ClientError;
 use crate::metrics::METRICS;
 use crate::outlier::parse_retry_after;
 use crate::plan::{self, Refusal};
+use crate::provider;
 use crate::reply::{reject, request_id, respond, REQUEST_ID, SERVED_BY};
 use crate::request::{RequestMeta, CREDENTIAL_HEADERS};
 use crate::retry::RetryBudget;
@@ -140,7 +141,8 @@ impl ProxyHttp for Switchyard {
         )))
     }
 
-    /// Client credentials out, the backend's in; the body's length as this backend gets it.
+    /// Client credentials out; the backend's in, with its provider's headers and path; the
+    /// body's length as this backend gets it.
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -154,15 +156,7 @@ impl ProxyHttp for Switchyard {
         for name in CREDENTIAL_HEADERS {
             upstream.remove_header(name);
         }
-        plan::inject_credentials(upstream, &cur.backend)?;
-        let prefix = &cur.backend.upstream.path_prefix;
-        if !prefix.is_empty() {
-            let path = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
-            let uri: http::Uri = format!("{prefix}{path}")
-                .parse()
-                .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
-            upstream.set_uri(uri);
-        }
+        provider::prepare_upstream(upstream, &cur.backend, ctx.meta.as_deref())?;
         upstream.insert_header(http::header::HOST, cur.backend.upstream.authority.as_str())?;
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         let traceparent = upstream

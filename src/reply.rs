@@ -1,5 +1,5 @@
 //! Answers Switchyard writes itself: the request id, and JSON bodies — errors in the OpenAI
-//! envelope, and `GET /v1/models`.
+//! envelope (Anthropic's for Anthropic-format requests), and `GET /v1/models`.
 
 use bytes::Bytes;
 use log::info;
@@ -9,6 +9,7 @@ use pingora::Result;
 
 use crate::context::RequestCtx;
 use crate::errors::ClientError;
+use crate::provider::ApiFormat;
 
 /// Header carrying the request id, to the client and upstream.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -25,7 +26,7 @@ pub fn request_id(head: &RequestHeader) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// Answer the client with an error in the OpenAI envelope.
+/// Answer the client with an error in the envelope of the request's API format.
 pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientError) {
     info!(
         target: "switchyard::reject",
@@ -40,7 +41,8 @@ pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientEr
     if let ClientError::RateLimited(e) = &error {
         ctx.rate_headers = e.headers.clone();
     }
-    respond(session, ctx, status, error.envelope(), retry_after).await;
+    let format = ApiFormat::of_path(session.req_header().uri.path());
+    respond(session, ctx, status, error.envelope(format), retry_after).await;
 }
 
 /// Write a complete JSON response from Switchyard itself.

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::errors::ClientError;
+use crate::provider::ApiFormat;
 
 /// Tenant of a request when no authentication is configured.
 pub const ANONYMOUS: &str = "anonymous";
@@ -41,6 +42,8 @@ pub struct RequestMeta {
     pub session: Option<String>,
     pub path: String,
     pub method: String,
+    /// The API format, from the path: Anthropic's Messages API or OpenAI's.
+    pub format: ApiFormat,
     pub priority: i64,
     /// Request headers, names lowercased, credentials removed.
     pub headers: Vec<(String, String)>,
@@ -76,6 +79,7 @@ impl RequestMeta {
                 .unwrap_or(0),
             path: path.to_string(),
             method: method.to_string(),
+            format: ApiFormat::of_path(path),
             headers: kept,
             ..RequestMeta::default()
         }
@@ -306,7 +310,8 @@ struct MessagePeek<'a> {
 }
 
 /// Text in any of the shapes the APIs allow: a string, an array of strings (or token ids),
-/// or an array of content parts with `text`.
+/// or an array of content parts (OpenAI) or content blocks (Anthropic) with `text` — or
+/// `thinking`, or a tool result's nested `content`.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum TextPeek<'a> {
@@ -322,6 +327,12 @@ enum PartPeek<'a> {
     Part {
         #[serde(borrow, default)]
         text: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        thinking: Option<Cow<'a, str>>,
+        /// A `tool_result` block's content: a string or more blocks (nesting is bounded
+        /// by [`MAX_JSON_DEPTH`]).
+        #[serde(borrow, default)]
+        content: Option<Box<TextPeek<'a>>>,
     },
     Other(IgnoredAny),
 }
@@ -337,11 +348,23 @@ impl TextPeek<'_> {
             TextPeek::Parts(parts) => parts
                 .iter()
                 .map(|p| match p {
-                    PartPeek::Text(t) | PartPeek::Part { text: Some(t) } => {
+                    PartPeek::Text(t) => {
                         f(t);
                         t.chars().count()
                     }
-                    _ => 0,
+                    PartPeek::Part {
+                        text,
+                        thinking,
+                        content,
+                    } => {
+                        let mut chars = 0;
+                        for t in [text, thinking].into_iter().flatten() {
+                            f(t);
+                            chars += t.chars().count();
+                        }
+                        chars + content.as_ref().map_or(0, |c| c.visit_text(f))
+                    }
+                    PartPeek::Other(_) => 0,
                 })
                 .sum(),
             TextPeek::Other(_) => 0,
@@ -379,6 +402,30 @@ mod tests {
         assert_eq!(m.tokens, 1);
         let m = meta(r#"{"model":"m","input":["abcd","efgh"]}"#).unwrap();
         assert_eq!(m.tokens, 2);
+    }
+
+    #[test]
+    fn anthropic_bodies_count_system_blocks_and_tool_results() {
+        let mut m = RequestMeta::from_head("POST", "/v1/messages", &http::HeaderMap::new());
+        m.read_json_body(
+            br#"{"model":"claude","max_tokens":64,"stream":true,
+            "system":[{"type":"text","text":"abcd","cache_control":{"type":"ephemeral"}}],
+            "messages":[{"role":"user","content":[
+                {"type":"text","text":"efgh"},
+                {"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}},
+                {"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"ijkl"}]},
+                {"type":"tool_result","tool_use_id":"t2","content":"mnop"}]},
+              {"role":"assistant","content":[{"type":"thinking","thinking":"qrst","signature":"s"},
+                {"type":"tool_use","id":"t3","name":"f","input":{"q":"not counted"}}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.format, ApiFormat::Anthropic);
+        assert_eq!(m.model.as_deref(), Some("claude"));
+        assert!(m.stream);
+        assert_eq!(m.max_tokens, Some(64));
+        assert_eq!(m.tokens, 5, "abcd efgh ijkl mnop qrst");
+        assert!(m.session.is_some());
+        assert_eq!(meta(r#"{"model":"m"}"#).unwrap().format, ApiFormat::OpenAi);
     }
 
     #[test]

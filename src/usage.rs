@@ -6,6 +6,11 @@
 //! usage chunk, Anthropic's `message_start`/`message_delta`). Malformed events are
 //! skipped. When a stream reports no usage, its content events are counted instead, as
 //! most servers send one token per event.
+//!
+//! Prompt tokens mean the whole prompt in both formats: OpenAI's `prompt_tokens` counts
+//! cached tokens, while Anthropic's `input_tokens` leaves out cache reads and writes, so
+//! those are added (`input_tokens + cache_read_input_tokens + cache_creation_input_tokens`).
+//! Anthropic reports counts cumulatively, so a later event's value replaces an earlier one.
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
@@ -18,8 +23,10 @@ const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Tokens of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// The whole prompt, cached tokens included.
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Prompt tokens read from the provider's prompt cache.
     pub cached_tokens: u64,
     /// `false` when the backend reported nothing and `completion_tokens` counts events.
     pub reported: bool,
@@ -29,8 +36,60 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct UsageReader {
     mode: Mode,
-    usage: Usage,
+    tally: Tally,
     content_events: u64,
+}
+
+/// The latest value of each usage field seen, in either format.
+#[derive(Debug, Default)]
+struct Tally {
+    reported: bool,
+    /// OpenAI `prompt_tokens` (cached tokens included).
+    prompt: Option<u64>,
+    /// Anthropic `input_tokens` (without cache reads and writes), or the Responses API's.
+    input: Option<u64>,
+    cache_read: Option<u64>,
+    cache_write: Option<u64>,
+    /// OpenAI `prompt_tokens_details.cached_tokens`.
+    cached: Option<u64>,
+    output: Option<u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, u: &RawUsage) {
+        self.reported = true;
+        let fields = [
+            (&mut self.prompt, u.prompt_tokens),
+            (&mut self.input, u.input_tokens),
+            (&mut self.cache_read, u.cache_read_input_tokens),
+            (&mut self.cache_write, u.cache_creation_input_tokens),
+            (
+                &mut self.cached,
+                u.prompt_tokens_details
+                    .as_ref()
+                    .or(u.input_tokens_details.as_ref())
+                    .and_then(|d| d.cached_tokens),
+            ),
+            (&mut self.output, u.completion_tokens.or(u.output_tokens)),
+        ];
+        for (slot, value) in fields {
+            if value.is_some() {
+                *slot = value;
+            }
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        let (read, write) = (self.cache_read.unwrap_or(0), self.cache_write.unwrap_or(0));
+        Usage {
+            prompt_tokens: self
+                .prompt
+                .unwrap_or_else(|| self.input.unwrap_or(0) + read + write),
+            completion_tokens: self.output.unwrap_or(0),
+            cached_tokens: self.cached.unwrap_or(read),
+            reported: self.reported,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -56,7 +115,7 @@ impl UsageReader {
         };
         UsageReader {
             mode,
-            usage: Usage::default(),
+            tally: Tally::default(),
             content_events: 0,
         }
     }
@@ -79,10 +138,10 @@ impl UsageReader {
                     if *skipping {
                         *skipping = false;
                     } else if partial.is_empty() {
-                        read_event(line, &mut self.usage, &mut self.content_events);
+                        read_event(line, &mut self.tally, &mut self.content_events);
                     } else {
                         partial.extend_from_slice(line);
-                        read_event(partial, &mut self.usage, &mut self.content_events);
+                        read_event(partial, &mut self.tally, &mut self.content_events);
                         partial.clear();
                     }
                     rest = &rest[nl + 1..];
@@ -104,11 +163,11 @@ impl UsageReader {
         match std::mem::replace(&mut self.mode, Mode::Off) {
             Mode::Json(buf) => {
                 let body: UsageBody = serde_json::from_slice(&buf).ok()?;
-                let mut usage = Usage::default();
-                merge(&mut usage, &body.usage?);
-                Some(usage)
+                let mut tally = Tally::default();
+                tally.merge(&body.usage?);
+                Some(tally.usage())
             }
-            Mode::Stream { .. } if self.usage.reported => Some(self.usage),
+            Mode::Stream { .. } if self.tally.reported => Some(self.tally.usage()),
             Mode::Stream { .. } if self.content_events > 0 => Some(Usage {
                 completion_tokens: self.content_events,
                 ..Usage::default()
@@ -119,7 +178,7 @@ impl UsageReader {
 }
 
 /// One SSE line: `data: {json}`. Reads its usage, or counts it as a content event.
-fn read_event(line: &[u8], usage: &mut Usage, content_events: &mut u64) {
+fn read_event(line: &[u8], tally: &mut Tally, content_events: &mut u64) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(data) = line.strip_prefix(b"data:") else {
         return;
@@ -136,28 +195,10 @@ fn read_event(line: &[u8], usage: &mut Usage, content_events: &mut u64) {
         .as_ref()
         .or(event.message.as_ref().and_then(|m| m.usage.as_ref()))
     {
-        merge(usage, u);
+        tally.merge(u);
     }
     if event.has_content() {
         *content_events += 1;
-    }
-}
-
-fn merge(into: &mut Usage, u: &RawUsage) {
-    into.reported = true;
-    if let Some(p) = u.prompt_tokens.or(u.input_tokens) {
-        into.prompt_tokens = p;
-    }
-    if let Some(c) = u.completion_tokens.or(u.output_tokens) {
-        into.completion_tokens = c;
-    }
-    let cached = u
-        .prompt_tokens_details
-        .as_ref()
-        .and_then(|d| d.cached_tokens)
-        .or(u.cache_read_input_tokens);
-    if let Some(c) = cached {
-        into.cached_tokens = c;
     }
 }
 
@@ -174,7 +215,9 @@ struct RawUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
     prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +332,40 @@ mod tests {
         feed_all(&mut r, body, 11);
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 15));
+    }
+
+    #[test]
+    fn anthropic_cache_reads_and_writes_count_as_prompt_tokens() {
+        let plain = r#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"hi"}],
+            "usage":{"input_tokens":10,"cache_creation_input_tokens":200,"cache_read_input_tokens":1000,"output_tokens":7}}"#;
+        let mut r = UsageReader::new(Some("application/json"));
+        feed_all(&mut r, plain, 9);
+        assert_eq!(
+            r.finish(),
+            Some(Usage {
+                prompt_tokens: 1210,
+                completion_tokens: 7,
+                cached_tokens: 1000,
+                reported: true
+            })
+        );
+        // Streamed: input and cache counts in message_start, the final output count (and,
+        // in newer API versions, the same cumulative input counts) in message_delta.
+        let body = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":1000,\"output_tokens\":1}}}\n\n\
+                    event: ping\ndata: {\"type\":\"ping\"}\n\n\
+                    event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n\
+                    event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":1000,\"output_tokens\":15}}\n\n\
+                    event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for piece in [1, 7, 4096] {
+            let mut r = UsageReader::new(Some("text/event-stream"));
+            feed_all(&mut r, body, piece);
+            let u = r.finish().unwrap();
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+                (1010, 15, 1000),
+                "piece {piece}"
+            );
+        }
     }
 
     #[test]

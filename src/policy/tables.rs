@@ -29,6 +29,7 @@ struct Keys {
     session: LuaString,
     path: LuaString,
     method: LuaString,
+    format: LuaString,
     priority: LuaString,
     params: LuaString,
 }
@@ -67,6 +68,7 @@ struct LastRequest {
     session: Option<String>,
     path: Option<String>,
     method: Option<String>,
+    format: Option<&'static str>,
     /// `tokens`, `max_tokens`, `priority`.
     numbers: [Option<i64>; 3],
     stream: bool,
@@ -91,10 +93,11 @@ impl TableCache {
             session: s("session")?,
             path: s("path")?,
             method: s("method")?,
+            format: s("format")?,
             priority: s("priority")?,
             params: s("params")?,
         };
-        let req_data = lua.create_table_with_capacity(0, 12)?;
+        let req_data = lua.create_table_with_capacity(0, 13)?;
         req_data.raw_set("header", header_function(lua)?)?;
         let req_view = readonly.call(&req_data)?;
         Ok(TableCache {
@@ -137,6 +140,11 @@ impl TableCache {
         set_str(&k.session, req.session.as_deref(), &mut last.session)?;
         set_str(&k.path, Some(&req.path), &mut last.path)?;
         set_str(&k.method, Some(&req.method), &mut last.method)?;
+        let format = req.format.as_str();
+        if fresh || last.format != Some(format) {
+            t.raw_set(&k.format, format)?;
+            last.format = Some(format);
+        }
         let numbers = [
             (&k.tokens, Some(req.tokens as i64)),
             (&k.max_tokens, req.max_tokens.map(|m| m as i64)),

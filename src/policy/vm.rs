@@ -63,6 +63,10 @@ function H.test_request(t)
   if r.stream == nil then r.stream = false end
   r.tenant = r.tenant or "anonymous"
   r.path = r.path or "/v1/chat/completions"
+  if r.format == nil then
+    local p = r.path
+    r.format = (p == "/v1/messages" or p:sub(1, 13) == "/v1/messages/") and "anthropic" or "openai"
+  end
   r.method = r.method or "POST"
   r.priority = r.priority or 0
   r.header = function(name) return headers[lower(name)] end

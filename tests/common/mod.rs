@@ -417,3 +417,23 @@ pub fn served_by(headers: &reqwest::header::HeaderMap) -> String {
         .unwrap()
         .to_string()
 }
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(admin_port: u16) -> String {
+    client()
+        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one series (name and labels, exactly as exposed) in a `/metrics` text; 0
+/// when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
