@@ -553,6 +553,11 @@ fn compose_mounts_ports_and_commands_agree_with_its_configs() {
 
     // The config it runs is mounted from docker/, and passes `check` where it is mounted.
     assert_eq!(sy.command[..2], ["run", "--config"]);
+    let image_cmd = exec_form(dockerfile().last().unwrap().one("CMD"));
+    assert_eq!(
+        sy.command, image_cmd,
+        "the image's default command, run below"
+    );
     let config_host = sy.host_path(&sy.command[2]);
     assert_eq!(
         config_host.canonicalize().unwrap(),
@@ -751,6 +756,21 @@ impl Cluster {
             .collect();
         assert_eq!(matching.len(), 1, "{service:?}");
         matching[0]
+    }
+
+    /// The container behind a backend URL `http://SERVICE:PORT`, and the container port
+    /// the Service sends that port to.
+    fn backend_container(&self, url: &str) -> (&Yaml, u16) {
+        let (host, port) = url_host_port(url);
+        let svc = self.get("Service", &host);
+        let sp = svc["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["port"].as_u64() == Some(port as u64))
+            .unwrap_or_else(|| panic!("Service {host} has no port {port}"));
+        let container = only_container(self.selected_deployment(svc));
+        (container, container_port(container, &sp["targetPort"]))
     }
 }
 
@@ -1003,16 +1023,7 @@ fn kubernetes_manifests_agree_with_the_configmap_config() {
         "the image docker compose builds"
     );
     for b in &config.backends {
-        let (host, port) = url_host_port(&b.url);
-        let svc = cluster.get("Service", &host);
-        let sp = svc["spec"]["ports"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .find(|p| p["port"].as_u64() == Some(port as u64))
-            .unwrap_or_else(|| panic!("Service {host} has no port {port}"));
-        let mock = only_container(cluster.selected_deployment(svc));
-        let target = container_port(mock, &sp["targetPort"]);
+        let (mock, target) = cluster.backend_container(&b.url);
         let args = texts(&mock["args"]);
         assert_eq!(args[0], "mock");
         assert_eq!(flag(&args, "--host"), Some("0.0.0.0"));
@@ -1114,46 +1125,57 @@ async fn received_since(mocks: &[(&str, &Proc)]) -> BTreeMap<String, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_update_swaps_policies_and_config_without_restart() {
     let cluster = Cluster::load(&kustomization_resources());
-    let a = mock("mock-a", &[]).await;
-    let b = mock("mock-b", &[]).await;
-    let mocks = [("mock-a", &a), ("mock-b", &b)];
 
     // The shipped ConfigMap, with loopback addresses (and model `m`, which the load helper
-    // asks for, added to every backend).
+    // asks for, added to every backend); the backends are the mocks of mock-backends.yaml,
+    // started with their manifest's arguments on free loopback ports.
     let mut files = configmap_files(&cluster);
     let mut config: Yaml = serde_yaml::from_slice(&files["config.yaml"]).unwrap();
     let (port, admin) = (free_port(), free_port());
     config["listen"][0]["addr"] = format!("127.0.0.1:{port}").into();
     config["admin"]["addr"] = format!("127.0.0.1:{admin}").into();
     config["proxy"]["grace_period_seconds"] = 0.into();
+    let mut started = Vec::new();
     for backend in config["backends"].as_sequence_mut().unwrap() {
-        let mock = mocks
-            .iter()
-            .find(|(n, _)| backend["name"] == *n)
-            .expect("the ConfigMap's backends are mock-a and mock-b")
-            .1;
-        backend["url"] = format!("http://127.0.0.1:{}", mock.port).into();
+        let (container, _) = cluster.backend_container(text(&backend["url"]));
+        let mock_port = free_port();
+        let args = with_flag(&texts(&container["args"]), "--host", "127.0.0.1");
+        let args = with_flag(&args, "--port", &mock_port.to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mock = spawn(&args, mock_port, None, &[]);
+        wait_ready(&mock.url("/health")).await;
+        started.push((text(&backend["name"]).to_string(), mock));
+        backend["url"] = format!("http://127.0.0.1:{mock_port}").into();
         backend["models"]
             .as_sequence_mut()
             .unwrap()
             .push("m".into());
     }
+    let mocks: Vec<(&str, &Proc)> = started.iter().map(|(n, m)| (n.as_str(), m)).collect();
+    assert_eq!(
+        mocks.iter().map(|m| m.0).collect::<Vec<_>>(),
+        ["mock-a", "mock-b"]
+    );
     files.insert(
         "config.yaml".into(),
         serde_yaml::to_string(&config).unwrap().into_bytes(),
     );
 
+    // Mounted as the kubelet mounts the ConfigMap, run with the Deployment's arguments, and
+    // ready when its readiness probe says so.
     let dir = tempfile::tempdir().unwrap();
     let mut volume = AtomicDir::new(dir.path());
     volume.write(&files);
-    let config_file = dir.path().join("config.yaml");
+    let deployment = cluster.get("Deployment", "switchyard");
+    let c = only_container(deployment);
+    let mut args = texts(&c["args"]);
+    let in_pod = Path::new(&args[2]).file_name().unwrap().to_owned();
+    args[2] = dir.path().join(in_pod).to_string_lossy().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let token = "deploy-test-token";
-    let p = spawn(
-        &["run", "--config", config_file.to_str().unwrap()],
-        port,
-        None,
-        &[("SWITCHYARD_ADMIN_TOKEN", token)],
-    );
+    let p = spawn(&args, port, None, &[("SWITCHYARD_ADMIN_TOKEN", token)]);
+    let probe = text(&c["readinessProbe"]["httpGet"]["path"]);
+    wait_ready(&format!("http://127.0.0.1:{admin}{probe}")).await;
     wait_ready(&p.url("/v1/models")).await;
     let load = Load::start(p.url("/v1/chat/completions"), 3, 100_000);
     tokio::time::sleep(Duration::from_millis(500)).await;
