@@ -63,9 +63,14 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         retry_after_s: u64,
     },
-    /// Compile policies and run their `tests` tables; exit non-zero on any failure.
+    /// Compile policies and run their `tests` tables; with `--config`, validate the config
+    /// file first. Exit non-zero on any failure.
     Check {
-        /// Policy files (default: every `*.lua` in ./policies).
+        /// A config file: validated as `run` would (except that backend hosts are not
+        /// resolved); its routes' policies are checked, from its `policies_dir`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Policy files (default: the config's policies, else every `*.lua` in ./policies).
         files: Vec<PathBuf>,
     },
     /// Work with audit logs.
@@ -151,7 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { files } => check(files),
+        Command::Check { config, files } => check(config, files),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match switchyard::audit::verify(&file) {
@@ -175,8 +180,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `switchyard check`: one line per case, a summary per policy.
-fn check(mut files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+/// `switchyard check`: the config's problems, if one is given; then one line per policy
+/// case and a summary per policy.
+fn check(config: Option<PathBuf>, mut files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut limits = LuaConfig::default();
+    if let Some(path) = config {
+        let loaded = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("FAIL config {}: {e}", path.display());
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        println!(
+            "ok   config {}: {} listener(s), {} route(s), {} backend(s)",
+            path.display(),
+            loaded.listen.len(),
+            loaded.routes.len(),
+            loaded.backends.len()
+        );
+        if files.is_empty() {
+            files = loaded
+                .policy_names()
+                .iter()
+                .map(|name| loaded.policies_dir.join(format!("{name}.lua")))
+                .collect();
+        }
+        limits = loaded.lua;
+    }
     if files.is_empty() {
         for entry in std::fs::read_dir("policies").context("reading ./policies")? {
             let path = entry?.path();
@@ -186,7 +217,6 @@ fn check(mut files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
         }
         files.sort();
     }
-    let limits = LuaConfig::default();
     let mut failed = 0;
     for file in &files {
         let policy = match Policy::read(file) {

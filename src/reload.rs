@@ -6,9 +6,10 @@
 //! A refused version is logged with file, line and reason, counted, and shown on the admin
 //! API; the old version keeps serving. A deleted file keeps its last good version.
 //!
-//! Triggers: file changes in `policies_dir` and to the config file (debounced), `SIGHUP`,
-//! and `POST /admin/reload`.
+//! Triggers: file changes in `policies_dir` and to the config file (debounced), the swap of
+//! a Kubernetes ConfigMap volume holding either, `SIGHUP`, and `POST /admin/reload`.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,14 +46,20 @@ pub struct Reloader {
     shared: Arc<Shared>,
     config_path: Option<PathBuf>,
     lock: Mutex<()>,
+    /// The config file's bytes when it was last put into service: a volume swap re-reads
+    /// the config only when they changed.
+    config_in_service: Mutex<Option<Vec<u8>>>,
 }
 
 impl Reloader {
+    /// `config_path` is the file the running config was loaded from, if any.
     pub fn new(shared: Arc<Shared>, config_path: Option<PathBuf>) -> Self {
+        let in_service = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
         Reloader {
             shared,
             config_path,
             lock: Mutex::new(()),
+            config_in_service: Mutex::new(in_service),
         }
     }
 
@@ -62,6 +69,29 @@ impl Reloader {
             Some(path) => self.reload_config(path),
             None => self.reload_policies(),
         }
+    }
+
+    /// A mounted volume was swapped whole (a ConfigMap update, which may change any file):
+    /// re-read the policies as for a saved policy file, so each refused version is
+    /// reported as such, then the config file if its content changed.
+    pub fn reload_volume(&self) -> ReloadReport {
+        let mut report = self.reload_policies();
+        if let Some(path) = &self.config_path {
+            let now = std::fs::read(path).ok();
+            let in_service = self
+                .config_in_service
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let unchanged = now.is_some() && *in_service == now;
+            drop(in_service);
+            if !unchanged {
+                let config = self.reload_config(path);
+                report.loaded.extend(config.loaded);
+                report.rejected.extend(config.rejected);
+                report.config_errors = config.config_errors;
+            }
+        }
+        report
     }
 
     /// Re-read every policy the routes name; swap in the new versions that pass.
@@ -112,6 +142,7 @@ impl Reloader {
         let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.shared.load();
         let mut report = ReloadReport::default();
+        let text = std::fs::read(path).ok();
         let built = Config::load(path)
             .map_err(|e| e.problems)
             .and_then(|config| Runtime::build(config, Some(&current)));
@@ -125,6 +156,10 @@ impl Reloader {
                 }
                 info!(target: "switchyard::reload", "config {} reloaded: {} backend(s), {} route(s)", path.display(), runtime.config.backends.len(), runtime.config.routes.len());
                 self.shared.store(runtime);
+                *self
+                    .config_in_service
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = text;
             }
             Err(problems) => {
                 error!(target: "switchyard::reload", "config {} refused; the old config keeps serving:\n  {}", path.display(), problems.join("\n  "));
@@ -217,7 +252,33 @@ pub struct ReloadService {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Wanted {
     Policies,
+    /// A ConfigMap-style volume swap: policies, and the config if it changed.
+    Volume,
+    /// Everything (the config file changed, or `SIGHUP`).
     Config,
+}
+
+/// The entry a Kubernetes ConfigMap (or Secret, or projected) volume swaps on update. The
+/// kubelet writes the new files into a fresh hidden directory, points a new `..data_tmp`
+/// symlink at it and renames that over `..data`; the visible files are symlinks through
+/// `..data` and are never written themselves, so this rename is the only event saying
+/// that they changed.
+const ATOMIC_WRITER_DATA: &str = "..data";
+
+/// What an event on `path` (in a watched directory) asks for, if anything: the config file
+/// a config reload (which re-reads the policies too), a `*.lua` file a policy reload, and
+/// the directory's `..data` a volume reload.
+fn wanted(path: &Path, config_name: Option<&OsStr>) -> Option<Wanted> {
+    let name = path.file_name()?;
+    if config_name == Some(name) {
+        Some(Wanted::Config)
+    } else if name == ATOMIC_WRITER_DATA {
+        Some(Wanted::Volume)
+    } else if path.extension().is_some_and(|e| e == "lua") {
+        Some(Wanted::Policies)
+    } else {
+        None
+    }
 }
 
 #[async_trait]
@@ -236,13 +297,8 @@ impl BackgroundService for ReloadService {
                     return;
                 }
                 for path in &event.paths {
-                    if config_name
-                        .as_deref()
-                        .is_some_and(|n| path.file_name() == Some(n))
-                    {
-                        let _ = tx.send(Wanted::Config);
-                    } else if path.extension().is_some_and(|e| e == "lua") {
-                        let _ = tx.send(Wanted::Policies);
+                    if let Some(wanted) = wanted(path, config_name.as_deref()) {
+                        let _ = tx.send(wanted);
                     }
                 }
             },
@@ -298,6 +354,7 @@ impl BackgroundService for ReloadService {
             // Compiling and testing policies is CPU work; keep it off the async workers.
             let report = tokio::task::spawn_blocking(move || match wanted {
                 Wanted::Config => reloader.reload_all(),
+                Wanted::Volume => reloader.reload_volume(),
                 Wanted::Policies => reloader.reload_policies(),
             })
             .await;
@@ -306,5 +363,27 @@ impl BackgroundService for ReloadService {
             }
             watch_dirs(&mut watcher, &mut watched, &self.reloader.shared.load());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configmap_data_swap_asks_for_a_volume_reload() {
+        let config = Some(OsStr::new("config.yaml"));
+        let at = |p: &str| wanted(Path::new(p), config);
+        assert_eq!(at("/etc/switchyard/..data"), Some(Wanted::Volume));
+        assert_eq!(at("/etc/switchyard/config.yaml"), Some(Wanted::Config));
+        assert_eq!(
+            at("/etc/switchyard/round_robin.lua"),
+            Some(Wanted::Policies)
+        );
+        // The kubelet's temporary link and timestamped directories are steps on the way.
+        assert_eq!(at("/etc/switchyard/..data_tmp"), None);
+        assert_eq!(at("/etc/switchyard/..2026_11_22_10_00_00.123456789"), None);
+        assert_eq!(at("/etc/switchyard/notes.txt"), None);
+        assert_eq!(wanted(Path::new("/p/..data"), None), Some(Wanted::Volume));
     }
 }

@@ -287,3 +287,61 @@ fn a_wrong_config_is_refused_whole_with_every_problem_listed() {
         "{err}"
     );
 }
+
+#[test]
+fn check_with_a_config_validates_it_and_checks_the_policies_its_routes_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = write_policies(dir.path(), &[]);
+    let path = dir.path().join("c.yaml");
+    let check = |yaml: &str| {
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+
+    // Valid, with a backend host that only resolves where it will run (a cluster's Service
+    // name): check does not resolve it, and checks only the two policies the route uses.
+    let good = "policies_dir: policies\nroutes:\n  - policy: least_inflight\n    fallback_policy: round_robin\nbackends:\n  - name: a\n    url: http://model-server.inference.svc.cluster.local:8000\n    models: [m]\n";
+    let (ok, text) = check(good);
+    assert!(ok, "{text}");
+    assert!(text.contains("ok   config"), "{text}");
+    assert!(text.contains("2 passed, 0 failed"), "{text}");
+
+    // Every problem by its path, and no policy run.
+    let (ok, text) = check("routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: ftp://x\n    models: [m]\n    weight: 0\n");
+    assert!(!ok);
+    for needle in [
+        "FAIL config",
+        "backends[0].url",
+        "backends[0].weight: must be > 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle}: {text}");
+    }
+    let (ok, text) = check(&good.replace("policy: least_inflight", "policy: missing_policy"));
+    assert!(!ok);
+    assert!(
+        text.contains("routes[0].policy: policy `missing_policy` not found"),
+        "{text}"
+    );
+
+    // A policy the config uses whose own tests fail.
+    std::fs::write(
+        policies.join("least_inflight.lua"),
+        r#"local P = {}
+function P.route(req, backends) return backends[1].name end
+P.tests = { { req = { model = "m" }, backends = { { name = "a" }, { name = "b" } }, expect = "b" } }
+return P"#,
+    )
+    .unwrap();
+    let (ok, text) = check(good);
+    assert!(!ok, "{text}");
+    assert!(text.contains("FAIL least_inflight"), "{text}");
+    assert!(text.contains("1 passed, 1 failed"), "{text}");
+}

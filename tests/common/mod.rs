@@ -84,7 +84,13 @@ impl Proc {
     }
 }
 
-fn spawn(args: &[&str], port: u16, dir: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Proc {
+/// Start `switchyard ARGS...` (output to a log file); `port` is where it will listen.
+pub fn spawn(
+    args: &[&str],
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+    env: &[(&str, &str)],
+) -> Proc {
     let log =
         std::env::temp_dir().join(format!("switchyard-test-{port}-{}.log", std::process::id()));
     let out = std::fs::File::create(&log).unwrap();
