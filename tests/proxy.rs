@@ -217,7 +217,10 @@ async fn a_streamed_200_kib_prompt_fails_over_and_streams_incrementally() {
         backend("second", good.port, "[m]")
     );
     let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
-    let body = serde_json::to_vec(&chat_body("m", &"y".repeat(200 * 1024), true)).unwrap();
+    // The client asks for usage itself, so the body goes upstream byte for byte.
+    let mut body = chat_body("m", &"y".repeat(200 * 1024), true);
+    body["stream_options"] = serde_json::json!({ "include_usage": true });
+    let body = serde_json::to_vec(&body).unwrap();
     let started = Instant::now();
     let r = client()
         .post(p.url("/v1/chat/completions"))
