@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora::prelude::HttpPeer;
+use pingora::protocols::tls::CaType;
+
 use crate::config::{BackendConfig, Config};
 use crate::health::Health;
 use crate::outlier::{Admission, Breaker, Why};
@@ -69,12 +72,18 @@ impl Upstream {
             path_prefix: path.to_string(),
         })
     }
+
+    /// The name the backend's certificate is verified against and sent as SNI: the URL's
+    /// host (an IP literal without its brackets, which rustls verifies against the
+    /// certificate's IP addresses and does not send as SNI).
+    pub fn tls_name(&self) -> &str {
+        self.host.trim_start_matches('[').trim_end_matches(']')
+    }
 }
 
 /// Resolve an upstream's host once, at load time, so no request waits on DNS.
 fn resolve(u: &Upstream) -> Result<SocketAddr, String> {
-    let host = u.host.trim_start_matches('[').trim_end_matches(']');
-    (host, u.port)
+    (u.tls_name(), u.port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve `{}`: {e}", u.host))?
         .next()
@@ -126,12 +135,40 @@ pub struct Backend {
     /// Client-facing model name → the name the upstream knows.
     pub models: HashMap<String, String>,
     pub api_key: Option<Secret>,
+    /// Trust anchors from `ca_file`, in place of the system roots. `None`: system roots.
+    pub tls_ca: Option<Arc<CaType>>,
     pub stats: Arc<BackendStats>,
 }
+
+/// Concurrent requests one HTTP/2 connection to a backend carries before another is opened
+/// (Pingora's default is 1, which would open a connection per request).
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 impl Backend {
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// How to reach the backend, for requests and health checks alike: TLS for `https://`
+    /// (certificate and host name always verified, SNI from the URL host, `ca_file` when
+    /// set; Pingora never falls back to cleartext), and HTTP/2 when `http2` is set.
+    /// Timeouts are the caller's.
+    pub fn peer(&self) -> HttpPeer {
+        let u = &self.upstream;
+        let sni = if u.tls { u.tls_name() } else { "" };
+        let mut peer = HttpPeer::new(self.addr, u.tls, sni.to_string());
+        let o = &mut peer.options;
+        o.verify_cert = true;
+        o.verify_hostname = true;
+        o.ca = self.tls_ca.clone();
+        if self.config.http2 {
+            // TLS negotiates by ALPN (h2, else HTTP/1.1); cleartext has no negotiation, so
+            // HTTP/2 there is h2c with prior knowledge.
+            let min_version = if u.tls { 1 } else { 2 };
+            o.set_http_version(2, min_version);
+            o.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+        }
+        peer
     }
 
     pub fn serves(&self, model: &str) -> bool {
@@ -228,6 +265,13 @@ impl BackendSet {
                 })?)),
                 None => None,
             };
+            let tls_ca = match &bc.ca_file {
+                Some(path) => Some(
+                    crate::tls::load_ca_file(path)
+                        .map_err(|e| format!("backends[{i}].ca_file: {e}"))?,
+                ),
+                None => None,
+            };
             let stats = previous
                 .and_then(|p| p.get(&bc.name))
                 .map(|b| b.stats.clone())
@@ -239,6 +283,7 @@ impl BackendSet {
                 upstream,
                 addr,
                 api_key,
+                tls_ca,
                 stats,
             };
             for model in backend.models.keys() {

@@ -6,6 +6,8 @@
 use bytes::Bytes;
 use serde_json::json;
 
+pub use crate::tls::UpstreamTlsFailure;
+
 /// Why a request was answered by Switchyard itself instead of a backend.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ClientError {
@@ -70,6 +72,19 @@ pub enum ClientError {
     /// The backend refused our credentials (its body is never echoed).
     #[error("upstream authentication failed")]
     UpstreamAuthFailed,
+    /// TLS to the backend failed: its certificate did not verify, or the handshake broke.
+    /// Never retried over cleartext.
+    #[error("{}", tls_message(.0))]
+    UpstreamTls(UpstreamTlsFailure),
+}
+
+fn tls_message(failure: &UpstreamTlsFailure) -> &'static str {
+    match failure {
+        UpstreamTlsFailure::CertificateInvalid => {
+            "the upstream backend's TLS certificate could not be verified"
+        }
+        UpstreamTlsFailure::Handshake => "the TLS handshake with the upstream backend failed",
+    }
 }
 
 impl ClientError {
@@ -92,7 +107,7 @@ impl ClientError {
             Forbidden(_) => 403,
             Unauthorized => 401,
             NoBackendAvailable(_) => 503,
-            UpstreamAuthFailed => 502,
+            UpstreamAuthFailed | UpstreamTls(_) => 502,
             UpstreamUnavailable => 503,
             UpstreamTimeout => 504,
         }
@@ -122,6 +137,10 @@ impl ClientError {
             UpstreamUnavailable => ("server_error", "upstream_unavailable"),
             UpstreamTimeout => ("server_error", "upstream_timeout"),
             UpstreamAuthFailed => ("server_error", "upstream_auth_failed"),
+            UpstreamTls(UpstreamTlsFailure::CertificateInvalid) => {
+                ("server_error", "upstream_certificate_invalid")
+            }
+            UpstreamTls(UpstreamTlsFailure::Handshake) => ("server_error", "upstream_tls_failed"),
         }
     }
 
@@ -183,6 +202,23 @@ mod tests {
             "invalid JSON at line 3, column 7: expected value"
         );
         assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn upstream_tls_failures_are_502_with_their_own_codes() {
+        for (failure, code) in [
+            (
+                UpstreamTlsFailure::CertificateInvalid,
+                "upstream_certificate_invalid",
+            ),
+            (UpstreamTlsFailure::Handshake, "upstream_tls_failed"),
+        ] {
+            let e = ClientError::UpstreamTls(failure);
+            let v: serde_json::Value = serde_json::from_slice(&e.envelope()).unwrap();
+            assert_eq!(e.status(), 502);
+            assert_eq!(v["error"]["code"], code);
+            assert_eq!(v["error"]["type"], "server_error");
+        }
     }
 
     #[test]

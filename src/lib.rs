@@ -27,5 +27,6 @@ pub mod routes;
 pub mod runtime;
 pub mod server;
 pub mod tenants;
+pub mod tls;
 pub mod usage;
 pub mod window;

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub policy_decisions: IntCounterVec,
     pub policy_errors: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    pub certificate_reloads: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -113,6 +114,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "switchyard_policy_reloads_total",
             "Policy versions offered by a reload, by result (loaded, rejected)",
             &["policy", "result"],
+            r
+        )
+        .expect("metric registers"),
+        certificate_reloads: register_int_counter_vec_with_registry!(
+            "switchyard_tls_certificate_reloads_total",
+            "Changed TLS listener certificates offered by a reload, by listener address and result (loaded, rejected)",
+            &["listener", "result"],
             r
         )
         .expect("metric registers"),
