@@ -329,7 +329,10 @@ impl BackgroundService for ReloadService {
                           watched: &mut Vec<PathBuf>,
                           runtime: &Runtime| {
             let mut dirs = vec![runtime.config.policies_dir.clone()];
-            let parents = config_file.iter().chain(&cert_files).filter_map(|p| p.parent());
+            let parents = config_file
+                .iter()
+                .chain(&cert_files)
+                .filter_map(|p| p.parent());
             for dir in parents {
                 dirs.push(if dir.as_os_str().is_empty() {
                     PathBuf::from(".")

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use pingora::protocols::tls::CaType;
@@ -55,6 +55,9 @@ pub struct ListenerCert {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
     current: ArcSwap<Loaded>,
+    /// Digest of the files last refused: the same broken files are refused (logged and
+    /// counted) once, however many file events they cause.
+    last_refused: Mutex<Option<[u8; 32]>>,
 }
 
 impl ListenerCert {
@@ -66,19 +69,31 @@ impl ListenerCert {
             cert_path: cert_path.to_path_buf(),
             key_path: key_path.to_path_buf(),
             current: ArcSwap::from_pointee(loaded),
+            last_refused: Mutex::new(None),
         })
     }
 
     /// Re-read both files. `Ok(true)` when a new pair went into service, `Ok(false)` when
-    /// the files are unchanged; on error the pair in service stays.
+    /// the files are the pair in service or the pair last refused; on error the pair in
+    /// service stays.
     pub fn reload(&self) -> Result<bool, CertError> {
         let (cert_pem, key_pem) = read_pair(&self.cert_path, &self.key_path)?;
-        if files_digest(&cert_pem, &key_pem) == self.current.load().files_sha256 {
+        let digest = files_digest(&cert_pem, &key_pem);
+        let mut last_refused = self.last_refused.lock().unwrap_or_else(|e| e.into_inner());
+        if digest == self.current.load().files_sha256 || *last_refused == Some(digest) {
             return Ok(false);
         }
-        let loaded = parse_pair(&self.cert_path, &cert_pem, &self.key_path, &key_pem)?;
-        self.current.store(Arc::new(loaded));
-        Ok(true)
+        match parse_pair(&self.cert_path, &cert_pem, &self.key_path, &key_pem) {
+            Ok(loaded) => {
+                self.current.store(Arc::new(loaded));
+                *last_refused = None;
+                Ok(true)
+            }
+            Err(e) => {
+                *last_refused = Some(digest);
+                Err(e)
+            }
+        }
     }
 
     /// The end-entity certificate in service (DER).
@@ -216,8 +231,7 @@ pub fn load_ca_file(path: &Path) -> Result<Arc<CaType>, CertError> {
         };
         // Pingora parses these again with x509-parser (and panics on a failure there), so
         // both parsers must accept the certificate before it is handed over.
-        x509_parser::parse_x509_certificate(der.as_ref())
-            .map_err(|e| unusable(e.to_string()))?;
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| unusable(e.to_string()))?;
         anchors
             .add(der.clone())
             .map_err(|e| unusable(e.to_string()))?;
@@ -277,7 +291,10 @@ mod tests {
             pingora::ErrorType::TLSHandshakeFailure,
             "tls connect error: received corrupt message",
         );
-        assert_eq!(UpstreamTlsFailure::of(&other), UpstreamTlsFailure::Handshake);
+        assert_eq!(
+            UpstreamTlsFailure::of(&other),
+            UpstreamTlsFailure::Handshake
+        );
     }
 
     #[test]

@@ -84,7 +84,14 @@ impl Proc {
     }
 }
 
-fn spawn(args: &[&str], port: u16, dir: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Proc {
+/// Start `switchyard ARGS...`, its output in a log file; `port` is the one `url` uses and
+/// `dir` is kept (and removed) with the process.
+pub fn spawn(
+    args: &[&str],
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+    env: &[(&str, &str)],
+) -> Proc {
     let log =
         std::env::temp_dir().join(format!("switchyard-test-{port}-{}.log", std::process::id()));
     let out = std::fs::File::create(&log).unwrap();
