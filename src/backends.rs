@@ -10,13 +10,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::prelude::HttpPeer;
-use pingora::protocols::tls::CaType;
-
 use crate::config::{BackendConfig, Config};
 use crate::health::Health;
 use crate::outlier::{Admission, Breaker, Why};
+use crate::tls::CaFile;
 use crate::window::Window;
+use pingora::prelude::HttpPeer;
 
 /// Where a backend lives, parsed from its `url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +135,7 @@ pub struct Backend {
     pub models: HashMap<String, String>,
     pub api_key: Option<Secret>,
     /// Trust anchors from `ca_file`, in place of the system roots. `None`: system roots.
-    pub tls_ca: Option<Arc<CaType>>,
+    pub tls_ca: Option<CaFile>,
     pub stats: Arc<BackendStats>,
 }
 
@@ -157,10 +156,14 @@ impl Backend {
         let u = &self.upstream;
         let sni = if u.tls { u.tls_name() } else { "" };
         let mut peer = HttpPeer::new(self.addr, u.tls, sni.to_string());
+        // Pingora pools connections by address and SNI: after a reload that changes the CAs
+        // or the protocol, connections made under the old settings must not be reused.
+        let ca_digest = self.tls_ca.as_ref().map_or(0, |ca| ca.digest);
+        peer.group_key = (ca_digest << 1) | u64::from(self.config.http2);
         let o = &mut peer.options;
         o.verify_cert = true;
         o.verify_hostname = true;
-        o.ca = self.tls_ca.clone();
+        o.ca = self.tls_ca.as_ref().map(|ca| ca.certs.clone());
         if self.config.http2 {
             // TLS negotiates by ALPN (h2, else HTTP/1.1); cleartext has no negotiation, so
             // HTTP/2 there is h2c with prior knowledge.
@@ -518,6 +521,48 @@ mod tests {
         assert!(Upstream::parse("http://:80").is_err());
         assert!(Upstream::parse("http://h:0").is_err());
         assert!(Upstream::parse("http://user@h:1").is_err());
+    }
+
+    #[test]
+    fn peers_verify_tls_by_url_host_and_keep_pools_apart_by_protocol() {
+        use pingora::upstreams::peer::Peer;
+        let config = Config::parse(
+            r#"
+routes: [{ policy: round_robin }]
+backends:
+  - { name: h1, url: "https://127.0.0.1:9443/v1", models: [m] }
+  - { name: h2, url: "https://127.0.0.1:9443/v1", models: [m], http2: true }
+  - { name: h2c, url: "http://127.0.0.1:9000", models: [m], http2: true }
+  - { name: v6, url: "https://[::1]:9443", models: [m] }
+"#,
+        )
+        .unwrap();
+        let set = BackendSet::build(&config, None).unwrap();
+        let peer = |name: &str| set.get(name).unwrap().peer();
+        let (h1, h2, h2c) = (peer("h1"), peer("h2"), peer("h2c"));
+        assert!(h1.is_tls() && h1.options.verify_cert && h1.options.verify_hostname);
+        assert_eq!(h1.sni, "127.0.0.1");
+        assert_eq!(peer("v6").sni, "::1", "an IP literal without brackets");
+        let versions = |p: &HttpPeer| {
+            (
+                p.options.alpn.get_max_http_version(),
+                p.options.alpn.get_min_http_version(),
+            )
+        };
+        assert_eq!(versions(&h1), (1, 1));
+        assert_eq!(versions(&h2), (2, 1), "h2 by ALPN, HTTP/1.1 if declined");
+        assert_eq!(
+            versions(&h2c),
+            (2, 2),
+            "cleartext h2 is h2c with prior knowledge"
+        );
+        assert!(!h2c.is_tls());
+        assert_ne!(
+            h1.reuse_hash(),
+            h2.reuse_hash(),
+            "a protocol change must not reuse the old pool"
+        );
+        assert_eq!(h1.reuse_hash(), peer("h1").reuse_hash());
     }
 
     #[test]

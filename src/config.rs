@@ -102,7 +102,7 @@ pub struct TenantConfig {
     pub allowed_regions: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub addr: String,
@@ -114,7 +114,7 @@ pub struct Listener {
 
 /// A TLS listener's certificate and key: PEM files, relative to the config file, re-read
 /// when they change and on `SIGHUP`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     /// The certificate chain, leaf first.

@@ -184,6 +184,9 @@ impl Reloader {
                     }
                 }
                 info!(target: "switchyard::reload", "config {} reloaded: {} backend(s), {} route(s)", path.display(), runtime.config.backends.len(), runtime.config.routes.len());
+                if runtime.config.listen != current.config.listen {
+                    warn!(target: "switchyard::reload", "config {}: `listen` changed; listeners (addresses, TLS and certificate paths) change only with a restart or a graceful upgrade", path.display());
+                }
                 self.shared.store(runtime);
             }
             Err(problems) => {

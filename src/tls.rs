@@ -216,11 +216,21 @@ fn provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
-/// The trust anchors of a backend's `ca_file`, in the form Pingora's connector takes. Every
-/// certificate must parse and be usable as a trust anchor, so a bad file is refused when
-/// the config is loaded rather than failing every handshake later.
-pub fn load_ca_file(path: &Path) -> Result<Arc<CaType>, CertError> {
+/// The CAs of a backend's `ca_file`, in the form Pingora's connector takes.
+#[derive(Debug, Clone)]
+pub struct CaFile {
+    pub certs: Arc<CaType>,
+    /// Part of the file's SHA-256: connections verified with other CAs never share a pool.
+    pub digest: u64,
+}
+
+/// Load a backend's `ca_file`. Every certificate must parse and be usable as a trust
+/// anchor, so a bad file is refused when the config is loaded rather than failing every
+/// handshake later.
+pub fn load_ca_file(path: &Path) -> Result<CaFile, CertError> {
     let pem = read_file(path)?;
+    let sha = Sha256::digest(&pem);
+    let digest = u64::from_le_bytes(sha[..8].try_into().expect("8 bytes"));
     let certs = parse_certs(path, &pem)?;
     let mut anchors = rustls::RootCertStore::empty();
     let mut out = Vec::with_capacity(certs.len());
@@ -235,11 +245,15 @@ pub fn load_ca_file(path: &Path) -> Result<Arc<CaType>, CertError> {
         anchors
             .add(der.clone())
             .map_err(|e| unusable(e.to_string()))?;
-        out.push(WrappedX509::new(der.to_vec(), |raw| {
-            pingora::utils::tls::parse_x509(raw)
-        }));
+        out.push(WrappedX509::new(
+            der.to_vec(),
+            pingora::utils::tls::parse_x509,
+        ));
     }
-    Ok(Arc::from(out.into_boxed_slice()))
+    Ok(CaFile {
+        certs: Arc::from(out.into_boxed_slice()),
+        digest,
+    })
 }
 
 /// Why a TLS handshake with a backend failed, as the client is told.
