@@ -14,8 +14,8 @@
 //!    cools the backend down.
 //! 5. body filters — the response streams through chunk by chunk; TTFT at the first
 //!    chunk, usage read on the way.
-//! 6. failures — connect errors and timeouts count against the backend and may retry;
-//!    once a byte went downstream nothing is retried.
+//! 6. failures — connect errors (TLS verification included) and timeouts count against
+//!    the backend and may retry; once a byte went downstream nothing is retried.
 //! 7. `logging` — the attempt's outcome, statistics, metrics and the access log.
 
 use std::sync::Arc;
@@ -316,8 +316,9 @@ impl ProxyHttp for Switchyard {
         Ok(())
     }
 
-    /// Connection failures count against the backend (and may eject it); the request
-    /// moves on to the next backend.
+    /// Connection failures — a backend certificate that does not verify included — count
+    /// against the backend (and may eject it); the request moves on to the next backend
+    /// (never to the same one in cleartext).
     fn fail_to_connect(
         &self,
         _session: &mut Session,

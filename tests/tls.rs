@@ -106,14 +106,25 @@ struct TlsProxy {
 
 impl TlsProxy {
     async fn start(dir: tempfile::TempDir, backends: &str, extra: &str) -> TlsProxy {
+        TlsProxy::start_with_policy(dir, ("round_robin", None), backends, extra).await
+    }
+
+    /// With the route's policy named, and its source when it is not a shipped one.
+    async fn start_with_policy(
+        dir: tempfile::TempDir,
+        (policy, source): (&str, Option<&str>),
+        backends: &str,
+        extra: &str,
+    ) -> TlsProxy {
         let (plain_port, tls_port, admin_port) = (free_port(), free_port(), free_port());
-        let policies = write_policies(dir.path(), &[]);
+        let extra_policies: Vec<(&str, &str)> = source.map(|s| (policy, s)).into_iter().collect();
+        let policies = write_policies(dir.path(), &extra_policies);
         let config = format!(
             "listen:\n  - addr: \"127.0.0.1:{plain_port}\"\n  - addr: \"127.0.0.1:{tls_port}\"\n    \
              tls: {{ cert: tls/cert.pem, key: tls/key.pem }}\n\
              admin: {{ addr: \"127.0.0.1:{admin_port}\" }}\n\
              policies_dir: {}\n\
-             routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n\
+             routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: {policy}\n\
              backends:\n{backends}\
              proxy:\n  threads: 2\n  grace_period_seconds: 0\n{extra}",
             policies.display()
@@ -747,4 +758,59 @@ async fn health_checks_reach_https_backends_with_the_same_trust_as_requests() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(served_by(&headers), "trusted");
     }
+}
+
+/// `first` then `second`, except that model `direct` goes straight to `second`.
+const FIXED_ORDER: &str = r#"
+local P = {}
+function P.route(req, backends)
+  if req.model == "direct" then return { "second" } end
+  return { "first", "second" }
+end
+return P
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_kib_prompt_over_http2_reaches_the_backend_byte_for_byte_first_try_and_on_failover() {
+    let ca = Ca::new("client-facing test CA");
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let good = mock("good", &[]).await;
+    // The good backend is reached over h2c, so the body crosses HTTP/2 on both sides.
+    let backends = format!(
+        "{}  - {{ name: second, url: \"http://127.0.0.1:{}\", models: [m, direct], http2: true }}\n",
+        backend("first", failing.port, "[m]"),
+        good.port
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_leaf(&dir.path().join("tls"), &ca.issue(&["localhost"]));
+    let p =
+        TlsProxy::start_with_policy(dir, ("fixed_order", Some(FIXED_ORDER)), &backends, "").await;
+    let https = https_client(&[&ca.pem()]);
+    let prompt = "lorem ipsum dolor sit amet ".repeat(200 * 1024 / 27);
+    let mut last_sha = String::new();
+    for (label, model) in [("first try", "direct"), ("after a 503", "m")] {
+        let body = serde_json::to_vec(&chat_body(model, &prompt, false)).unwrap();
+        assert!(body.len() > 200 * 1024);
+        let r = https
+            .post(p.https("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200, "{label}");
+        assert_eq!(r.headers()["x-mock-backend"], "good", "{label}");
+        assert_eq!(r.headers()["x-mock-http-version"], "HTTP/2.0", "{label}");
+        assert_eq!(
+            r.headers()["x-mock-body-sha256"],
+            sha256_hex(&body).as_str(),
+            "{label}: body changed on the way"
+        );
+        last_sha = sha256_hex(&body);
+    }
+    let seen = received(&failing).await;
+    assert_eq!(seen.len(), 1, "the failing backend was tried once");
+    assert_eq!(seen[0]["body_sha256"], last_sha.as_str());
+    assert_eq!(received(&good).await.len(), 2);
 }
