@@ -2,7 +2,8 @@
 # The whole test suite: installs build prerequisites, then runs every unit and integration
 # test (integration tests start the real binary and real mock backends on 127.0.0.1; one
 # of them runs `switchyard check` on every policy in policies/, another drives the
-# dashboard in headless Chromium, which it installs on first use).
+# dashboard in headless Chromium, which it installs on first use; the TLS test installs
+# curl and h2load the same way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
