@@ -73,8 +73,7 @@ impl ServeHttp for Admin {
                 let reloader = self.reloader.clone();
                 match tokio::task::spawn_blocking(move || reloader.reload_all()).await {
                     Ok(report) => {
-                        let ok = report.config_errors.is_empty() && report.rejected.is_empty();
-                        let status = if ok {
+                        let status = if report.is_clean() {
                             StatusCode::OK
                         } else {
                             StatusCode::UNPROCESSABLE_ENTITY

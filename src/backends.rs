@@ -13,7 +13,9 @@ use std::time::Duration;
 use crate::config::{BackendConfig, Config};
 use crate::health::Health;
 use crate::outlier::{Admission, Breaker, Why};
+use crate::tls::CaFile;
 use crate::window::Window;
+use pingora::prelude::HttpPeer;
 
 /// Where a backend lives, parsed from its `url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,12 +71,18 @@ impl Upstream {
             path_prefix: path.to_string(),
         })
     }
+
+    /// The name the backend's certificate is verified against and sent as SNI: the URL's
+    /// host (an IP literal without its brackets, which rustls verifies against the
+    /// certificate's IP addresses and does not send as SNI).
+    pub fn tls_name(&self) -> &str {
+        self.host.trim_start_matches('[').trim_end_matches(']')
+    }
 }
 
 /// Resolve an upstream's host once, at load time, so no request waits on DNS.
 fn resolve(u: &Upstream) -> Result<SocketAddr, String> {
-    let host = u.host.trim_start_matches('[').trim_end_matches(']');
-    (host, u.port)
+    (u.tls_name(), u.port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve `{}`: {e}", u.host))?
         .next()
@@ -126,12 +134,44 @@ pub struct Backend {
     /// Client-facing model name → the name the upstream knows.
     pub models: HashMap<String, String>,
     pub api_key: Option<Secret>,
+    /// Trust anchors from `ca_file`, in place of the system roots. `None`: system roots.
+    pub tls_ca: Option<CaFile>,
     pub stats: Arc<BackendStats>,
 }
+
+/// Concurrent requests one HTTP/2 connection to a backend carries before another is opened
+/// (Pingora's default is 1, which would open a connection per request).
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 impl Backend {
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// How to reach the backend, for requests and health checks alike: TLS for `https://`
+    /// (certificate and host name always verified, SNI from the URL host, `ca_file` when
+    /// set; Pingora never falls back to cleartext), and HTTP/2 when `http2` is set.
+    /// Timeouts are the caller's.
+    pub fn peer(&self) -> HttpPeer {
+        let u = &self.upstream;
+        let sni = if u.tls { u.tls_name() } else { "" };
+        let mut peer = HttpPeer::new(self.addr, u.tls, sni.to_string());
+        // Pingora pools connections by address and SNI: after a reload that changes the CAs
+        // or the protocol, connections made under the old settings must not be reused.
+        let ca_digest = self.tls_ca.as_ref().map_or(0, |ca| ca.digest);
+        peer.group_key = (ca_digest << 1) | u64::from(self.config.http2);
+        let o = &mut peer.options;
+        o.verify_cert = true;
+        o.verify_hostname = true;
+        o.ca = self.tls_ca.as_ref().map(|ca| ca.certs.clone());
+        if self.config.http2 {
+            // TLS negotiates by ALPN (h2, else HTTP/1.1); cleartext has no negotiation, so
+            // HTTP/2 there is h2c with prior knowledge.
+            let min_version = if u.tls { 1 } else { 2 };
+            o.set_http_version(2, min_version);
+            o.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+        }
+        peer
     }
 
     pub fn serves(&self, model: &str) -> bool {
@@ -228,6 +268,13 @@ impl BackendSet {
                 })?)),
                 None => None,
             };
+            let tls_ca = match &bc.ca_file {
+                Some(path) => Some(
+                    crate::tls::load_ca_file(path)
+                        .map_err(|e| format!("backends[{i}].ca_file: {e}"))?,
+                ),
+                None => None,
+            };
             let stats = previous
                 .and_then(|p| p.get(&bc.name))
                 .map(|b| b.stats.clone())
@@ -239,6 +286,7 @@ impl BackendSet {
                 upstream,
                 addr,
                 api_key,
+                tls_ca,
                 stats,
             };
             for model in backend.models.keys() {
@@ -473,6 +521,48 @@ mod tests {
         assert!(Upstream::parse("http://:80").is_err());
         assert!(Upstream::parse("http://h:0").is_err());
         assert!(Upstream::parse("http://user@h:1").is_err());
+    }
+
+    #[test]
+    fn peers_verify_tls_by_url_host_and_keep_pools_apart_by_protocol() {
+        use pingora::upstreams::peer::Peer;
+        let config = Config::parse(
+            r#"
+routes: [{ policy: round_robin }]
+backends:
+  - { name: h1, url: "https://127.0.0.1:9443/v1", models: [m] }
+  - { name: h2, url: "https://127.0.0.1:9443/v1", models: [m], http2: true }
+  - { name: h2c, url: "http://127.0.0.1:9000", models: [m], http2: true }
+  - { name: v6, url: "https://[::1]:9443", models: [m] }
+"#,
+        )
+        .unwrap();
+        let set = BackendSet::build(&config, None).unwrap();
+        let peer = |name: &str| set.get(name).unwrap().peer();
+        let (h1, h2, h2c) = (peer("h1"), peer("h2"), peer("h2c"));
+        assert!(h1.is_tls() && h1.options.verify_cert && h1.options.verify_hostname);
+        assert_eq!(h1.sni, "127.0.0.1");
+        assert_eq!(peer("v6").sni, "::1", "an IP literal without brackets");
+        let versions = |p: &HttpPeer| {
+            (
+                p.options.alpn.get_max_http_version(),
+                p.options.alpn.get_min_http_version(),
+            )
+        };
+        assert_eq!(versions(&h1), (1, 1));
+        assert_eq!(versions(&h2), (2, 1), "h2 by ALPN, HTTP/1.1 if declined");
+        assert_eq!(
+            versions(&h2c),
+            (2, 2),
+            "cleartext h2 is h2c with prior knowledge"
+        );
+        assert!(!h2c.is_tls());
+        assert_ne!(
+            h1.reuse_hash(),
+            h2.reuse_hash(),
+            "a protocol change must not reuse the old pool"
+        );
+        assert_eq!(h1.reuse_hash(), peer("h1").reuse_hash());
     }
 
     #[test]

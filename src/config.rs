@@ -202,10 +202,25 @@ pub struct TenantConfig {
     pub limits: Option<TenantLimits>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub addr: String,
+    /// Serve TLS with this certificate, HTTP/2 or HTTP/1.1 by ALPN. Default: none (cleartext
+    /// HTTP/1.1).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+}
+
+/// A TLS listener's certificate and key: PEM files, relative to the config file, re-read
+/// when they change and on `SIGHUP`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,6 +328,14 @@ pub struct BackendConfig {
     /// Not allowed for `openai`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
+    /// For an `https://` backend: PEM file of the CAs its certificate is verified against,
+    /// instead of the system roots. Relative to the config file. Default: the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Speak HTTP/2 to the backend: offered by ALPN over TLS (HTTP/1.1 if the backend
+    /// declines), h2c with prior knowledge over `http://`. Default false (HTTP/1.1).
+    #[serde(default)]
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -461,6 +484,7 @@ impl Default for HealthConfig {
 fn default_listen() -> Vec<Listener> {
     vec![Listener {
         addr: "0.0.0.0:8080".into(),
+        tls: None,
     }]
 }
 fn default_policies_dir() -> PathBuf {
@@ -513,12 +537,10 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
         let mut config = Config::parse(&text)?;
-        if config.policies_dir.is_relative() {
-            if let Some(dir) = path.parent() {
-                config.policies_dir = dir.join(&config.policies_dir);
-            }
+        if let Some(dir) = path.parent() {
+            config.resolve_paths(dir);
         }
-        config.check_policies_exist()?;
+        config.check_files()?;
         Ok(config)
     }
 
@@ -547,10 +569,28 @@ impl Config {
         }
     }
 
+    /// Make relative file paths (policies, certificates, CA files) relative to `dir`, the
+    /// config file's directory.
+    fn resolve_paths(&mut self, dir: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        resolve(&mut self.policies_dir);
+        for tls in self.listen.iter_mut().filter_map(|l| l.tls.as_mut()) {
+            resolve(&mut tls.cert);
+            resolve(&mut tls.key);
+        }
+        for ca in self.backends.iter_mut().filter_map(|b| b.ca_file.as_mut()) {
+            resolve(ca);
+        }
+    }
+
     /// Check an in-memory config (e.g. one changed through the admin API) as a file is.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = self.problems();
-        if let Err(e) = self.check_policies_exist() {
+        if let Err(e) = self.check_files() {
             problems.extend(e.problems);
         }
         if problems.is_empty() {
@@ -658,6 +698,11 @@ impl Config {
             }
             if b.cost.input < 0.0 || b.cost.output < 0.0 {
                 out.push(format!("{at}.cost: prices must be >= 0"));
+            }
+            if b.ca_file.is_some() && !b.url.starts_with("https://") {
+                out.push(format!(
+                    "{at}.ca_file: only an https:// backend is verified with a CA file"
+                ));
             }
             if let Some(path) = &b.health_path {
                 if !path.is_empty() && !path.starts_with('/') {
@@ -776,9 +821,24 @@ impl Config {
         out
     }
 
-    /// Every policy a route names must exist as a file.
-    fn check_policies_exist(&self) -> Result<(), ConfigError> {
+    /// The files the config names: every policy a route names must exist, and every
+    /// listener certificate pair and backend CA file must load.
+    fn check_files(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        for (i, l) in self.listen.iter().enumerate() {
+            if let Some(tls) = &l.tls {
+                if let Err(e) = crate::tls::ListenerCert::load(&l.addr, &tls.cert, &tls.key) {
+                    problems.push(format!("listen[{i}].tls: {e}"));
+                }
+            }
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if let Some(ca) = &b.ca_file {
+                if let Err(e) = crate::tls::load_ca_file(ca) {
+                    problems.push(format!("backends[{i}].ca_file: {e}"));
+                }
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
             let named = std::iter::once(("policy", &r.policy))
                 .chain(r.fallback_policy.iter().map(|f| ("fallback_policy", f)));

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::provider::{anthropic_error_type, ApiFormat};
+pub use crate::tls::UpstreamTlsFailure;
 
 /// Why a request was answered by Switchyard itself instead of a backend.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -81,6 +82,19 @@ pub enum ClientError {
     /// The shared limit counters are unreachable and `redis.on_failure` is `closed`.
     #[error("rate limits cannot be checked right now; retry later")]
     LimitsUnavailable,
+    /// TLS to the backend failed: its certificate did not verify, or the handshake broke.
+    /// Never retried over cleartext.
+    #[error("{}", tls_message(.0))]
+    UpstreamTls(UpstreamTlsFailure),
+}
+
+fn tls_message(failure: &UpstreamTlsFailure) -> &'static str {
+    match failure {
+        UpstreamTlsFailure::CertificateInvalid => {
+            "the upstream backend's TLS certificate could not be verified"
+        }
+        UpstreamTlsFailure::Handshake => "the TLS handshake with the upstream backend failed",
+    }
 }
 
 impl ClientError {
@@ -103,7 +117,7 @@ impl ClientError {
             Forbidden(_) => 403,
             Unauthorized => 401,
             NoBackendAvailable(_) => 503,
-            UpstreamAuthFailed => 502,
+            UpstreamAuthFailed | UpstreamTls(_) => 502,
             UpstreamUnavailable => 503,
             UpstreamTimeout => 504,
             RateLimited(_) => 429,
@@ -140,6 +154,10 @@ impl ClientError {
             }
             RateLimited(_) => ("rate_limit_error", "rate_limit_exceeded"),
             LimitsUnavailable => ("server_error", "limits_unavailable"),
+            UpstreamTls(UpstreamTlsFailure::CertificateInvalid) => {
+                ("server_error", "upstream_certificate_invalid")
+            }
+            UpstreamTls(UpstreamTlsFailure::Handshake) => ("server_error", "upstream_tls_failed"),
         }
     }
 
@@ -241,6 +259,23 @@ mod tests {
             "invalid JSON at line 3, column 7: expected value"
         );
         assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn upstream_tls_failures_are_502_with_their_own_codes() {
+        for (failure, code) in [
+            (
+                UpstreamTlsFailure::CertificateInvalid,
+                "upstream_certificate_invalid",
+            ),
+            (UpstreamTlsFailure::Handshake, "upstream_tls_failed"),
+        ] {
+            let e = ClientError::UpstreamTls(failure);
+            let v: serde_json::Value = serde_json::from_slice(&e.envelope()).unwrap();
+            assert_eq!(e.status(), 502);
+            assert_eq!(v["error"]["code"], code);
+            assert_eq!(v["error"]["type"], "server_error");
+        }
     }
 
     #[test]

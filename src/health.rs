@@ -122,9 +122,9 @@ async fn probe(backend: Arc<Backend>, config: HealthConfig) {
         let _ = req.insert_header(http::header::HOST, u.authority.as_str());
         check.req = req;
     }
-    if u.tls {
-        check.peer_template = pingora::prelude::HttpPeer::new("0.0.0.0:1", true, u.host.clone());
-    }
+    // The probe reaches the backend exactly as requests do (TLS trust, SNI, HTTP/2); the
+    // check replaces the peer's address with the target's.
+    check.peer_template = backend.peer();
     let timeout = Duration::from_millis(config.timeout_ms);
     check.peer_template.options.connection_timeout = Some(timeout);
     check.peer_template.options.read_timeout = Some(timeout);

@@ -62,6 +62,12 @@ enum Command {
         /// Retry-After seconds on a 429.
         #[arg(long, default_value_t = 1)]
         retry_after_s: u64,
+        /// Serve TLS with this PEM certificate chain (needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Compile policies and run their `tests` tables; with `--config`, validate the config
     /// file first. Exit non-zero on any failure.
@@ -133,6 +139,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fail_rate,
             rate_limit_rate,
             retry_after_s,
+            tls_cert,
+            tls_key,
         } => {
             let opts = MockOptions {
                 name,
@@ -146,12 +154,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(cert), Some(key)) => Some(switchyard::mock::tls_acceptor(cert, key)?),
+                _ => None,
+            };
             rt.block_on(async {
                 let listener = tokio::net::TcpListener::bind((host.as_str(), port))
                     .await
                     .with_context(|| format!("mock cannot listen on {host}:{port}"))?;
-                log::info!("mock backend {} on {}", opts.name, listener.local_addr()?);
-                switchyard::mock::serve(listener, opts).await?;
+                log::info!(
+                    "mock backend {} on {}{}",
+                    opts.name,
+                    listener.local_addr()?,
+                    if tls.is_some() { " (TLS)" } else { "" }
+                );
+                switchyard::mock::serve_with_tls(listener, opts, tls).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)

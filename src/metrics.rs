@@ -34,6 +34,7 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub redis_up: IntGauge,
+    pub certificate_reloads: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -129,6 +130,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         redis_up: register_int_gauge_with_registry!(
             "switchyard_redis_up",
             "1 while the limit counters in Redis are reachable, 0 while this instance counts alone or none is configured",
+            r
+        )
+        .expect("metric registers"),
+        certificate_reloads: register_int_counter_vec_with_registry!(
+            "switchyard_tls_certificate_reloads_total",
+            "Changed TLS listener certificates offered by a reload, by listener address and result (loaded, rejected)",
+            &["listener", "result"],
             r
         )
         .expect("metric registers"),

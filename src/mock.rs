@@ -1,5 +1,6 @@
 //! Switchyard's own mock backend, OpenAI-compatible and Anthropic-compatible: a real
-//! HTTP/1.1 server used by the integration tests, the load benchmark and `switchyard demo`.
+//! HTTP/1.1 and HTTP/2 server (cleartext, or TLS with `switchyard mock --tls-cert
+//! --tls-key`) used by the integration tests, the load benchmark and `switchyard demo`.
 //! It answers chat completions, completions (plain or streamed as SSE), embeddings, the
 //! model list and Anthropic's Messages API (plain or streamed, see [`anthropic`]), records
 //! what it received, and injects faults chosen by options or per request headers.
@@ -26,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -38,14 +40,15 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 use crate::provider::{anthropic_error_type, ApiFormat};
 
@@ -103,12 +106,24 @@ impl Default for MockOptions {
 /// every open (keep-alive) connection: a "killed" mock really stops answering.
 /// Fails at once with `InvalidInput` if `opts.name` cannot be sent as a header value.
 pub async fn serve(listener: TcpListener, opts: MockOptions) -> io::Result<()> {
+    serve_with_tls(listener, opts, None).await
+}
+
+/// [`serve`], over TLS when `tls` is given (see [`tls_acceptor`]). Either way a connection
+/// speaks HTTP/1.1 or HTTP/2 (ALPN over TLS, the client's preface in cleartext), and every
+/// answer says how it was reached: `x-mock-http-version` (`HTTP/1.1`, `HTTP/2.0`) and,
+/// over TLS, `x-mock-tls-sni` (the server name the client sent, if any).
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    opts: MockOptions,
+    tls: Option<TlsAcceptor>,
+) -> io::Result<()> {
     let shared = Arc::new(Shared::new(opts)?);
     let mut connections = JoinSet::new();
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
-                connections.spawn(serve_connection(stream, Arc::clone(&shared)));
+                connections.spawn(serve_connection(stream, Arc::clone(&shared), tls.clone()));
             }
             Err(e) => {
                 // Accept errors (EMFILE, ECONNABORTED) are transient; spinning on them
@@ -121,18 +136,57 @@ pub async fn serve(listener: TcpListener, opts: MockOptions) -> io::Result<()> {
     }
 }
 
-async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+/// A TLS acceptor presenting the PEM pair `cert` / `key`, offering HTTP/2 and HTTP/1.1.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
+    let pair = crate::tls::ListenerCert::load("mock", cert, key)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    pingora::tls::install_default_crypto_provider();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(pair));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     // SSE events are small; Nagle would hold them back and blur chunk timing.
     if let Err(e) = stream.set_nodelay(true) {
         log::debug!("mock: set_nodelay failed: {e}");
     }
-    let service = service_fn(move |req| handle(Arc::clone(&shared), req));
-    let result = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-    if let Err(e) = result {
+    match tls {
+        None => serve_http(TokioIo::new(stream), shared, None).await,
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(stream) => {
+                let sni = stream.get_ref().1.server_name().map(str::to_owned);
+                serve_http(TokioIo::new(stream), shared, sni).await
+            }
+            Err(e) => log::debug!("mock: TLS handshake failed: {e}"),
+        },
+    }
+}
+
+async fn serve_http<I>(io: TokioIo<I>, shared: Arc<Shared>, sni: Option<String>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let version = format!("{:?}", req.version());
+        let sni = sni.clone();
+        let answer = handle(Arc::clone(&shared), req);
+        async move {
+            let mut response = answer.await?;
+            let headers = response.headers_mut();
+            headers.insert("x-mock-http-version", header_value(&version));
+            if let Some(sni) = sni {
+                headers.insert("x-mock-tls-sni", header_value(&sni));
+            }
+            Ok::<_, MockError>(response)
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    if let Err(e) = builder.serve_connection(io, service).await {
         log::debug!("mock connection ended: {e}");
     }
 }

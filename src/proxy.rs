@@ -14,8 +14,8 @@
 //!    cools the backend down.
 //! 5. body filters — the response streams through chunk by chunk; TTFT at the first
 //!    chunk, usage read on the way.
-//! 6. failures — connect errors and timeouts count against the backend and may retry;
-//!    once a byte went downstream nothing is retried.
+//! 6. failures — connect errors (TLS verification included) and timeouts count against
+//!    the backend and may retry; once a byte went downstream nothing is retried.
 //! 7. `logging` — the attempt's outcome, statistics, metrics and the access log.
 
 use std::sync::Arc;
@@ -32,7 +32,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::backends::{Backend, Outcome};
 use crate::body;
 use crate::context::RequestCtx;
-use crate::errors::ClientError;
+use crate::errors::{ClientError, UpstreamTlsFailure};
 use crate::metrics::METRICS;
 use crate::outlier::parse_retry_after;
 use crate::plan::{self, Refusal};
@@ -333,8 +333,9 @@ impl ProxyHttp for Switchyard {
         Ok(())
     }
 
-    /// Connection failures count against the backend (and may eject it); the request
-    /// moves on to the next backend.
+    /// Connection failures — a backend certificate that does not verify included — count
+    /// against the backend (and may eject it); the request moves on to the next backend
+    /// (never to the same one in cleartext).
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -342,7 +343,20 @@ impl ProxyHttp for Switchyard {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.finish_attempt(Outcome::Failure, format!("connect: {}", e.etype().as_str()));
+        let what = match tls_failure(&e) {
+            Some(failure) => {
+                // The rustls reason (unknown issuer, wrong name...) is for the operator only.
+                warn!(
+                    target: "switchyard::tls",
+                    "{} backend {}: {e}",
+                    ctx.request_id,
+                    ctx.backend_name().unwrap_or("-")
+                );
+                failure.as_str()
+            }
+            None => e.etype().as_str(),
+        };
+        ctx.finish_attempt(Outcome::Failure, format!("connect: {what}"));
         e.set_retry(self.retry_allowed(ctx));
         e
     }
@@ -422,7 +436,7 @@ impl ProxyHttp for Switchyard {
                 ClientError::UpstreamTimeout
             }
             _ if *e.esource() == ErrorSource::Downstream => ClientError::BadBody,
-            _ => ClientError::UpstreamUnavailable,
+            _ => tls_failure(e).map_or(ClientError::UpstreamUnavailable, ClientError::UpstreamTls),
         });
         let status = error.status();
         // Pingora closes the client connection after a failed proxy attempt whatever we
@@ -553,6 +567,15 @@ async fn admit(
     Ok(Admitted::Proxy)
 }
 
+/// Why TLS to a backend failed, when that is what `e` is.
+fn tls_failure(e: &Error) -> Option<UpstreamTlsFailure> {
+    match e.etype() {
+        ErrorType::TLSHandshakeFailure => Some(UpstreamTlsFailure::of(e)),
+        ErrorType::InvalidCert => Some(UpstreamTlsFailure::Handshake),
+        _ => None,
+    }
+}
+
 /// A W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero).
 fn valid_traceparent(v: &str) -> bool {
     let parts: Vec<&str> = v.trim().split('-').collect();
@@ -583,11 +606,7 @@ fn new_traceparent() -> String {
 /// the whole answer is ready (`ttfb_timeout_ms`), a stream's comes at once and then its
 /// chunks (`idle_timeout_ms`).
 fn peer_for(backend: &Backend, proxy: &crate::config::ProxyConfig, stream: bool) -> HttpPeer {
-    let mut peer = HttpPeer::new(
-        backend.addr,
-        backend.upstream.tls,
-        backend.upstream.host.clone(),
-    );
+    let mut peer = backend.peer();
     let o = &mut peer.options;
     o.connection_timeout = Some(Duration::from_millis(proxy.connect_timeout_ms));
     let read_ms = if stream {

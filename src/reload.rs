@@ -6,9 +6,15 @@
 //! A refused version is logged with file, line and reason, counted, and shown on the admin
 //! API; the old version keeps serving. A deleted file keeps its last good version.
 //!
-//! Triggers: file changes in `policies_dir` and to the config file (debounced), the swap of
-//! a Kubernetes ConfigMap volume holding either, `SIGHUP`, and `POST /admin/reload`.
+//! TLS listeners' certificate and key files are re-read the same way: a pair that parses
+//! and belongs together serves the next handshakes; any other is refused, logged and
+//! counted, and the old pair keeps serving.
+//!
+//! Triggers: file changes in `policies_dir`, to the config file and to certificate files
+//! (debounced), the swap of a Kubernetes ConfigMap volume holding any of them, `SIGHUP`,
+//! and `POST /admin/reload`.
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -25,6 +31,7 @@ use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::policy::{self, Policy};
 use crate::runtime::{unix_now, PolicyStatus, Rejection, Runtime, Shared};
+use crate::tls::ListenerCert;
 
 /// Events arriving within this window after the first are handled by one reload, so an
 /// editor saving 50 times a second costs at most a few reloads.
@@ -39,12 +46,27 @@ pub struct ReloadReport {
     pub rejected: Vec<String>,
     /// Problems of a refused config (the old config keeps serving).
     pub config_errors: Vec<String>,
+    /// Listeners whose new certificate went into service.
+    pub certificates: Vec<String>,
+    /// Why each refused certificate was refused (the old one keeps serving).
+    pub certificate_errors: Vec<String>,
+}
+
+impl ReloadReport {
+    /// Whether nothing offered was refused.
+    pub fn is_clean(&self) -> bool {
+        self.config_errors.is_empty()
+            && self.rejected.is_empty()
+            && self.certificate_errors.is_empty()
+    }
 }
 
 /// Reloads the runtime snapshot; serialised, so two triggers never race.
 pub struct Reloader {
     shared: Arc<Shared>,
     config_path: Option<PathBuf>,
+    /// The certificates of the TLS listeners (fixed at start, like the listeners).
+    certs: Vec<Arc<ListenerCert>>,
     lock: Mutex<()>,
     /// The config file's bytes when it was last put into service: a volume swap re-reads
     /// the config only when they changed.
@@ -53,22 +75,61 @@ pub struct Reloader {
 
 impl Reloader {
     /// `config_path` is the file the running config was loaded from, if any.
-    pub fn new(shared: Arc<Shared>, config_path: Option<PathBuf>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        config_path: Option<PathBuf>,
+        certs: Vec<Arc<ListenerCert>>,
+    ) -> Self {
         let in_service = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
         Reloader {
             shared,
             config_path,
+            certs,
             lock: Mutex::new(()),
             config_in_service: Mutex::new(in_service),
         }
     }
 
-    /// Re-read the config file (when there is one) and every policy; apply what is valid.
+    /// Re-read the config file (when there is one), every policy and every listener
+    /// certificate; apply what is valid.
     pub fn reload_all(&self) -> ReloadReport {
-        match &self.config_path {
+        let mut report = match &self.config_path {
             Some(path) => self.reload_config(path),
             None => self.reload_policies(),
+        };
+        let certs = self.reload_certificates();
+        report.certificates = certs.certificates;
+        report.certificate_errors = certs.certificate_errors;
+        report
+    }
+
+    /// Re-read every TLS listener's certificate and key; a changed pair that loads serves
+    /// the next handshakes, any other keeps the pair in service.
+    pub fn reload_certificates(&self) -> ReloadReport {
+        let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = ReloadReport::default();
+        for cert in &self.certs {
+            let result = match cert.reload() {
+                Ok(false) => continue,
+                Ok(true) => {
+                    info!(target: "switchyard::reload", "listener {}: new certificate from {} in service", cert.listener, cert.cert_path.display());
+                    report.certificates.push(cert.listener.clone());
+                    "loaded"
+                }
+                Err(e) => {
+                    error!(target: "switchyard::reload", "listener {}: certificate refused, the old one keeps serving: {e}", cert.listener);
+                    report
+                        .certificate_errors
+                        .push(format!("listener {}: {e}", cert.listener));
+                    "rejected"
+                }
+            };
+            METRICS
+                .certificate_reloads
+                .with_label_values(&[cert.listener.as_str(), result])
+                .inc();
         }
+        report
     }
 
     /// A mounted volume was swapped whole (a ConfigMap update, which may change any file):
@@ -155,6 +216,9 @@ impl Reloader {
                     }
                 }
                 info!(target: "switchyard::reload", "config {} reloaded: {} backend(s), {} route(s)", path.display(), runtime.config.backends.len(), runtime.config.routes.len());
+                if runtime.config.listen != current.config.listen {
+                    warn!(target: "switchyard::reload", "config {}: `listen` changed; listeners (addresses, TLS and certificate paths) change only with a restart or a graceful upgrade", path.display());
+                }
                 self.shared.store(runtime);
                 *self
                     .config_in_service
@@ -248,9 +312,10 @@ pub struct ReloadService {
     pub reloader: Arc<Reloader>,
 }
 
-/// What a file event asks for.
+/// What a file event asks for (`Config` includes the others).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Wanted {
+    Certificates,
     Policies,
     /// A ConfigMap-style volume swap: policies, and the config if it changed.
     Volume,
@@ -290,6 +355,16 @@ impl BackgroundService for ReloadService {
             .as_ref()
             .and_then(|p| p.file_name())
             .map(|n| n.to_os_string());
+        let cert_files: Vec<PathBuf> = self
+            .reloader
+            .certs
+            .iter()
+            .flat_map(|c| [c.cert_path.clone(), c.key_path.clone()])
+            .collect();
+        let cert_names: Vec<_> = cert_files
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+            .collect();
         let mut watcher = match notify::recommended_watcher(
             move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
@@ -297,8 +372,13 @@ impl BackgroundService for ReloadService {
                     return;
                 }
                 for path in &event.paths {
-                    if let Some(wanted) = wanted(path, config_name.as_deref()) {
-                        let _ = tx.send(wanted);
+                    if let Some(w) = wanted(path, config_name.as_deref()) {
+                        let _ = tx.send(w);
+                    } else if cert_names
+                        .iter()
+                        .any(|n| path.file_name() == Some(n.as_os_str()))
+                    {
+                        let _ = tx.send(Wanted::Certificates);
                     }
                 }
             },
@@ -314,7 +394,11 @@ impl BackgroundService for ReloadService {
                           watched: &mut Vec<PathBuf>,
                           runtime: &Runtime| {
             let mut dirs = vec![runtime.config.policies_dir.clone()];
-            if let Some(dir) = config_file.as_ref().and_then(|p| p.parent()) {
+            let parents = config_file
+                .iter()
+                .chain(&cert_files)
+                .filter_map(|p| p.parent());
+            for dir in parents {
                 dirs.push(if dir.as_os_str().is_empty() {
                     PathBuf::from(".")
                 } else {
@@ -346,16 +430,25 @@ impl BackgroundService for ReloadService {
                 Some(w) = rx.recv() => w,
             };
             tokio::time::sleep(DEBOUNCE).await;
-            let mut wanted = first;
+            let mut wanted = BTreeSet::from([first]);
             while let Ok(w) = rx.try_recv() {
-                wanted = wanted.max(w);
+                wanted.insert(w);
             }
             let reloader = self.reloader.clone();
             // Compiling and testing policies is CPU work; keep it off the async workers.
-            let report = tokio::task::spawn_blocking(move || match wanted {
-                Wanted::Config => reloader.reload_all(),
-                Wanted::Volume => reloader.reload_volume(),
-                Wanted::Policies => reloader.reload_policies(),
+            let report = tokio::task::spawn_blocking(move || {
+                if wanted.contains(&Wanted::Config) {
+                    reloader.reload_all();
+                    return;
+                }
+                if wanted.contains(&Wanted::Volume) {
+                    reloader.reload_volume();
+                } else if wanted.contains(&Wanted::Policies) {
+                    reloader.reload_policies();
+                }
+                if wanted.contains(&Wanted::Certificates) {
+                    reloader.reload_certificates();
+                }
             })
             .await;
             if let Err(e) = report {

@@ -1,11 +1,12 @@
 //! Assembling and running the Pingora server from a config: the proxy service on every
-//! listener, with server settings (threads, grace period, keep-alive pool) taken from the
+//! listener (cleartext HTTP/1.1, or TLS with HTTP/2 and HTTP/1.1), with server settings (threads, grace period, keep-alive pool) taken from the
 //! config's `proxy:` section.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, Server};
 
@@ -19,6 +20,7 @@ use crate::health::HealthService;
 use crate::proxy::Switchyard;
 use crate::reload::{ReloadService, Reloader};
 use crate::runtime::{Runtime, Shared};
+use crate::tls::ListenerCert;
 
 /// Pingora retries at most this often per request; our own cap is the route's
 /// `max_attempts`, which is always lower.
@@ -59,12 +61,23 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
         Switchyard::new(shared.clone()),
         "switchyard",
     );
+    let mut certs = Vec::new();
     for listener in &config.listen {
-        proxy.add_tcp(&listener.addr);
+        match &listener.tls {
+            None => proxy.add_tcp(&listener.addr),
+            Some(tls) => {
+                let cert = Arc::new(
+                    ListenerCert::load(&listener.addr, &tls.cert, &tls.key)
+                        .map_err(|e| anyhow::anyhow!("cannot start: {}.tls: {e}", listener.addr))?,
+                );
+                proxy.add_tls_with_settings(&listener.addr, None, tls_settings(cert.clone())?);
+                certs.push(cert);
+            }
+        }
     }
     server.add_service(proxy);
 
-    let reloader = Arc::new(Reloader::new(shared.clone(), config_path));
+    let reloader = Arc::new(Reloader::new(shared.clone(), config_path, certs));
     server.add_service(background_service(
         "health",
         HealthService {
@@ -88,12 +101,25 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
         config
             .listen
             .iter()
-            .map(|l| l.addr.as_str())
+            .map(|l| match l.tls {
+                Some(_) => format!("{} (TLS, h2 and http/1.1)", l.addr),
+                None => l.addr.clone(),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );
     watch_for_shutdown(&server);
     server.run_forever()
+}
+
+/// A TLS listener: its certificate resolved per handshake through `cert` (so a reload
+/// reaches new connections), HTTP/2 preferred by ALPN, HTTP/1.1 for clients without it.
+fn tls_settings(cert: Arc<ListenerCert>) -> anyhow::Result<TlsSettings> {
+    // The paths are unused: the resolver supplies the certificate.
+    let mut settings = TlsSettings::intermediate("", "")?;
+    settings.set_cert_resolver(cert);
+    settings.enable_h2();
+    Ok(settings)
 }
 
 /// Set once the process is handing over (graceful upgrade) or terminating.

@@ -84,7 +84,8 @@ impl Proc {
     }
 }
 
-/// Start `switchyard ARGS...` (output to a log file); `port` is where it will listen.
+/// Start `switchyard ARGS...`, its output in a log file; `port` is the one `url` uses and
+/// `dir` is kept (and removed) with the process.
 pub fn spawn(
     args: &[&str],
     port: u16,
