@@ -271,7 +271,8 @@ mod tests {
             (UpstreamTlsFailure::Handshake, "upstream_tls_failed"),
         ] {
             let e = ClientError::UpstreamTls(failure);
-            let v: serde_json::Value = serde_json::from_slice(&e.envelope()).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&e.envelope(ApiFormat::OpenAi)).unwrap();
             assert_eq!(e.status(), 502);
             assert_eq!(v["error"]["code"], code);
             assert_eq!(v["error"]["type"], "server_error");
