@@ -102,6 +102,7 @@ pub struct Secret(String);
 
 impl Secret {
     pub fn new(s: String) -> Self {
+        crate::redact::register(&s);
         Secret(s)
     }
     /// The key itself, for the one place that injects it upstream.

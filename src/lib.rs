@@ -21,6 +21,7 @@ pub mod plan;
 pub mod policy;
 pub mod provider;
 pub mod proxy;
+pub mod redact;
 pub mod reload;
 pub mod reply;
 pub mod request;

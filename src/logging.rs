@@ -4,7 +4,8 @@
 //! (measured at 15–40 µs per request under load). Lines go instead through a bounded
 //! channel to a writer thread that batches them and flushes whenever the channel runs
 //! dry, so logs stay timely; if the writer falls far behind, lines are dropped and
-//! counted rather than slowing requests down.
+//! counted rather than slowing requests down. The writer masks secrets in every line
+//! ([`crate::redact`]): dependencies log what they hold, at debug level whole headers.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,10 +61,10 @@ fn write_lines(rx: Receiver<Vec<u8>>) {
     // Not `stderr().lock()`: holding the lock while idle would block every `eprintln!`.
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
     while let Ok(line) = rx.recv() {
-        let _ = out.write_all(&line);
+        let _ = out.write_all(&crate::redact::scrub(line));
         // Drain what is already queued, then flush once.
         while let Ok(more) = rx.try_recv() {
-            let _ = out.write_all(&more);
+            let _ = out.write_all(&crate::redact::scrub(more));
         }
         let dropped = DROPPED.swap(0, Ordering::Relaxed);
         if dropped > 0 {

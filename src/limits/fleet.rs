@@ -59,6 +59,9 @@ impl RedisCounters {
     pub fn start(config: &RedisConfig) -> anyhow::Result<Arc<RedisCounters>> {
         let url = config.resolve_url().map_err(anyhow::Error::msg)?;
         let client = ::redis::Client::open(url).context("redis.url")?;
+        if let Some(password) = client.get_connection_info().redis_settings().password() {
+            crate::redact::register(password);
+        }
         let timeout = Duration::from_millis(config.timeout_ms);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -1,0 +1,108 @@
+//! The last line of defence for secrets in the log.
+//!
+//! Our own code never formats a key (`Secret` prints `***`), but dependencies log what they
+//! hold: Pingora's debug log prints whole upstream request headers, the backend's key
+//! included. Every log line is therefore scrubbed by the log writer thread (off the
+//! request path) before it is written: each secret value Switchyard knows (backend keys,
+//! the admin token, the Redis password) and the value of any credential header printed in
+//! `"name": "value"` form (which also covers client keys, known to us only by their hash)
+//! become `***`.
+
+use std::sync::{Arc, LazyLock};
+
+use arc_swap::ArcSwap;
+use memchr::memmem;
+
+/// Shorter values are not secrets worth matching (and would mangle ordinary text).
+const MIN_SECRET_LEN: usize = 6;
+
+/// Header names whose values are credentials, as `Debug` of a header map prints them.
+const CREDENTIAL_FIELDS: [&[u8]; 4] = [
+    b"\"authorization\": \"",
+    b"\"proxy-authorization\": \"",
+    b"\"x-api-key\": \"",
+    b"\"api-key\": \"",
+];
+
+static SECRETS: LazyLock<ArcSwap<Vec<Vec<u8>>>> =
+    LazyLock::new(|| ArcSwap::from_pointee(Vec::new()));
+
+/// Never let `value` reach the log.
+pub fn register(value: &str) {
+    if value.len() < MIN_SECRET_LEN {
+        return;
+    }
+    SECRETS.rcu(|current| {
+        let mut next = Vec::clone(current);
+        if !next.iter().any(|s| s == value.as_bytes()) {
+            next.push(value.as_bytes().to_vec());
+        }
+        Arc::new(next)
+    });
+}
+
+/// The line with every secret and credential header value replaced by `***`.
+pub fn scrub(line: Vec<u8>) -> Vec<u8> {
+    let secrets = SECRETS.load();
+    let mut line = line;
+    for secret in secrets.iter() {
+        if memmem::find(&line, secret).is_some() {
+            line = replace_all(&line, secret);
+        }
+    }
+    for field in CREDENTIAL_FIELDS {
+        if memmem::find(&line, field).is_some() {
+            line = mask_values(&line, field);
+        }
+    }
+    line
+}
+
+fn replace_all(line: &[u8], secret: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = memmem::find(rest, secret) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(b"***");
+        rest = &rest[at + secret.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// `"field": "value"` → `"field": "***"`, for every occurrence.
+fn mask_values(line: &[u8], field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = memmem::find(rest, field) {
+        let value_start = at + field.len();
+        out.extend_from_slice(&rest[..value_start]);
+        let value = &rest[value_start..];
+        // The value ends at the first quote not escaped by a backslash.
+        let mut end = 0;
+        while end < value.len() && value[end] != b'"' {
+            end += if value[end] == b'\\' { 2 } else { 1 };
+        }
+        out.extend_from_slice(b"***");
+        rest = &value[end.min(value.len())..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_and_credential_headers_are_masked() {
+        register("sk-registered-secret-1");
+        register("abc"); // too short to be matched
+        let line = br#"DEBUG send {"host": "h", "authorization": "Bearer sk-x\"y", "x-api-key": "k1"} key sk-registered-secret-1 abc"#;
+        let out = String::from_utf8(scrub(line.to_vec())).unwrap();
+        assert_eq!(
+            out,
+            r#"DEBUG send {"host": "h", "authorization": "***", "x-api-key": "***"} key *** abc"#
+        );
+    }
+}
