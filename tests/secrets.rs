@@ -52,7 +52,7 @@ async fn no_configured_secret_appears_in_logs_metrics_audit_or_answers() {
     .await;
 
     let mut seen = String::new();
-    let mut keep = |r: reqwest::Response| {
+    let keep = |r: reqwest::Response| {
         let head = format!("{:?}\n", r.headers());
         async move { head + &r.text().await.unwrap_or_default() }
     };
