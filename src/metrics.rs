@@ -33,7 +33,6 @@ pub struct Metrics {
     pub policy_errors: IntCounterVec,
     pub policy_reloads: IntCounterVec,
     pub rate_limited: IntCounterVec,
-    pub redis_up: IntGauge,
     pub certificate_reloads: IntCounterVec,
 }
 
@@ -127,12 +126,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             r
         )
         .expect("metric registers"),
-        redis_up: register_int_gauge_with_registry!(
-            "switchyard_redis_up",
-            "1 while the limit counters in Redis are reachable, 0 while this instance counts alone or none is configured",
-            r
-        )
-        .expect("metric registers"),
         certificate_reloads: register_int_counter_vec_with_registry!(
             "switchyard_tls_certificate_reloads_total",
             "Changed TLS listener certificates offered by a reload, by listener address and result (loaded, rejected)",
@@ -142,6 +135,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("metric registers"),
         registry: r,
     }
+});
+
+/// Whether the shared limit counters in Redis are reachable; registered (so exported) only
+/// once Redis is configured, so an alert on 0 never fires for an instance without Redis.
+pub static REDIS_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge_with_registry!(
+        "switchyard_redis_up",
+        "1 while the limit counters in Redis are reachable, 0 while this instance counts alone",
+        METRICS.registry
+    )
+    .expect("metric registers")
 });
 
 /// The text exposition of every metric.

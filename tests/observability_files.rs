@@ -51,12 +51,19 @@ const METRICS: &[(&str, Kind, &[&str])] = &[
         Kind::Counter,
         &["policy", "result"],
     ),
+    (
+        "switchyard_rate_limited_total",
+        Kind::Counter,
+        &["tenant", "limit"],
+    ),
+    ("switchyard_redis_up", Kind::Gauge, &[]),
 ];
 
 /// Labels whose values are a closed set: an `=`/`!=` matcher must use one of them.
 const CLOSED_VALUES: &[(&str, &[&str])] = &[
     ("direction", &["in", "out"]),
     ("result", &["loaded", "rejected"]),
+    ("limit", &["requests", "tokens", "concurrent", "usd"]),
 ];
 
 /// Metrics from outside Switchyard an expression may use (Prometheus's own `up`).
@@ -73,6 +80,8 @@ const ALERTS: &[&str] = &[
     "SwitchyardPolicyErrors",
     "SwitchyardHighTTFT",
     "SwitchyardBudgetNear",
+    "SwitchyardTenantRateLimited",
+    "SwitchyardRedisDown",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]

@@ -18,7 +18,7 @@ use log::{info, warn};
 
 use super::{log_store_down, Ask, Kind, Outcome, Settle, Snapshot, WINDOW_MS};
 use crate::config::{FailMode, RedisConfig};
-use crate::metrics::METRICS;
+use crate::metrics::REDIS_UP;
 
 /// Most effects remembered while Redis is away; older ones are dropped beyond it.
 const JOURNAL_MAX: usize = 100_000;
@@ -92,7 +92,7 @@ impl RedisCounters {
             settle: Script::new(include_str!("settle.lua")),
             replay: Script::new(include_str!("replay.lua")),
         });
-        METRICS.redis_up.set(1);
+        REDIS_UP.set(1);
         runtime.spawn(watch(counters.clone()));
         Ok(counters)
     }
@@ -103,7 +103,7 @@ impl RedisCounters {
 
     fn mark_down(&self, err: &str) {
         if self.up.swap(false, Ordering::Relaxed) {
-            METRICS.redis_up.set(0);
+            REDIS_UP.set(0);
             log_store_down(err, self.fail_open);
         }
     }
@@ -302,7 +302,7 @@ async fn watch(counters: Arc<RedisCounters>) {
                 counters.up.store(true, Ordering::Relaxed);
                 // What was counted here while the flag changed.
                 let _ = counters.replay_journal().await;
-                METRICS.redis_up.set(1);
+                REDIS_UP.set(1);
                 info!(target: "switchyard::limits", "redis reachable again; {n} counts made while it was away were replayed into it; limits are fleet-wide again");
             }
             Err(()) => {
