@@ -158,3 +158,43 @@ async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it(
     assert_eq!(redis.requests_counted().await, 20);
     assert_eq!(send(&a, &b, 120).await, 80);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_refuses_limited_tenants_while_redis_is_unreachable() {
+    let m = mock("m1", &[]).await;
+    let dead = free_port();
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}tenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {{ rpm: 100 }}\n  - name: free\n    key_sha256: [\"{}\"]\nredis: {{ url: \"redis://127.0.0.1:{dead}\", on_failure: closed, timeout_ms: 100 }}\n",
+        backend("m1", m.port, "[llama-3]"),
+        sha256_hex(KEY.as_bytes()),
+        sha256_hex(b"sk-free"),
+    );
+    let p = proxy(&config, &[]).await;
+    let body = chat_body("llama-3", "hi", false);
+    for _ in 0..2 {
+        let r = client()
+            .post(p.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().get("retry-after").is_some());
+        assert_eq!(error_code(&r.text().await.unwrap()), "limits_unavailable");
+    }
+    // A tenant without limits does not need Redis.
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth("sk-free")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for_log(&p, "fail-closed", Duration::from_secs(5)).await;
+    assert!(
+        received(&m).await.len() == 1,
+        "a refused request reached the backend"
+    );
+}
