@@ -14,17 +14,7 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || fail "not root and no sudo: cannot apt-get install ${missing[*]}"
-    sudo="sudo"
-  fi
-  echo "setup: installing ${missing[*]}" >&2
-  $sudo apt-get update -qq || fail "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
-    || fail "apt-get install ${missing[*]} failed"
-fi
+../apt-install.sh ${missing[@]+"${missing[@]}"}
 [ -x /usr/bin/chromium ] || fail "chromium installed but /usr/bin/chromium is missing"
 command -v node >/dev/null 2>&1 || fail "node is missing after install"
 command -v npm >/dev/null 2>&1 || fail "npm is missing after install"

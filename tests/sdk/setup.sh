@@ -15,15 +15,7 @@ fail() {
 }
 
 apt_install() {
-  local sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || fail "not root and no sudo: cannot apt-get install $*"
-    sudo="sudo"
-  fi
-  echo "setup: installing $*" >&2
-  $sudo apt-get update -qq || fail "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null \
-    || fail "apt-get install $* failed"
+  ../apt-install.sh "$@"
 }
 
 missing=()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs Debian packages for the test set-up scripts: `tests/apt-install.sh PKG...`.
+# Uses sudo when not root; quiet unless something fails, then says what and exits non-zero.
+set -euo pipefail
+[ $# -gt 0 ] || exit 0
+
+fail() {
+  echo "tests/apt-install.sh: $*" >&2
+  exit 1
+}
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || fail "not root and no sudo: cannot apt-get install $*"
+  sudo="sudo"
+fi
+echo "setup: installing $*" >&2
+$sudo apt-get update -qq || fail "apt-get update failed"
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null \
+  || fail "apt-get install $* failed"
