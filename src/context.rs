@@ -285,16 +285,19 @@ impl RequestCtx {
     }
 
     /// What the request really used, to settle its limits: tokens and nano-USD. Nothing
-    /// when no backend answered; the reservation stands (`None`) when a backend answered
-    /// but its usage is unknown. A stream that reported no usage counts its prompt
-    /// estimate and its content events.
+    /// when no backend answered or it answered an error without usage; the reservation
+    /// stands (`None`) when a backend answered but its usage is unknown. A stream that
+    /// reported no usage (or broke off) counts its prompt estimate and its content events.
     pub fn settlement(&self) -> (Option<u64>, Option<i64>) {
-        let answered = self.served_by.is_some() && self.status < 500;
-        let (Some(cur), true) = (&self.current, answered) else {
+        let Some(cur) = self.current.as_ref().filter(|_| self.served_by.is_some()) else {
             return (Some(0), Some(0));
         };
         let Some(usage) = self.usage else {
-            return (None, None);
+            return if self.status >= 400 && self.status != 499 {
+                (Some(0), Some(0))
+            } else {
+                (None, None)
+            };
         };
         let prompt = if usage.reported {
             usage.prompt_tokens

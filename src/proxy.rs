@@ -229,7 +229,8 @@ impl ProxyHttp for Switchyard {
                 .headers
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
-            let sse = content_type.is_some_and(|ct| ct.starts_with("text/event-stream"));
+            let sse = content_type
+                .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/event-stream"));
             cur.usage_reader = Some(UsageReader::new(content_type));
             if !sse {
                 cur.usage_stripper = None;
@@ -239,6 +240,8 @@ impl ProxyHttp for Switchyard {
             }
             return Ok(());
         }
+        // Only a successful stream is rewritten; an error body is relayed as it is.
+        cur.usage_stripper = None;
         let name = cur.backend.name().to_string();
         if auth_failed {
             warn!(
@@ -299,7 +302,7 @@ impl ProxyHttp for Switchyard {
                 .as_ref()
                 .map(|c| stripper.filter(c))
                 .unwrap_or_default();
-            if end_of_stream {
+            if end_of_stream || body.is_none() {
                 let rest = stripper.finish();
                 if !rest.is_empty() {
                     out = [out, rest].concat().into();
@@ -450,9 +453,8 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if e.is_none() {
-            ctx.read_usage();
-        }
+        // A stream that broke off still used what it streamed.
+        ctx.read_usage();
         if let Some(lease) = ctx.lease.take() {
             let (tokens, nano) = ctx.settlement();
             self.shared.limiter.settle(lease, tokens, nano).await;
@@ -550,7 +552,7 @@ async fn admit(
     if let Some(limits) = &tenant.limits {
         let mut lease = shared
             .limiter
-            .admit(&tenant.name, limits, &ctx.request_id, runtime, &meta)
+            .admit(&tenant.name, limits, runtime, &meta)
             .await?;
         ctx.rate_headers = std::mem::take(&mut lease.headers);
         ctx.lease = Some(lease);

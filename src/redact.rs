@@ -11,7 +11,7 @@
 use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
-use memchr::memmem;
+use memchr::memmem::{self, Finder};
 
 /// Shorter values are not secrets worth matching (and would mangle ordinary text).
 const MIN_SECRET_LEN: usize = 6;
@@ -24,7 +24,8 @@ const CREDENTIAL_FIELDS: [&[u8]; 4] = [
     b"\"api-key\": \"",
 ];
 
-static SECRETS: LazyLock<ArcSwap<Vec<Vec<u8>>>> =
+/// Known secrets, each with its searcher built once.
+static SECRETS: LazyLock<ArcSwap<Vec<Finder<'static>>>> =
     LazyLock::new(|| ArcSwap::from_pointee(Vec::new()));
 
 /// Never let `value` reach the log.
@@ -34,8 +35,8 @@ pub fn register(value: &str) {
     }
     SECRETS.rcu(|current| {
         let mut next = Vec::clone(current);
-        if !next.iter().any(|s| s == value.as_bytes()) {
-            next.push(value.as_bytes().to_vec());
+        if !next.iter().any(|s| s.needle() == value.as_bytes()) {
+            next.push(Finder::new(value.as_bytes()).into_owned());
         }
         Arc::new(next)
     });
@@ -46,7 +47,7 @@ pub fn scrub(line: Vec<u8>) -> Vec<u8> {
     let secrets = SECRETS.load();
     let mut line = line;
     for secret in secrets.iter() {
-        if memmem::find(&line, secret).is_some() {
+        if secret.find(&line).is_some() {
             line = replace_all(&line, secret);
         }
     }
@@ -58,13 +59,13 @@ pub fn scrub(line: Vec<u8>) -> Vec<u8> {
     line
 }
 
-fn replace_all(line: &[u8], secret: &[u8]) -> Vec<u8> {
+fn replace_all(line: &[u8], secret: &Finder) -> Vec<u8> {
     let mut out = Vec::with_capacity(line.len());
     let mut rest = line;
-    while let Some(at) = memmem::find(rest, secret) {
+    while let Some(at) = secret.find(rest) {
         out.extend_from_slice(&rest[..at]);
         out.extend_from_slice(b"***");
-        rest = &rest[at + secret.len()..];
+        rest = &rest[at + secret.needle().len()..];
     }
     out.extend_from_slice(rest);
     out

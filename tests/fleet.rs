@@ -87,7 +87,8 @@ fn install_redis() {
 }
 
 /// Send `n` requests, alternating between the two instances, 6 at a time; how many
-/// got 200 (everything else must be a 429 from the limit).
+/// got 200 (everything else must be a 429 from the limit). All carry the same
+/// `x-request-id`, as retries of one client may: each must still count.
 async fn send(a: &Proc, b: &Proc, n: usize) -> usize {
     let body = chat_body("llama-3", "hi", false);
     let mut ok = 0;
@@ -97,6 +98,7 @@ async fn send(a: &Proc, b: &Proc, n: usize) -> usize {
             client()
                 .post(p.url("/v1/chat/completions"))
                 .bearer_auth(KEY)
+                .header("x-request-id", "one-id-for-all")
                 .json(&body)
                 .send()
         });

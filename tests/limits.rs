@@ -202,3 +202,17 @@ async fn a_daily_budget_stops_the_tenant_and_says_when_it_resets() {
     assert!((left - 0.44).abs() < 1e-6, "remaining {left}");
     assert_eq!(received(&m).await.len(), 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_gives_its_reservation_back() {
+    let (_m, p) = setup("{ tpm: 1000 }", "{ input: 0, output: 0 }").await;
+    let big = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":600");
+    let (status, h, _) = post(&p, &big, &[("x-mock-status", "400")]).await;
+    assert_eq!(status, 400);
+    let reserved = 1000 - number(&h, "x-ratelimit-remaining-tokens");
+    assert!(reserved > 600, "reserved {reserved}");
+    // The 400 used nothing: the same request fits again, as if the first never happened.
+    let (status, h, body) = post(&p, &big, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(number(&h, "x-ratelimit-remaining-tokens"), 1000 - reserved);
+}

@@ -16,15 +16,17 @@ local lease, window, day = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[1
 local cutoff = now - window
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-if #expired > 0 then
+-- Expired token entries leave in batches (unpack takes a few thousand values at most).
+while true do
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff, 'LIMIT', 0, 500)
+  if #expired == 0 then break end
   local gone = 0
   for _, n in ipairs(redis.call('HMGET', KEYS[3], unpack(expired))) do
     gone = gone + (tonumber(n) or 0)
   end
   redis.call('DECRBY', KEYS[4], gone)
   redis.call('HDEL', KEYS[3], unpack(expired))
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  redis.call('ZREM', KEYS[2], unpack(expired))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 
@@ -47,12 +49,18 @@ if tpm >= 0 and toks + tokens > tpm then
   if tokens > tpm then
     return refuse(3, window)
   end
+  -- When enough of the oldest entries (looking at 500 at most) will have left the window.
   local sum = toks
-  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  for i = 1, #entries, 2 do
-    sum = sum - (tonumber(redis.call('HGET', KEYS[3], entries[i])) or 0)
-    if sum + tokens <= tpm then
-      return refuse(3, tonumber(entries[i + 1]) + window - now)
+  local entries = redis.call('ZRANGE', KEYS[2], 0, 499, 'WITHSCORES')
+  local ids = {}
+  for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
+  if #ids > 0 then
+    local amounts = redis.call('HMGET', KEYS[3], unpack(ids))
+    for i, n in ipairs(amounts) do
+      sum = sum - (tonumber(n) or 0)
+      if sum + tokens <= tpm then
+        return refuse(3, tonumber(entries[2 * i]) + window - now)
+      end
     end
   end
   return refuse(3, window)

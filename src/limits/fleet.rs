@@ -166,9 +166,11 @@ impl RedisCounters {
         })
     }
 
-    /// Settle a request Redis admitted; remembered for later if Redis is away.
+    /// Settle a request; remembered for later if Redis is away, or if earlier effects are
+    /// still waiting to be replayed (they go first).
     pub async fn settle(&self, s: Settle) {
-        if self.is_up() && self.run_settle(&s).await.is_ok() {
+        let queued = !self.journal.lock().expect("journal poisoned").is_empty();
+        if self.is_up() && !queued && self.run_settle(&s).await.is_ok() {
             return;
         }
         self.remember(Effect::Settled(s));
@@ -203,11 +205,6 @@ impl RedisCounters {
         });
     }
 
-    /// A settlement of a request counted on this instance.
-    pub fn remember_settlement(&self, s: Settle) {
-        self.remember(Effect::Settled(s));
-    }
-
     fn remember(&self, e: Effect) {
         let mut journal = self.journal.lock().expect("journal poisoned");
         if journal.len() >= JOURNAL_MAX {
@@ -216,15 +213,26 @@ impl RedisCounters {
         journal.push_back(e);
     }
 
-    /// Await a Redis call within the timeout; a failure marks Redis down.
+    /// Await a Redis call within the timeout. A connection failure or timeout marks Redis
+    /// down; an error Redis answered (a script error, out of memory) fails only this call,
+    /// which then falls back like an outage, without taking every tenant off Redis.
     async fn call<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> Result<T, ()> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
+            Ok(Err(e))
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal() =>
+            {
                 self.mark_down(&e.to_string());
+                Err(())
+            }
+            Ok(Err(e)) => {
+                warn!(target: "switchyard::limits", "redis refused a limit script: {e}");
                 Err(())
             }
             Err(_) => {
@@ -288,6 +296,15 @@ async fn watch(counters: Arc<RedisCounters>) {
     loop {
         tokio::time::sleep(RETRY_EVERY).await;
         if counters.is_up() {
+            // Effects remembered behind others while it was up (see `settle`).
+            let waiting = !counters
+                .journal
+                .lock()
+                .expect("journal poisoned")
+                .is_empty();
+            if waiting {
+                let _ = counters.replay_journal().await;
+            }
             continue;
         }
         let mut conn = counters.conn.clone();
@@ -302,8 +319,10 @@ async fn watch(counters: Arc<RedisCounters>) {
                 counters.up.store(true, Ordering::Relaxed);
                 // What was counted here while the flag changed.
                 let _ = counters.replay_journal().await;
-                REDIS_UP.set(1);
-                info!(target: "switchyard::limits", "redis reachable again; {n} counts made while it was away were replayed into it; limits are fleet-wide again");
+                if counters.is_up() {
+                    REDIS_UP.set(1);
+                    info!(target: "switchyard::limits", "redis reachable again; {n} counts made while it was away were replayed into it; limits are fleet-wide again");
+                }
             }
             Err(()) => {
                 warn!(target: "switchyard::limits", "redis answered but replaying local counts failed; trying again");

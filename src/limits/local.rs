@@ -91,12 +91,12 @@ impl LocalCounters {
             }
         }
         if let Some(max) = l.tpm {
-            if c.token_sum + ask.tokens > max {
+            if c.token_sum.saturating_add(ask.tokens) > max {
                 return refuse(Kind::Tokens, c.tokens_free_in(ask.tokens, max, now));
             }
         }
         if let Some(budget) = ask.budget_nano() {
-            if c.spent_nano + ask.nano > budget {
+            if c.spent_nano.saturating_add(ask.nano) > budget {
                 return refuse(Kind::Spend, (c.day + 1) * DAY_MS - now);
             }
         }
@@ -105,13 +105,13 @@ impl LocalCounters {
         }
         if l.tpm.is_some() {
             c.tokens.push_back((now, ask.id.to_string(), ask.tokens));
-            c.token_sum += ask.tokens;
+            c.token_sum = c.token_sum.saturating_add(ask.tokens);
         }
         if l.concurrent.is_some() {
             c.inflight += 1;
         }
         if l.usd_per_day.is_some() {
-            c.spent_nano += ask.nano;
+            c.spent_nano = c.spent_nano.saturating_add(ask.nano);
         }
         Outcome::Admitted(c.snapshot())
     }
@@ -142,7 +142,7 @@ impl LocalCounters {
             }
         }
         if c.day == s.day {
-            c.spent_nano += s.nano_delta;
+            c.spent_nano = c.spent_nano.saturating_add(s.nano_delta);
         }
     }
 }

@@ -30,6 +30,10 @@ use local::LocalCounters;
 pub(crate) const WINDOW_MS: u64 = 60_000;
 pub(crate) const DAY_MS: u64 = 86_400_000;
 const NANO_PER_USD: f64 = 1e9;
+/// Reservations are capped here (a `max_tokens` of 1e18 must not overflow a counter); far
+/// above any limit, so a request this large is refused all the same.
+const MAX_TOKENS: u64 = 1 << 40;
+const MAX_NANO: f64 = 1e17;
 
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,16 +176,20 @@ impl Limiter {
         &self,
         tenant: &str,
         limits: &TenantLimits,
-        request_id: &str,
         runtime: &Runtime,
         meta: &RequestMeta,
     ) -> Result<Lease, ClientError> {
-        let tokens = meta.tokens + meta.max_tokens.unwrap_or(limits.default_max_tokens);
+        let tokens = meta
+            .tokens
+            .saturating_add(meta.max_tokens.unwrap_or(limits.default_max_tokens))
+            .min(MAX_TOKENS);
         let nano = reserved_nano(runtime, meta, limits);
         let now = now_ms();
+        // Counters are keyed by an id of our own: a client's `x-request-id` may repeat.
+        let id = uuid::Uuid::new_v4().simple().to_string();
         let ask = Ask {
             tenant,
-            id: request_id,
+            id: &id,
             limits,
             tokens,
             nano,
@@ -195,11 +203,12 @@ impl Limiter {
             Some(_) => self.fall_back(&ask, now)?,
             None => (self.local.admit(&ask, now), Store::Local),
         };
+        let day = ask.day;
         match outcome {
             Outcome::Admitted(snapshot) => Ok(Lease {
                 tenant: tenant.to_string(),
-                id: request_id.to_string(),
-                day: ask.day,
+                day,
+                id,
                 tokens: limits.tpm.map(|_| tokens),
                 nano: limits.usd_per_day.map(|_| nano),
                 concurrent: limits.concurrent.is_some(),
@@ -255,12 +264,13 @@ impl Limiter {
         let now = now_ms();
         match (&self.redis, lease.store) {
             (Some(r), Store::Redis) => r.settle(s).await,
-            (redis, _) => {
+            (Some(r), Store::Local) => {
+                // Admitted while Redis was away: its admission is in the journal, or was
+                // replayed already; either way Redis gets the settlement too.
                 self.local.settle(&s, now);
-                if let Some(r) = redis {
-                    r.remember_settlement(s);
-                }
+                r.settle(s).await;
             }
+            (None, _) => self.local.settle(&s, now),
         }
     }
 }
@@ -277,7 +287,9 @@ fn reserved_nano(runtime: &Runtime, meta: &RequestMeta, limits: &TenantLimits) -
         output = output.max(b.config.cost.output);
     }
     let completion = meta.max_tokens.unwrap_or(limits.default_max_tokens) as f64;
-    ((meta.tokens as f64 * input + completion * output) / 1e6 * NANO_PER_USD).ceil() as i64
+    ((meta.tokens as f64 * input + completion * output) / 1e6 * NANO_PER_USD)
+        .ceil()
+        .min(MAX_NANO) as i64
 }
 
 /// What a request really cost, in nano-USD.

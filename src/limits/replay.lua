@@ -13,6 +13,7 @@ if tokens >= 0 and redis.call('HEXISTS', KEYS[3], id) == 0 then
   redis.call('ZADD', KEYS[2], at, id)
   redis.call('HSET', KEYS[3], id, tokens)
   redis.call('INCRBY', KEYS[4], tokens)
+  for k = 2, 4 do redis.call('PEXPIRE', KEYS[k], window * 2) end
 end
 if nano ~= 0 then
   redis.call('INCRBY', KEYS[5], nano)

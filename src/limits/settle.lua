@@ -16,6 +16,7 @@ if tokens >= 0 then
     redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), id)
     redis.call('HSET', KEYS[2], id, tokens)
     redis.call('INCRBY', KEYS[3], tokens)
+    for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], 120000) end
   end
 end
 if nano ~= 0 then
