@@ -30,5 +30,6 @@ pub mod runtime;
 pub mod server;
 pub mod stream_usage;
 pub mod tenants;
+pub mod tokens;
 pub mod usage;
 pub mod window;
