@@ -32,5 +32,6 @@ pub mod server;
 pub mod stream_usage;
 pub mod tenants;
 pub mod tls;
+pub mod tokens;
 pub mod usage;
 pub mod window;

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::errors::ClientError;
 use crate::provider::ApiFormat;
+use crate::tokens::TokenEstimate;
 
 /// Tenant of a request when no authentication is configured.
 pub const ANONYMOUS: &str = "anonymous";
@@ -128,24 +129,24 @@ impl RequestMeta {
                 .map_err(|_| ClientError::wrong_type("max_tokens", "a non-negative integer"))?,
         };
 
-        let mut chars = 0usize;
+        let mut tokens = TokenEstimate::default();
         let mut session = SessionHasher::default();
         if let Some(raw) = peek.messages {
             let messages: Vec<MessagePeek> = serde_json::from_str(raw.get())
                 .map_err(|_| ClientError::wrong_type("messages", "an array of message objects"))?;
             for m in &messages {
-                let text_len = m.content.as_ref().map_or(0, |c| {
+                if let Some(c) = &m.content {
                     c.visit_text(&mut |t| {
+                        tokens.add(t);
                         // The system prompt and the first message identify a conversation.
                         if m.role.as_deref() == Some("system") || session.messages == 0 {
                             session.add(t);
                         }
-                    })
-                });
+                    });
+                }
                 if m.role.as_deref() != Some("system") {
                     session.messages += 1;
                 }
-                chars += text_len;
             }
         }
         for (field, raw) in [
@@ -156,10 +157,13 @@ impl RequestMeta {
             if let Some(raw) = raw {
                 let text: TextPeek = serde_json::from_str(raw.get())
                     .map_err(|_| ClientError::wrong_type(field, "a string or an array"))?;
-                chars += text.visit_text(&mut |t| session.add(t));
+                text.visit_text(&mut |t| {
+                    tokens.add(t);
+                    session.add(t);
+                });
             }
         }
-        self.tokens = estimate_tokens(chars);
+        self.tokens = tokens.tokens();
         if self.session.is_none() && session.bytes > 0 {
             self.session = Some(format!("{:016x}", session.hasher.finish()));
         }
@@ -214,11 +218,6 @@ fn check_depth(body: &[u8]) -> Result<(), ClientError> {
         i += 1;
     }
     Ok(())
-}
-
-/// About four characters a token for English text and code, the usual rule of thumb.
-fn estimate_tokens(chars: usize) -> u64 {
-    chars.div_ceil(4) as u64
 }
 
 fn json_error(e: serde_json::Error) -> ClientError {
@@ -338,36 +337,31 @@ enum PartPeek<'a> {
 }
 
 impl TextPeek<'_> {
-    /// Call `f` on each piece of text; returns the characters seen.
-    fn visit_text(&self, f: &mut dyn FnMut(&str)) -> usize {
+    /// Call `f` on each piece of text.
+    fn visit_text(&self, f: &mut dyn FnMut(&str)) {
         match self {
-            TextPeek::Text(t) => {
-                f(t);
-                t.chars().count()
-            }
-            TextPeek::Parts(parts) => parts
-                .iter()
-                .map(|p| match p {
-                    PartPeek::Text(t) => {
-                        f(t);
-                        t.chars().count()
-                    }
-                    PartPeek::Part {
-                        text,
-                        thinking,
-                        content,
-                    } => {
-                        let mut chars = 0;
-                        for t in [text, thinking].into_iter().flatten() {
-                            f(t);
-                            chars += t.chars().count();
+            TextPeek::Text(t) => f(t),
+            TextPeek::Parts(parts) => {
+                for p in parts {
+                    match p {
+                        PartPeek::Text(t) => f(t),
+                        PartPeek::Part {
+                            text,
+                            thinking,
+                            content,
+                        } => {
+                            for t in [text, thinking].into_iter().flatten() {
+                                f(t);
+                            }
+                            if let Some(c) = content {
+                                c.visit_text(f);
+                            }
                         }
-                        chars + content.as_ref().map_or(0, |c| c.visit_text(f))
+                        PartPeek::Other(_) => {}
                     }
-                    PartPeek::Other(_) => 0,
-                })
-                .sum(),
-            TextPeek::Other(_) => 0,
+                }
+            }
+            TextPeek::Other(_) => {}
         }
     }
 }
@@ -381,6 +375,13 @@ mod tests {
         m.read_json_body(body.as_bytes()).map(|_| m)
     }
 
+    /// The estimate for exactly these pieces of text.
+    fn estimate(texts: &[&str]) -> u64 {
+        let mut e = TokenEstimate::default();
+        texts.iter().for_each(|t| e.add(t));
+        e.tokens()
+    }
+
     #[test]
     fn reads_the_routing_fields() {
         let m = meta(r#"{"model":"gpt-4o","stream":true,"max_tokens":50,
@@ -389,7 +390,8 @@ mod tests {
         assert_eq!(m.model.as_deref(), Some("gpt-4o"));
         assert!(m.stream);
         assert_eq!(m.max_tokens, Some(50));
-        assert_eq!(m.tokens, (8 + 19usize).div_ceil(4) as u64);
+        assert_eq!(m.tokens, estimate(&["be brief", "hello there, friend"]));
+        assert_eq!(m.tokens, 6, "o200k_base counts 2 + 4");
         assert!(m.session.is_some());
         assert_eq!(m.tenant, ANONYMOUS);
     }
@@ -397,7 +399,12 @@ mod tests {
     #[test]
     fn content_parts_and_prompt_count_as_tokens() {
         let m = meta(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"abcdefgh"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#).unwrap();
-        assert_eq!(m.tokens, 2);
+        assert_eq!(m.tokens, estimate(&["abcdefgh"]));
+        assert_ne!(
+            m.tokens,
+            estimate(&["abcdefgh", "x"]),
+            "the image is not text"
+        );
         let m = meta(r#"{"model":"m","prompt":"abcd"}"#).unwrap();
         assert_eq!(m.tokens, 1);
         let m = meta(r#"{"model":"m","input":["abcd","efgh"]}"#).unwrap();
@@ -423,7 +430,12 @@ mod tests {
         assert_eq!(m.model.as_deref(), Some("claude"));
         assert!(m.stream);
         assert_eq!(m.max_tokens, Some(64));
-        assert_eq!(m.tokens, 5, "abcd efgh ijkl mnop qrst");
+        let counted = ["abcd", "efgh", "ijkl", "mnop", "qrst"];
+        assert_eq!(m.tokens, estimate(&counted));
+        assert_ne!(
+            m.tokens,
+            estimate(&[&counted[..], &["not counted"]].concat())
+        );
         assert!(m.session.is_some());
         assert_eq!(meta(r#"{"model":"m"}"#).unwrap().format, ApiFormat::OpenAi);
     }
