@@ -52,11 +52,25 @@ fn mixed_prompt() -> String {
     prompt
 }
 
+/// Resident memory of this process in KiB (Linux), to show what the BPE tables take.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn count_tokens(c: &mut Criterion) {
     let prompt = mixed_prompt();
+    let rss_before = rss_kib();
     let started = Instant::now();
     let bpe = tiktoken_rs::o200k_base().expect("o200k_base loads");
     let load = started.elapsed();
+    if let (Some(before), Some(after)) = (rss_before, rss_kib()) {
+        println!(
+            "o200k_base tables: {} MiB resident",
+            (after.saturating_sub(before)) / 1024
+        );
+    }
     let truth = bpe.encode_ordinary(&prompt).len();
     let estimated = estimate(&prompt);
     println!(
@@ -82,6 +96,42 @@ fn count_tokens(c: &mut Criterion) {
     });
     group.bench_function("o200k_encode_ordinary", |b| {
         b.iter(|| bpe.encode_ordinary(black_box(&prompt)).len())
+    });
+    group.finish();
+
+    // A small chat request: ten messages of about 400 bytes.
+    let mut group = c.benchmark_group("tokens_4KiB");
+    let messages: Vec<&str> = (0..10)
+        .map(|i| {
+            let (mut from, mut to) = (i * 10_000, i * 10_000 + 410);
+            while !prompt.is_char_boundary(from) {
+                from += 1;
+            }
+            while !prompt.is_char_boundary(to) {
+                to += 1;
+            }
+            &prompt[from..to]
+        })
+        .collect();
+    group.throughput(Throughput::Bytes(
+        messages.iter().map(|m| m.len() as u64).sum(),
+    ));
+    group.bench_function("estimate_10_messages", |b| {
+        b.iter(|| {
+            let mut e = TokenEstimate::default();
+            for m in &messages {
+                e.add(black_box(m));
+            }
+            e.tokens()
+        })
+    });
+    group.bench_function("o200k_10_messages", |b| {
+        b.iter(|| {
+            messages
+                .iter()
+                .map(|m| bpe.encode_ordinary(black_box(m)).len())
+                .sum::<usize>()
+        })
     });
     group.finish();
 

@@ -168,7 +168,7 @@ async fn content_sends_a_20000_token_prompt_to_the_long_context_pool() {
         backend("other", other.port, "[m]")
     );
     let p = proxy(&config, &[]).await;
-    let big = chat_body("m", &"word ".repeat(16_000), false); // 80 000 chars ≈ 20 000 tokens
+    let big = chat_body("m", &"word ".repeat(16_000), false); // ≈ 15 000 tokens estimated
     let counts = shares(&traffic(&p, 10, 2, big, no_headers).await);
     assert_eq!(counts.get("long"), Some(&10), "{counts:?}");
     let counts = shares(
