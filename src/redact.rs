@@ -24,7 +24,13 @@ const CREDENTIAL_FIELDS: [&[u8]; 4] = [
     b"\"api-key\": \"",
 ];
 
-static SECRETS: LazyLock<ArcSwap<Vec<Vec<u8>>>> =
+/// Searchers for [`CREDENTIAL_FIELDS`], built once: building one costs more than a search
+/// of a short line, and every log line is searched for each.
+static FIELD_FINDERS: LazyLock<Vec<memmem::Finder<'static>>> =
+    LazyLock::new(|| CREDENTIAL_FIELDS.iter().map(memmem::Finder::new).collect());
+
+/// The registered secrets, each with its searcher.
+static SECRETS: LazyLock<ArcSwap<Vec<memmem::Finder<'static>>>> =
     LazyLock::new(|| ArcSwap::from_pointee(Vec::new()));
 
 /// Never let `value` reach the log.
@@ -34,8 +40,8 @@ pub fn register(value: &str) {
     }
     SECRETS.rcu(|current| {
         let mut next = Vec::clone(current);
-        if !next.iter().any(|s| s == value.as_bytes()) {
-            next.push(value.as_bytes().to_vec());
+        if !next.iter().any(|s| s.needle() == value.as_bytes()) {
+            next.push(memmem::Finder::new(value.as_bytes()).into_owned());
         }
         Arc::new(next)
     });
@@ -46,36 +52,36 @@ pub fn scrub(line: Vec<u8>) -> Vec<u8> {
     let secrets = SECRETS.load();
     let mut line = line;
     for secret in secrets.iter() {
-        if memmem::find(&line, secret).is_some() {
+        if secret.find(&line).is_some() {
             line = replace_all(&line, secret);
         }
     }
-    for field in CREDENTIAL_FIELDS {
-        if memmem::find(&line, field).is_some() {
+    for field in FIELD_FINDERS.iter() {
+        if field.find(&line).is_some() {
             line = mask_values(&line, field);
         }
     }
     line
 }
 
-fn replace_all(line: &[u8], secret: &[u8]) -> Vec<u8> {
+fn replace_all(line: &[u8], secret: &memmem::Finder<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(line.len());
     let mut rest = line;
-    while let Some(at) = memmem::find(rest, secret) {
+    while let Some(at) = secret.find(rest) {
         out.extend_from_slice(&rest[..at]);
         out.extend_from_slice(b"***");
-        rest = &rest[at + secret.len()..];
+        rest = &rest[at + secret.needle().len()..];
     }
     out.extend_from_slice(rest);
     out
 }
 
 /// `"field": "value"` → `"field": "***"`, for every occurrence.
-fn mask_values(line: &[u8], field: &[u8]) -> Vec<u8> {
+fn mask_values(line: &[u8], field: &memmem::Finder<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(line.len());
     let mut rest = line;
-    while let Some(at) = memmem::find(rest, field) {
-        let value_start = at + field.len();
+    while let Some(at) = field.find(rest) {
+        let value_start = at + field.needle().len();
         out.extend_from_slice(&rest[..value_start]);
         let value = &rest[value_start..];
         // The value ends at the first quote not escaped by a backslash.
