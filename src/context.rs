@@ -342,7 +342,9 @@ impl RequestCtx {
             tenant: meta.map_or_else(|| "-".to_string(), |m| m.tenant.clone()),
             method: method.to_string(),
             path: truncated(path, 256),
-            model: meta.and_then(|m| m.model.as_deref()).map(|m| truncated(m, 256)),
+            model: meta
+                .and_then(|m| m.model.as_deref())
+                .map(|m| truncated(m, 256)),
             policy,
             candidates,
             plan: plan_names,

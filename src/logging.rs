@@ -245,8 +245,8 @@ fn with_timestamp(f: impl FnOnce(&[u8])) {
     CACHED.with(|cell| {
         let mut cached = cell.borrow_mut();
         if cached.0 != secs {
-            let time = chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0)
-                .unwrap_or_default();
+            let time =
+                chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0).unwrap_or_default();
             *cached = (
                 secs,
                 time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -281,12 +281,18 @@ mod tests {
             wake: Condvar::new(),
         };
         q.push(b"access\n".to_vec(), false);
-        assert!(q.lock().writer == Writer::Pausing, "an access line lets it rest");
+        assert!(
+            q.lock().writer == Writer::Pausing,
+            "an access line lets it rest"
+        );
         q.push(b"warning\n".to_vec(), true);
         assert!(q.lock().writer == Writer::Busy, "an ordinary line wakes it");
         q.lock().writer = Writer::Idle;
         q.push(b"access\n".to_vec(), false);
-        assert!(q.lock().writer == Writer::Busy, "an idle writer is woken by any line");
+        assert!(
+            q.lock().writer == Writer::Busy,
+            "an idle writer is woken by any line"
+        );
         assert_eq!(q.lock().lines.len(), 3);
     }
 }

@@ -86,8 +86,7 @@ impl UsageStripper {
             return Bytes::new();
         };
         let (lines, rest) = chunk.split_at(last_nl + 1);
-        let untouched =
-            self.held.is_empty() && !self.drop_blank && USAGE_KEY.find(lines).is_none();
+        let untouched = self.held.is_empty() && !self.drop_blank && USAGE_KEY.find(lines).is_none();
         let out = if untouched {
             chunk.slice(..last_nl + 1)
         } else if self.held.is_empty() {
