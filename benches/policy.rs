@@ -86,7 +86,7 @@ fn policy_decision(c: &mut Criterion) {
             &config.lua,
             max_names,
         ) {
-            Ok(Decision::Candidates(names)) => assert_eq!(names.len(), n.min(4)),
+            Ok(Decision::Candidates(chosen)) => assert_eq!(chosen.len(), n.min(4)),
             other => panic!("{name}: unexpected decision {other:?}"),
         }
 

@@ -4,35 +4,57 @@
 -- backends share the traffic instead of the first one taking it all.
 --
 -- It keeps the best few in a single pass rather than sorting: with 32 backends a sort
--- would read every backend's fields again on each of ~160 comparisons.
+-- would read every backend's fields again on each of ~160 comparisons. Each VM
+-- instruction costs time (and counts against the budget), so the pass does as little as
+-- it can for a backend that cannot make the list, and reuses one scratch list.
 
 local P = { name = "least_inflight" }
 
 local turn = 0
+-- Scratch lists, one per worker thread, reused by every call: the best loads so far, in
+-- order (top[0] is below every load, so the insertion loop needs no bounds check), and the
+-- answer (read as soon as `route` returns, so it can be reused too).
+local top, order = { [0] = -1 }, {}
 
 function P.route(req, backends)
   local n = #backends
   turn = turn + 1
-  local k = math.min(n, (req.params and req.params.candidates) or 4)
-  -- One pass keeps the k least loaded, sorted: `load` is the in-flight count first and a
-  -- rotation second, unique per backend so ties are shared out.
-  local top_load, top_index, count = {}, {}, 0
-  for i = 1, n do
-    local load = backends[i].inflight * n + (i + turn) % n
-    if count < k or load < top_load[count] then
-      local j = count < k and count + 1 or count
-      while j > 1 and top_load[j - 1] > load do
-        top_load[j], top_index[j] = top_load[j - 1], top_index[j - 1]
-        j = j - 1
+  local t = turn
+  local params = req.params
+  local k = (params and params.candidates or 4) // 1
+  if k > n then k = n elseif k < 0 then k = 0 end
+  -- A backend's `load` is its in-flight count times n plus a rotation: unique per backend,
+  -- so ties are shared out, and it gives the position back: i = (load - t - 1) % n + 1.
+  for i = 1, k do
+    local load = backends[i].inflight * n + (i + t) % n
+    local j = i
+    while top[j - 1] > load do
+      top[j] = top[j - 1]
+      j = j - 1
+    end
+    top[j] = load
+  end
+  -- The rest: one field read and one comparison for a backend that cannot make the list.
+  local worst = top[k]
+  for i = k + 1, n do
+    local inflight = backends[i].inflight
+    if inflight * n < worst then
+      local load = inflight * n + (i + t) % n
+      if load < worst then
+        local j = k
+        while top[j - 1] > load do
+          top[j] = top[j - 1]
+          j = j - 1
+        end
+        top[j] = load
+        worst = top[k]
       end
-      top_load[j], top_index[j] = load, i
-      if count < k then count = count + 1 end
     end
   end
-  local order = {}
-  for j = 1, count do
-    order[j] = backends[top_index[j]].name
+  for j = 1, k do
+    order[j] = backends[(top[j] - t - 1) % n + 1].name
   end
+  order[k + 1] = nil
   return order
 end
 
@@ -49,6 +71,12 @@ P.tests = {
     req = { model = "m", params = { candidates = 2 } },
     backends = { { name = "a", inflight = 5 }, { name = "b", inflight = 1 }, { name = "c", inflight = 7 }, { name = "d", inflight = 3 } },
     expect = { "b", "d" } },
+  { name = "the best few out of many, whatever their order",
+    req = { model = "m", params = { candidates = 3 } },
+    backends = { { name = "a", inflight = 9 }, { name = "b", inflight = 4 }, { name = "c", inflight = 8 },
+                 { name = "d", inflight = 0 }, { name = "e", inflight = 7 }, { name = "f", inflight = 2 },
+                 { name = "g", inflight = 6 }, { name = "h", inflight = 5 } },
+    expect = { "d", "f", "b" } },
 }
 
 return P

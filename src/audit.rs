@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -29,7 +30,7 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 /// One request, as the audit records it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
-    pub time: String,
+    pub time: AuditTime,
     pub request_id: String,
     pub tenant: String,
     pub method: String,
@@ -57,7 +58,7 @@ pub struct AuditRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct Skipped {
     pub backend: String,
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,10 +67,29 @@ pub struct AttemptRecord {
     pub outcome: String,
 }
 
+/// When a request ended: written as RFC 3339 with milliseconds in UTC
+/// (`2026-01-31T12:00:00.000Z`), formatted only when the record is written or shown — most
+/// records of a memory-only audit never are.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuditTime(pub SystemTime);
+
+impl AuditTime {
+    pub fn now() -> AuditTime {
+        AuditTime(SystemTime::now())
+    }
+}
+
+impl Serialize for AuditTime {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let time: chrono::DateTime<chrono::Utc> = self.0.into();
+        serializer.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    }
+}
+
 /// Where records go.
 #[derive(Debug)]
 pub struct Audit {
-    sink: Option<SyncSender<AuditRecord>>,
+    sink: Option<SyncSender<Arc<AuditRecord>>>,
     recent: Mutex<VecDeque<Arc<AuditRecord>>>,
     dropped: AtomicU64,
 }
@@ -96,7 +116,7 @@ impl Audit {
         } else {
             GENESIS.to_string()
         };
-        let (tx, rx) = sync_channel::<AuditRecord>(QUEUE);
+        let (tx, rx) = sync_channel::<Arc<AuditRecord>>(QUEUE);
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
@@ -106,7 +126,7 @@ impl Audit {
                         prev = hash;
                         line
                     } else {
-                        serde_json::to_string(&record).expect("a record serializes")
+                        serde_json::to_string(&*record).expect("a record serializes")
                     };
                     if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
                         log::error!(target: "switchyard::audit", "cannot write the audit log: {e}");
@@ -129,7 +149,7 @@ impl Audit {
             recent.push_front(record.clone());
         }
         if let Some(sink) = &self.sink {
-            match sink.try_send((*record).clone()) {
+            match sink.try_send(record) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                     let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -234,7 +254,7 @@ mod tests {
 
     fn record(id: &str) -> AuditRecord {
         AuditRecord {
-            time: "2026-01-01T00:00:00.000Z".into(),
+            time: AuditTime(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600)),
             request_id: id.into(),
             tenant: "acme".into(),
             method: "POST".into(),
@@ -271,6 +291,14 @@ mod tests {
         }
         std::fs::write(&path, text).unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn the_time_is_written_in_rfc3339_with_milliseconds() {
+        let mut r = record("r");
+        r.time = AuditTime(r.time.0 + std::time::Duration::from_millis(1_250));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["time"], "2026-01-01T00:00:01.250Z");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::audit::{AttemptRecord, AuditRecord, Skipped};
+use crate::audit::{AttemptRecord, AuditRecord, AuditTime, Skipped};
 use crate::backends::{Backend, InflightGuard, Outcome};
 use crate::errors::ClientError;
 use crate::limits::Lease;
@@ -69,11 +69,7 @@ pub struct Current {
 }
 
 /// What happened to one upstream attempt.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    pub backend: String,
-    pub outcome: String,
-}
+pub type Attempt = AttemptRecord;
 
 impl RequestCtx {
     pub fn new() -> Self {
@@ -325,53 +321,69 @@ impl RequestCtx {
         }
     }
 
-    /// The audit record of this request (call before the last attempt is finished).
-    pub fn audit_record(&self, method: &str, path: &str) -> AuditRecord {
+    /// The audit record of this request, taking what it needs out of the context: call
+    /// last, in `logging`. `cost_usd` is what the answer cost (see [`Self::cost_usd`],
+    /// which needs the serving attempt, so it is read before that attempt is finished).
+    pub fn take_audit_record(&mut self, method: &str, path: &str, cost_usd: f64) -> AuditRecord {
         let meta = self.meta.as_deref();
-        let plan = self.plan.as_ref();
-        let skipped = plan
-            .map(|p| {
+        let plan = self.plan.take();
+        let (policy, candidates, plan_names, skipped) = match plan {
+            Some(p) => (
+                Some(p.policy),
+                p.candidates,
+                p.backends.iter().map(|b| b.name().to_string()).collect(),
                 p.skipped
-                    .iter()
-                    .map(|(b, why)| Skipped {
-                        backend: b.clone(),
-                        reason: why.to_string(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let attempts = self
-            .attempts
-            .iter()
-            .map(|a| AttemptRecord {
-                backend: a.backend.clone(),
-                outcome: a.outcome.clone(),
-            })
-            .collect();
+                    .into_iter()
+                    .map(|(backend, reason)| Skipped { backend, reason })
+                    .collect(),
+            ),
+            None => (None, Vec::new(), Vec::new(), Vec::new()),
+        };
         AuditRecord {
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            request_id: self.request_id.clone(),
+            time: AuditTime::now(),
+            request_id: std::mem::take(&mut self.request_id),
             tenant: meta.map_or_else(|| "-".to_string(), |m| m.tenant.clone()),
             method: method.to_string(),
-            path: path.chars().take(256).collect(),
+            path: truncated(path, 256),
             model: meta
-                .and_then(|m| m.model.as_ref())
-                .map(|m| m.chars().take(256).collect()),
-            policy: plan.map(|p| p.policy.clone()),
-            candidates: plan.map(|p| p.candidates.clone()).unwrap_or_default(),
-            plan: plan
-                .map(|p| p.backends.iter().map(|b| b.name().to_string()).collect())
-                .unwrap_or_default(),
+                .and_then(|m| m.model.as_deref())
+                .map(|m| truncated(m, 256)),
+            policy,
+            candidates,
+            plan: plan_names,
             skipped,
-            attempts,
-            backend: self.served_by.clone(),
+            attempts: std::mem::take(&mut self.attempts),
+            backend: self.served_by.take(),
             status: self.status,
             tokens_in: self.usage.map_or(0, |u| u.prompt_tokens),
             tokens_out: self.usage.map_or(0, |u| u.completion_tokens),
-            cost_usd: self.cost_usd(),
+            cost_usd,
             ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1e3),
             duration_ms: self.started.elapsed().as_secs_f64() * 1e3,
         }
+    }
+}
+
+/// At most `max_chars` characters of `s`.
+fn truncated(s: &str, max_chars: usize) -> String {
+    if s.len() <= max_chars {
+        return s.to_string();
+    }
+    s.chars().take(max_chars).collect()
+}
+
+/// The attempts of a request as the access log shows them: `a:status 503,b:status 200`.
+pub struct AttemptList<'a>(pub &'a [Attempt]);
+
+impl std::fmt::Display for AttemptList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}:{}", a.backend, a.outcome)?;
+        }
+        Ok(())
     }
 }
 

@@ -112,18 +112,21 @@ pub fn decide(
     };
 
     let (decision, policy) = run_policy(runtime, route, meta, &candidates, request_id)?;
-    let names = match decision {
+    let chosen = match decision {
         Decision::Reject { status, message } => {
             return Err(ClientError::PolicyRejected { status, message }.into())
         }
-        Decision::Candidates(names) => names,
+        Decision::Candidates(chosen) => chosen,
     };
-    for name in &names {
-        if !candidates.iter().any(|b| b.name() == name) && !skipped.iter().any(|(n, _)| n == name) {
-            skipped.push((name.clone(), "guardrail: not allowed for this request"));
+    for b in &chosen {
+        if !candidates.iter().any(|c| c.id == b.id) && !skipped.iter().any(|(n, _)| n == b.name()) {
+            skipped.push((
+                b.name().to_string(),
+                "guardrail: not allowed for this request",
+            ));
         }
     }
-    let mut backends = guard(&names, &candidates, model)?;
+    let mut backends = guard(&chosen, &candidates, model)?;
     // Take a slot now: the first backend of the policy's order that has one leads.
     let Some((first, reserved)) = backends
         .iter()
@@ -243,7 +246,7 @@ fn run_policy<'r>(
     meta: &Arc<RequestMeta>,
     candidates: &[Arc<Backend>],
     request_id: &str,
-) -> Result<(Decision, &'r Arc<Policy>), ClientError> {
+) -> Result<(Decision<Arc<Backend>>, &'r Arc<Policy>), ClientError> {
     for name in std::iter::once(route.policy.as_str()).chain(route.fallback_policy.as_deref()) {
         let Some(policy) = runtime.policies.get(name) else {
             warn!("{request_id} policy `{name}` is not loaded");
@@ -260,8 +263,8 @@ fn run_policy<'r>(
             route.max_attempts + 2,
         ) {
             Ok(decision) => {
-                if let Decision::Candidates(names) = &decision {
-                    let first = names.first().map_or("-", String::as_str);
+                if let Decision::Candidates(chosen) = &decision {
+                    let first = chosen.first().map_or("-", |b| b.name());
                     // Only configured names reach here (unknown ones are a policy error).
                     METRICS
                         .policy_decisions
@@ -292,14 +295,14 @@ fn run_policy<'r>(
 /// (serve the model, allowed for the tenant, eligible now) are kept, each once, in the
 /// policy's order.
 fn guard(
-    names: &[String],
+    chosen: &[Arc<Backend>],
     candidates: &[Arc<Backend>],
     model: Option<&str>,
 ) -> Result<Vec<Arc<Backend>>, ClientError> {
-    let mut plan: Vec<Arc<Backend>> = Vec::with_capacity(names.len());
+    let mut plan: Vec<Arc<Backend>> = Vec::with_capacity(chosen.len());
     let mut refused = false;
-    for name in names {
-        match candidates.iter().find(|b| b.name() == name) {
+    for c in chosen {
+        match candidates.iter().find(|b| b.id == c.id) {
             Some(b) if !plan.iter().any(|p| p.id == b.id) => plan.push(b.clone()),
             Some(_) => {}
             None => refused = true,

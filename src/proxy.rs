@@ -31,8 +31,9 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::backends::{Backend, Outcome};
 use crate::body;
-use crate::context::RequestCtx;
+use crate::context::{AttemptList, RequestCtx};
 use crate::errors::{ClientError, UpstreamTlsFailure};
+use crate::logging;
 use crate::metrics::METRICS;
 use crate::outlier::parse_retry_after;
 use crate::plan::{self, Refusal};
@@ -459,8 +460,9 @@ impl ProxyHttp for Switchyard {
             let (tokens, nano) = ctx.settlement();
             self.shared.limiter.settle(lease, tokens, nano).await;
         }
-        let served_by = ctx.backend_name().unwrap_or("none").to_string();
-        ctx.count(&served_by);
+        ctx.count(ctx.backend_name().unwrap_or("none"));
+        // Priced at the serving backend, so before its attempt is finished.
+        let cost_usd = ctx.cost_usd();
         if ctx.current.is_some() {
             let (outcome, what) = match e {
                 Some(e) if *e.esource() == ErrorSource::Downstream => {
@@ -474,17 +476,8 @@ impl ProxyHttp for Switchyard {
             ctx.finish_attempt(outcome, what);
         }
         let head = session.req_header();
-        self.shared
-            .audit
-            .record(ctx.audit_record(head.method.as_str(), head.uri.path()));
         let meta = ctx.meta.as_deref();
-        let attempts: Vec<String> = ctx
-            .attempts
-            .iter()
-            .map(|a| format!("{}:{}", a.backend, a.outcome))
-            .collect();
-        info!(
-            target: "switchyard::access",
+        logging::access(format_args!(
             "{} {} {} status={} tenant={} model={} policy={} attempts=[{}] tokens_in={} tokens_out={} ms={:.1}{}",
             ctx.request_id,
             head.method,
@@ -493,12 +486,26 @@ impl ProxyHttp for Switchyard {
             meta.map_or("-", |m| m.tenant.as_str()),
             meta.and_then(|m| m.model.as_deref()).unwrap_or("-"),
             ctx.plan.as_ref().map_or("-", |p| p.policy.as_str()),
-            attempts.join(","),
+            AttemptList(&ctx.attempts),
             ctx.usage.map_or(0, |u| u.prompt_tokens),
             ctx.usage.map_or(0, |u| u.completion_tokens),
             ctx.started.elapsed().as_secs_f64() * 1e3,
-            e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default(),
-        );
+            ErrorSuffix(e),
+        ));
+        let record = ctx.take_audit_record(head.method.as_str(), head.uri.path(), cost_usd);
+        self.shared.audit.record(record);
+    }
+}
+
+/// ` error="…"` after an access line, for a request that ended in an error.
+struct ErrorSuffix<'a>(Option<&'a Error>);
+
+impl std::fmt::Display for ErrorSuffix<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(e) => write!(f, " error=\"{e}\""),
+            None => Ok(()),
+        }
     }
 }
 

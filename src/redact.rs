@@ -11,7 +11,7 @@
 use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
-use memchr::memmem::{self, Finder};
+use memchr::memmem;
 
 /// Shorter values are not secrets worth matching (and would mangle ordinary text).
 const MIN_SECRET_LEN: usize = 6;
@@ -24,8 +24,13 @@ const CREDENTIAL_FIELDS: [&[u8]; 4] = [
     b"\"api-key\": \"",
 ];
 
-/// Known secrets, each with its searcher built once.
-static SECRETS: LazyLock<ArcSwap<Vec<Finder<'static>>>> =
+/// Searchers for [`CREDENTIAL_FIELDS`], built once: building one costs more than a search
+/// of a short line, and every log line is searched for each.
+static FIELD_FINDERS: LazyLock<Vec<memmem::Finder<'static>>> =
+    LazyLock::new(|| CREDENTIAL_FIELDS.iter().map(memmem::Finder::new).collect());
+
+/// The registered secrets, each with its searcher.
+static SECRETS: LazyLock<ArcSwap<Vec<memmem::Finder<'static>>>> =
     LazyLock::new(|| ArcSwap::from_pointee(Vec::new()));
 
 /// Never let `value` reach the log.
@@ -36,7 +41,7 @@ pub fn register(value: &str) {
     SECRETS.rcu(|current| {
         let mut next = Vec::clone(current);
         if !next.iter().any(|s| s.needle() == value.as_bytes()) {
-            next.push(Finder::new(value.as_bytes()).into_owned());
+            next.push(memmem::Finder::new(value.as_bytes()).into_owned());
         }
         Arc::new(next)
     });
@@ -51,15 +56,15 @@ pub fn scrub(line: Vec<u8>) -> Vec<u8> {
             line = replace_all(&line, secret);
         }
     }
-    for field in CREDENTIAL_FIELDS {
-        if memmem::find(&line, field).is_some() {
+    for field in FIELD_FINDERS.iter() {
+        if field.find(&line).is_some() {
             line = mask_values(&line, field);
         }
     }
     line
 }
 
-fn replace_all(line: &[u8], secret: &Finder) -> Vec<u8> {
+fn replace_all(line: &[u8], secret: &memmem::Finder<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(line.len());
     let mut rest = line;
     while let Some(at) = secret.find(rest) {
@@ -72,11 +77,11 @@ fn replace_all(line: &[u8], secret: &Finder) -> Vec<u8> {
 }
 
 /// `"field": "value"` → `"field": "***"`, for every occurrence.
-fn mask_values(line: &[u8], field: &[u8]) -> Vec<u8> {
+fn mask_values(line: &[u8], field: &memmem::Finder<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(line.len());
     let mut rest = line;
-    while let Some(at) = memmem::find(rest, field) {
-        let value_start = at + field.len();
+    while let Some(at) = field.find(rest) {
+        let value_start = at + field.needle().len();
         out.extend_from_slice(&rest[..value_start]);
         let value = &rest[value_start..];
         // The value ends at the first quote not escaped by a backslash.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{ExecutionPhase, Server};
+use pingora::server::{ExecutionPhase, RunArgs, Server};
 
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
@@ -117,7 +117,10 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
             .join(", ")
     );
     watch_for_shutdown(&server);
-    server.run_forever()
+    server.run(RunArgs::default());
+    // The access log's last lines may still be queued (see `logging`).
+    crate::logging::flush();
+    std::process::exit(0)
 }
 
 /// A TLS listener: its certificate resolved per handshake through `cert` (so a reload

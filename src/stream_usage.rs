@@ -7,6 +7,8 @@
 //! only `usage`, and the `"usage": null` every other chunk then carries. The client sees
 //! exactly the stream it would have without Switchyard.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
@@ -15,6 +17,10 @@ use crate::request::RequestMeta;
 
 /// A partial line longer than this is passed on rather than held back.
 const MAX_HELD_BYTES: usize = 64 * 1024;
+
+/// Finds `"usage"`; built once, as building a searcher costs more than searching a chunk.
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
 /// Whether to ask this backend for the usage chunk of this request.
 pub fn should_add(meta: &RequestMeta, backend: &Backend) -> bool {
@@ -80,10 +86,11 @@ impl UsageStripper {
             return Bytes::new();
         };
         let (lines, rest) = chunk.split_at(last_nl + 1);
-        let untouched =
-            self.held.is_empty() && !self.drop_blank && memmem::find(lines, b"\"usage\"").is_none();
+        let untouched = self.held.is_empty() && !self.drop_blank && USAGE_KEY.find(lines).is_none();
         let out = if untouched {
             chunk.slice(..last_nl + 1)
+        } else if self.held.is_empty() {
+            self.strip(lines)
         } else {
             let mut joined = std::mem::take(&mut self.held);
             joined.extend_from_slice(lines);
@@ -100,7 +107,10 @@ impl UsageStripper {
 
     fn strip(&mut self, lines: &[u8]) -> Bytes {
         let mut out = BytesMut::with_capacity(lines.len());
-        for line in lines.split_inclusive(|&b| b == b'\n') {
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', lines) {
+            let line = &lines[start..=end];
+            start = end + 1;
             let content = line.trim_ascii_end();
             if content.is_empty() && self.drop_blank {
                 self.drop_blank = false;
@@ -111,16 +121,37 @@ impl UsageStripper {
                 out.extend_from_slice(line);
                 continue;
             };
-            if memmem::find(data, b"\"usage\"").is_none() {
+            if USAGE_KEY.find(data).is_none() {
                 out.extend_from_slice(line);
-            } else if is_usage_only(data) {
+            } else if !every_usage_is_null(data) && is_usage_only(data) {
                 self.drop_blank = true;
             } else {
-                out.extend_from_slice(&remove_null_usage(line));
+                remove_null_usage(line, &mut out);
             }
         }
+        // `lines` ends with a newline (the caller splits there); anything after is kept.
+        out.extend_from_slice(&lines[start..]);
         out.freeze()
     }
+}
+
+/// Whether every `"usage"` in the event is a key whose value is `null`: then the event's
+/// `usage` is null and it is not the usage chunk, which saves parsing the ordinary chunks
+/// (all of which carry `"usage":null` once `include_usage` is asked for). A quote cannot
+/// appear unescaped inside a JSON string, so `"usage"` followed by a colon is a key.
+fn every_usage_is_null(data: &[u8]) -> bool {
+    let mut rest = data;
+    while let Some(at) = USAGE_KEY.find(rest) {
+        rest = &rest[at + 7..];
+        let value = rest
+            .trim_ascii_start()
+            .strip_prefix(b":")
+            .map(<[u8]>::trim_ascii_start);
+        if !value.is_some_and(|v| v.starts_with(b"null")) {
+            return false;
+        }
+    }
+    true
 }
 
 /// The chunk `include_usage` adds: no choices, a usage object.
@@ -134,11 +165,11 @@ fn is_usage_only(data: &[u8]) -> bool {
         .is_ok_and(|c| c.usage.is_some() && c.choices.is_none_or(|c| c.is_empty()))
 }
 
-/// `,"usage":null` (any spacing) out of one JSON line; a line without it is unchanged.
-fn remove_null_usage(line: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(line.len());
+/// `line` into `out` without its `,"usage":null` (any spacing); a line without it is
+/// unchanged.
+fn remove_null_usage(line: &[u8], out: &mut BytesMut) {
     let mut rest = line;
-    while let Some(at) = memmem::find(rest, b"\"usage\"") {
+    while let Some(at) = USAGE_KEY.find(rest) {
         let after = &rest[at + 7..];
         let after = after.trim_ascii_start();
         let null_end = after
@@ -167,7 +198,6 @@ fn remove_null_usage(line: &[u8]) -> Vec<u8> {
         }
     }
     out.extend_from_slice(rest);
-    out
 }
 
 #[cfg(test)]
@@ -211,6 +241,21 @@ mod tests {
         for piece in [1, 2, 7, 50, 4096] {
             assert_eq!(strip_all(upstream, piece), expected, "piece {piece}");
         }
+    }
+
+    #[test]
+    fn only_events_whose_every_usage_is_null_skip_the_parse() {
+        assert!(every_usage_is_null(
+            br#"{"usage": null,"x":{"usage" :null},"choices":[]}"#
+        ));
+        assert!(!every_usage_is_null(
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        // `"usage"` as a value is not a key: this one goes to the parser.
+        assert!(!every_usage_is_null(br#"{"type":"usage","usage":null}"#));
+        // A nested null usage does not hide the real one.
+        let stream = "data: {\"x\":{\"usage\":null},\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        assert_eq!(strip_all(stream, 4096), "data: [DONE]\n\n");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! those are added (`input_tokens + cache_read_input_tokens + cache_creation_input_tokens`).
 //! Anthropic reports counts cumulatively, so a later event's value replaces an earlier one.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
@@ -225,26 +227,31 @@ struct Details {
     cached_tokens: Option<u64>,
 }
 
+/// One stream event; its strings are borrowed from the line where they have no escapes
+/// (every event of a stream is read, so copying each one's text would cost).
 #[derive(Deserialize)]
-struct StreamEvent {
+struct StreamEvent<'a> {
     usage: Option<RawUsage>,
     message: Option<Message>,
-    #[serde(default)]
-    choices: Vec<Choice>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
+    #[serde(default, borrow)]
+    choices: Vec<Choice<'a>>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct Choice {
-    delta: Option<Delta>,
+struct Choice<'a> {
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
     /// Legacy completions stream `text` instead of a delta.
-    text: Option<String>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct Delta {
-    content: Option<String>,
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -252,7 +259,7 @@ struct Message {
     usage: Option<RawUsage>,
 }
 
-impl StreamEvent {
+impl StreamEvent<'_> {
     fn has_content(&self) -> bool {
         let text = |c: &Choice| {
             let delta = c.delta.as_ref().and_then(|d| d.content.as_deref());
@@ -321,6 +328,15 @@ mod tests {
                 ..Usage::default()
             })
         );
+    }
+
+    #[test]
+    fn content_with_escapes_counts_like_any_other() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"q\\\" \\u00e9\"}}]}\n\n\
+                    data: {\"choices\":[{\"text\":\"line\\nbreak\"}]}\n\n";
+        let mut r = UsageReader::new(Some("text/event-stream"));
+        feed_all(&mut r, body, 4096);
+        assert_eq!(r.finish().map(|u| u.completion_tokens), Some(2));
     }
 
     #[test]

@@ -118,11 +118,12 @@ pub fn validate(policy: Policy, limits: &LuaConfig) -> Result<Policy, String> {
     }
 }
 
-/// What a policy decided for one request.
+/// What a policy decided for one request: backends by name (in a policy's own test cases)
+/// or the backends themselves (from [`decide`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
-    /// Backend names to try, in order.
-    Candidates(Vec<String>),
+pub enum Decision<T = String> {
+    /// Backends to try, in order.
+    Candidates(Vec<T>),
     /// Refuse the request with this status and message.
     Reject { status: u16, message: String },
 }
@@ -173,8 +174,9 @@ thread_local! {
 /// Run `policy` for one request on this thread's VM.
 ///
 /// `candidates` are the eligible backends for the request; `all` is the whole backend set
-/// (for `sy.backends` and to tell an unknown name from an ineligible one). At most
-/// `max_names` names of a returned list are read.
+/// (for `sy.backends`, and to tell an unknown name from an ineligible one): the backends
+/// chosen are taken from it, and may include ones that are not candidates (the caller's
+/// guardrails drop those). At most `max_names` names of a returned list are read.
 pub fn decide(
     policy: &Policy,
     req: &Arc<RequestMeta>,
@@ -183,7 +185,7 @@ pub fn decide(
     all: &Arc<BackendSet>,
     limits: &LuaConfig,
     max_names: usize,
-) -> Result<Decision, PolicyError> {
+) -> Result<Decision<Arc<Backend>>, PolicyError> {
     VM.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|vm| vm.limits() != limits) {
@@ -195,12 +197,154 @@ pub fn decide(
             // A VM that hit its cap may hold garbage the policy keeps alive: start clean.
             *slot = None;
         }
-        let decision = result?;
-        if let Decision::Candidates(names) = &decision {
-            if let Some(unknown) = names.iter().find(|n| all.get(n).is_none()) {
-                return Err(PolicyError::UnknownBackend(unknown.clone()));
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ParamValue};
+    use std::collections::BTreeMap;
+
+    /// Three backends `a`, `b`, `c` serving model `m`, and a request for it.
+    fn setup() -> (Arc<BackendSet>, Vec<Arc<Backend>>, Arc<RequestMeta>, Config) {
+        let mut yaml = String::from(
+            "listen: [{ addr: \"127.0.0.1:8080\" }]\nroutes:\n  - policy: p\nbackends:\n",
+        );
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - {{ name: {name}, url: \"http://127.0.0.1:{}\", models: [m], tags: {{ tier: x }} }}\n",
+                9100 + i
+            ));
+        }
+        let config = Config::parse(&yaml).expect("test config is valid");
+        let set = Arc::new(BackendSet::build(&config, None).expect("backends build"));
+        let candidates = set.serving(Some("m"));
+        let mut meta =
+            RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+        meta.read_json_body(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+            .expect("test body is valid");
+        (set, candidates, Arc::new(meta), config)
+    }
+
+    fn run(source: &str, params: &Params) -> Result<Decision<Arc<Backend>>, PolicyError> {
+        let (set, candidates, req, config) = setup();
+        let policy = Policy::new("p", source.to_string(), PathBuf::from("p.lua"));
+        decide(&policy, &req, params, &candidates, &set, &config.lua, 5)
+    }
+
+    fn names(d: Result<Decision<Arc<Backend>>, PolicyError>) -> Result<Vec<String>, PolicyError> {
+        d.map(|d| match d {
+            Decision::Candidates(c) => c.iter().map(|b| b.name().to_string()).collect(),
+            Decision::Reject { status, .. } => vec![format!("reject {status}")],
+        })
+    }
+
+    fn no_params() -> Params {
+        Params::new(BTreeMap::new())
+    }
+
+    #[test]
+    fn backend_entries_and_req_are_read_only() {
+        for write in [
+            "backends[1].inflight = 0",
+            "backends[1].name = 'x'",
+            "backends[1].tags.tier = 'y'",
+            "backends[1].models.m = false",
+            "req.model = 'x'",
+            "req.params.x = 1",
+        ] {
+            let source = format!(
+                "local P = {{}}\nfunction P.route(req, backends)\n  {write}\n  return backends[1].name\nend\nreturn P"
+            );
+            match run(&source, &no_params()) {
+                Err(PolicyError::Runtime(msg)) => {
+                    assert!(msg.contains("read-only"), "{write}: {msg}")
+                }
+                other => panic!("{write}: {other:?}"),
             }
         }
-        Ok(decision)
-    })
+    }
+
+    #[test]
+    fn each_call_gets_a_fresh_candidate_array() {
+        // The policy empties the array it was given, and the one it got the call before.
+        let source = r#"
+local P = {}
+local kept
+function P.route(req, backends)
+  if kept then for i = #kept, 1, -1 do table.remove(kept, i) end end
+  local n, first = #backends, backends[1].name
+  table.sort(backends, function(x, y) return x.name > y.name end)
+  kept = backends
+  return n == 3 and first or nil, 500, "saw " .. n
+end
+return P"#;
+        let (set, candidates, req, config) = setup();
+        let policy = Policy::new("fresh", source.to_string(), PathBuf::from("fresh.lua"));
+        for _ in 0..3 {
+            let d = decide(
+                &policy,
+                &req,
+                &no_params(),
+                &candidates,
+                &set,
+                &config.lua,
+                5,
+            );
+            assert_eq!(names(d).unwrap(), vec!["a"]);
+        }
+    }
+
+    #[test]
+    fn answers_become_backends_and_bad_ones_fail_as_before() {
+        let answer = |ret: &str| {
+            run(
+                &format!(
+                    "local P = {{}}\nfunction P.route(req, backends) return {ret} end\nreturn P"
+                ),
+                &Params::new(BTreeMap::from([(
+                    "chain".to_string(),
+                    ParamValue::List(vec![ParamValue::Str("c".into())]),
+                )])),
+            )
+        };
+        assert_eq!(names(answer("'b'")).unwrap(), vec!["b"]);
+        assert_eq!(names(answer("{ 'c', 'a' }")).unwrap(), vec!["c", "a"]);
+        // At most max_names (5) are read; what follows them is not looked at.
+        assert_eq!(
+            names(answer("{ 'a', 'b', 'c', 'a', 'b', 'nope', 42 }")).unwrap(),
+            vec!["a", "b", "c", "a", "b"]
+        );
+        assert_eq!(
+            names(answer("nil, 429, 'busy'")).unwrap(),
+            vec!["reject 429"]
+        );
+        assert_eq!(
+            answer("'nope'").unwrap_err(),
+            PolicyError::UnknownBackend("nope".into())
+        );
+        assert_eq!(
+            answer("{ 'a', 'nope' }").unwrap_err(),
+            PolicyError::UnknownBackend("nope".into())
+        );
+        assert_eq!(
+            answer("{ 'a', 1 }").unwrap_err(),
+            PolicyError::BadReturn("a list holding a number (1)".into())
+        );
+        assert_eq!(
+            answer("{}").unwrap_err(),
+            PolicyError::BadReturn("an empty list".into())
+        );
+        // A read-only view is read raw, as it always was: it looks empty.
+        assert_eq!(
+            answer("req.params.chain").unwrap_err(),
+            PolicyError::BadReturn("an empty list".into())
+        );
+        assert_eq!(
+            answer("42").unwrap_err(),
+            PolicyError::BadReturn("a number (42)".into())
+        );
+    }
 }

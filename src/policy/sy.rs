@@ -66,7 +66,7 @@ fn log(lua: &Lua, msg: Value) -> mlua::Result<()> {
     };
     let policy = lua
         .app_data_ref::<CallContext>()
-        .map(|c| c.policy.clone())
+        .map(|c| c.policy.to_string())
         .unwrap_or_else(|| "?".into());
     let Some(mut limiter) = lua.app_data_mut::<LogLimiter>() else {
         return Ok(());

@@ -3,15 +3,20 @@
 //! Building Lua tables through the C API dominates the cost of a decision, so each VM keeps
 //! one table per backend (static fields set once, live statistics rewritten only when they
 //! changed) and one `req` table whose fields are overwritten per call. Policies get
-//! read-only views of them; only the array listing the candidates is new on each call, so
-//! a policy may sort it.
+//! read-only views of them. The array listing a request's candidates is kept too, per
+//! candidate list, and a policy gets a fresh copy of it (made in Lua, in one step), so it
+//! may sort it; a name → position table lets the call return positions in the backend set
+//! rather than names to look up again.
+//!
+//! Everything here runs with the VM's memory limit lifted (see `PolicyVm::route`): with a
+//! limit, mlua runs each table write as a protected call, which cost more than the write.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use mlua::{Function, Lua, LuaString, Table, Value};
 
-use crate::backends::{now_secs, Backend};
+use crate::backends::{now_secs, Backend, BackendSet};
 use crate::config::ParamValue;
 use crate::request::RequestMeta;
 use crate::routes::Params;
@@ -43,13 +48,42 @@ type Live = [f64; 5];
 struct CachedBackend {
     data: Table,
     view: Table,
+    /// The statistics as last read, before rounding: most calls find them unchanged.
+    read: Live,
     live: Live,
 }
+
+/// A candidate list seen before: its backends (by id), where their tables are, and the
+/// Lua array of their views that each call copies.
+struct CandidateList {
+    ids: Vec<u64>,
+    slots: Vec<usize>,
+    views: Table,
+}
+
+/// The arguments of one call, as `TableCache::prepare` lends them.
+pub(super) struct Prepared<'a> {
+    pub req: &'a Table,
+    /// The VM's own array of candidate views: the policy gets a copy.
+    pub views: &'a Table,
+    pub count: usize,
+    /// Backend name → position in the backend set.
+    pub positions: &'a Table,
+}
+
+/// Candidate lists kept per VM: routes, models and changes in eligibility make a few.
+const CANDIDATE_LISTS: usize = 8;
 
 pub(super) struct TableCache {
     keys: Keys,
     readonly: Function,
-    backends: HashMap<u64, CachedBackend>,
+    /// Backend id → its entry in `slots`.
+    slot_of: HashMap<u64, usize>,
+    slots: Vec<CachedBackend>,
+    /// Most recently used first.
+    lists: Vec<CandidateList>,
+    /// For the backend set last seen: each backend's name → its position in the set.
+    positions: Option<(Arc<BackendSet>, Table)>,
     req_data: Table,
     req_view: Table,
     /// The `req.params` table last used, by `Params::id`.
@@ -103,7 +137,10 @@ impl TableCache {
         Ok(TableCache {
             keys,
             readonly,
-            backends: HashMap::new(),
+            slot_of: HashMap::new(),
+            slots: Vec::new(),
+            lists: Vec::new(),
+            positions: None,
             req_data,
             req_view,
             params: None,
@@ -111,14 +148,30 @@ impl TableCache {
         })
     }
 
-    /// The `req` view, with only the fields that differ from the previous request
-    /// rewritten (most requests on a route share model, path, method and tenant).
-    pub fn request(
+    /// Bring the tables up to date for a call of `route` for `req` over `candidates`, and
+    /// lend them out.
+    pub fn prepare(
         &mut self,
         lua: &Lua,
         req: &RequestMeta,
         params: &Params,
-    ) -> mlua::Result<Table> {
+        candidates: &[Arc<Backend>],
+        all: &Arc<BackendSet>,
+    ) -> mlua::Result<Prepared<'_>> {
+        self.request(lua, req, params)?;
+        self.candidates(lua, candidates, all.backends.len())?;
+        self.positions(lua, all)?;
+        Ok(Prepared {
+            req: &self.req_view,
+            views: &self.lists[0].views,
+            count: candidates.len(),
+            positions: &self.positions.as_ref().expect("just set").1,
+        })
+    }
+
+    /// Update the `req` table, rewriting only the fields that differ from the previous
+    /// request (most requests on a route share model, path, method and tenant).
+    fn request(&mut self, lua: &Lua, req: &RequestMeta, params: &Params) -> mlua::Result<()> {
         if self.params.as_ref().is_none_or(|(id, _)| *id != params.id) {
             let table = params_table(lua, &self.readonly, params)?;
             self.req_data.raw_set(&self.keys.params, &table)?;
@@ -161,68 +214,139 @@ impl TableCache {
             last.stream = req.stream;
         }
         last.written = true;
-        Ok(self.req_view.clone())
+        Ok(())
     }
 
-    /// A fresh array of read-only backend views, one per candidate, in candidate order.
-    pub fn backends(
+    /// Make `lists[0]` the array of read-only views of `candidates`, in their order, with
+    /// every view's live statistics brought up to date.
+    fn candidates(
         &mut self,
         lua: &Lua,
         candidates: &[Arc<Backend>],
         configured: usize,
-    ) -> mlua::Result<Table> {
-        // Backends replaced by a reload leave entries behind; drop them all now and then.
-        if self.backends.len() > 2 * configured + 64 {
-            self.backends.clear();
+    ) -> mlua::Result<()> {
+        let found = self.lists.iter().position(|l| {
+            l.ids.len() == candidates.len()
+                && l.ids.iter().zip(candidates).all(|(id, b)| *id == b.id)
+        });
+        match found {
+            Some(0) => {}
+            Some(i) => {
+                let list = self.lists.remove(i);
+                self.lists.insert(0, list);
+            }
+            None => {
+                let list = self.new_list(lua, candidates, configured)?;
+                self.lists.truncate(CANDIDATE_LISTS - 1);
+                self.lists.insert(0, list);
+            }
         }
-        let array = lua.create_table_with_capacity(candidates.len(), 0)?;
+        let list = &self.lists[0];
         let now = now_secs();
+        for (b, &slot) in candidates.iter().zip(&list.slots) {
+            let cached = &mut self.slots[slot];
+            for (j, read) in live_stats(b, now).into_iter().enumerate() {
+                // NaN never equals itself, so a fresh entry writes every field once.
+                if cached.read[j] == read {
+                    continue;
+                }
+                cached.read[j] = read;
+                let value = if ROUNDED.contains(&j) {
+                    round2(read)
+                } else {
+                    read
+                };
+                if cached.live[j] != value {
+                    let key = &self.keys.live[j];
+                    if j == 0 {
+                        cached.data.raw_set(key, value as i64)?;
+                    } else {
+                        cached.data.raw_set(key, value)?;
+                    }
+                    cached.live[j] = value;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn new_list(
+        &mut self,
+        lua: &Lua,
+        candidates: &[Arc<Backend>],
+        configured: usize,
+    ) -> mlua::Result<CandidateList> {
+        // Backends replaced by a reload leave entries behind; drop them all now and then.
+        if self.slots.len() > 2 * configured + 64 {
+            self.slot_of.clear();
+            self.slots.clear();
+            self.lists.clear();
+        }
+        let views = lua.create_table_with_capacity(candidates.len(), 0)?;
+        let mut slots = Vec::with_capacity(candidates.len());
         for (i, b) in candidates.iter().enumerate() {
-            let live = live_stats(b, now);
-            let cached = match self.backends.get_mut(&b.id) {
-                Some(c) => c,
+            let slot = match self.slot_of.get(&b.id) {
+                Some(&slot) => slot,
                 None => {
                     let data = static_table(lua, &self.readonly, b)?;
                     let view = self.readonly.call(&data)?;
-                    self.backends.entry(b.id).or_insert(CachedBackend {
+                    self.slots.push(CachedBackend {
                         data,
                         view,
+                        read: [f64::NAN; 5],
                         live: [f64::NAN; 5],
-                    })
+                    });
+                    self.slot_of.insert(b.id, self.slots.len() - 1);
+                    self.slots.len() - 1
                 }
             };
-            for (j, value) in live.iter().enumerate() {
-                // NaN never equals itself, so a fresh entry writes every field once.
-                if cached.live[j] != *value {
-                    let key = &self.keys.live[j];
-                    if j == 0 {
-                        cached.data.raw_set(key, *value as i64)?;
-                    } else {
-                        cached.data.raw_set(key, *value)?;
-                    }
-                    cached.live[j] = *value;
-                }
-            }
-            array.raw_seti(i + 1, &cached.view)?;
+            views.raw_seti(i + 1, &self.slots[slot].view)?;
+            slots.push(slot);
         }
-        Ok(array)
+        Ok(CandidateList {
+            ids: candidates.iter().map(|b| b.id).collect(),
+            slots,
+            views,
+        })
+    }
+
+    /// Make `positions` map each backend name of `all` to its position in `all.backends`.
+    fn positions(&mut self, lua: &Lua, all: &Arc<BackendSet>) -> mlua::Result<()> {
+        if self
+            .positions
+            .as_ref()
+            .is_some_and(|(set, _)| Arc::ptr_eq(set, all))
+        {
+            return Ok(());
+        }
+        let table = lua.create_table_with_capacity(0, all.backends.len())?;
+        for (i, b) in all.backends.iter().enumerate() {
+            table.raw_set(b.name(), i)?;
+        }
+        self.positions = Some((all.clone(), table));
+        Ok(())
     }
 }
 
+/// A backend's live statistics in [`Live`] order, as read (see [`ROUNDED`]).
 fn live_stats(b: &Backend, now: u64) -> Live {
     let s = &b.stats;
     [
         s.inflight() as f64,
-        round2(s.latency_ms()),
-        round2(s.ttft_ms()),
-        round2(s.tps()),
+        s.latency_ms(),
+        s.ttft_ms(),
+        s.tps(),
         s.error_rate_at(now),
     ]
 }
 
-/// Statistics rounded to 1/100 so that jitter in the last digits does not cost a table write.
+/// The statistics policies see rounded to 1/100: `latency_ms`, `ttft_ms`, `tps`.
+const ROUNDED: [usize; 3] = [1, 2, 3];
+
+/// Statistics rounded to 1/100 so that jitter in the last digits does not cost a table
+/// write. They are never negative; the cast is cheaper than `f64::round`, a libm call.
 fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
+    ((v * 100.0 + 0.5) as i64) as f64 / 100.0
 }
 
 /// A backend's table with its configured fields; live fields are written by the caller.
@@ -260,8 +384,19 @@ pub(super) fn fresh_backend(
     eligible: bool,
 ) -> mlua::Result<Table> {
     let t = static_table(lua, readonly, b)?;
-    for (name, value) in LIVE_FIELDS.iter().zip(live_stats(b, now_secs())) {
-        t.raw_set(*name, value)?;
+    for (j, (name, value)) in LIVE_FIELDS
+        .iter()
+        .zip(live_stats(b, now_secs()))
+        .enumerate()
+    {
+        t.raw_set(
+            *name,
+            if ROUNDED.contains(&j) {
+                round2(value)
+            } else {
+                value
+            },
+        )?;
     }
     t.raw_set("inflight", b.stats.inflight())?;
     t.raw_set("eligible", eligible)?;

@@ -26,10 +26,42 @@ use crate::routes::Params;
 /// The budget hook runs every this many VM instructions.
 const HOOK_EVERY: u32 = 1000;
 
-/// Trusted Lua that builds read-only views; runs with the real globals, never a policy's.
+/// Trusted Lua that builds read-only views and calls `route`; runs with the real globals,
+/// never a policy's.
 const HELPERS: &str = r#"
 local setmetatable, next, error, tostring, lower = setmetatable, next, error, tostring, string.lower
+local type, getmetatable, unpack = type, getmetatable, table.unpack
+-- Each call leaves a little short-lived garbage (the candidate array, the answer): the
+-- generational collector handles that for less than the incremental one.
+collectgarbage("generational")
 local H = {}
+-- Calls `route` with a copy of the VM's array of candidate views, and reads its answer
+-- when it is a name or a plain list of names (at most `max` of them) that `positions`
+-- knows: then it returns how many, and their positions in the backend set. Anything else
+-- returns 0 followed by what `route` returned, for Rust to judge. (`positions` has only
+-- string keys, so a lookup is also the type check; a list with a metatable is a
+-- read-only view, which Rust reads raw, so it is left to Rust.)
+local chosen = {}
+function H.invoke(route, req, views, n, positions, max)
+  local a, b, c = route(req, { unpack(views, 1, n) })
+  local kind = type(a)
+  if kind == "string" then
+    local p = positions[a]
+    if p then return 1, p end
+  elseif kind == "table" and getmetatable(a) == nil then
+    local k = 0
+    for i = 1, max do
+      local name = a[i]
+      if name == nil then break end
+      local p = positions[name]
+      if p == nil then return 0, a, b, c end
+      chosen[i] = p
+      k = i
+    end
+    if k > 0 then return k, unpack(chosen, 1, k) end
+  end
+  return 0, a, b, c
+end
 local function deny(_, k)
   error("attempt to modify a read-only table (key '" .. tostring(k) .. "')", 2)
 end
@@ -106,15 +138,29 @@ struct Budget {
     exhausted: Cell<bool>,
 }
 
-/// What the `sy` helpers may know about the call in progress.
+impl Budget {
+    /// A fresh budget of `instructions` for the next call.
+    fn arm(&self, instructions: u64) {
+        self.ticks_left
+            .set((instructions / HOOK_EVERY as u64).max(1));
+        self.exhausted.set(false);
+    }
+}
+
+/// What the `sy` helpers may know about the call in progress. Kept in the VM's app data
+/// for its whole life; its fields are set for each call.
+#[derive(Default)]
 pub(super) struct CallContext {
     pub req: Option<Arc<RequestMeta>>,
     pub all: Option<Arc<BackendSet>>,
-    pub policy: String,
+    /// `name@version` of the policy running.
+    pub policy: Rc<str>,
 }
 
 struct Loaded {
     version: String,
+    /// `name@version`.
+    tag: Rc<str>,
     module: Table,
     route: Function,
 }
@@ -125,6 +171,8 @@ pub struct PolicyVm {
     limits: LuaConfig,
     globals: Table,
     helpers: Table,
+    /// `H.invoke`.
+    invoke: Function,
     budget: Rc<Budget>,
     loaded: HashMap<String, Loaded>,
     tables: TableCache,
@@ -175,6 +223,8 @@ impl PolicyVm {
             },
         )?;
         lua.set_app_data(sy::LogLimiter::default());
+        lua.set_app_data(CallContext::default());
+        let invoke: Function = helpers.get("invoke")?;
         // Set last: building the sandbox must never count against the policies' memory.
         lua.set_memory_limit(limits.memory_limit_bytes)?;
 
@@ -184,6 +234,7 @@ impl PolicyVm {
             limits: limits.clone(),
             globals,
             helpers,
+            invoke,
             budget,
             loaded: HashMap::new(),
             tables,
@@ -194,7 +245,8 @@ impl PolicyVm {
         &self.limits
     }
 
-    /// Run `policy`'s `route` for one request.
+    /// Run `policy`'s `route` for one request. The backends chosen are taken from `all`;
+    /// at most `max_names` of a returned list are read.
     pub fn route(
         &mut self,
         policy: &Policy,
@@ -203,26 +255,37 @@ impl PolicyVm {
         candidates: &[Arc<Backend>],
         all: &Arc<BackendSet>,
         max_names: usize,
-    ) -> Result<Decision, PolicyError> {
+    ) -> Result<Decision<Arc<Backend>>, PolicyError> {
         self.ensure_loaded(policy)?;
-        let route = self.loaded[&policy.name].route.clone();
+        let loaded = &self.loaded[&policy.name];
         let lua_err = |e: mlua::Error| PolicyError::Runtime(e.to_string());
-        let req_table = self
-            .tables
-            .request(&self.lua, req, params)
-            .map_err(lua_err)?;
-        let backends = self
-            .tables
-            .backends(&self.lua, candidates, all.backends.len())
-            .map_err(lua_err)?;
-        self.lua.set_app_data(CallContext {
-            req: Some(req.clone()),
-            all: Some(all.clone()),
-            policy: format!("{}@{}", policy.name, policy.version),
-        });
-        let result = self.call(&route, req_table, backends, max_names);
-        self.lua.remove_app_data::<CallContext>();
-        result
+        // Our own table upkeep runs without the memory limit: with one, mlua makes every
+        // table write a protected call, which costs more than the write. The limit is
+        // for what policies allocate, and is back before `route` runs.
+        let _ = self.lua.set_memory_limit(0);
+        let prepared = self.tables.prepare(&self.lua, req, params, candidates, all);
+        let _ = self.lua.set_memory_limit(self.limits.memory_limit_bytes);
+        let args = prepared.map_err(lua_err)?;
+        if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
+            ctx.req = Some(req.clone());
+            ctx.all = Some(all.clone());
+            ctx.policy = loaded.tag.clone();
+        }
+        self.budget.arm(self.limits.instruction_budget);
+        let result = self.invoke.call::<MultiValue>((
+            &loaded.route,
+            args.req,
+            args.views,
+            args.count,
+            args.positions,
+            max_names,
+        ));
+        if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
+            ctx.req = None;
+            ctx.all = None;
+        }
+        let values = result.map_err(|e| self.classify(e))?;
+        chosen_backends(values, all, max_names)
     }
 
     /// Call a `route` function under the instruction budget and read its decision.
@@ -233,7 +296,7 @@ impl PolicyVm {
         backends: Table,
         max_names: usize,
     ) -> Result<Decision, PolicyError> {
-        self.arm_budget();
+        self.budget.arm(self.limits.instruction_budget);
         let values = route
             .call::<MultiValue>((req, backends))
             .map_err(|e| self.classify(e))?;
@@ -265,14 +328,12 @@ impl PolicyVm {
             .set_name(format!("={}.lua", policy.name))
             .set_mode(ChunkMode::Text)
             .set_environment(env);
-        self.lua.set_app_data(CallContext {
-            req: None,
-            all: None,
-            policy: format!("{}@{}", policy.name, policy.version),
-        });
-        self.arm_budget();
+        let tag: Rc<str> = format!("{}@{}", policy.name, policy.version).into();
+        if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
+            ctx.policy = tag.clone();
+        }
+        self.budget.arm(self.limits.instruction_budget);
         let value = chunk.call::<Value>(());
-        self.lua.remove_app_data::<CallContext>();
         let module = match value.map_err(|e| self.classify(e)) {
             Ok(Value::Table(t)) => t,
             Ok(other) => {
@@ -294,6 +355,7 @@ impl PolicyVm {
         };
         Ok(Loaded {
             version: policy.version.clone(),
+            tag,
             module,
             route,
         })
@@ -306,12 +368,6 @@ impl PolicyVm {
 
     pub(super) fn helper(&self, name: &str) -> mlua::Result<Function> {
         self.helpers.get(name)
-    }
-
-    fn arm_budget(&self) {
-        let ticks = (self.limits.instruction_budget / HOOK_EVERY as u64).max(1);
-        self.budget.ticks_left.set(ticks);
-        self.budget.exhausted.set(false);
     }
 
     fn classify(&self, e: mlua::Error) -> PolicyError {
@@ -412,6 +468,41 @@ fn decision_from(values: MultiValue, max_names: usize) -> Result<Decision, Polic
             }
         }
         other => Err(bad(&describe_value(&other))),
+    }
+}
+
+/// Read what `H.invoke` returned: a count and that many positions in `all`, or 0 and what
+/// `route` returned, judged by [`decision_from`] with each name looked up.
+fn chosen_backends(
+    values: MultiValue,
+    all: &BackendSet,
+    max_names: usize,
+) -> Result<Decision<Arc<Backend>>, PolicyError> {
+    let mut values = values.into_iter();
+    let count = values.next().and_then(|v| v.as_integer()).unwrap_or(0);
+    if count > 0 {
+        let chosen = values
+            .take(count as usize)
+            .map(|v| {
+                v.as_integer()
+                    .and_then(|p| all.backends.get(p as usize))
+                    .cloned()
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| PolicyError::Runtime("positions out of range".into()))?;
+        return Ok(Decision::Candidates(chosen));
+    }
+    match decision_from(values.collect(), max_names)? {
+        Decision::Candidates(names) => names
+            .into_iter()
+            .map(|name| {
+                all.get(&name)
+                    .cloned()
+                    .ok_or(PolicyError::UnknownBackend(name))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Decision::Candidates),
+        Decision::Reject { status, message } => Ok(Decision::Reject { status, message }),
     }
 }
 
