@@ -34,11 +34,13 @@ function P.route(req, backends)
     end
     top[j] = load
   end
-  -- The rest: one field read and one comparison for a backend that cannot make the list.
+  -- The rest: one field read and one comparison for a backend that cannot make the list
+  -- (more in flight than the k-th best so far).
   local worst = top[k]
+  local most = worst // n
   for i = k + 1, n do
     local inflight = backends[i].inflight
-    if inflight * n < worst then
+    if inflight <= most then
       local load = inflight * n + (i + t) % n
       if load < worst then
         local j = k
@@ -48,6 +50,7 @@ function P.route(req, backends)
         end
         top[j] = load
         worst = top[k]
+        most = worst // n
       end
     end
   end

@@ -5,13 +5,14 @@
 //! changed) and one `req` table whose fields are overwritten per call. Policies get
 //! read-only views of them. The array listing a request's candidates is kept too, per
 //! candidate list, and a policy gets a fresh copy of it (made in Lua, in one step), so it
-//! may sort it; a name → position table lets the call return positions in the backend set
-//! rather than names to look up again.
+//! may sort it. The names a policy returns are found by the address of their Lua string,
+//! not copied out and looked up.
 //!
 //! Everything here runs with the VM's memory limit lifted (see `PolicyVm::route`): with a
 //! limit, mlua runs each table write as a protected call, which cost more than the write.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use mlua::{Function, Lua, LuaString, Table, Value};
@@ -67,8 +68,8 @@ pub(super) struct Prepared<'a> {
     /// The VM's own array of candidate views: the policy gets a copy.
     pub views: &'a Table,
     pub count: usize,
-    /// Backend name → position in the backend set.
-    pub positions: &'a Table,
+    /// Finds the backends a policy names.
+    pub names: &'a NameIndex,
 }
 
 /// Candidate lists kept per VM: routes, models and changes in eligibility make a few.
@@ -82,8 +83,8 @@ pub(super) struct TableCache {
     slots: Vec<CachedBackend>,
     /// Most recently used first.
     lists: Vec<CandidateList>,
-    /// For the backend set last seen: each backend's name → its position in the set.
-    positions: Option<(Arc<BackendSet>, Table)>,
+    /// For the backend set last seen: its backends' names as Lua strings.
+    names: Option<NameIndex>,
     req_data: Table,
     req_view: Table,
     /// The `req.params` table last used, by `Params::id`.
@@ -140,7 +141,7 @@ impl TableCache {
             slot_of: HashMap::new(),
             slots: Vec::new(),
             lists: Vec::new(),
-            positions: None,
+            names: None,
             req_data,
             req_view,
             params: None,
@@ -160,12 +161,18 @@ impl TableCache {
     ) -> mlua::Result<Prepared<'_>> {
         self.request(lua, req, params)?;
         self.candidates(lua, candidates, all.backends.len())?;
-        self.positions(lua, all)?;
+        if !self
+            .names
+            .as_ref()
+            .is_some_and(|n| Arc::ptr_eq(&n.set, all))
+        {
+            self.names = Some(NameIndex::new(lua, all)?);
+        }
         Ok(Prepared {
             req: &self.req_view,
             views: &self.lists[0].views,
             count: candidates.len(),
-            positions: &self.positions.as_ref().expect("just set").1,
+            names: self.names.as_ref().expect("just set"),
         })
     }
 
@@ -309,22 +316,64 @@ impl TableCache {
             views,
         })
     }
+}
 
-    /// Make `positions` map each backend name of `all` to its position in `all.backends`.
-    fn positions(&mut self, lua: &Lua, all: &Arc<BackendSet>) -> mlua::Result<()> {
-        if self
-            .positions
-            .as_ref()
-            .is_some_and(|(set, _)| Arc::ptr_eq(set, all))
-        {
-            return Ok(());
+/// The backend names of one set as Lua strings, by address: a name a policy returns is
+/// found without copying it out of Lua. Lua interns strings of up to 40 bytes, so any copy
+/// of a short name is the very string held here; a longer one is looked up by content.
+pub(super) struct NameIndex {
+    set: Arc<BackendSet>,
+    by_address: HashMap<usize, usize, BuildHasherDefault<AddressHasher>>,
+    /// Held so that their addresses stay theirs.
+    _strings: Vec<LuaString>,
+}
+
+impl NameIndex {
+    fn new(lua: &Lua, set: &Arc<BackendSet>) -> mlua::Result<NameIndex> {
+        let mut by_address = HashMap::default();
+        let mut strings = Vec::with_capacity(set.backends.len());
+        for (i, b) in set.backends.iter().enumerate() {
+            let s = lua.create_string(b.name())?;
+            by_address.insert(s.to_pointer() as usize, i);
+            strings.push(s);
         }
-        let table = lua.create_table_with_capacity(0, all.backends.len())?;
-        for (i, b) in all.backends.iter().enumerate() {
-            table.raw_set(b.name(), i)?;
+        Ok(NameIndex {
+            set: set.clone(),
+            by_address,
+            _strings: strings,
+        })
+    }
+
+    pub fn set(&self) -> &BackendSet {
+        &self.set
+    }
+
+    /// The backend named `name`, if the set has one.
+    pub fn backend(&self, name: &LuaString) -> Option<&Arc<Backend>> {
+        match self.by_address.get(&(name.to_pointer() as usize)) {
+            Some(&i) => self.set.backends.get(i),
+            None => self.set.get(std::str::from_utf8(&name.as_bytes()).ok()?),
         }
-        self.positions = Some((all.clone(), table));
-        Ok(())
+    }
+}
+
+/// Hashes an address: addresses are already spread out, and this is cheaper than SipHash.
+#[derive(Default)]
+pub(super) struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        // Strings are 8-byte aligned; mix the high bits down for hashbrown's top-7 tag.
+        let n = n as u64 >> 3;
+        self.0 = n ^ (n >> 29) ^ (n << 25);
     }
 }
 

@@ -16,7 +16,7 @@ use mlua::{
     VmState,
 };
 
-use super::tables::TableCache;
+use super::tables::{NameIndex, TableCache};
 use super::{sy, Decision, Policy, PolicyError};
 use crate::backends::{Backend, BackendSet};
 use crate::config::LuaConfig;
@@ -30,40 +30,17 @@ const HOOK_EVERY: u32 = 1000;
 /// never a policy's.
 const HELPERS: &str = r#"
 local setmetatable, next, error, tostring, lower = setmetatable, next, error, tostring, string.lower
-local type, getmetatable, unpack = type, getmetatable, table.unpack
+local unpack = table.unpack
 -- Each call leaves a little short-lived garbage (the candidate array, the answer): the
 -- generational collector handles that for less than the incremental one.
 collectgarbage("generational")
 local H = {}
--- Calls `route` with a copy of the VM's array of candidate views, and reads its answer
--- when it is a name or a plain list of names (at most `max` of them) that `positions`
--- knows: then it returns how many, and their positions in the backend set. Anything else
--- returns 0 followed by what `route` returned, for Rust to judge. (`positions` has only
--- string keys, so a lookup is also the type check; a list with a metatable is a
--- read-only view, which Rust reads raw, so it is left to Rust.)
-local chosen = {}
-function H.invoke(route, req, views, n, positions, max)
-  local a, b, c = route(req, { unpack(views, 1, n) })
-  local kind = type(a)
-  if kind == "string" then
-    local p = positions[a]
-    if p then return 1, p end
-  elseif kind == "table" and getmetatable(a) == nil then
-    local k = 0
-    for i = 1, max do
-      local name = a[i]
-      if name == nil then break end
-      local p = positions[name]
-      if p == nil then return 0, a, b, c end
-      chosen[i] = p
-      k = i
-    end
-    if k > 0 then return k, unpack(chosen, 1, k) end
-  end
-  return 0, a, b, c
-end
 local function deny(_, k)
   error("attempt to modify a read-only table (key '" .. tostring(k) .. "')", 2)
+end
+-- Calls `route` with a copy of the VM's array of candidate views.
+function H.invoke(route, req, views, n)
+  return route(req, { unpack(views, 1, n) })
 end
 function H.readonly(t)
   return setmetatable({}, {
@@ -272,20 +249,17 @@ impl PolicyVm {
             ctx.policy = loaded.tag.clone();
         }
         self.budget.arm(self.limits.instruction_budget);
-        let result = self.invoke.call::<MultiValue>((
-            &loaded.route,
-            args.req,
-            args.views,
-            args.count,
-            args.positions,
-            max_names,
-        ));
+        let result =
+            self.invoke
+                .call::<MultiValue>((&loaded.route, args.req, args.views, args.count));
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.req = None;
             ctx.all = None;
         }
-        let values = result.map_err(|e| self.classify(e))?;
-        chosen_backends(values, all, max_names)
+        match result {
+            Ok(values) => chosen_backends(values, args.names, max_names),
+            Err(e) => Err(self.classify(e)),
+        }
     }
 
     /// Call a `route` function under the instruction budget and read its decision.
@@ -471,32 +445,49 @@ fn decision_from(values: MultiValue, max_names: usize) -> Result<Decision, Polic
     }
 }
 
-/// Read what `H.invoke` returned: a count and that many positions in `all`, or 0 and what
-/// `route` returned, judged by [`decision_from`] with each name looked up.
+/// Read `route`'s answer as backends of the set `names` indexes. A name, or a list of
+/// names that are all known, is read without copying a name out of Lua; anything else goes
+/// through [`decision_from`], which judges it, and each name is then looked up.
 fn chosen_backends(
     values: MultiValue,
-    all: &BackendSet,
+    names: &NameIndex,
     max_names: usize,
 ) -> Result<Decision<Arc<Backend>>, PolicyError> {
-    let mut values = values.into_iter();
-    let count = values.next().and_then(|v| v.as_integer()).unwrap_or(0);
-    if count > 0 {
-        let chosen = values
-            .take(count as usize)
-            .map(|v| {
-                v.as_integer()
-                    .and_then(|p| all.backends.get(p as usize))
-                    .cloned()
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| PolicyError::Runtime("positions out of range".into()))?;
-        return Ok(Decision::Candidates(chosen));
+    match values.front() {
+        Some(Value::String(name)) => {
+            if let Some(b) = names.backend(name) {
+                return Ok(Decision::Candidates(vec![b.clone()]));
+            }
+        }
+        Some(Value::Table(list)) => {
+            let mut chosen = Vec::with_capacity(max_names.min(8));
+            let mut all_known = true;
+            for v in list.sequence_values::<Value>().take(max_names) {
+                let known = match v {
+                    Ok(Value::String(name)) => names.backend(&name).cloned(),
+                    _ => None,
+                };
+                match known {
+                    Some(b) => chosen.push(b),
+                    None => {
+                        all_known = false;
+                        break;
+                    }
+                }
+            }
+            if all_known && !chosen.is_empty() {
+                return Ok(Decision::Candidates(chosen));
+            }
+        }
+        _ => {}
     }
-    match decision_from(values.collect(), max_names)? {
-        Decision::Candidates(names) => names
+    match decision_from(values, max_names)? {
+        Decision::Candidates(found) => found
             .into_iter()
             .map(|name| {
-                all.get(&name)
+                names
+                    .set()
+                    .get(&name)
                     .cloned()
                     .ok_or(PolicyError::UnknownBackend(name))
             })
