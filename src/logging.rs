@@ -23,8 +23,10 @@ use std::io::Write;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Lines waiting for the writer before new ones are dropped.
-const QUEUE_LINES: usize = 65_536;
+/// Bytes of lines waiting for the writer before new ones are dropped.
+const QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// A batch buffer that grew past this (a burst) is given back after its write.
+const KEEP_BATCH_BYTES: usize = 1024 * 1024;
 /// How long the writer pauses after writing a batch before it takes the access lines that
 /// came meanwhile (an ordinary line ends the pause at once).
 pub const ACCESS_PAUSE: Duration = Duration::from_millis(20);
@@ -43,7 +45,7 @@ pub fn init() {
         .spawn(move || write_lines(queue));
     if spawned.is_ok() {
         builder.target(env_logger::Target::Pipe(Box::new(LineWriter {
-            line: Vec::with_capacity(LINE_CAPACITY),
+            line: Vec::with_capacity(LINE_BYTES),
         })));
     }
     builder.init();
@@ -59,15 +61,22 @@ pub fn access(message: fmt::Arguments<'_>) {
         log::info!(target: ACCESS_TARGET, "{message}");
         return;
     };
-    let mut line = Vec::with_capacity(LINE_CAPACITY);
-    line.push(b'[');
-    with_timestamp(|ts| line.extend_from_slice(ts));
-    line.extend_from_slice(b" INFO  ");
-    line.extend_from_slice(ACCESS_TARGET.as_bytes());
-    line.extend_from_slice(b"] ");
-    let _ = line.write_fmt(message);
-    line.push(b'\n');
-    queue.push(line, false);
+    thread_local! {
+        /// Formatted here, then copied into the queue: no allocation per line.
+        static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(LINE_BYTES));
+    }
+    LINE.with(|cell| {
+        let mut line = cell.borrow_mut();
+        line.clear();
+        line.push(b'[');
+        with_timestamp(|ts| line.extend_from_slice(ts));
+        line.extend_from_slice(b" INFO  ");
+        line.extend_from_slice(ACCESS_TARGET.as_bytes());
+        line.extend_from_slice(b"] ");
+        let _ = line.write_fmt(message);
+        line.push(b'\n');
+        queue.push(&line, false);
+    });
 }
 
 /// Write out every line queued so far; waits at most a second for the writer.
@@ -92,8 +101,8 @@ pub fn flush() {
     }
 }
 
-/// Bytes reserved for a new line: most lines, access lines included, fit.
-const LINE_CAPACITY: usize = 320;
+/// Bytes reserved for a line being formatted: most lines, access lines included, fit.
+const LINE_BYTES: usize = 512;
 
 fn queue() -> &'static Queue {
     QUEUE.get_or_init(|| Queue {
@@ -114,7 +123,10 @@ struct Queue {
 }
 
 struct State {
-    lines: Vec<Vec<u8>>,
+    /// Whole lines, each ending with a newline. One buffer rather than one allocation per
+    /// line: a line allocated by a worker thread and freed by the writer thread costs a
+    /// contended lock in the allocator.
+    lines: Vec<u8>,
     /// An ordinary line is among `lines`: the writer must not rest before writing it.
     urgent: bool,
     /// Lines dropped since the writer last reported it.
@@ -138,14 +150,14 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue a line; `urgent` lines end the writer's pause.
-    fn push(&self, line: Vec<u8>, urgent: bool) {
+    /// Queue a line (ending with a newline); `urgent` lines end the writer's pause.
+    fn push(&self, line: &[u8], urgent: bool) {
         let mut s = self.lock();
-        if s.lines.len() >= QUEUE_LINES {
+        if s.lines.len() + line.len() > QUEUE_BYTES {
             s.dropped += 1;
             return;
         }
-        s.lines.push(line);
+        s.lines.extend_from_slice(line);
         s.urgent |= urgent;
         let wake = match s.writer {
             Writer::Idle => true,
@@ -178,8 +190,14 @@ impl Write for LineWriter {
         if self.line.is_empty() {
             return Ok(());
         }
-        let line = std::mem::replace(&mut self.line, Vec::with_capacity(LINE_CAPACITY));
-        queue().push(line, true);
+        if self.line.last() != Some(&b'\n') {
+            self.line.push(b'\n');
+        }
+        queue().push(&self.line, true);
+        self.line.clear();
+        if self.line.capacity() > KEEP_BATCH_BYTES {
+            self.line = Vec::with_capacity(LINE_BYTES);
+        }
         Ok(())
     }
 }
@@ -187,7 +205,7 @@ impl Write for LineWriter {
 fn write_lines(queue: &Queue) {
     // Not `stderr().lock()`: holding the lock while idle would block every `eprintln!`.
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch: Vec<u8> = Vec::new();
     let mut s = queue.lock();
     loop {
         while s.lines.is_empty() {
@@ -200,8 +218,15 @@ fn write_lines(queue: &Queue) {
         let dropped = std::mem::take(&mut s.dropped);
         drop(s);
 
-        for line in batch.drain(..) {
-            let _ = out.write_all(&crate::redact::scrub(line));
+        // Scrubbed line by line, so that a mask never runs past the end of its line.
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', &batch) {
+            let _ = out.write_all(&crate::redact::scrub(&batch[start..=end]));
+            start = end + 1;
+        }
+        batch.clear();
+        if batch.capacity() > KEEP_BATCH_BYTES {
+            batch = Vec::new();
         }
         if dropped > 0 {
             let _ = writeln!(
@@ -280,19 +305,19 @@ mod tests {
             }),
             wake: Condvar::new(),
         };
-        q.push(b"access\n".to_vec(), false);
+        q.push(b"access\n", false);
         assert!(
             q.lock().writer == Writer::Pausing,
             "an access line lets it rest"
         );
-        q.push(b"warning\n".to_vec(), true);
+        q.push(b"warning\n", true);
         assert!(q.lock().writer == Writer::Busy, "an ordinary line wakes it");
         q.lock().writer = Writer::Idle;
-        q.push(b"access\n".to_vec(), false);
+        q.push(b"access\n", false);
         assert!(
             q.lock().writer == Writer::Busy,
             "an idle writer is woken by any line"
         );
-        assert_eq!(q.lock().lines.len(), 3);
+        assert_eq!(q.lock().lines, b"access\nwarning\naccess\n");
     }
 }

@@ -8,6 +8,7 @@
 //! `"name": "value"` form (which also covers client keys, known to us only by their hash)
 //! become `***`.
 
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
@@ -47,18 +48,19 @@ pub fn register(value: &str) {
     });
 }
 
-/// The line with every secret and credential header value replaced by `***`.
-pub fn scrub(line: Vec<u8>) -> Vec<u8> {
+/// The line with every secret and credential header value replaced by `***` (a copy
+/// only when there is something to replace).
+pub fn scrub(line: &[u8]) -> Cow<'_, [u8]> {
     let secrets = SECRETS.load();
-    let mut line = line;
+    let mut line = Cow::Borrowed(line);
     for secret in secrets.iter() {
         if secret.find(&line).is_some() {
-            line = replace_all(&line, secret);
+            line = Cow::Owned(replace_all(&line, secret));
         }
     }
     for field in FIELD_FINDERS.iter() {
         if field.find(&line).is_some() {
-            line = mask_values(&line, field);
+            line = Cow::Owned(mask_values(&line, field));
         }
     }
     line
@@ -105,7 +107,7 @@ mod tests {
         register("sk-registered-secret-1");
         register("abc"); // too short to be matched
         let line = br#"DEBUG send {"host": "h", "authorization": "Bearer sk-x\"y", "x-api-key": "k1"} key sk-registered-secret-1 abc"#;
-        let out = String::from_utf8(scrub(line.to_vec())).unwrap();
+        let out = String::from_utf8(scrub(line).into_owned()).unwrap();
         assert_eq!(
             out,
             r#"DEBUG send {"host": "h", "authorization": "***", "x-api-key": "***"} key *** abc"#
