@@ -113,18 +113,6 @@ async fn send(a: &Proc, b: &Proc, n: usize) -> usize {
     ok
 }
 
-async fn wait_for_log(p: &Proc, needle: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !p.output().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no `{needle}` in the log:\n{}",
-            p.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it() {
     install_redis();
@@ -147,7 +135,7 @@ async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it(
     redis.stop();
     assert_eq!(send(&a, &b, 20).await, 20, "fail-open should keep serving");
     for p in [&a, &b] {
-        wait_for_log(p, "redis unreachable", Duration::from_secs(5)).await;
+        p.wait_log("redis unreachable").await;
         assert!(p.output().contains("fail-open"), "{}", p.output());
     }
 
@@ -155,7 +143,7 @@ async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it(
     // replayed into it, so the fleet's window holds those 20 and 80 more get through.
     let redis = Redis::start(redis_port).await;
     for p in [&a, &b] {
-        wait_for_log(p, "redis reachable again", Duration::from_secs(10)).await;
+        p.wait_log("redis reachable again").await;
     }
     assert_eq!(redis.requests_counted().await, 20);
     assert_eq!(send(&a, &b, 120).await, 80);
@@ -194,7 +182,7 @@ async fn fail_closed_refuses_limited_tenants_while_redis_is_unreachable() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    wait_for_log(&p, "fail-closed", Duration::from_secs(5)).await;
+    p.wait_log("fail-closed").await;
     assert!(
         received(&m).await.len() == 1,
         "a refused request reached the backend"

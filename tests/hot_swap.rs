@@ -98,11 +98,7 @@ async fn new_versions_take_effect_and_broken_ones_are_refused_under_load() {
         "switchyard_policy_reloads_total{policy=\"switchable\",result=\"rejected\"}",
     );
     assert!(rejected >= 2.0, "{metrics}");
-    let log = p.output();
-    assert!(
-        log.contains("switchable.lua:2:"),
-        "the syntax error names its line:\n{log}"
-    );
+    p.wait_log("switchable.lua:2:").await; // the syntax error names its line
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

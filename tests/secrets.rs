@@ -155,12 +155,8 @@ async fn no_configured_secret_appears_in_logs_metrics_audit_or_answers() {
         .iter()
         .any(|r| r["headers"]["x-api-key"] == UPSTREAM_ANTHROPIC));
 
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // log and audit writers
-    let log = p.output();
-    assert!(
-        log.contains("redis unreachable"),
-        "the Redis failure path was not exercised:\n{log}"
-    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // the audit writer
+    let log = p.wait_log("redis unreachable").await; // the Redis failure path was exercised
     let audit = std::fs::read_to_string(&audit).unwrap();
     assert!(audit.lines().count() >= 20, "audit log too short");
     for (what, text) in [("log", &log), ("audit", &audit), ("answers", &seen)] {

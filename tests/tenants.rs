@@ -90,14 +90,13 @@ async fn the_policy_sees_the_tenant_and_cannot_leave_its_regions() {
             .all(|r| r["headers"].get("authorization").is_none()),
         "the client key never goes upstream"
     );
-    let log = p.output();
-    assert!(log.contains("tenant=acme region=eu"), "{log}");
+    p.wait_log("tenant=acme region=eu").await;
 
     // Another tenant, either of its keys, through x-api-key: no region restriction.
     let (status, headers, _) = call(&p, Some(("x-api-key", "sk-globex-2")), "gpt-4o").await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-switchyard-backend"], "us-1");
-    assert!(p.output().contains("tenant=globex region=nil"));
+    p.wait_log("tenant=globex region=nil").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
