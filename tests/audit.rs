@@ -23,7 +23,8 @@ return P
         "admin: {{ addr: \"127.0.0.1:{admin}\" }}\naudit: {{ path: \"{}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: chain\nbackends:\n{}{}",
         log.display(),
         backend("dead", dead, "[m]"),
-        backend("live", live.port, "[m]")
+        // Priced, so that the record's cost is checked.
+        backend("live", live.port, "[m]") + "    cost: { input: 1000000, output: 2000000 }\n"
     );
     let p = proxy(&config, &[("chain", chain)]).await;
     let r = client()
@@ -64,6 +65,15 @@ return P
     assert_eq!(attempts[1]["backend"], "live");
     assert_eq!(v["status"], 200);
     assert!(v["tokens_out"].as_u64().unwrap() > 0);
+    // $1 per input token and $2 per output token, at the serving backend's prices.
+    let expected = v["tokens_in"].as_f64().unwrap() + 2.0 * v["tokens_out"].as_f64().unwrap();
+    assert!(
+        (v["cost_usd"].as_f64().unwrap() - expected).abs() < 1e-6,
+        "cost {} for {} in and {} out: {line}",
+        v["cost_usd"],
+        v["tokens_in"],
+        v["tokens_out"]
+    );
     assert!(
         !text.contains("secret prompt") && !text.contains("sk-never-logged"),
         "no prompt, no credentials"
