@@ -7,6 +7,8 @@
 //! swapping the [`PolicySet`] in the runtime snapshot swaps the code on every thread, while
 //! a request that already holds the old snapshot finishes on the old version.
 
+#[allow(unsafe_code)]
+mod budget;
 mod sy;
 mod tables;
 pub mod testing;
@@ -265,6 +267,77 @@ mod tests {
                 other => panic!("{write}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_runaway_call_is_stopped_and_the_next_call_runs_unhooked() {
+        let source = |body: &str| {
+            format!(
+                "local P = {{}}\nlocal calls = 0\nfunction P.route(req, backends)\n  calls = calls + 1\n  if calls == 1 then {body} end\n  return backends[1].name\nend\nreturn P"
+            )
+        };
+        let (set, candidates, req, config) = setup();
+        for body in [
+            "while true do end",
+            // pcall does not catch the budget.
+            "while true do pcall(function() while true do end end) end",
+            // Neither does recursion keep it from counting.
+            "local function f() return f() end f()",
+            // Nor a loop that keeps calling into Rust.
+            "while true do sy.now_ms() end",
+        ] {
+            let policy = Policy::new("runaway", source(body), PathBuf::from("runaway.lua"));
+            let started = std::time::Instant::now();
+            let d = decide(
+                &policy,
+                &req,
+                &no_params(),
+                &candidates,
+                &set,
+                &config.lua,
+                5,
+            );
+            assert_eq!(
+                d.unwrap_err(),
+                PolicyError::Budget(config.lua.instruction_budget),
+                "{body}"
+            );
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{body}"
+            );
+            // The VM was rebuilt or disarmed: the next call is an ordinary one.
+            let d = decide(
+                &policy,
+                &req,
+                &no_params(),
+                &candidates,
+                &set,
+                &config.lua,
+                5,
+            );
+            assert_eq!(names(d).unwrap(), vec!["a"], "{body}");
+            assert!(!budget::exhausted());
+        }
+        // A file whose top level never ends is refused the same way.
+        let policy = Policy::new(
+            "stuck",
+            "while true do end".into(),
+            PathBuf::from("stuck.lua"),
+        );
+        let d = decide(
+            &policy,
+            &req,
+            &no_params(),
+            &candidates,
+            &set,
+            &config.lua,
+            5,
+        );
+        assert_eq!(
+            d.unwrap_err(),
+            PolicyError::Budget(config.lua.instruction_budget)
+        );
     }
 
     #[test]

@@ -6,25 +6,18 @@
 //! handful of base functions, and `sy`. Its globals are read-only, so the only state a
 //! policy keeps is in the locals of its file (one copy per worker thread).
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use mlua::{
-    chunk::ChunkMode, Function, HookTriggers, Lua, LuaOptions, MultiValue, StdLib, Table, Value,
-    VmState,
-};
+use mlua::{chunk::ChunkMode, ffi, Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 
 use super::tables::{NameIndex, TableCache};
-use super::{sy, Decision, Policy, PolicyError};
+use super::{budget, sy, Decision, Policy, PolicyError};
 use crate::backends::{Backend, BackendSet};
 use crate::config::LuaConfig;
 use crate::request::RequestMeta;
 use crate::routes::Params;
-
-/// The budget hook runs every this many VM instructions.
-const HOOK_EVERY: u32 = 1000;
 
 /// Trusted Lua that builds read-only views and calls `route`; runs with the real globals,
 /// never a policy's.
@@ -108,22 +101,6 @@ const SAFE_BASE: [&str; 9] = [
 /// Libraries a policy may use, each as a read-only view.
 const SAFE_LIBS: [&str; 4] = ["table", "string", "math", "utf8"];
 
-/// Instruction budget of the call in progress.
-#[derive(Default)]
-struct Budget {
-    ticks_left: Cell<u64>,
-    exhausted: Cell<bool>,
-}
-
-impl Budget {
-    /// A fresh budget of `instructions` for the next call.
-    fn arm(&self, instructions: u64) {
-        self.ticks_left
-            .set((instructions / HOOK_EVERY as u64).max(1));
-        self.exhausted.set(false);
-    }
-}
-
 /// What the `sy` helpers may know about the call in progress. Kept in the VM's app data
 /// for its whole life; its fields are set for each call.
 #[derive(Default)]
@@ -145,12 +122,13 @@ struct Loaded {
 /// A Lua VM with the sandbox, its limits and the policies loaded into it.
 pub struct PolicyVm {
     lua: Lua,
+    /// The Lua state calls run on, for the instruction budget's hook.
+    state: *mut ffi::lua_State,
     limits: LuaConfig,
     globals: Table,
     helpers: Table,
     /// `H.invoke`.
     invoke: Function,
-    budget: Rc<Budget>,
     loaded: HashMap<String, Loaded>,
     tables: TableCache,
 }
@@ -168,7 +146,6 @@ impl PolicyVm {
         let readonly: Function = helpers.get("readonly")?;
         lua.set_named_registry_value("switchyard.readonly", &readonly)?;
 
-        let budget = Rc::new(Budget::default());
         let safe = lua.create_table()?;
         for name in SAFE_BASE {
             safe.raw_set(name, real.get::<Value>(name)?)?;
@@ -181,24 +158,12 @@ impl PolicyVm {
             "unpack",
             real.get::<Table>("table")?.get::<Value>("unpack")?,
         )?;
-        safe.raw_set("pcall", protected_call(&lua, budget.clone())?)?;
+        safe.raw_set("pcall", protected_call(&lua)?)?;
         safe.raw_set("sy", readonly.call::<Table>(sy::build(&lua)?)?)?;
         safe.raw_set("_VERSION", real.get::<Value>("_VERSION")?)?;
         let globals = readonly.call::<Table>(safe)?;
 
-        let hook_budget = budget.clone();
-        lua.set_hook(
-            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-            move |_, _| {
-                let left = hook_budget.ticks_left.get();
-                if left == 0 {
-                    hook_budget.exhausted.set(true);
-                    return Err(mlua::Error::runtime("instruction budget exceeded"));
-                }
-                hook_budget.ticks_left.set(left - 1);
-                Ok(VmState::Continue)
-            },
-        )?;
+        let state = budget::state_of(&lua)?;
         lua.set_app_data(sy::LogLimiter::default());
         lua.set_app_data(CallContext::default());
         let invoke: Function = helpers.get("invoke")?;
@@ -208,11 +173,11 @@ impl PolicyVm {
         let tables = TableCache::new(&lua, readonly)?;
         Ok(PolicyVm {
             lua,
+            state,
             limits: limits.clone(),
             globals,
             helpers,
             invoke,
-            budget,
             loaded: HashMap::new(),
             tables,
         })
@@ -248,10 +213,11 @@ impl PolicyVm {
             ctx.all = Some(all.clone());
             ctx.policy = loaded.tag.clone();
         }
-        self.budget.arm(self.limits.instruction_budget);
+        let call = budget::enter(self.state, self.limits.instruction_budget);
         let result =
             self.invoke
                 .call::<MultiValue>((&loaded.route, args.req, args.views, args.count));
+        drop(call);
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.req = None;
             ctx.all = None;
@@ -270,10 +236,10 @@ impl PolicyVm {
         backends: Table,
         max_names: usize,
     ) -> Result<Decision, PolicyError> {
-        self.budget.arm(self.limits.instruction_budget);
-        let values = route
-            .call::<MultiValue>((req, backends))
-            .map_err(|e| self.classify(e))?;
+        let call = budget::enter(self.state, self.limits.instruction_budget);
+        let values = route.call::<MultiValue>((req, backends));
+        drop(call);
+        let values = values.map_err(|e| self.classify(e))?;
         decision_from(values, max_names)
     }
 
@@ -306,8 +272,9 @@ impl PolicyVm {
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.policy = tag.clone();
         }
-        self.budget.arm(self.limits.instruction_budget);
+        let call = budget::enter(self.state, self.limits.instruction_budget);
         let value = chunk.call::<Value>(());
+        drop(call);
         let module = match value.map_err(|e| self.classify(e)) {
             Ok(Value::Table(t)) => t,
             Ok(other) => {
@@ -345,7 +312,7 @@ impl PolicyVm {
     }
 
     fn classify(&self, e: mlua::Error) -> PolicyError {
-        if self.budget.exhausted.get() {
+        if budget::exhausted() {
             PolicyError::Budget(self.limits.instruction_budget)
         } else if is_memory_error(&e) {
             PolicyError::Memory(self.limits.memory_limit_bytes)
@@ -357,14 +324,14 @@ impl PolicyVm {
 
 /// `pcall` for policies: like Lua's, except that running out of instructions or memory is
 /// not catchable, so `while true do pcall(f) end` cannot outlive its budget.
-fn protected_call(lua: &Lua, budget: Rc<Budget>) -> mlua::Result<Function> {
+fn protected_call(lua: &Lua) -> mlua::Result<Function> {
     lua.create_function(move |lua, (f, args): (Function, MultiValue)| {
         match f.call::<MultiValue>(args) {
             Ok(mut values) => {
                 values.push_front(Value::Boolean(true));
                 Ok(values)
             }
-            Err(e) if budget.exhausted.get() || is_memory_error(&e) => Err(e),
+            Err(e) if budget::exhausted() || is_memory_error(&e) => Err(e),
             Err(e) => Ok(MultiValue::from_vec(vec![
                 Value::Boolean(false),
                 Value::String(lua.create_string(error_message(&e))?),
