@@ -7,20 +7,15 @@
 //! only `usage`, and the `"usage": null` every other chunk then carries. The client sees
 //! exactly the stream it would have without Switchyard.
 
-use std::sync::LazyLock;
-
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
 use crate::backends::Backend;
 use crate::request::RequestMeta;
+use crate::usage::{every_usage_is_null, USAGE_KEY};
 
 /// A partial line longer than this is passed on rather than held back.
 const MAX_HELD_BYTES: usize = 64 * 1024;
-
-/// Finds `"usage"`; built once, as building a searcher costs more than searching a chunk.
-static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
 /// Whether to ask this backend for the usage chunk of this request.
 pub fn should_add(meta: &RequestMeta, backend: &Backend) -> bool {
@@ -135,25 +130,6 @@ impl UsageStripper {
     }
 }
 
-/// Whether every `"usage"` in the event is a key whose value is `null`: then the event's
-/// `usage` is null and it is not the usage chunk, which saves parsing the ordinary chunks
-/// (all of which carry `"usage":null` once `include_usage` is asked for). A quote cannot
-/// appear unescaped inside a JSON string, so `"usage"` followed by a colon is a key.
-fn every_usage_is_null(data: &[u8]) -> bool {
-    let mut rest = data;
-    while let Some(at) = USAGE_KEY.find(rest) {
-        rest = &rest[at + 7..];
-        let value = rest
-            .trim_ascii_start()
-            .strip_prefix(b":")
-            .map(<[u8]>::trim_ascii_start);
-        if !value.is_some_and(|v| v.starts_with(b"null")) {
-            return false;
-        }
-    }
-    true
-}
-
 /// The chunk `include_usage` adds: no choices, a usage object.
 fn is_usage_only(data: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
@@ -251,8 +227,11 @@ mod tests {
         assert!(!every_usage_is_null(
             br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
         ));
-        // `"usage"` as a value is not a key: this one goes to the parser.
-        assert!(!every_usage_is_null(br#"{"type":"usage","usage":null}"#));
+        // `"usage"` as a value is not a key, and is passed over.
+        assert!(every_usage_is_null(br#"{"type":"usage","usage":null}"#));
+        assert!(!every_usage_is_null(
+            br#"{"type":"usage","usage":{"prompt_tokens":1}}"#
+        ));
         // A nested null usage does not hide the real one.
         let stream = "data: {\"x\":{\"usage\":null},\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
         assert_eq!(strip_all(stream, 4096), "data: [DONE]\n\n");
