@@ -253,7 +253,7 @@ impl SessionHasher {
             return;
         }
         let take = floor_char_boundary(text, room);
-        self.hasher.update(text[..take].as_bytes());
+        self.hasher.update(&text.as_bytes()[..take]);
         // Ends the piece, so that "ab" + "c" and "a" + "bc" differ.
         self.hasher.update(&[0xff]);
         self.bytes += take.max(1);
