@@ -95,72 +95,60 @@ impl RequestMeta {
 
     /// Read `model`, `stream`, `max_tokens`, the token estimate and (unless the client sent
     /// `x-session-id`) the session key from a JSON body.
+    ///
+    /// The body is parsed once, into the fields' expected types. Only if that fails is it
+    /// parsed again field by field, to name the field whose type is wrong (or to give the
+    /// syntax error's place): the first way reads the prompt once, the second twice.
     pub fn read_json_body(&mut self, body: &[u8]) -> Result<(), ClientError> {
         check_depth(body)?;
-        let peek: BodyPeek = serde_json::from_slice(body).map_err(json_error)?;
-        self.model_span = peek.model.map(|raw| {
+        let fields = match serde_json::from_slice::<BodyFields>(body) {
+            Ok(fields) => fields,
+            Err(_) => BodyFields::field_by_field(body)?,
+        };
+        self.model_span = fields.model.map(|raw| {
             // RawValue borrows from `body`, so its offset in the body is a pointer difference.
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
             (start, start + raw.get().len())
         });
-        self.model = match peek.model {
+        self.model = match fields.model {
             None => None,
             Some(raw) => match serde_json::from_str::<Cow<str>>(raw.get()) {
                 Ok(m) => Some(m.into_owned()),
                 Err(_) => return Err(ClientError::wrong_type("model", "a string")),
             },
         };
-        self.stream = match peek.stream {
-            None => false,
-            Some(raw) => serde_json::from_str::<Option<bool>>(raw.get())
-                .map_err(|_| ClientError::wrong_type("stream", "a boolean"))?
-                .unwrap_or(false),
-        };
-        self.asked_usage = peek
+        self.stream = fields.stream.unwrap_or(false);
+        self.asked_usage = fields
             .stream_options
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let max_tokens = peek.max_completion_tokens.or(peek.max_tokens);
-        self.max_tokens = match max_tokens {
-            None => None,
-            Some(raw) => serde_json::from_str::<Option<u64>>(raw.get())
-                .map_err(|_| ClientError::wrong_type("max_tokens", "a non-negative integer"))?,
-        };
+        self.max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
 
         let mut tokens = TokenEstimate::default();
         let mut session = SessionHasher::default();
-        if let Some(raw) = peek.messages {
-            let messages: Vec<MessagePeek> = serde_json::from_str(raw.get())
-                .map_err(|_| ClientError::wrong_type("messages", "an array of message objects"))?;
-            for m in &messages {
-                if let Some(c) = &m.content {
-                    c.visit_text(&mut |t| {
-                        tokens.add(t);
-                        // The system prompt and the first message identify a conversation.
-                        if m.role.as_deref() == Some("system") || session.messages == 0 {
-                            session.add(t);
-                        }
-                    });
-                }
-                if m.role.as_deref() != Some("system") {
-                    session.messages += 1;
-                }
-            }
-        }
-        for (field, raw) in [
-            ("prompt", &peek.prompt),
-            ("input", &peek.input),
-            ("system", &peek.system),
-        ] {
-            if let Some(raw) = raw {
-                let text: TextPeek = serde_json::from_str(raw.get())
-                    .map_err(|_| ClientError::wrong_type(field, "a string or an array"))?;
-                text.visit_text(&mut |t| {
+        for m in fields.messages.iter().flatten() {
+            if let Some(c) = &m.content {
+                c.visit_text(&mut |t| {
                     tokens.add(t);
-                    session.add(t);
+                    // The system prompt and the first message identify a conversation.
+                    if m.role.as_deref() == Some("system") || session.messages == 0 {
+                        session.add(t);
+                    }
                 });
             }
+            if m.role.as_deref() != Some("system") {
+                session.messages += 1;
+            }
+        }
+        for text in [&fields.prompt, &fields.input, &fields.system]
+            .into_iter()
+            .flatten()
+        {
+            text.visit_text(&mut |t| {
+                tokens.add(t);
+                session.add(t);
+            });
         }
         self.tokens = tokens.tokens();
         if self.session.is_none() && session.bytes > 0 {
@@ -271,10 +259,68 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
     i
 }
 
-/// The parts of an OpenAI (or Anthropic) request body that routing reads; everything else
-/// is skipped without allocation. Fields stay raw so a wrong type names its field.
+/// The parts of an OpenAI (or Anthropic) request body that routing reads, in the types
+/// they must have; everything else is skipped without allocation. `model` stays raw: its
+/// place in the body is kept, to rewrite it.
 #[derive(Deserialize)]
-struct BodyPeek<'a> {
+struct BodyFields<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<MessagePeek<'a>>>,
+    #[serde(borrow, default)]
+    prompt: Option<TextPeek<'a>>,
+    #[serde(borrow, default)]
+    input: Option<TextPeek<'a>>,
+    #[serde(borrow, default)]
+    system: Option<TextPeek<'a>>,
+    #[serde(default)]
+    stream_options: Option<StreamOptionsPeek>,
+}
+
+impl<'a> BodyFields<'a> {
+    /// The fields read one by one from their raw text, so that an error names its field.
+    fn field_by_field(body: &'a [u8]) -> Result<BodyFields<'a>, ClientError> {
+        let raw: RawFields = serde_json::from_slice(body).map_err(json_error)?;
+        fn typed<'a, T: Deserialize<'a>>(
+            raw: Option<&'a RawValue>,
+            field: &'static str,
+            expected: &'static str,
+        ) -> Result<Option<T>, ClientError> {
+            raw.map(|r| serde_json::from_str::<T>(r.get()))
+                .transpose()
+                .map_err(|_| ClientError::wrong_type(field, expected))
+        }
+        let max_tokens = "a non-negative integer";
+        let text = "a string or an array";
+        Ok(BodyFields {
+            model: raw.model,
+            stream: typed::<Option<bool>>(raw.stream, "stream", "a boolean")?.flatten(),
+            max_tokens: typed::<Option<u64>>(raw.max_tokens, "max_tokens", max_tokens)?.flatten(),
+            max_completion_tokens: typed::<Option<u64>>(
+                raw.max_completion_tokens,
+                "max_tokens",
+                max_tokens,
+            )?
+            .flatten(),
+            messages: typed(raw.messages, "messages", "an array of message objects")?,
+            prompt: typed(raw.prompt, "prompt", text)?,
+            input: typed(raw.input, "input", text)?,
+            system: typed(raw.system, "system", text)?,
+            stream_options: raw.stream_options,
+        })
+    }
+}
+
+/// The same fields raw, for [`BodyFields::field_by_field`].
+#[derive(Deserialize)]
+struct RawFields<'a> {
     #[serde(borrow, default)]
     model: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -468,12 +514,33 @@ mod tests {
             (r#"{"model":"m","messages":"hi"}"#, "messages"),
             (r#"{"model":"m","stream":"yes"}"#, "stream"),
             (r#"{"model":"m","max_tokens":-1}"#, "max_tokens"),
+            (r#"{"model":"m","max_completion_tokens":1.5}"#, "max_tokens"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"a"},7]}"#,
+                "messages",
+            ),
         ] {
-            match meta(body).unwrap_err() {
+            match meta(body)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {body}"))
+            {
                 ClientError::WrongType { field: f, .. } => assert_eq!(f, field, "{body}"),
                 other => panic!("{body}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn nulls_and_absent_fields_read_as_before() {
+        let m = meta(r#"{"model":"m","stream":null,"max_tokens":null,"prompt":null,"messages":null,"stream_options":null}"#)
+            .unwrap();
+        assert!(!m.stream && m.max_tokens.is_none() && m.tokens == 0);
+        let m = meta(r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#).unwrap();
+        assert_eq!(m.max_tokens, Some(9));
+        // A message of an unknown shape is passed over, as before.
+        let m = meta(r#"{"model":"m","messages":[{"role":"user","content":{"x":1}},{"role":"user","content":"hello there"}]}"#)
+            .unwrap();
+        assert!(m.tokens > 0);
     }
 
     #[test]

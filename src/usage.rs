@@ -165,9 +165,8 @@ impl UsageReader {
     pub fn finish(mut self) -> Option<Usage> {
         match std::mem::replace(&mut self.mode, Mode::Off) {
             Mode::Json(buf) => {
-                let body: UsageBody = serde_json::from_slice(&buf).ok()?;
                 let mut tally = Tally::default();
-                tally.merge(&body.usage?);
+                tally.merge(&answer_usage(&buf)?);
                 Some(tally.usage())
             }
             Mode::Stream { .. } if self.tally.reported => Some(self.tally.usage()),
@@ -248,9 +247,16 @@ fn is_content_event(data: &[u8]) -> bool {
         || values_of(data, &TYPE_KEY).any(|v| v.starts_with(b"\"content_block_delta\""))
 }
 
-#[derive(Deserialize)]
-struct UsageBody {
-    usage: Option<RawUsage>,
+/// The `usage` object of a whole JSON answer. Only that object is parsed, not the answer
+/// (whose text made a full parse cost ~3 instructions a byte): it is the last `"usage"` key
+/// with an object for a value, which in both APIs' answers is the top-level one — nothing
+/// nested in an answer has a `usage` object, and text cannot hold an unescaped quote.
+fn answer_usage(body: &[u8]) -> Option<RawUsage> {
+    let object = values_of(body, &USAGE_KEY)
+        .filter(|v| v.starts_with(b"{"))
+        .last()?;
+    // What follows the object (the rest of the answer) is not read.
+    RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(object)).ok()
 }
 
 /// OpenAI (`prompt_tokens`, …) and Anthropic (`input_tokens`, …) usage fields.
@@ -311,6 +317,32 @@ mod tests {
                 reported: true
             })
         );
+    }
+
+    #[test]
+    fn a_plain_answer_s_usage_is_its_usage_object_wherever_it_is() {
+        let read = |body: &str| {
+            let mut r = UsageReader::new(Some("application/json; charset=utf-8"));
+            feed_all(&mut r, body, 5);
+            r.finish().map(|u| (u.prompt_tokens, u.completion_tokens))
+        };
+        // Text that quotes a usage object is text.
+        let text = r#"\"usage\": {\"prompt_tokens\": 999}"#;
+        assert_eq!(
+            read(&format!(
+                r#"{{"usage" : {{"prompt_tokens":3,"completion_tokens":4}},"choices":[{{"message":{{"content":"{text}"}}}}]}}"#
+            )),
+            Some((3, 4))
+        );
+        assert_eq!(
+            read(&format!(
+                r#"{{"choices":[{{"message":{{"content":"{text}"}}}}],"usage":{{"input_tokens":5,"output_tokens":6}}}}"#
+            )),
+            Some((5, 6))
+        );
+        assert_eq!(read(r#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(read(r#"{"choices":[]}"#), None);
+        assert_eq!(read(r#"{"usage":{"prompt_tokens":"many"}}"#), None);
     }
 
     #[test]
