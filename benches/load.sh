@@ -7,14 +7,22 @@
 #   DURATION=4 benches/load.sh           # shorter
 #   TARGETS="direct switchyard" benches/load.sh
 #
+# Each target is measured twice per mode: saturated (wrk, as many requests as it can take;
+# on a 2-CPU machine that is CPU-bound, so its latencies are mostly queueing) and at a fixed
+# rate well below that (h2load --rps, RATE requests/s over RATE_CONNS connections for
+# RATE_SECONDS), where latency is the proxy's own cost. "p99 added" is reported for both.
+# The fixed rate defaults to one connection, one request every 2 ms: h2load paces its
+# connections in step, so with many of them requests arrive in bursts that queue.
+#
 # Knobs (environment): DURATION (s, 8), WARMUP (s, 1), CONNS (32), WRK_THREADS (2),
+# RATE (requests/s, 500), RATE_CONNS (1), RATE_SECONDS (5),
 # PROXY_THREADS (2), BODY_BYTES (1024), CHUNKS (8, SSE chunks per streamed answer),
 # TARGETS ("direct switchyard nginx bare"; add "switchyard-quiet" for Switchyard with its
 # per-request access log turned off, like nginx's), SY_LOG (RUST_LOG for the Switchyard
 # row, default "info" = as shipped), NO_BUILD (1 = skip `cargo build --release` and use the
 # binary already in target/release).
 #
-# Needs wrk and nginx (installed with apt-get when missing), curl, ss, awk.
+# Needs wrk, h2load and nginx (installed with apt-get when missing), curl, ss, awk.
 # Exits non-zero if Switchyard answered anything but 2xx or wrk saw socket errors on it.
 
 set -euo pipefail
@@ -26,6 +34,9 @@ WRK_THREADS=${WRK_THREADS:-2}
 PROXY_THREADS=${PROXY_THREADS:-2}
 BODY_BYTES=${BODY_BYTES:-1024}
 CHUNKS=${CHUNKS:-8}
+RATE=${RATE:-500}
+RATE_CONNS=${RATE_CONNS:-1}
+RATE_SECONDS=${RATE_SECONDS:-5}
 TARGETS=${TARGETS:-"direct switchyard nginx bare"}
 SY_LOG=${SY_LOG:-info}
 MOCKS=3
@@ -165,6 +176,8 @@ upstream_filter() { # ss filter: connections to any mock port
 
 # Results, keyed "target/mode".
 declare -A RPS=() P50=() P99=() NON2XX=() SOCKERR=() UPEST=() UPNEW=() CPU=()
+# The fixed-rate runs: requests answered, their p50 and p99 (ms), and failures.
+declare -A R_DONE=() R_P50=() R_P99=() R_FAIL=()
 # Pids of the process under test (the proxy, or mock 0 for the direct row), for CPU/request.
 UNDER_TEST=""
 ROWS=()
@@ -204,6 +217,28 @@ $out"
     UPNEW[$key]=$((opens_after - opens_before - CONNS))
     CPU[$key]=$(awk -v t=$((cpu_after - cpu_before)) -v r="$reqs" 'BEGIN { printf "%.0f", r ? t * 1e4 / r : 0 }')
     ROWS+=("$key")
+    measure_at_rate "$key" "$url" "$mode"
+}
+
+measure_at_rate() { # measure_at_rate KEY URL MODE: latency at RATE requests/s (h2load --rps)
+    local key=$1 url=$2 mode=$3 log="$TMP/rate-${1/\//-}.tsv" per_conn stats
+    per_conn=$(awk -v r="$RATE" -v c="$RATE_CONNS" 'BEGIN { v = r / c; printf "%d", v < 1 ? 1 : v }')
+    rm -f "$log"
+    h2load --h1 -c "$RATE_CONNS" --rps "$per_conn" -D "$RATE_SECONDS" -d "$TMP/$mode.json" \
+        -H 'content-type: application/json' --log-file "$log" "$url/v1/chat/completions" \
+        >"$TMP/h2load-${1/\//-}.txt" 2>&1 || die "h2load failed against $key:
+$(tail -n 5 "$TMP/h2load-${1/\//-}.txt")"
+    # Columns: start (µs since the epoch), status, µs to the end of the response.
+    stats=$(awk -F'\t' '$2 >= 200 && $2 < 300 { print $3 } $2 < 200 || $2 >= 300 { bad++ }
+        END { print "BAD", bad + 0 }' "$log" | sort -n | awk '
+        $1 == "BAD" { bad = $2; next } { v[++n] = $1 }
+        END {
+            if (!n) { print 0, 0, 0, bad; exit }
+            i50 = int(n * 0.50); if (i50 < 1) i50 = 1
+            i99 = int(n * 0.99); if (i99 < 1) i99 = 1
+            printf "%d %.2f %.2f %d\n", n, v[i50] / 1000, v[i99] / 1000, bad
+        }')
+    read -r R_DONE[$key] R_P50[$key] R_P99[$key] R_FAIL[$key] <<<"$stats"
 }
 
 check_target() { # check_target NAME PORT: one plain and one streamed request must succeed
@@ -234,6 +269,7 @@ run_target() { # run_target NAME PORT PID: both modes, then stop PID (if any)
 # --- main -------------------------------------------------------------------------------
 
 need_pkg wrk wrk
+need_pkg h2load nghttp2-client
 for t in $TARGETS; do
     case $t in
     direct | switchyard | switchyard-quiet | bare) ;;
@@ -252,6 +288,8 @@ fi
 
 write_wrk_script "$TMP/plain.lua" "$PLAIN_BODY"
 write_wrk_script "$TMP/stream.lua" "$STREAM_BODY"
+printf '%s' "$PLAIN_BODY" >"$TMP/plain.json"
+printf '%s' "$STREAM_BODY" >"$TMP/stream.json"
 
 LOADAVG_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 MOCK_PORTS=()
@@ -385,9 +423,28 @@ for mode in plain stream; do
         "$(added "switchyard/$mode" "direct/$mode")"
 done
 
+rate_added() { # rate_added A B: fixed-rate p99 of A minus that of B, in ms
+    if [[ -n ${R_P99[$1]:-} && -n ${R_P99[$2]:-} ]]; then
+        awk -v a="${R_P99[$1]}" -v b="${R_P99[$2]}" 'BEGIN { printf "%+.2f", a - b }'
+    else
+        echo "-"
+    fi
+}
+
+echo
+echo "At a fixed $RATE requests/s (h2load --rps over $RATE_CONNS connection(s), ${RATE_SECONDS}s; not CPU-bound):"
+rfmt="%-17s %-7s %9s %8s %8s %7s %14s\n"
+# shellcheck disable=SC2059
+printf "$rfmt" target mode answered p50_ms p99_ms failed "p99 added"
+for key in "${ROWS[@]}"; do
+    # shellcheck disable=SC2059
+    printf "$rfmt" "${key%/*}" "${key#*/}" "${R_DONE[$key]}" "${R_P50[$key]}" "${R_P99[$key]}" \
+        "${R_FAIL[$key]}" "$(rate_added "$key" "direct/${key#*/}") ms"
+done
+
 failed=0
 for key in "${ROWS[@]}"; do
-    bad=$((NON2XX[$key] + SOCKERR[$key]))
+    bad=$((NON2XX[$key] + SOCKERR[$key] + ${R_FAIL[$key]:-0}))
     if ((bad > 0)); then
         echo "WARNING: $key: ${NON2XX[$key]} non-2xx responses, ${SOCKERR[$key]} socket errors (wrk output: see below)" >&2
         grep -E 'Socket errors|Non-2xx' "$TMP/wrk-${key%/*}-${key#*/}.txt" >&2 || true
