@@ -58,11 +58,11 @@ need_pkg() { # need_pkg COMMAND PACKAGE
 need_pkg valgrind valgrind
 need_pkg callgrind_control valgrind
 
-port() { # a free TCP port
+port() { # a TCP port no socket uses, listening or connected
     local p i
     for ((i = 0; i < 200; i++)); do
         p=$((20000 + RANDOM % 30000))
-        ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return 0; }
+        ss -Htan "sport = :$p" | grep -q . || { echo "$p"; return 0; }
     done
     die "no free port found"
 }

@@ -101,12 +101,12 @@ need_pkg() { # need_pkg COMMAND PACKAGE
 }
 
 declare -A TAKEN=()
-free_port() { # set PORT to a TCP port nobody listens on and this script has not handed out
+free_port() { # set PORT to a TCP port no socket uses (listening or connected) and not handed out yet
     local port i
     for ((i = 0; i < 200; i++)); do
         port=$((20000 + RANDOM % 30000))
         [[ -n ${TAKEN[$port]:-} ]] && continue
-        if ! ss -Htln "sport = :$port" | grep -q .; then
+        if ! ss -Htan "sport = :$port" | grep -q .; then
             TAKEN[$port]=1
             PORT=$port
             return 0
