@@ -34,6 +34,8 @@ pub struct RequestMeta {
     /// Estimated prompt tokens (0 without a body).
     pub tokens: u64,
     pub max_tokens: Option<u64>,
+    /// Completions asked for (`n`, OpenAI); 0 when the body does not say (one).
+    pub choices: u64,
     pub stream: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     pub asked_usage: bool,
@@ -85,6 +87,14 @@ impl RequestMeta {
         }
     }
 
+    /// Completion tokens to reserve for this request: `max_tokens` (or `default` without
+    /// one) for each of the `n` completions asked for.
+    pub fn completion_reserve(&self, default: u64) -> u64 {
+        self.max_tokens
+            .unwrap_or(default)
+            .saturating_mul(self.choices.max(1))
+    }
+
     /// A request header by (case-insensitive) name; credentials are never present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -124,6 +134,7 @@ impl RequestMeta {
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
         self.max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
+        self.choices = fields.n.unwrap_or(0);
 
         let mut tokens = TokenEstimate::default();
         let mut session = SessionHasher::default();
@@ -272,6 +283,8 @@ struct BodyFields<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u64>,
     #[serde(borrow, default)]
     messages: Option<Vec<MessagePeek<'a>>>,
     #[serde(borrow, default)]
@@ -309,6 +322,7 @@ impl<'a> BodyFields<'a> {
                 max_tokens,
             )?
             .flatten(),
+            n: typed::<Option<u64>>(raw.n, "n", "a positive integer")?.flatten(),
             messages: typed(raw.messages, "messages", "an array of message objects")?,
             prompt: typed(raw.prompt, "prompt", text)?,
             input: typed(raw.input, "input", text)?,
@@ -329,6 +343,8 @@ struct RawFields<'a> {
     max_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -515,6 +531,7 @@ mod tests {
             (r#"{"model":"m","stream":"yes"}"#, "stream"),
             (r#"{"model":"m","max_tokens":-1}"#, "max_tokens"),
             (r#"{"model":"m","max_completion_tokens":1.5}"#, "max_tokens"),
+            (r#"{"model":"m","n":"two"}"#, "n"),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"a"},7]}"#,
                 "messages",
@@ -537,6 +554,9 @@ mod tests {
         assert!(!m.stream && m.max_tokens.is_none() && m.tokens == 0);
         let m = meta(r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#).unwrap();
         assert_eq!(m.max_tokens, Some(9));
+        assert_eq!((m.choices, m.completion_reserve(100)), (0, 9));
+        let m = meta(r#"{"model":"m","n":3}"#).unwrap();
+        assert_eq!(m.completion_reserve(100), 300);
         // A message of an unknown shape is passed over, as before.
         let m = meta(r#"{"model":"m","messages":[{"role":"user","content":{"x":1}},{"role":"user","content":"hello there"}]}"#)
             .unwrap();

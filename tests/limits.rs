@@ -108,6 +108,12 @@ async fn a_token_reservation_lets_exactly_one_of_two_concurrent_requests_through
     let (status, _, body) = post(&p, &huge, &[]).await;
     assert_eq!(status, 429);
     assert!(body.contains("request too large"), "{body}");
+    // Two completions of up to 100 tokens each reserve 200: never within 150 either.
+    let two = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":100,\"n\":2");
+    assert_ne!(two, PLAIN);
+    let (status, _, body) = post(&p, &two, &[]).await;
+    assert_eq!(status, 429);
+    assert!(body.contains("request too large"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,7 +181,7 @@ impl Limiter {
     ) -> Result<Lease, ClientError> {
         let tokens = meta
             .tokens
-            .saturating_add(meta.max_tokens.unwrap_or(limits.default_max_tokens))
+            .saturating_add(meta.completion_reserve(limits.default_max_tokens))
             .min(MAX_TOKENS);
         let nano = reserved_nano(runtime, meta, limits);
         let now = now_ms();
@@ -286,7 +286,7 @@ fn reserved_nano(runtime: &Runtime, meta: &RequestMeta, limits: &TenantLimits) -
         input = input.max(b.config.cost.input);
         output = output.max(b.config.cost.output);
     }
-    let completion = meta.max_tokens.unwrap_or(limits.default_max_tokens) as f64;
+    let completion = meta.completion_reserve(limits.default_max_tokens) as f64;
     ((meta.tokens as f64 * input + completion * output) / 1e6 * NANO_PER_USD)
         .ceil()
         .min(MAX_NANO) as i64
