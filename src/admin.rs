@@ -279,7 +279,13 @@ impl Admin {
                 })
             })
             .collect();
-        json!({ "policies": list })
+        let config_rejection = self
+            .shared
+            .config_rejection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        json!({ "policies": list, "last_config_rejection": config_rejection })
     }
 }
 

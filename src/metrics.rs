@@ -32,6 +32,7 @@ pub struct Metrics {
     pub policy_decisions: IntCounterVec,
     pub policy_errors: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    pub config_reloads: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub certificate_reloads: IntCounterVec,
 }
@@ -116,6 +117,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "switchyard_policy_reloads_total",
             "Policy versions offered by a reload, by result (loaded, rejected)",
             &["policy", "result"],
+            r
+        )
+        .expect("metric registers"),
+        config_reloads: register_int_counter_vec_with_registry!(
+            "switchyard_config_reloads_total",
+            "Config file reloads, by result (loaded, rejected: the old config keeps serving)",
+            &["result"],
             r
         )
         .expect("metric registers"),

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::policy::{self, Policy};
-use crate::runtime::{unix_now, PolicyStatus, Rejection, Runtime, Shared};
+use crate::runtime::{unix_now, ConfigRejection, PolicyStatus, Rejection, Runtime, Shared};
 use crate::tls::ListenerCert;
 
 /// Events arriving within this window after the first are handled by one reload, so an
@@ -219,6 +219,12 @@ impl Reloader {
                 if runtime.config.listen != current.config.listen {
                     warn!(target: "switchyard::reload", "config {}: `listen` changed; listeners (addresses, TLS and certificate paths) change only with a restart or a graceful upgrade", path.display());
                 }
+                METRICS.config_reloads.with_label_values(&["loaded"]).inc();
+                *self
+                    .shared
+                    .config_rejection
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 self.shared.store(runtime);
                 *self
                     .config_in_service
@@ -227,6 +233,18 @@ impl Reloader {
             }
             Err(problems) => {
                 error!(target: "switchyard::reload", "config {} refused; the old config keeps serving:\n  {}", path.display(), problems.join("\n  "));
+                METRICS
+                    .config_reloads
+                    .with_label_values(&["rejected"])
+                    .inc();
+                *self
+                    .shared
+                    .config_rejection
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(ConfigRejection {
+                    at: unix_now(),
+                    problems: problems.clone(),
+                });
                 report.config_errors = problems;
             }
         }

@@ -72,6 +72,8 @@ pub struct Shared {
     /// Per policy: the version in service and the last version refused. Written only by
     /// reloads, read by the admin API; never on the request path.
     pub policy_status: Mutex<BTreeMap<String, PolicyStatus>>,
+    /// The last config file refused since the one in service was loaded, if any.
+    pub config_rejection: Mutex<Option<ConfigRejection>>,
     /// The audit log and the recent decisions (not replaced by reloads).
     pub audit: Audit,
     /// Tenant limit counters (kept across reloads; Redis settings are read at start).
@@ -93,6 +95,14 @@ pub struct Rejection {
     pub version: String,
     pub at: u64,
     pub reason: String,
+}
+
+/// A config file that was refused whole (the config in service keeps serving), and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigRejection {
+    pub at: u64,
+    /// Every problem, with its path in the config (or the policy file and line).
+    pub problems: Vec<String>,
 }
 
 pub fn unix_now() -> u64 {
@@ -119,6 +129,7 @@ impl Shared {
         Shared {
             current: ArcSwap::from_pointee(runtime),
             policy_status: Mutex::new(status),
+            config_rejection: Mutex::new(None),
             audit,
             limiter,
         }

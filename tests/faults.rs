@@ -494,11 +494,29 @@ async fn a_reload_applies_a_valid_backend_set_and_refuses_an_invalid_one_whole()
             "a"
         );
     }
+    // The refusal is counted and shown with its problems until a config is loaded.
+    let policies = || async {
+        client()
+            .get(format!("http://127.0.0.1:{admin}/admin/policies"))
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let shown = policies().await["last_config_rejection"]["problems"].to_string();
+    assert!(shown.contains("duplicate backend name"), "{shown}");
+    let rejected = "switchyard_config_reloads_total{result=\"rejected\"}";
+    assert!(metric(&metrics_text(admin).await, rejected) >= 1.0);
 
     // Valid: only `b` now.
     let good = original.replace(&backend("a", a.port, "[m]"), &backend("b", b.port, "[m]"));
     std::fs::write(&path, good).unwrap();
     assert_eq!(reload().await.status(), 200);
+    assert!(policies().await["last_config_rejection"].is_null());
+    let loaded = "switchyard_config_reloads_total{result=\"loaded\"}";
+    assert!(metric(&metrics_text(admin).await, loaded) >= 1.0);
     for _ in 0..4 {
         assert_eq!(
             post_chat(&p, &chat_body("m", "hi", false), &[])

@@ -52,6 +52,11 @@ const METRICS: &[(&str, Kind, &[&str])] = &[
         &["policy", "result"],
     ),
     (
+        "switchyard_config_reloads_total",
+        Kind::Counter,
+        &["result"],
+    ),
+    (
         "switchyard_rate_limited_total",
         Kind::Counter,
         &["tenant", "limit"],
@@ -77,6 +82,7 @@ const ALERTS: &[&str] = &[
     "SwitchyardBackendErrorRate",
     "SwitchyardAllBackendsDown",
     "SwitchyardPolicyReloadRejected",
+    "SwitchyardConfigReloadRejected",
     "SwitchyardPolicyErrors",
     "SwitchyardHighTTFT",
     "SwitchyardBudgetNear",
