@@ -2,7 +2,12 @@
 //! rise/fall hysteresis so a flapping backend does not flap the routing. An unhealthy
 //! backend is not a candidate; it comes back after `rise` successes in a row. The probe
 //! itself is Pingora's `HttpHealthCheck`; the loop is a background service.
+//!
+//! Each backend's check is built once and kept while the backend and the health settings
+//! stay the same: building one builds a connector, which reads and parses the system's
+//! root certificates.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -80,15 +85,30 @@ pub struct HealthService {
 #[async_trait]
 impl BackgroundService for HealthService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // By backend (its address in memory: a reload that changes a backend makes a new
+        // one), the check built for it and the settings it was built with.
+        let mut built: HashMap<usize, Built> = HashMap::new();
         loop {
             let runtime = self.shared.load();
             let interval = match &runtime.config.health {
                 Some(config) => {
-                    let checks = runtime
+                    let current: Vec<(usize, &Arc<Backend>)> = runtime
                         .backends
                         .backends
                         .iter()
-                        .map(|b| probe(b.clone(), config.clone()));
+                        .map(|b| (Arc::as_ptr(b) as usize, b))
+                        .collect();
+                    built.retain(|key, _| current.iter().any(|(k, _)| k == key));
+                    for (key, b) in &current {
+                        let stale = built.get(key).is_none_or(|c| !c.fits(b, config));
+                        if stale {
+                            built.insert(*key, Built::new(b, config));
+                        }
+                    }
+                    let checks = current.iter().map(|(key, b)| {
+                        let check = built[key].check.clone();
+                        probe((*b).clone(), check, config.clone())
+                    });
                     futures::future::join_all(checks).await;
                     Duration::from_millis(config.interval_ms)
                 }
@@ -103,15 +123,44 @@ impl BackgroundService for HealthService {
     }
 }
 
-async fn probe(backend: Arc<Backend>, config: HealthConfig) {
-    let path = backend
+/// A backend's check, with what it was built from.
+struct Built {
+    /// Held, so that no other backend can take its address while the check is kept.
+    backend: Arc<Backend>,
+    path: String,
+    timeout_ms: u64,
+    /// `None` when checks are switched off for the backend (an empty path).
+    check: Option<Arc<HttpHealthCheck>>,
+}
+
+impl Built {
+    fn new(backend: &Arc<Backend>, config: &HealthConfig) -> Built {
+        let path = probe_path(backend, config).to_string();
+        let check = (!path.is_empty()).then(|| Arc::new(http_check(backend, &path, config)));
+        Built {
+            backend: backend.clone(),
+            path,
+            timeout_ms: config.timeout_ms,
+            check,
+        }
+    }
+
+    fn fits(&self, backend: &Arc<Backend>, config: &HealthConfig) -> bool {
+        Arc::ptr_eq(&self.backend, backend)
+            && self.path == probe_path(backend, config)
+            && self.timeout_ms == config.timeout_ms
+    }
+}
+
+fn probe_path<'a>(backend: &'a Backend, config: &'a HealthConfig) -> &'a str {
+    backend
         .config
         .health_path
         .as_deref()
-        .unwrap_or(&config.path);
-    if path.is_empty() {
-        return; // checks switched off for this backend
-    }
+        .unwrap_or(&config.path)
+}
+
+fn http_check(backend: &Backend, path: &str, config: &HealthConfig) -> HttpHealthCheck {
     let u = &backend.upstream;
     let mut check = HttpHealthCheck::new(&u.authority, u.tls);
     if let Ok(mut req) = pingora::http::RequestHeader::build(
@@ -128,6 +177,15 @@ async fn probe(backend: Arc<Backend>, config: HealthConfig) {
     let timeout = Duration::from_millis(config.timeout_ms);
     check.peer_template.options.connection_timeout = Some(timeout);
     check.peer_template.options.read_timeout = Some(timeout);
+    check
+}
+
+async fn probe(backend: Arc<Backend>, check: Option<Arc<HttpHealthCheck>>, config: HealthConfig) {
+    let Some(check) = check else {
+        return; // checks switched off for this backend
+    };
+    let path = probe_path(&backend, &config);
+    let timeout = Duration::from_millis(config.timeout_ms);
     let ok = match pingora::lb::Backend::new(&backend.addr.to_string()) {
         Ok(target) => matches!(
             tokio::time::timeout(timeout * 2, check.check(&target)).await,
