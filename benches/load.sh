@@ -89,14 +89,9 @@ die() {
 
 # --- set-up -----------------------------------------------------------------------------
 
-need_pkg() { # need_pkg COMMAND PACKAGE
+need_pkg() { # need_pkg COMMAND PACKAGE: install PACKAGE unless COMMAND exists
     command -v "$1" >/dev/null 2>&1 && return 0
-    echo "installing $2 (for $1)..." >&2
-    if [[ $(id -u) -eq 0 ]]; then
-        apt-get install -y -q "$2" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "$2" >/dev/null; }
-    else
-        sudo apt-get install -y -q "$2" >/dev/null
-    fi
+    "$ROOT/tests/apt-install.sh" "$2" || die "could not install $2 (for $1)"
     command -v "$1" >/dev/null 2>&1 || die "$1 is still missing after installing $2"
 }
 

@@ -699,14 +699,7 @@ async fn compose_setup_serves_on_loopback() {
     // What the compose file says Prometheus and an operator reach on the admin listener.
     let health = get_json(format!("http://127.0.0.1:{admin}/healthz")).await;
     assert_eq!(health["status"], "ok");
-    let metrics = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(admin).await;
     assert!(
         metrics.contains("switchyard_requests_total{backend=\"mock-a\""),
         "{metrics}"

@@ -79,14 +79,7 @@ async fn connection_refused_moves_on_and_counts_as_a_failure() {
     }
     let first = admin_backend(admin, "first").await;
     assert_eq!(first["why_not"], "ejected", "{first}");
-    let metrics = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(admin).await;
     assert!(
         metrics.contains(
             "switchyard_upstream_attempts_total{backend=\"first\",outcome=\"failure\"} 3"
@@ -495,16 +488,7 @@ async fn a_reload_applies_a_valid_backend_set_and_refuses_an_invalid_one_whole()
         );
     }
     // The refusal is counted and shown with its problems until a config is loaded.
-    let policies = || async {
-        client()
-            .get(format!("http://127.0.0.1:{admin}/admin/policies"))
-            .send()
-            .await
-            .unwrap()
-            .json::<serde_json::Value>()
-            .await
-            .unwrap()
-    };
+    let policies = || get_json(format!("http://127.0.0.1:{admin}/admin/policies"));
     let shown = policies().await["last_config_rejection"]["problems"].to_string();
     assert!(shown.contains("duplicate backend name"), "{shown}");
     let rejected = "switchyard_config_reloads_total{result=\"rejected\"}";

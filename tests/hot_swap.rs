@@ -85,14 +85,7 @@ async fn new_versions_take_effect_and_broken_ones_are_refused_under_load() {
     assert_eq!(sw["name"], "switchable");
     let reason = sw["last_rejection"]["reason"].as_str().unwrap();
     assert!(reason.contains("expected [\"b\"], got [\"a\"]"), "{reason}");
-    let metrics = client()
-        .get(format!("{admin_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(admin).await;
     let rejected = metric(
         &metrics,
         "switchyard_policy_reloads_total{policy=\"switchable\",result=\"rejected\"}",

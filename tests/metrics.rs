@@ -38,14 +38,7 @@ async fn metrics_count_the_traffic_exactly_and_stay_bounded() {
         assert_eq!(status, 404);
     }
 
-    let text = client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(admin).await;
     assert_eq!(
         value(
             &text,

@@ -146,14 +146,7 @@ impl TlsProxy {
     }
 
     async fn metrics(&self) -> String {
-        client()
-            .get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        metrics_text(self.admin_port).await
     }
 }
 
@@ -261,13 +254,14 @@ async fn tls_listener_serves_http2_and_http1_plain_and_streamed_to_curl_reqwest_
     let url = p.https("/v1/chat/completions");
 
     // curl: HTTP/2 by ALPN, and HTTP/1.1 for a client that asks for it; plain and streamed.
-    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
-        let body_arg = format!("@{}", plain.display());
-        let out = curl(&[
+    // A POST of the body in `file`; `shown` is `-i` (with headers) or `-N` (unbuffered).
+    let post = |flag: &str, shown: &str, file: &Path| {
+        let body_arg = format!("@{}", file.display());
+        curl(&[
             flag,
             "--cacert",
             ca_arg,
-            "-i",
+            shown,
             "-H",
             "content-type: application/json",
             "-d",
@@ -275,7 +269,10 @@ async fn tls_listener_serves_http2_and_http1_plain_and_streamed_to_curl_reqwest_
             "-w",
             "\n%{http_version} %{http_code}",
             &url,
-        ]);
+        ])
+    };
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = post(flag, "-i", &plain);
         assert!(out.ends_with(&format!("\n{version} 200")), "{flag}: {out}");
         assert!(
             out.to_ascii_lowercase()
@@ -284,20 +281,7 @@ async fn tls_listener_serves_http2_and_http1_plain_and_streamed_to_curl_reqwest_
         );
         assert!(out.contains("\"object\":\"chat.completion\""), "{out}");
 
-        let body_arg = format!("@{}", streamed.display());
-        let out = curl(&[
-            flag,
-            "--cacert",
-            ca_arg,
-            "-N",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body_arg,
-            "-w",
-            "\n%{http_version} %{http_code}",
-            &url,
-        ]);
+        let out = post(flag, "-N", &streamed);
         assert!(out.ends_with(&format!("\n{version} 200")), "{flag}: {out}");
         let events = out.lines().filter(|l| l.starts_with("data: {")).count();
         assert!(events >= 8, "{flag}: {events} events in {out}");
