@@ -85,30 +85,20 @@ pub struct HealthService {
 #[async_trait]
 impl BackgroundService for HealthService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // By backend (its address in memory: a reload that changes a backend makes a new
-        // one), the check built for it and the settings it was built with.
+        // By backend (its address in memory), the check built for it: kept while the
+        // backend and the settings it was built with stay, dropped with the backend.
         let mut built: HashMap<usize, Built> = HashMap::new();
         loop {
             let runtime = self.shared.load();
             let interval = match &runtime.config.health {
                 Some(config) => {
-                    let current: Vec<(usize, &Arc<Backend>)> = runtime
-                        .backends
-                        .backends
-                        .iter()
-                        .map(|b| (Arc::as_ptr(b) as usize, b))
-                        .collect();
-                    built.retain(|key, _| current.iter().any(|(k, _)| k == key));
-                    for (key, b) in &current {
-                        let stale = built.get(key).is_none_or(|c| !c.fits(b, config));
-                        if stale {
-                            built.insert(*key, Built::new(b, config));
-                        }
+                    let mut old = std::mem::take(&mut built);
+                    for b in &runtime.backends.backends {
+                        let key = Arc::as_ptr(b) as usize;
+                        let kept = old.remove(&key).filter(|c| c.fits(b, config));
+                        built.insert(key, kept.unwrap_or_else(|| Built::new(b, config)));
                     }
-                    let checks = current.iter().map(|(key, b)| {
-                        let check = built[key].check.clone();
-                        probe((*b).clone(), check, config.clone())
-                    });
+                    let checks = built.values().map(|c| probe(c, config));
                     futures::future::join_all(checks).await;
                     Duration::from_millis(config.interval_ms)
                 }
@@ -130,13 +120,13 @@ struct Built {
     path: String,
     timeout_ms: u64,
     /// `None` when checks are switched off for the backend (an empty path).
-    check: Option<Arc<HttpHealthCheck>>,
+    check: Option<HttpHealthCheck>,
 }
 
 impl Built {
     fn new(backend: &Arc<Backend>, config: &HealthConfig) -> Built {
         let path = probe_path(backend, config).to_string();
-        let check = (!path.is_empty()).then(|| Arc::new(http_check(backend, &path, config)));
+        let check = (!path.is_empty()).then(|| http_check(backend, &path, config));
         Built {
             backend: backend.clone(),
             path,
@@ -180,11 +170,12 @@ fn http_check(backend: &Backend, path: &str, config: &HealthConfig) -> HttpHealt
     check
 }
 
-async fn probe(backend: Arc<Backend>, check: Option<Arc<HttpHealthCheck>>, config: HealthConfig) {
-    let Some(check) = check else {
+async fn probe(built: &Built, config: &HealthConfig) {
+    let Some(check) = &built.check else {
         return; // checks switched off for this backend
     };
-    let path = probe_path(&backend, &config);
+    let backend = &built.backend;
+    let path = &built.path;
     let timeout = Duration::from_millis(config.timeout_ms);
     let ok = match pingora::lb::Backend::new(&backend.addr.to_string()) {
         Ok(target) => matches!(

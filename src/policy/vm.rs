@@ -213,11 +213,10 @@ impl PolicyVm {
             ctx.all = Some(all.clone());
             ctx.policy = loaded.tag.clone();
         }
-        let call = budget::enter(self.state, self.limits.instruction_budget);
-        let result =
+        let result = budget::run(self.state, self.limits.instruction_budget, || {
             self.invoke
-                .call::<MultiValue>((&loaded.route, args.req, args.views, args.count));
-        drop(call);
+                .call::<MultiValue>((&loaded.route, args.req, args.views, args.count))
+        });
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.req = None;
             ctx.all = None;
@@ -236,10 +235,10 @@ impl PolicyVm {
         backends: Table,
         max_names: usize,
     ) -> Result<Decision, PolicyError> {
-        let call = budget::enter(self.state, self.limits.instruction_budget);
-        let values = route.call::<MultiValue>((req, backends));
-        drop(call);
-        let values = values.map_err(|e| self.classify(e))?;
+        let values = budget::run(self.state, self.limits.instruction_budget, || {
+            route.call::<MultiValue>((req, backends))
+        })
+        .map_err(|e| self.classify(e))?;
         decision_from(values, max_names)
     }
 
@@ -272,9 +271,9 @@ impl PolicyVm {
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.policy = tag.clone();
         }
-        let call = budget::enter(self.state, self.limits.instruction_budget);
-        let value = chunk.call::<Value>(());
-        drop(call);
+        let value = budget::run(self.state, self.limits.instruction_budget, || {
+            chunk.call::<Value>(())
+        });
         let module = match value.map_err(|e| self.classify(e)) {
             Ok(Value::Table(t)) => t,
             Ok(other) => {
