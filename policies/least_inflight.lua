@@ -16,6 +16,17 @@ local turn = 0
 -- answer (read as soon as `route` returns, so it can be reused too).
 local top, order = { [0] = -1 }, {}
 
+-- Put `load` into its place among top[1..last - 1] (sorted), moving the larger ones up
+-- into top[last].
+local function place(load, last)
+  local j = last
+  while top[j - 1] > load do
+    top[j] = top[j - 1]
+    j = j - 1
+  end
+  top[j] = load
+end
+
 function P.route(req, backends)
   local n = #backends
   turn = turn + 1
@@ -26,13 +37,7 @@ function P.route(req, backends)
   -- A backend's `load` is its in-flight count times n plus a rotation: unique per backend,
   -- so ties are shared out, and it gives the position back: i = (load - t - 1) % n + 1.
   for i = 1, k do
-    local load = backends[i].inflight * n + (i + t) % n
-    local j = i
-    while top[j - 1] > load do
-      top[j] = top[j - 1]
-      j = j - 1
-    end
-    top[j] = load
+    place(backends[i].inflight * n + (i + t) % n, i)
   end
   -- The rest: one field read and one comparison for a backend that cannot make the list
   -- (more in flight than the k-th best so far).
@@ -43,12 +48,7 @@ function P.route(req, backends)
     if inflight <= most then
       local load = inflight * n + (i + t) % n
       if load < worst then
-        local j = k
-        while top[j - 1] > load do
-          top[j] = top[j - 1]
-          j = j - 1
-        end
-        top[j] = load
+        place(load, k)
         worst = top[k]
         most = worst // n
       end
