@@ -530,17 +530,36 @@ impl ConfigError {
     }
 }
 
+/// Which files [`Config::check_files`] loads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Files {
+    Policies,
+    All,
+}
+
 impl Config {
-    /// Read, parse and validate a config file; relative `policies_dir` is resolved against
-    /// the file's directory.
+    /// Read, parse and validate a config file to start with: every file it names must load
+    /// (policies, listener certificate pairs, backend CA files). Relative paths are resolved
+    /// against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
-        let mut config = Config::parse(&text)?;
+        let config = Config::from_file_text(&text, path)?;
+        config.check_files(Files::All)?;
+        Ok(config)
+    }
+
+    /// Parse and validate the text of the config file at `path`, for a reload: the policy
+    /// files it names must exist. Listener certificates are not looked at (listeners only
+    /// change with a restart, and the certificate reloader keeps the pair in service while
+    /// files on disk are being replaced); backend CA files are loaded when the backends are
+    /// built.
+    pub fn from_file_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::parse(text)?;
         if let Some(dir) = path.parent() {
             config.resolve_paths(dir);
         }
-        config.check_files()?;
+        config.check_files(Files::Policies)?;
         Ok(config)
     }
 
@@ -587,10 +606,11 @@ impl Config {
         }
     }
 
-    /// Check an in-memory config (e.g. one changed through the admin API) as a file is.
+    /// Check an in-memory config (e.g. one changed through the admin API) as a reloaded
+    /// file is.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = self.problems();
-        if let Err(e) = self.check_files() {
+        if let Err(e) = self.check_files(Files::Policies) {
             problems.extend(e.problems);
         }
         if problems.is_empty() {
@@ -821,18 +841,19 @@ impl Config {
         out
     }
 
-    /// The files the config names: every policy a route names must exist, and every
-    /// listener certificate pair and backend CA file must load.
-    fn check_files(&self) -> Result<(), ConfigError> {
+    /// The files the config names: every policy a route names must exist, and with
+    /// [`Files::All`] every listener certificate pair and backend CA file must load.
+    fn check_files(&self, which: Files) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        for (i, l) in self.listen.iter().enumerate() {
+        let tls = which == Files::All;
+        for (i, l) in self.listen.iter().enumerate().filter(|_| tls) {
             if let Some(tls) = &l.tls {
                 if let Err(e) = crate::tls::ListenerCert::load(&l.addr, &tls.cert, &tls.key) {
                     problems.push(format!("listen[{i}].tls: {e}"));
                 }
             }
         }
-        for (i, b) in self.backends.iter().enumerate() {
+        for (i, b) in self.backends.iter().enumerate().filter(|_| tls) {
             if let Some(ca) = &b.ca_file {
                 if let Err(e) = crate::tls::load_ca_file(ca) {
                     problems.push(format!("backends[{i}].ca_file: {e}"));

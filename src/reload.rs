@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::policy::{self, Policy};
 use crate::runtime::{unix_now, ConfigRejection, PolicyStatus, Rejection, Runtime, Shared};
-use crate::tls::ListenerCert;
+use crate::tls::{CertReload, ListenerCert};
 
 /// Events arriving within this window after the first are handled by one reload, so an
 /// editor saving 50 times a second costs at most a few reloads.
@@ -53,6 +53,12 @@ pub struct ReloadReport {
 }
 
 impl ReloadReport {
+    /// Take the certificate part of `certs`.
+    fn add_certificates(&mut self, certs: ReloadReport) {
+        self.certificates = certs.certificates;
+        self.certificate_errors = certs.certificate_errors;
+    }
+
     /// Whether nothing offered was refused.
     pub fn is_clean(&self) -> bool {
         self.config_errors.is_empty()
@@ -97,9 +103,7 @@ impl Reloader {
             Some(path) => self.reload_config(path),
             None => self.reload_policies(),
         };
-        let certs = self.reload_certificates();
-        report.certificates = certs.certificates;
-        report.certificate_errors = certs.certificate_errors;
+        report.add_certificates(self.reload_certificates());
         report
     }
 
@@ -110,13 +114,20 @@ impl Reloader {
         let mut report = ReloadReport::default();
         for cert in &self.certs {
             let result = match cert.reload() {
-                Ok(false) => continue,
-                Ok(true) => {
+                CertReload::Unchanged => continue,
+                CertReload::StillRefused(why) => {
+                    // Logged and counted when first refused; still part of this report.
+                    report
+                        .certificate_errors
+                        .push(format!("listener {}: {why}", cert.listener));
+                    continue;
+                }
+                CertReload::Loaded => {
                     info!(target: "switchyard::reload", "listener {}: new certificate from {} in service", cert.listener, cert.cert_path.display());
                     report.certificates.push(cert.listener.clone());
                     "loaded"
                 }
-                Err(e) => {
+                CertReload::Refused(e) => {
                     error!(target: "switchyard::reload", "listener {}: certificate refused, the old one keeps serving: {e}", cert.listener);
                     report
                         .certificate_errors
@@ -132,9 +143,10 @@ impl Reloader {
         report
     }
 
-    /// A mounted volume was swapped whole (a ConfigMap update, which may change any file):
-    /// re-read the policies as for a saved policy file, so each refused version is
-    /// reported as such, then the config file if its content changed.
+    /// A mounted volume was swapped whole (a ConfigMap or Secret update, which may change
+    /// any file): re-read the policies as for a saved policy file, so each refused version
+    /// is reported as such, then the config file if its content changed, and the listener
+    /// certificates (unchanged ones are passed over).
     pub fn reload_volume(&self) -> ReloadReport {
         let mut report = self.reload_policies();
         if let Some(path) = &self.config_path {
@@ -152,6 +164,7 @@ impl Reloader {
                 report.config_errors = config.config_errors;
             }
         }
+        report.add_certificates(self.reload_certificates());
         report
     }
 
@@ -203,10 +216,13 @@ impl Reloader {
         let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.shared.load();
         let mut report = ReloadReport::default();
-        let text = std::fs::read(path).ok();
-        let built = Config::load(path)
-            .map_err(|e| e.problems)
-            .and_then(|config| Runtime::build(config, Some(&current)));
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())]);
+        let built = text.as_ref().map_err(Clone::clone).and_then(|text| {
+            Config::from_file_text(text, path)
+                .map_err(|e| e.problems)
+                .and_then(|config| Runtime::build(config, Some(&current)))
+        });
         match built {
             Ok(runtime) => {
                 for p in runtime.policies.iter() {
@@ -229,7 +245,7 @@ impl Reloader {
                 *self
                     .config_in_service
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = text;
+                    .unwrap_or_else(|e| e.into_inner()) = text.ok().map(String::into_bytes);
             }
             Err(problems) => {
                 error!(target: "switchyard::reload", "config {} refused; the old config keeps serving:\n  {}", path.display(), problems.join("\n  "));

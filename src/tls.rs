@@ -55,9 +55,22 @@ pub struct ListenerCert {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
     current: ArcSwap<Loaded>,
-    /// Digest of the files last refused: the same broken files are refused (logged and
-    /// counted) once, however many file events they cause.
-    last_refused: Mutex<Option<[u8; 32]>>,
+    /// Digest of the files last refused and why: the same broken files are reported as
+    /// refused again without being parsed again (and logged and counted only once).
+    last_refused: Mutex<Option<([u8; 32], String)>>,
+}
+
+/// What [`ListenerCert::reload`] found.
+#[derive(Debug)]
+pub enum CertReload {
+    /// The files are the pair in service.
+    Unchanged,
+    /// A new pair went into service.
+    Loaded,
+    /// The files were refused now; the pair in service stays.
+    Refused(CertError),
+    /// The files are the ones refused before, for this reason; the pair in service stays.
+    StillRefused(String),
 }
 
 impl ListenerCert {
@@ -73,37 +86,33 @@ impl ListenerCert {
         })
     }
 
-    /// Re-read both files. `Ok(true)` when a new pair went into service, `Ok(false)` when
-    /// the files are the pair in service or the pair last refused; on error the pair in
-    /// service stays.
-    pub fn reload(&self) -> Result<bool, CertError> {
-        let (cert_pem, key_pem) = read_pair(&self.cert_path, &self.key_path)?;
+    /// Re-read both files; a pair that loads goes into service.
+    pub fn reload(&self) -> CertReload {
+        let (cert_pem, key_pem) = match read_pair(&self.cert_path, &self.key_path) {
+            Ok(pems) => pems,
+            Err(e) => return CertReload::Refused(e),
+        };
         let digest = files_digest(&cert_pem, &key_pem);
+        if digest == self.current.load().files_sha256 {
+            return CertReload::Unchanged;
+        }
         let mut last_refused = self.last_refused.lock().unwrap_or_else(|e| e.into_inner());
-        if digest == self.current.load().files_sha256 || *last_refused == Some(digest) {
-            return Ok(false);
+        if let Some((refused, why)) = &*last_refused {
+            if *refused == digest {
+                return CertReload::StillRefused(why.clone());
+            }
         }
         match parse_pair(&self.cert_path, &cert_pem, &self.key_path, &key_pem) {
             Ok(loaded) => {
                 self.current.store(Arc::new(loaded));
                 *last_refused = None;
-                Ok(true)
+                CertReload::Loaded
             }
             Err(e) => {
-                *last_refused = Some(digest);
-                Err(e)
+                *last_refused = Some((digest, e.to_string()));
+                CertReload::Refused(e)
             }
         }
-    }
-
-    /// The end-entity certificate in service (DER).
-    pub fn leaf_der(&self) -> Vec<u8> {
-        self.current
-            .load()
-            .key
-            .end_entity_cert()
-            .map(|c| c.to_vec())
-            .unwrap_or_default()
     }
 }
 

@@ -423,6 +423,30 @@ async fn a_certificate_swapped_on_disk_serves_new_connections_and_a_bad_one_is_r
     assert_eq!(count("loaded"), 1, "{metrics}");
     // Two refusals, plus possibly the moment between the swap's two renames.
     assert!((2..=3).contains(&count("rejected")), "{metrics}");
+
+    // The refused pair on disk does not hold back a config change: listeners do not change
+    // on a reload, so their files are not the config's to judge.
+    let config = p.proc.dir().join("switchyard.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("models: [m]", "models: [m, m2]")).unwrap();
+    let report: Value = client()
+        .post(format!("http://127.0.0.1:{}/admin/reload", p.admin_port))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["config_errors"], serde_json::json!([]), "{report}");
+    // The pair still refused is reported as such on every reload, not only the first.
+    assert!(
+        report["certificate_errors"]
+            .to_string()
+            .contains("does not belong to the certificate"),
+        "{report}"
+    );
+    let listed = get_json(p.proc.url("/v1/models")).await.to_string();
+    assert!(listed.contains("\"m2\""), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,6 +482,40 @@ async fn sighup_rereads_certificate_files_the_watcher_cannot_see() {
         assert!(
             Instant::now() < deadline,
             "SIGHUP did not bring the new certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_volume_swap_brings_the_new_certificate_without_a_signal() {
+    // As the kubelet lays out a Secret volume: the visible files are symlinks through
+    // `..data`, a symlink to a hidden directory; an update renames a new `..data` over it.
+    let ca = Ca::new("test CA");
+    let (first, second) = (ca.issue(&["localhost"]), ca.issue(&["localhost"]));
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    for (version, leaf) in [("..v1", &first), ("..v2", &second)] {
+        std::fs::create_dir_all(tls_dir.join(version)).unwrap();
+        write_leaf(&tls_dir.join(version), leaf);
+    }
+    std::os::unix::fs::symlink("..v1", tls_dir.join("..data")).unwrap();
+    for name in ["cert.pem", "key.pem"] {
+        std::os::unix::fs::symlink(format!("..data/{name}"), tls_dir.join(name)).unwrap();
+    }
+    let m = mock("m1", &[]).await;
+    let p = TlsProxy::start(dir, &backend("m1", m.port, "[m]"), "").await;
+    let models = p.https("/v1/models");
+    let pem = ca.pem();
+    assert_eq!(fresh_connection_cert(&models, &[&pem]).await, first.der);
+
+    std::os::unix::fs::symlink("..v2", tls_dir.join("..data_tmp")).unwrap();
+    std::fs::rename(tls_dir.join("..data_tmp"), tls_dir.join("..data")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fresh_connection_cert(&models, &[&pem]).await != second.der {
+        assert!(
+            Instant::now() < deadline,
+            "the volume swap did not bring the new certificate"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
