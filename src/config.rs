@@ -136,17 +136,18 @@ pub struct TenantLimits {
     pub default_max_tokens: u64,
 }
 
-fn default_reserve_tokens() -> u64 {
-    1024
-}
-
 impl TenantLimits {
+    /// Whether any limit is set.
     pub fn any(&self) -> bool {
         self.rpm.is_some()
             || self.tpm.is_some()
             || self.concurrent.is_some()
             || self.usd_per_day.is_some()
     }
+}
+
+fn default_reserve_tokens() -> u64 {
+    1024
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -409,7 +410,8 @@ impl Default for ProxyConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LuaConfig {
-    /// VM instructions one `route` call may run. Default 1 000 000.
+    /// VM instructions a `route` call may run once the watchdog found it still running
+    /// (see `policy::budget`). Default 1 000 000.
     pub instruction_budget: u64,
     /// Memory one Lua VM may hold. Default 32 MiB.
     pub memory_limit_bytes: usize,

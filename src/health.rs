@@ -85,18 +85,17 @@ pub struct HealthService {
 #[async_trait]
 impl BackgroundService for HealthService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // By backend (its address in memory), the check built for it: kept while the
-        // backend and the settings it was built with stay, dropped with the backend.
-        let mut built: HashMap<usize, Built> = HashMap::new();
+        // By backend id (a reload builds new backends, with new ids), the check built for
+        // it: kept while the backend and the settings it was built with stay.
+        let mut built: HashMap<u64, Built> = HashMap::new();
         loop {
             let runtime = self.shared.load();
             let interval = match &runtime.config.health {
                 Some(config) => {
                     let mut old = std::mem::take(&mut built);
                     for b in &runtime.backends.backends {
-                        let key = Arc::as_ptr(b) as usize;
-                        let kept = old.remove(&key).filter(|c| c.fits(b, config));
-                        built.insert(key, kept.unwrap_or_else(|| Built::new(b, config)));
+                        let kept = old.remove(&b.id).filter(|c| c.fits(b, config));
+                        built.insert(b.id, kept.unwrap_or_else(|| Built::new(b, config)));
                     }
                     let checks = built.values().map(|c| probe(c, config));
                     futures::future::join_all(checks).await;
@@ -115,7 +114,6 @@ impl BackgroundService for HealthService {
 
 /// A backend's check, with what it was built from.
 struct Built {
-    /// Held, so that no other backend can take its address while the check is kept.
     backend: Arc<Backend>,
     path: String,
     timeout_ms: u64,
@@ -135,9 +133,8 @@ impl Built {
         }
     }
 
-    fn fits(&self, backend: &Arc<Backend>, config: &HealthConfig) -> bool {
-        Arc::ptr_eq(&self.backend, backend)
-            && self.path == probe_path(backend, config)
+    fn fits(&self, backend: &Backend, config: &HealthConfig) -> bool {
+        self.path == probe_path(backend, config)
             && self.timeout_ms == config.timeout_ms
     }
 }

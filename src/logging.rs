@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::io::Write;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Bytes of lines waiting for the writer before new ones are dropped.
 const QUEUE_BYTES: usize = 16 * 1024 * 1024;
@@ -264,9 +264,7 @@ fn with_timestamp(f: impl FnOnce(&[u8])) {
     thread_local! {
         static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = crate::runtime::unix_now();
     CACHED.with(|cell| {
         let mut cached = cell.borrow_mut();
         if cached.0 != secs {

@@ -17,18 +17,15 @@ use memchr::memmem;
 /// Shorter values are not secrets worth matching (and would mangle ordinary text).
 const MIN_SECRET_LEN: usize = 6;
 
-/// Header names whose values are credentials, as `Debug` of a header map prints them.
-const CREDENTIAL_FIELDS: [&[u8]; 4] = [
-    b"\"authorization\": \"",
-    b"\"proxy-authorization\": \"",
-    b"\"x-api-key\": \"",
-    b"\"api-key\": \"",
-];
-
-/// Searchers for [`CREDENTIAL_FIELDS`], built once: building one costs more than a search
-/// of a short line, and every log line is searched for each.
-static FIELD_FINDERS: LazyLock<Vec<memmem::Finder<'static>>> =
-    LazyLock::new(|| CREDENTIAL_FIELDS.iter().map(memmem::Finder::new).collect());
+/// Searchers for the credential headers' values as `Debug` of a header map prints them
+/// (`"authorization": "`), built once: building one costs more than a search of a short
+/// line, and every log line is searched for each.
+static FIELD_FINDERS: LazyLock<Vec<memmem::Finder<'static>>> = LazyLock::new(|| {
+    crate::request::CREDENTIAL_HEADERS
+        .iter()
+        .map(|h| memmem::Finder::new(format!("\"{}\": \"", h.as_str()).as_bytes()).into_owned())
+        .collect()
+});
 
 /// The registered secrets, each with its searcher.
 static SECRETS: LazyLock<ArcSwap<Vec<memmem::Finder<'static>>>> =

@@ -34,7 +34,7 @@ pub struct RequestMeta {
     /// Estimated prompt tokens (0 without a body).
     pub tokens: u64,
     pub max_tokens: Option<u64>,
-    /// Completions asked for (`n`, OpenAI); 0 when the body does not say (one).
+    /// Completions asked for (`n`, OpenAI; 1 when the body does not say; 0 reserves as 1).
     pub choices: u64,
     pub stream: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
@@ -83,6 +83,7 @@ impl RequestMeta {
             method: method.to_string(),
             format: ApiFormat::of_path(path),
             headers: kept,
+            choices: 1,
             ..RequestMeta::default()
         }
     }
@@ -134,7 +135,7 @@ impl RequestMeta {
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
         self.max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
-        self.choices = fields.n.unwrap_or(0);
+        self.choices = fields.n.unwrap_or(1);
 
         let mut tokens = TokenEstimate::default();
         let mut session = SessionHasher::default();
@@ -327,7 +328,7 @@ impl<'a> BodyFields<'a> {
             prompt: typed(raw.prompt, "prompt", text)?,
             input: typed(raw.input, "input", text)?,
             system: typed(raw.system, "system", text)?,
-            stream_options: raw.stream_options,
+            stream_options: typed(raw.stream_options, "stream_options", "an object")?,
         })
     }
 }
@@ -353,8 +354,8 @@ struct RawFields<'a> {
     input: Option<&'a RawValue>,
     #[serde(borrow, default)]
     system: Option<&'a RawValue>,
-    #[serde(default)]
-    stream_options: Option<StreamOptionsPeek>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -533,6 +534,10 @@ mod tests {
             (r#"{"model":"m","max_completion_tokens":1.5}"#, "max_tokens"),
             (r#"{"model":"m","n":"two"}"#, "n"),
             (
+                r#"{"model":"m","stream_options":{"include_usage":"yes"}}"#,
+                "stream_options",
+            ),
+            (
                 r#"{"model":"m","messages":[{"role":"user","content":"a"},7]}"#,
                 "messages",
             ),
@@ -554,7 +559,7 @@ mod tests {
         assert!(!m.stream && m.max_tokens.is_none() && m.tokens == 0);
         let m = meta(r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#).unwrap();
         assert_eq!(m.max_tokens, Some(9));
-        assert_eq!((m.choices, m.completion_reserve(100)), (0, 9));
+        assert_eq!((m.choices, m.completion_reserve(100)), (1, 9));
         let m = meta(r#"{"model":"m","n":3}"#).unwrap();
         assert_eq!(m.completion_reserve(100), 300);
         // A message of an unknown shape is passed over, as before.

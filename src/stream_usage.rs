@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 
 use crate::backends::Backend;
+use crate::provider::ApiFormat;
 use crate::request::RequestMeta;
 use crate::usage::{every_usage_is_null, USAGE_KEY};
 
@@ -22,7 +23,7 @@ pub fn should_add(meta: &RequestMeta, backend: &Backend) -> bool {
     meta.stream
         && !meta.asked_usage
         && backend.config.stream_usage
-        && matches!(backend.config.provider.as_str(), "openai" | "azure")
+        && crate::provider::speaks(backend, ApiFormat::OpenAi)
         && (meta.path.ends_with("/chat/completions") || meta.path.ends_with("/completions"))
 }
 
