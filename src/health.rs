@@ -134,8 +134,7 @@ impl Built {
     }
 
     fn fits(&self, backend: &Backend, config: &HealthConfig) -> bool {
-        self.path == probe_path(backend, config)
-            && self.timeout_ms == config.timeout_ms
+        self.path == probe_path(backend, config) && self.timeout_ms == config.timeout_ms
     }
 }
 

@@ -22,6 +22,15 @@ use crate::metrics::REDIS_UP;
 
 /// Most effects remembered while Redis is away; older ones are dropped beyond it.
 const JOURNAL_MAX: usize = 100_000;
+
+/// Why a Redis call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallError {
+    /// No connection or no answer in time: Redis is now marked down.
+    Unreachable,
+    /// Redis answered with an error (a script error, out of memory).
+    Refused,
+}
 /// How often an unreachable Redis is tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
@@ -48,6 +57,8 @@ pub struct RedisCounters {
     lease_ms: u64,
     timeout: Duration,
     journal: Mutex<VecDeque<Effect>>,
+    /// The journal overflowed since it was last empty (logged once).
+    journal_overflowed: AtomicBool,
     admit: Script,
     settle: Script,
     replay: Script,
@@ -88,6 +99,7 @@ impl RedisCounters {
             lease_ms: config.lease_seconds * 1000,
             timeout,
             journal: Mutex::new(VecDeque::new()),
+            journal_overflowed: AtomicBool::new(false),
             admit: Script::new(include_str!("admit.lua")),
             settle: Script::new(include_str!("settle.lua")),
             replay: Script::new(include_str!("replay.lua")),
@@ -139,7 +151,10 @@ impl RedisCounters {
             .arg(WINDOW_MS)
             .arg(ask.day);
         let mut conn = self.conn.clone();
-        let reply: Vec<i64> = self.call(call.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = self
+            .call(call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| ())?;
         let [admitted, kind, retry_ms, requests, tokens, inflight, spent] = reply[..] else {
             self.mark_down("unexpected reply from the admission script");
             return Err(());
@@ -176,7 +191,7 @@ impl RedisCounters {
         self.remember(Effect::Settled(s));
     }
 
-    async fn run_settle(&self, s: &Settle) -> Result<(), ()> {
+    async fn run_settle(&self, s: &Settle) -> Result<(), CallError> {
         let mut call = self.settle.prepare_invoke();
         call.key(self.key(&s.tenant, "tok"))
             .key(self.key(&s.tenant, "tokn"))
@@ -209,6 +224,9 @@ impl RedisCounters {
         let mut journal = self.journal.lock().expect("journal poisoned");
         if journal.len() >= JOURNAL_MAX {
             journal.pop_front();
+            if !self.journal_overflowed.swap(true, Ordering::Relaxed) {
+                warn!(target: "switchyard::limits", "{JOURNAL_MAX} counts are waiting for redis; the oldest are dropped from now on and will not be replayed");
+            }
         }
         journal.push_back(e);
     }
@@ -219,7 +237,7 @@ impl RedisCounters {
     async fn call<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, ()> {
+    ) -> Result<T, CallError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e))
@@ -229,24 +247,27 @@ impl RedisCounters {
                     || e.is_connection_refusal() =>
             {
                 self.mark_down(&e.to_string());
-                Err(())
+                Err(CallError::Unreachable)
             }
             Ok(Err(e)) => {
                 warn!(target: "switchyard::limits", "redis refused a limit script: {e}");
-                Err(())
+                Err(CallError::Refused)
             }
             Err(_) => {
                 self.mark_down(&format!("no answer within {} ms", self.timeout.as_millis()));
-                Err(())
+                Err(CallError::Unreachable)
             }
         }
     }
 
-    /// Replay the journal into Redis, oldest first. On failure the rest is kept.
+    /// Replay the journal into Redis, oldest first. While Redis is unreachable the rest is
+    /// kept; an effect Redis refuses (logged by `call`) is dropped, or it would hold back
+    /// every effect behind it for good.
     async fn replay_journal(&self) -> Result<usize, ()> {
         let mut done = 0;
         loop {
             let Some(effect) = self.journal.lock().expect("journal poisoned").pop_front() else {
+                self.journal_overflowed.store(false, Ordering::Relaxed);
                 return Ok(done);
             };
             let result = match &effect {
@@ -278,14 +299,17 @@ impl RedisCounters {
                         .map(|_| ())
                 }
             };
-            if result.is_err() {
-                self.journal
-                    .lock()
-                    .expect("journal poisoned")
-                    .push_front(effect);
-                return Err(());
+            match result {
+                Ok(()) => done += 1,
+                Err(CallError::Refused) => {}
+                Err(CallError::Unreachable) => {
+                    self.journal
+                        .lock()
+                        .expect("journal poisoned")
+                        .push_front(effect);
+                    return Err(());
+                }
             }
-            done += 1;
         }
     }
 }
