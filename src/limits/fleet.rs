@@ -200,7 +200,8 @@ impl RedisCounters {
             .key(self.spend_key(&s.tenant, s.day))
             .arg(&s.id)
             .arg(s.tokens.map_or(-1, |t| t as i64))
-            .arg(s.nano_delta);
+            .arg(s.nano_delta)
+            .arg(WINDOW_MS);
         let mut conn = self.conn.clone();
         let _: i64 = self.call(call.invoke_async(&mut conn)).await?;
         Ok(())

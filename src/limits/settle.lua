@@ -1,9 +1,10 @@
 -- Release a request's concurrency slot and replace its reservation with its real usage.
 -- Mirrors LocalCounters::settle in src/limits/local.rs.
 -- KEYS: 1 tokens zset, 2 tokens hash, 3 tokens sum, 4 in-flight zset, 5 spend of the day
--- ARGV: 1 id, 2 actual tokens (-1 = keep the reservation), 3 nano-USD to add (may be < 0)
+-- ARGV: 1 id, 2 actual tokens (-1 = keep the reservation), 3 nano-USD to add (may be < 0),
+--       4 window (ms)
 local id = ARGV[1]
-local tokens, nano = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, nano, window = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREM', KEYS[4], id)
 if tokens >= 0 then
   local old = redis.call('HGET', KEYS[2], id)
@@ -16,7 +17,7 @@ if tokens >= 0 then
     redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), id)
     redis.call('HSET', KEYS[2], id, tokens)
     redis.call('INCRBY', KEYS[3], tokens)
-    for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], 120000) end
+    for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], window * 2) end
   end
 end
 if nano ~= 0 then
