@@ -6,6 +6,7 @@
 #   benches/instructions.sh                # proxy (plain and stream) and decisions
 #   PARTS=proxy benches/instructions.sh    # or PARTS=decide
 #   REQUESTS=1000 benches/instructions.sh
+#   KEEP=/tmp/cg benches/instructions.sh   # keep the callgrind files there (callgrind_annotate)
 #
 # proxy: Switchyard (round_robin, access log on, as shipped) and the bare Pingora
 # pass-through (`switchyard bare`) of the same binary, each under callgrind in front of
@@ -34,6 +35,7 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
     sleep 0.5
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP" && cp "$TMP"/cg-* "$KEEP"/ 2>/dev/null; fi
     rm -rf "$TMP"
 }
 trap cleanup EXIT

@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{BackendConfig, Config};
+use crate::dns::Address;
 use crate::health::Health;
 use crate::outlier::{Admission, Breaker, Why};
 use crate::tls::CaFile;
@@ -80,15 +80,6 @@ impl Upstream {
     }
 }
 
-/// Resolve an upstream's host once, at load time, so no request waits on DNS.
-fn resolve(u: &Upstream) -> Result<SocketAddr, String> {
-    (u.tls_name(), u.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve `{}`: {e}", u.host))?
-        .next()
-        .ok_or_else(|| format!("`{}` resolves to no address", u.host))
-}
-
 fn parse_port(p: &str, url: &str) -> Result<u16, String> {
     p.parse::<u16>()
         .ok()
@@ -130,8 +121,9 @@ pub struct Backend {
     pub id: u64,
     pub config: BackendConfig,
     pub upstream: Upstream,
-    /// The upstream's address, resolved when the config was loaded.
-    pub addr: SocketAddr,
+    /// The upstream's address: resolved when the config was loaded, and again on an
+    /// interval when the host is a name (`dns`).
+    pub addr: Address,
     /// Client-facing model name → the name the upstream knows.
     pub models: HashMap<String, String>,
     pub api_key: Option<Secret>,
@@ -156,7 +148,7 @@ impl Backend {
     pub fn peer(&self) -> HttpPeer {
         let u = &self.upstream;
         let sni = if u.tls { u.tls_name() } else { "" };
-        let mut peer = HttpPeer::new(self.addr, u.tls, sni.to_string());
+        let mut peer = HttpPeer::new(self.addr.get(), u.tls, sni.to_string());
         // Pingora pools connections by address and SNI: after a reload that changes the CAs
         // or the protocol, connections made under the old settings must not be reused.
         let ca_digest = self.tls_ca.as_ref().map_or(0, |ca| ca.digest);
@@ -262,7 +254,8 @@ impl BackendSet {
         for (i, bc) in config.backends.iter().enumerate() {
             let upstream =
                 Upstream::parse(&bc.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
-            let addr = resolve(&upstream).map_err(|e| format!("backends[{i}].url: {e}"))?;
+            let addr = Address::resolve(upstream.tls_name(), upstream.port)
+                .map_err(|e| format!("backends[{i}].url: {e}"))?;
             let api_key = match &bc.api_key_env {
                 Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
                     format!("backends[{i}].api_key_env: environment variable `{var}` is not set")

@@ -388,6 +388,9 @@ pub struct ProxyConfig {
     pub retry_budget_percent: u32,
     /// Retries per second always allowed, whatever the traffic. Default 5.
     pub retry_budget_min_per_sec: u32,
+    /// How often backend host names are looked up again (0: only when the config is
+    /// loaded). Default 30.
+    pub dns_refresh_seconds: u64,
 }
 
 impl Default for ProxyConfig {
@@ -403,6 +406,7 @@ impl Default for ProxyConfig {
             upstream_keepalive_pool_size: 1024,
             retry_budget_percent: 20,
             retry_budget_min_per_sec: 5,
+            dns_refresh_seconds: 30,
         }
     }
 }

@@ -173,7 +173,7 @@ async fn probe(built: &Built, config: &HealthConfig) {
     let backend = &built.backend;
     let path = &built.path;
     let timeout = Duration::from_millis(config.timeout_ms);
-    let ok = match pingora::lb::Backend::new(&backend.addr.to_string()) {
+    let ok = match pingora::lb::Backend::new(&backend.addr.get().to_string()) {
         Ok(target) => matches!(
             tokio::time::timeout(timeout * 2, check.check(&target)).await,
             Ok(Ok(()))

@@ -12,6 +12,7 @@ pub mod body;
 pub mod config;
 pub mod context;
 pub mod demo;
+pub mod dns;
 pub mod errors;
 pub mod health;
 pub mod limits;

@@ -16,6 +16,7 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::audit::Audit;
 use crate::config::Config;
+use crate::dns::DnsService;
 use crate::health::HealthService;
 use crate::proxy::Switchyard;
 use crate::reload::{ReloadService, Reloader};
@@ -89,6 +90,12 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
     server.add_service(background_service(
         "health",
         HealthService {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "dns",
+        DnsService {
             shared: shared.clone(),
         },
     ));

@@ -1,0 +1,166 @@
+//! Backend addresses. A backend named by host name is resolved when its config is loaded
+//! (so no request waits on DNS) and again every `proxy.dns_refresh_seconds` by a
+//! background service, so a hosted provider or a Kubernetes service that moves to new
+//! addresses is followed without a reload. A name that stops resolving keeps its last
+//! address, and the log says so once.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::runtime::Shared;
+
+/// Longest a refresh waits for one name's answer.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a backend's connections go now.
+#[derive(Debug)]
+pub struct Address {
+    /// The name looked up (an IP literal without brackets is never looked up again).
+    host: String,
+    port: u16,
+    current: ArcSwap<SocketAddr>,
+    /// Whether the last refresh failed (its failure is logged once, and its recovery).
+    failing: AtomicBool,
+}
+
+impl Address {
+    /// Resolve `host` (an IP literal or a name) now, blocking: at load time.
+    pub fn resolve(host: &str, port: u16) -> Result<Address, String> {
+        let found = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+            .collect::<Vec<_>>();
+        let first = *found
+            .first()
+            .ok_or_else(|| format!("`{host}` resolves to no address"))?;
+        Ok(Address {
+            host: host.to_string(),
+            port,
+            current: ArcSwap::from_pointee(first),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    pub fn get(&self) -> SocketAddr {
+        **self.current.load()
+    }
+
+    /// Whether the host is a name (an IP literal never changes).
+    pub fn is_name(&self) -> bool {
+        self.host.parse::<IpAddr>().is_err()
+    }
+
+    /// Adopt the answer of a fresh lookup: the current address while it is still among
+    /// those found (connections to it stay pooled), else the first found. Returns the
+    /// address given up when it changed.
+    fn adopt(&self, found: &[SocketAddr]) -> Option<SocketAddr> {
+        let current = self.get();
+        if found.is_empty() || found.contains(&current) {
+            return None;
+        }
+        self.current.store(Arc::new(found[0]));
+        Some(current)
+    }
+
+    /// Look the name up again and adopt the answer; a failure keeps the last address.
+    /// `backend` names the backend in the log.
+    pub async fn refresh(&self, backend: &str) {
+        let lookup = tokio::net::lookup_host((self.host.as_str(), self.port));
+        let found = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+            Ok(Ok(addrs)) => Ok(addrs.collect::<Vec<_>>()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer in {} s", LOOKUP_TIMEOUT.as_secs())),
+        };
+        let found = found.and_then(|f| {
+            if f.is_empty() {
+                Err("no address".to_string())
+            } else {
+                Ok(f)
+            }
+        });
+        match found {
+            Ok(found) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    info!(target: "switchyard::dns", "backend {backend}: `{}` resolves again", self.host);
+                }
+                if let Some(old) = self.adopt(&found) {
+                    info!(target: "switchyard::dns", "backend {backend}: `{}` now resolves to {} (was {old})", self.host, self.get());
+                }
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    warn!(target: "switchyard::dns", "backend {backend}: cannot resolve `{}` ({e}); keeping {}", self.host, self.get());
+                }
+            }
+        }
+    }
+}
+
+/// The background service that looks every named backend up again on an interval.
+pub struct DnsService {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for DnsService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            // Read each round: a reload may change the interval or switch refreshing on.
+            let seconds = self.shared.load().config.proxy.dns_refresh_seconds;
+            let wait = Duration::from_secs(if seconds == 0 { 1 } else { seconds });
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let runtime = self.shared.load();
+            if runtime.config.proxy.dns_refresh_seconds == 0 {
+                continue;
+            }
+            let named = runtime
+                .backends
+                .backends
+                .iter()
+                .filter(|b| b.addr.is_name());
+            futures::future::join_all(named.map(|b| b.addr.refresh(b.name()))).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_address_still_found_is_kept_and_a_gone_one_replaced_by_the_first() {
+        let a = Address::resolve("127.0.0.1", 80).unwrap();
+        assert!(!a.is_name());
+        assert_eq!(a.adopt(&[addr("127.0.0.2:80"), addr("127.0.0.1:80")]), None);
+        assert_eq!(a.get(), addr("127.0.0.1:80"));
+        assert_eq!(
+            a.adopt(&[addr("127.0.0.3:80"), addr("127.0.0.2:80")]),
+            Some(addr("127.0.0.1:80"))
+        );
+        assert_eq!(a.get(), addr("127.0.0.3:80"));
+        assert_eq!(a.adopt(&[]), None, "no answer keeps the last address");
+        assert_eq!(a.get(), addr("127.0.0.3:80"));
+    }
+
+    #[test]
+    fn names_and_literals() {
+        assert!(Address::resolve("localhost", 80).unwrap().is_name());
+        assert!(!Address::resolve("::1", 80).unwrap().is_name());
+        assert!(Address::resolve("", 80).is_err());
+    }
+}

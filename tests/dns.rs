@@ -1,0 +1,161 @@
+//! A backend named by host name follows its name to new addresses without a reload, and
+//! keeps its last address while the name does not resolve. The proxy runs under
+//! `nss_wrapper` (Debian's `libnss-wrapper`, installed by `tests/dns/setup.sh`), which
+//! answers its host lookups from a hosts file the test rewrites: no real DNS is asked.
+//! The two mocks listen on the same port of two loopback addresses: 127.0.0.1 and ::1
+//! (127.0.0.2 where the machine has no IPv6 loopback).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const NAME: &str = "backend.switchyard.test";
+
+fn install_nss_wrapper() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dns/setup.sh");
+    let status = Command::new("bash").arg(script).status().unwrap();
+    assert!(status.success(), "tests/dns/setup.sh failed ({status})");
+}
+
+/// Point `NAME` at `ip` (or at nothing), replacing the hosts file in one rename as a
+/// resolver's own file would be.
+fn hosts(path: &Path, ip: Option<&str>) {
+    let text = match ip {
+        Some(ip) => format!("{ip} {NAME}\n"),
+        None => "127.0.0.1 somewhere-else.test\n".to_string(),
+    };
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn mock_at(ip: &str, port: u16, name: &str) -> Proc {
+    let port_s = port.to_string();
+    let p = spawn(
+        &["mock", "--host", ip, "--port", &port_s, "--name", name],
+        port,
+        None,
+        &[],
+    );
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    wait_ready(&format!("http://{host}:{port}/health")).await;
+    p
+}
+
+/// A second loopback address for the second mock.
+fn second_loopback() -> &'static str {
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        "::1"
+    } else {
+        "127.0.0.2"
+    }
+}
+
+/// `ip:port` as a socket address prints.
+fn socket(ip: &str, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// Which mock answered a request through the proxy.
+async fn answered_by(proxy: &Proc) -> String {
+    let (status, headers, body) = chat(proxy, &chat_body("m", "hi", false)).await;
+    assert_eq!(status, 200, "{body}");
+    headers["x-mock-backend"].to_str().unwrap().to_string()
+}
+
+async fn wait_for_mock(proxy: &Proc, mock: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while answered_by(proxy).await != mock {
+        assert!(Instant::now() < deadline, "requests never reached {mock}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_backend_follows_its_name_and_keeps_its_address_while_the_name_fails() {
+    install_nss_wrapper();
+    let port = free_port();
+    let _a = mock_at("127.0.0.1", port, "first").await;
+    let second = second_loopback();
+    let _b = mock_at(second, port, "second").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts_file = dir.path().join("hosts");
+    hosts(&hosts_file, Some("127.0.0.1"));
+
+    let config = format!(
+        "routes:\n  - policy: round_robin\nbackends:\n  - name: named\n    url: http://{NAME}:{port}\n    models: [m]\n\
+         proxy:\n  threads: 2\n  grace_period_seconds: 0\n  dns_refresh_seconds: 1\n"
+    );
+    let env = [
+        ("LD_PRELOAD", "libnss_wrapper.so"),
+        ("NSS_WRAPPER_HOSTS", hosts_file.to_str().unwrap()),
+    ];
+    let proxy = proxy_with_env(&config, &[], &env).await;
+    for _ in 0..3 {
+        assert_eq!(answered_by(&proxy).await, "first");
+    }
+
+    // The name moves: new requests follow it, with no reload and no failed request.
+    hosts(&hosts_file, Some(second));
+    wait_for_mock(&proxy, "second").await;
+    proxy
+        .wait_log(&format!(
+            "`{NAME}` now resolves to {} (was {})",
+            socket(second, port),
+            socket("127.0.0.1", port)
+        ))
+        .await;
+
+    // The name stops resolving: the last address keeps serving, and the log says so once.
+    hosts(&hosts_file, None);
+    proxy.wait_log(&format!("cannot resolve `{NAME}`")).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for _ in 0..3 {
+        assert_eq!(answered_by(&proxy).await, "second");
+    }
+    let log = proxy.output();
+    assert_eq!(
+        log.matches("cannot resolve").count(),
+        1,
+        "a failing name is logged once:\n{log}"
+    );
+
+    // It resolves again, to the first address.
+    hosts(&hosts_file, Some("127.0.0.1"));
+    wait_for_mock(&proxy, "first").await;
+    proxy.wait_log(&format!("`{NAME}` resolves again")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_refreshing_off_the_address_of_the_load_stays() {
+    install_nss_wrapper();
+    let port = free_port();
+    let _a = mock_at("127.0.0.1", port, "first").await;
+    let second = second_loopback();
+    let _b = mock_at(second, port, "second").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts_file = dir.path().join("hosts");
+    hosts(&hosts_file, Some("127.0.0.1"));
+    let config = format!(
+        "routes:\n  - policy: round_robin\nbackends:\n  - name: named\n    url: http://{NAME}:{port}\n    models: [m]\n\
+         proxy:\n  threads: 2\n  grace_period_seconds: 0\n  dns_refresh_seconds: 0\n"
+    );
+    let env = [
+        ("LD_PRELOAD", "libnss_wrapper.so"),
+        ("NSS_WRAPPER_HOSTS", hosts_file.to_str().unwrap()),
+    ];
+    let proxy = proxy_with_env(&config, &[], &env).await;
+    hosts(&hosts_file, Some(second));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for _ in 0..3 {
+        assert_eq!(answered_by(&proxy).await, "first");
+    }
+}
