@@ -296,16 +296,23 @@ impl BackendSet {
         self.by_name.get(name).map(|&i| &self.backends[i])
     }
 
+    /// Backends that serve `model` (every backend when the request names no model), without
+    /// collecting them.
+    pub fn each_serving<'a>(
+        &'a self,
+        model: Option<&str>,
+    ) -> impl Iterator<Item = &'a Arc<Backend>> + 'a {
+        let (all, some) = match model {
+            None => (self.backends.len(), &[][..]),
+            Some(m) => (0, self.by_model.get(m).map_or(&[][..], Vec::as_slice)),
+        };
+        let some = some.iter().map(|&i| &self.backends[i]);
+        self.backends.iter().take(all).chain(some)
+    }
+
     /// Backends that serve `model` (every backend when the request names no model).
     pub fn serving(&self, model: Option<&str>) -> Vec<Arc<Backend>> {
-        match model {
-            Some(m) => self
-                .by_model
-                .get(m)
-                .map(|ix| ix.iter().map(|&i| self.backends[i].clone()).collect())
-                .unwrap_or_default(),
-            None => self.backends.clone(),
-        }
+        self.each_serving(model).cloned().collect()
     }
 
     pub fn knows_model(&self, model: &str) -> bool {

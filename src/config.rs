@@ -365,6 +365,14 @@ pub struct Cost {
     pub output: f64,
 }
 
+impl Cost {
+    /// What `prompt` input and `completion` output tokens cost at these prices (USD per
+    /// million tokens), in USD.
+    pub fn usd(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {

@@ -227,9 +227,14 @@ impl RequestCtx {
         let Some(cur) = self.current.as_mut() else {
             return;
         };
-        let Some(usage) = cur.usage_reader.take().and_then(UsageReader::finish) else {
+        let Some(mut usage) = cur.usage_reader.take().and_then(UsageReader::finish) else {
             return;
         };
+        if !usage.reported {
+            // A stream that reported no usage (or broke off) used at least its prompt: the
+            // estimate stands for it in limits, metrics, the access log and the audit.
+            usage.prompt_tokens = self.meta.as_ref().map_or(0, |m| m.tokens);
+        }
         // Only a stream's first and last bytes bracket the decoding; a plain answer arrives
         // all at once, and its transfer time says nothing about tokens per second.
         let streamed = self.meta.as_ref().is_some_and(|m| m.stream);
@@ -244,8 +249,9 @@ impl RequestCtx {
         self.usage = Some(usage);
     }
 
-    /// Count the request in the request, duration, token and cost metrics.
-    pub fn count(&self, served_by: &str) {
+    /// Count the request in the request, duration, token and cost metrics; `cost_usd` is
+    /// [`Self::cost_usd`].
+    pub fn count(&self, served_by: &str, cost_usd: f64) {
         let model = match (
             self.meta.as_deref().and_then(|m| m.model.as_deref()),
             &self.runtime,
@@ -276,18 +282,19 @@ impl RequestCtx {
             METRICS
                 .cost_usd
                 .with_label_values(&[meta.tenant.as_str(), served_by])
-                .inc_by(self.cost_usd());
+                .inc_by(cost_usd);
         }
     }
 
-    /// What the request really used, to settle its limits: tokens and nano-USD. Nothing
-    /// when no backend answered or it answered an error without usage; the reservation
-    /// stands (`None`) when a backend answered but its usage is unknown. A stream that
-    /// reported no usage (or broke off) counts its prompt estimate and its content events.
-    pub fn settlement(&self) -> (Option<u64>, Option<i64>) {
-        let Some(cur) = self.current.as_ref().filter(|_| self.served_by.is_some()) else {
+    /// What the request really used, to settle its limits: tokens and nano-USD, given what
+    /// it cost ([`Self::cost_usd`]). Nothing when no backend answered or it answered an
+    /// error without usage; the reservation stands (`None`) when a backend answered but its
+    /// usage is unknown. A stream that reported no usage (or broke off) counts its prompt
+    /// estimate and its content events (see [`Self::read_usage`]).
+    pub fn settlement(&self, cost_usd: f64) -> (Option<u64>, Option<i64>) {
+        if self.current.is_none() || self.served_by.is_none() {
             return (Some(0), Some(0));
-        };
+        }
         let Some(usage) = self.usage else {
             return if self.status >= 400 && self.status != 499 {
                 (Some(0), Some(0))
@@ -295,28 +302,20 @@ impl RequestCtx {
                 (None, None)
             };
         };
-        let prompt = if usage.reported {
-            usage.prompt_tokens
-        } else {
-            self.meta.as_ref().map_or(0, |m| m.tokens)
-        };
-        let price = &cur.backend.config.cost;
-        let usd =
-            (prompt as f64 * price.input + usage.completion_tokens as f64 * price.output) / 1e6;
         (
-            Some(prompt + usage.completion_tokens),
-            Some(crate::limits::nano_usd(usd)),
+            Some(usage.prompt_tokens + usage.completion_tokens),
+            Some(crate::limits::nano_usd(cost_usd)),
         )
     }
 
     /// What the answer cost at the serving backend's prices (0 without usage).
     pub fn cost_usd(&self) -> f64 {
         match (&self.usage, &self.current) {
-            (Some(u), Some(cur)) => {
-                let price = &cur.backend.config.cost;
-                (u.prompt_tokens as f64 * price.input + u.completion_tokens as f64 * price.output)
-                    / 1e6
-            }
+            (Some(u), Some(cur)) => cur
+                .backend
+                .config
+                .cost
+                .usd(u.prompt_tokens, u.completion_tokens),
             _ => 0.0,
         }
     }

@@ -466,13 +466,13 @@ impl ProxyHttp for Switchyard {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // A stream that broke off still used what it streamed.
         ctx.read_usage();
-        if let Some(lease) = ctx.lease.take() {
-            let (tokens, nano) = ctx.settlement();
-            self.shared.limiter.settle(lease, tokens, nano).await;
-        }
-        ctx.count(ctx.backend_name().unwrap_or("none"));
         // Priced at the serving backend, so before its attempt is finished.
         let cost_usd = ctx.cost_usd();
+        if let Some(lease) = ctx.lease.take() {
+            let (tokens, nano) = ctx.settlement(cost_usd);
+            self.shared.limiter.settle(lease, tokens, nano).await;
+        }
+        ctx.count(ctx.backend_name().unwrap_or("none"), cost_usd);
         if ctx.current.is_some() {
             let (outcome, what) = match e {
                 Some(e) if *e.esource() == ErrorSource::Downstream => {

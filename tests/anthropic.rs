@@ -336,7 +336,7 @@ async fn azure_backends_get_api_key_and_the_deployment_path() {
     assert_eq!(got[0]["headers"]["api-key"], "azure-secret");
     assert!(got[0]["headers"].get("authorization").is_none());
     assert_eq!(got[0]["model"], "gpt-4o-prod");
-    // Streamed without usage: the three content events are counted as tokens.
+    // Switchyard asked the Azure backend for usage; its three completion tokens are counted.
     let series = "switchyard_tokens_total{backend=\"azure\",direction=\"out\",model=\"gpt-4o\"}";
     let m = metrics_when(admin, series, 3.0).await;
     assert_eq!(metric(&m, series), 3.0, "{m}");

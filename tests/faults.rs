@@ -270,6 +270,13 @@ async fn a_reset_mid_stream_is_not_retried_and_ends_the_stream_without_done() {
         received(&b).await.is_empty(),
         "never retried once bytes went out"
     );
+    // No usage came: the prompt estimate (one token for "hi") and the content events that
+    // went out are what the request is counted as having used.
+    let access = " POST /v1/chat/completions status=";
+    let log = p.wait_log(access).await;
+    let line = log.lines().find(|l| l.contains(access)).unwrap();
+    assert!(line.contains(" tokens_in=1 tokens_out="), "{line}");
+    assert!(!line.contains(" tokens_out=0 "), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::warn;
 
-use crate::config::{Config, FailMode, TenantLimits};
+use crate::config::{Config, Cost, FailMode, TenantLimits};
 use crate::errors::ClientError;
 use crate::metrics::METRICS;
 use crate::request::RequestMeta;
@@ -281,13 +281,13 @@ fn reserved_nano(runtime: &Runtime, meta: &RequestMeta, limits: &TenantLimits) -
     if limits.usd_per_day.is_none() {
         return 0;
     }
-    let (mut input, mut output) = (0.0f64, 0.0f64);
-    for b in runtime.backends.serving(meta.model.as_deref()) {
-        input = input.max(b.config.cost.input);
-        output = output.max(b.config.cost.output);
+    let mut dearest = Cost::default();
+    for b in runtime.backends.each_serving(meta.model.as_deref()) {
+        dearest.input = dearest.input.max(b.config.cost.input);
+        dearest.output = dearest.output.max(b.config.cost.output);
     }
-    let completion = meta.completion_reserve(limits.default_max_tokens) as f64;
-    ((meta.tokens as f64 * input + completion * output) / 1e6 * NANO_PER_USD)
+    let completion = meta.completion_reserve(limits.default_max_tokens);
+    (dearest.usd(meta.tokens, completion) * NANO_PER_USD)
         .ceil()
         .min(MAX_NANO) as i64
 }
