@@ -11,6 +11,7 @@ use serde_json::json;
 
 use sha2::{Digest, Sha256};
 
+use crate::backends::Secret;
 use crate::config::{BackendConfig, Config};
 use crate::metrics::{self, METRICS};
 use crate::reload::Reloader;
@@ -19,6 +20,34 @@ use crate::runtime::Shared;
 pub struct Admin {
     pub shared: Arc<Shared>,
     pub reloader: Arc<Reloader>,
+}
+
+/// Who may use the admin API under a config: read once per config (the token is
+/// registered for redaction then), so a reload that names another variable takes effect.
+#[derive(Debug)]
+pub enum AdminAccess {
+    /// No `admin.token_env`: everyone who reaches the listener.
+    Open,
+    /// Requests with `Authorization: Bearer` and this token.
+    Token(Secret),
+    /// `admin.token_env` names a variable that is not set: nobody, until it is set and the
+    /// process restarted (a Kubernetes Secret marked optional, for instance).
+    Locked,
+}
+
+impl AdminAccess {
+    pub fn of(config: &Config) -> AdminAccess {
+        let Some(var) = config.admin.as_ref().and_then(|a| a.token_env.as_ref()) else {
+            return AdminAccess::Open;
+        };
+        match std::env::var(var) {
+            Ok(token) => AdminAccess::Token(Secret::new(token)),
+            Err(_) => {
+                log::warn!(target: "switchyard::admin", "admin.token_env: `{var}` is not set; the admin API answers 401 to every request but / and /healthz");
+                AdminAccess::Locked
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -96,16 +125,10 @@ impl Admin {
     /// `Authorization: Bearer TOKEN` (compared in constant time).
     fn authorized(&self, head: &pingora::http::RequestHeader) -> bool {
         let runtime = self.shared.load();
-        let Some(var) = runtime
-            .config
-            .admin
-            .as_ref()
-            .and_then(|a| a.token_env.as_ref())
-        else {
-            return true;
-        };
-        let Ok(token) = std::env::var(var) else {
-            return false;
+        let token = match runtime.admin_access.as_ref() {
+            AdminAccess::Open => return true,
+            AdminAccess::Locked => return false,
+            AdminAccess::Token(token) => token.expose(),
         };
         let presented = head
             .headers

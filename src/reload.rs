@@ -232,8 +232,9 @@ impl Reloader {
                     }
                 }
                 info!(target: "switchyard::reload", "config {} reloaded: {} backend(s), {} route(s)", path.display(), runtime.config.backends.len(), runtime.config.routes.len());
-                if runtime.config.listen != current.config.listen {
-                    warn!(target: "switchyard::reload", "config {}: `listen` changed; listeners (addresses, TLS and certificate paths) change only with a restart or a graceful upgrade", path.display());
+                let unapplied = read_at_start_only_changed(&current.config, &runtime.config);
+                if !unapplied.is_empty() {
+                    warn!(target: "switchyard::reload", "config {}: {} changed; read only at start, so the change takes effect with a restart or a graceful upgrade", path.display(), unapplied.join(", "));
                 }
                 METRICS.config_reloads.with_label_values(&["loaded"]).inc();
                 *self
@@ -491,6 +492,40 @@ impl BackgroundService for ReloadService {
             watch_dirs(&mut watcher, &mut watched, &self.reloader.shared.load());
         }
     }
+}
+
+/// The settings of `new` that differ from `old` but are read only when the process
+/// starts: the listeners (addresses, TLS and certificate paths), the admin listener's
+/// address, the audit file, Redis, and the server's threads, grace period and upstream pool.
+fn read_at_start_only_changed(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn differ<T: serde::Serialize>(a: &T, b: &T) -> bool {
+        serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
+    }
+    let (o, n) = (&old.proxy, &new.proxy);
+    [
+        ("`listen`", differ(&old.listen, &new.listen)),
+        (
+            "`admin.addr`",
+            differ(
+                &old.admin.as_ref().map(|a| &a.addr),
+                &new.admin.as_ref().map(|a| &a.addr),
+            ),
+        ),
+        ("`audit`", differ(&old.audit, &new.audit)),
+        ("`redis`", differ(&old.redis, &new.redis)),
+        ("`proxy.threads`", o.threads != n.threads),
+        (
+            "`proxy.grace_period_seconds`",
+            o.grace_period_seconds != n.grace_period_seconds,
+        ),
+        (
+            "`proxy.upstream_keepalive_pool_size`",
+            o.upstream_keepalive_pool_size != n.upstream_keepalive_pool_size,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use serde::Serialize;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
+use crate::admin::AdminAccess;
 use crate::audit::Audit;
 use crate::backends::BackendSet;
 use crate::config::Config;
@@ -26,6 +27,8 @@ pub struct Runtime {
     pub routes: Arc<Routes>,
     pub policies: PolicySet,
     pub tenants: Arc<Tenants>,
+    /// Who may use the admin API.
+    pub admin_access: Arc<AdminAccess>,
     /// Body of `GET /v1/models` when every model is visible: OpenAI list format.
     pub models_json: Bytes,
 }
@@ -46,6 +49,7 @@ impl Runtime {
             Bytes::from(serde_json::json!({ "object": "list", "data": models }).to_string());
         let tenants = Arc::new(Tenants::new(&config));
         Ok(Runtime {
+            admin_access: Arc::new(AdminAccess::of(&config)),
             tenants,
             routes: Arc::new(Routes::new(&config.routes)),
             config: Arc::new(config),

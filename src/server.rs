@@ -45,14 +45,6 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
             .map_err(|e| anyhow::anyhow!("audit.path: cannot open {}: {e}", a.path.display()))?,
         None => Audit::memory_only(),
     };
-    if let Some(token) = config
-        .admin
-        .as_ref()
-        .and_then(|a| a.token_env.as_ref())
-        .and_then(|var| std::env::var(var).ok())
-    {
-        crate::redact::register(&token);
-    }
     let limiter = crate::limits::Limiter::new(&config)?;
     let shared = Arc::new(Shared::new(runtime, audit, limiter));
 

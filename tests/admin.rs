@@ -180,3 +180,64 @@ async fn trace_context_is_passed_through_or_created() {
     );
     assert!(seen[1]["headers"]["x-request-id"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_the_admin_token_and_names_what_waits_for_a_restart() {
+    let a = mock("a", &[]).await;
+    let admin = free_port();
+    let rest = format!(
+        "routes:\n  - policy: round_robin\nbackends:\n{}",
+        backend("a", a.port, "[m]")
+    );
+    let p = proxy_with_env(
+        &format!("admin: {{ addr: \"127.0.0.1:{admin}\", token_env: SY_TEST_TOKEN_OLD }}\n{rest}"),
+        &[],
+        &[
+            ("SY_TEST_TOKEN_OLD", "old-admin-secret"),
+            ("SY_TEST_TOKEN_NEW", "new-admin-secret"),
+        ],
+    )
+    .await;
+    let policies = format!("http://127.0.0.1:{admin}/admin/policies");
+    let status_with = |token: &'static str| {
+        let url = policies.clone();
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status_with("old-admin-secret").await, 200);
+    assert_eq!(status_with("new-admin-secret").await, 401);
+
+    // The token moves to another variable, and settings read only at start change too.
+    let path = p.dir().join("switchyard.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let changed = text
+        .replace("SY_TEST_TOKEN_OLD", "SY_TEST_TOKEN_NEW")
+        .replace("threads: 2", "threads: 3");
+    assert_ne!(changed, text);
+    std::fs::write(&path, changed).unwrap();
+    // The watcher sees the file change; the signal makes sure (a second reload is a no-op).
+    p.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status_with("new-admin-secret").await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new token never worked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status_with("old-admin-secret").await, 401);
+    let log = p
+        .wait_log("`proxy.threads` changed; read only at start")
+        .await;
+    assert!(!log.contains("`listen`"), "listen did not change:\n{log}");
+    // The new token is a secret like the old: masked in what the proxy writes.
+    assert!(!log.contains("new-admin-secret"), "{log}");
+}
