@@ -33,19 +33,23 @@ pub const ACCESS_PAUSE: Duration = Duration::from_millis(20);
 /// The log target of the per-request access line.
 pub const ACCESS_TARGET: &str = "switchyard::access";
 
-static QUEUE: OnceLock<Queue> = OnceLock::new();
+/// Set once the writer thread runs: lines are queued only when something writes them out.
+static QUEUE: OnceLock<&'static Queue> = OnceLock::new();
 
 /// Install the logger: `RUST_LOG` sets the filter (default `info`).
 pub fn init() {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    let queue = queue();
+    // Lives as long as the process, like the writer thread that drains it.
+    let queue: &'static Queue = Box::leak(Box::new(Queue::new()));
     let spawned = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn(move || write_lines(queue));
-    if spawned.is_ok() {
+    // Without a writer thread, env_logger writes to stderr itself.
+    if spawned.is_ok() && QUEUE.set(queue).is_ok() {
         builder.target(env_logger::Target::Pipe(Box::new(LineWriter {
             line: Vec::with_capacity(LINE_BYTES),
+            queue,
         })));
     }
     builder.init();
@@ -104,22 +108,25 @@ pub fn flush() {
 /// Bytes reserved for a line being formatted: most lines, access lines included, fit.
 const LINE_BYTES: usize = 512;
 
-fn queue() -> &'static Queue {
-    QUEUE.get_or_init(|| Queue {
-        state: Mutex::new(State {
-            lines: Vec::new(),
-            urgent: false,
-            dropped: 0,
-            writer: Writer::Busy,
-        }),
-        wake: Condvar::new(),
-    })
-}
 
 struct Queue {
     state: Mutex<State>,
     /// The writer waits on it while idle or pausing.
     wake: Condvar,
+}
+
+impl Queue {
+    fn new() -> Queue {
+        Queue {
+            state: Mutex::new(State {
+                lines: Vec::new(),
+                urgent: false,
+                dropped: 0,
+                writer: Writer::Busy,
+            }),
+            wake: Condvar::new(),
+        }
+    }
 }
 
 struct State {
@@ -178,6 +185,7 @@ impl Queue {
 /// env_logger's output: collects one formatted record and queues it on flush.
 struct LineWriter {
     line: Vec<u8>,
+    queue: &'static Queue,
 }
 
 impl Write for LineWriter {
@@ -193,7 +201,7 @@ impl Write for LineWriter {
         if self.line.last() != Some(&b'\n') {
             self.line.push(b'\n');
         }
-        queue().push(&self.line, true);
+        self.queue.push(&self.line, true);
         self.line.clear();
         if self.line.capacity() > KEEP_BATCH_BYTES {
             self.line = Vec::with_capacity(LINE_BYTES);
