@@ -108,7 +108,6 @@ pub fn flush() {
 /// Bytes reserved for a line being formatted: most lines, access lines included, fit.
 const LINE_BYTES: usize = 512;
 
-
 struct Queue {
     state: Mutex<State>,
     /// The writer waits on it while idle or pausing.

@@ -12,8 +12,13 @@ use super::{Ask, Kind, Outcome, Settle, Snapshot, DAY_MS, WINDOW_MS};
 struct Counters {
     /// Admission times (ms) in the last minute.
     requests: VecDeque<u64>,
-    /// Token entries in the last minute: (admitted at ms, request id, tokens).
-    tokens: VecDeque<(u64, String, u64)>,
+    /// Token entries in the last minute, oldest first.
+    tokens: VecDeque<TokenEntry>,
+    /// Sequence number of the front entry of `tokens` (entries are numbered in order).
+    front_seq: u64,
+    /// Entry sequence numbers by the xxh3 hash of their request id, so a settlement finds
+    /// its reservation without a walk through the window.
+    seq_by_id: HashMap<u64, u64>,
     token_sum: u64,
     inflight: u64,
     /// The UTC day `spent_nano` belongs to.
@@ -21,15 +26,58 @@ struct Counters {
     spent_nano: i64,
 }
 
+/// Tokens counted for one request in the window.
+#[derive(Debug)]
+struct TokenEntry {
+    /// Admitted (or settled after its reservation left the window) at, in ms.
+    at: u64,
+    id: String,
+    tokens: u64,
+}
+
+fn id_hash(id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(id.as_bytes())
+}
+
 impl Counters {
+    fn push_tokens(&mut self, at: u64, id: &str, tokens: u64) {
+        let seq = self.front_seq + self.tokens.len() as u64;
+        self.seq_by_id.insert(id_hash(id), seq);
+        self.tokens.push_back(TokenEntry {
+            at,
+            id: id.to_string(),
+            tokens,
+        });
+        self.token_sum = self.token_sum.saturating_add(tokens);
+    }
+
+    /// The window's entry for request `id`, if it is still in the window.
+    fn tokens_of(&mut self, id: &str) -> Option<&mut TokenEntry> {
+        let found = self
+            .seq_by_id
+            .get(&id_hash(id))
+            .and_then(|seq| seq.checked_sub(self.front_seq))
+            .filter(|&i| self.tokens.get(i as usize).is_some_and(|e| e.id == id));
+        match found {
+            Some(i) => self.tokens.get_mut(i as usize),
+            // Two ids with one hash (or none in the window): look the slow way.
+            None => self.tokens.iter_mut().find(|e| e.id == id),
+        }
+    }
+
     fn expire(&mut self, now: u64) {
         let cutoff = now.saturating_sub(WINDOW_MS);
         while self.requests.front().is_some_and(|&t| t <= cutoff) {
             self.requests.pop_front();
         }
-        while self.tokens.front().is_some_and(|e| e.0 <= cutoff) {
-            let (_, _, n) = self.tokens.pop_front().expect("front exists");
-            self.token_sum -= n;
+        while self.tokens.front().is_some_and(|e| e.at <= cutoff) {
+            let e = self.tokens.pop_front().expect("front exists");
+            let hash = id_hash(&e.id);
+            if self.seq_by_id.get(&hash) == Some(&self.front_seq) {
+                self.seq_by_id.remove(&hash);
+            }
+            self.front_seq += 1;
+            self.token_sum -= e.tokens;
         }
         let day = now / DAY_MS;
         if day != self.day {
@@ -53,10 +101,10 @@ impl Counters {
             return WINDOW_MS;
         }
         let mut sum = self.token_sum;
-        for (at, _, n) in &self.tokens {
-            sum -= n;
+        for e in &self.tokens {
+            sum -= e.tokens;
             if sum + needed <= limit {
-                return (at + WINDOW_MS).saturating_sub(now);
+                return (e.at + WINDOW_MS).saturating_sub(now);
             }
         }
         0
@@ -104,8 +152,7 @@ impl LocalCounters {
             c.requests.push_back(now);
         }
         if l.tpm.is_some() {
-            c.tokens.push_back((now, ask.id.to_string(), ask.tokens));
-            c.token_sum = c.token_sum.saturating_add(ask.tokens);
+            c.push_tokens(now, ask.id, ask.tokens);
         }
         if l.concurrent.is_some() {
             c.inflight += 1;
@@ -128,16 +175,13 @@ impl LocalCounters {
             c.inflight = c.inflight.saturating_sub(1);
         }
         if let Some(actual) = s.tokens {
-            match c.tokens.iter_mut().find(|e| e.1 == s.id) {
+            match c.tokens_of(&s.id) {
                 Some(entry) => {
-                    c.token_sum = c.token_sum - entry.2 + actual;
-                    entry.2 = actual;
+                    let reserved = std::mem::replace(&mut entry.tokens, actual);
+                    c.token_sum = c.token_sum - reserved + actual;
                 }
                 // The reservation left the window already: the usage counts from now.
-                None if actual > 0 => {
-                    c.tokens.push_back((now, s.id.clone(), actual));
-                    c.token_sum += actual;
-                }
+                None if actual > 0 => c.push_tokens(now, &s.id, actual),
                 None => {}
             }
         }
@@ -232,6 +276,53 @@ mod tests {
             Outcome::Admitted(s) => assert_eq!(s.tokens, 700),
             o => panic!("{o:?}"),
         }
+    }
+
+    #[test]
+    fn a_settlement_finds_its_reservation_among_many_and_after_it_left_the_window() {
+        let c = LocalCounters::default();
+        let l = limits(None, Some(1_000_000), None);
+        let ids: Vec<String> = (0..5_000).map(|i| format!("r{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let at = T0 + i as u64 * 10; // 5 000 requests over 50 s
+            assert!(matches!(
+                c.admit(&ask(id, &l, 10), at),
+                Outcome::Admitted(_)
+            ));
+        }
+        let settle = |id: &str, tokens: u64, now: u64| {
+            c.settle(
+                &Settle {
+                    tenant: "t".into(),
+                    id: id.into(),
+                    concurrent: false,
+                    tokens: Some(tokens),
+                    nano_delta: 0,
+                    day: T0 / DAY_MS,
+                },
+                now,
+            )
+        };
+        let counted = |now: u64| match c.admit(&ask("probe", &limits(None, Some(1), None), 2), now)
+        {
+            Outcome::Refused { snapshot, .. } => snapshot.tokens,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(counted(T0 + 50_000), 50_000);
+        settle("r2500", 3, T0 + 50_000);
+        assert_eq!(
+            counted(T0 + 50_000),
+            50_000 - 7,
+            "the middle entry is settled"
+        );
+        // 30 s later the first half left the window; r100 left it with its reservation,
+        // so its usage counts from now.
+        let later = T0 + 80_000;
+        let before = counted(later);
+        settle("r100", 4, later);
+        assert_eq!(counted(later), before + 4);
+        settle("r4999", 0, later);
+        assert_eq!(counted(later), before + 4 - 10);
     }
 
     #[test]
