@@ -43,8 +43,8 @@ pub struct Plan {
 pub enum Refusal {
     /// Answer the client with this error.
     Client(ClientError),
-    /// Every candidate is at `max_inflight`: the request may wait in this route's queue.
-    AtCapacity(usize),
+    /// Every candidate is at `max_inflight`: the request may wait in its route's queue.
+    AtCapacity,
 }
 
 impl From<ClientError> for Refusal {
@@ -53,13 +53,24 @@ impl From<ClientError> for Refusal {
     }
 }
 
-/// Route the request and run its policy, within what the tenant may use.
-pub fn decide(
-    runtime: &Runtime,
+/// What a request may be routed to by the config alone: its route and the backends that
+/// serve its model, speak its wire format and are in its tenant's regions. Screened before
+/// the tenant's limits count the request, so one that no backend could ever serve (an
+/// unknown model, say) is refused for that and not counted.
+#[derive(Debug)]
+pub struct Screened<'r> {
+    route: &'r Route,
+    allowed: Vec<Arc<Backend>>,
+    /// Backends left out, and why (the format guardrail's).
+    skipped: Vec<(String, &'static str)>,
+}
+
+/// Find the request's route and the backends it may use; see [`Screened`].
+pub fn screen<'r>(
+    runtime: &'r Runtime,
     tenant: &Tenant,
-    meta: &Arc<RequestMeta>,
-    request_id: &str,
-) -> Result<Plan, Refusal> {
+    meta: &RequestMeta,
+) -> Result<Screened<'r>, ClientError> {
     let model = meta.model.as_deref();
     let route = runtime
         .routes
@@ -67,12 +78,12 @@ pub fn decide(
         .ok_or_else(|| ClientError::NotFound(meta.path.chars().take(200).collect()))?;
     if let Some(m) = model {
         if !runtime.backends.knows_model(m) {
-            return Err(ClientError::ModelNotFound(m.chars().take(200).collect()).into());
+            return Err(ClientError::ModelNotFound(m.chars().take(200).collect()));
         }
         if !tenant.may_use_model(m) {
-            return Err(
-                ClientError::Forbidden(format!("this API key may not use model `{m}`")).into(),
-            );
+            return Err(ClientError::Forbidden(format!(
+                "this API key may not use model `{m}`"
+            )));
         }
     }
     // The wire format is a guardrail too: a backend never gets a request it cannot parse.
@@ -89,8 +100,7 @@ pub fn decide(
         return Err(ClientError::NotInFormat {
             model: model.unwrap_or("-").chars().take(200).collect(),
             api: meta.format.api_name(),
-        }
-        .into());
+        });
     }
     let allowed: Vec<Arc<Backend>> = serving
         .into_iter()
@@ -100,12 +110,28 @@ pub fn decide(
         return Err(ClientError::Forbidden(format!(
             "no backend in the regions allowed for this API key serves model `{}`",
             model.unwrap_or("-")
-        ))
-        .into());
+        )));
     }
-    let candidates = match eligible(&allowed, request_id, &mut skipped) {
+    Ok(Screened {
+        route,
+        allowed,
+        skipped,
+    })
+}
+
+/// Run the policy of a screened request over the backends that may take it now, within
+/// the guardrails it cannot override.
+pub fn decide(
+    runtime: &Runtime,
+    screened: &Screened,
+    meta: &Arc<RequestMeta>,
+    request_id: &str,
+) -> Result<Plan, Refusal> {
+    let (route, model) = (screened.route, meta.model.as_deref());
+    let mut skipped = screened.skipped.clone();
+    let candidates = match eligible(&screened.allowed, request_id, &mut skipped) {
         Ok(c) => c,
-        Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity(route.index)),
+        Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity),
         Err(_) => {
             return Err(ClientError::NoBackendAvailable(model.unwrap_or("-").to_string()).into())
         }
@@ -133,7 +159,7 @@ pub fn decide(
         .enumerate()
         .find_map(|(i, b)| b.try_start_request().map(|g| (i, g)))
     else {
-        return Err(Refusal::AtCapacity(route.index));
+        return Err(Refusal::AtCapacity);
     };
     if first > 0 {
         let b = backends.remove(first);
@@ -201,16 +227,13 @@ struct Unavailable {
 /// until the queue timeout (503 with `Retry-After`).
 pub async fn wait_for_capacity(
     runtime: &Runtime,
-    route_index: usize,
-    tenant: &Tenant,
+    screened: &Screened<'_>,
     meta: &Arc<RequestMeta>,
     request_id: &str,
 ) -> Result<Plan, ClientError> {
     let unavailable =
         || ClientError::NoBackendAvailable(meta.model.clone().unwrap_or_else(|| "-".into()));
-    let Some(route) = runtime.routes.get(route_index) else {
-        return Err(unavailable());
-    };
+    let route = screened.route;
     if route.queued.fetch_add(1, Ordering::AcqRel) >= route.queue_max {
         route.queued.fetch_sub(1, Ordering::AcqRel);
         return Err(unavailable());
@@ -227,10 +250,10 @@ pub async fn wait_for_capacity(
     loop {
         // Registered before planning again, so a wake-up in between is not lost.
         let freed = CAPACITY_FREED.notified();
-        match decide(runtime, tenant, meta, request_id) {
+        match decide(runtime, screened, meta, request_id) {
             Ok(plan) => return Ok(plan),
             Err(Refusal::Client(e)) => return Err(e),
-            Err(Refusal::AtCapacity(_)) => {}
+            Err(Refusal::AtCapacity) => {}
         }
         if tokio::time::timeout_at(deadline, freed).await.is_err() {
             return Err(unavailable());

@@ -566,6 +566,7 @@ async fn admit(
     let meta = Arc::new(meta);
     ctx.meta = Some(meta.clone());
     ctx.body = body;
+    let screened = plan::screen(runtime, tenant, &meta)?;
     if let Some(limits) = &tenant.limits {
         let mut lease = shared
             .limiter
@@ -575,11 +576,11 @@ async fn admit(
         ctx.lease = Some(lease);
     }
     ctx.plan = Some(
-        match plan::decide(runtime, tenant, &meta, &ctx.request_id) {
+        match plan::decide(runtime, &screened, &meta, &ctx.request_id) {
             Ok(p) => p,
             Err(Refusal::Client(e)) => return Err(e),
-            Err(Refusal::AtCapacity(route)) => {
-                plan::wait_for_capacity(runtime, route, tenant, &meta, &ctx.request_id).await?
+            Err(Refusal::AtCapacity) => {
+                plan::wait_for_capacity(runtime, &screened, &meta, &ctx.request_id).await?
             }
         },
     );

@@ -31,7 +31,6 @@ impl Params {
 /// A route ready to match.
 #[derive(Debug)]
 pub struct Route {
-    pub index: usize,
     path_prefix: Option<String>,
     model: Option<WildMatch>,
     pub policy: String,
@@ -70,9 +69,7 @@ impl Routes {
         Routes(
             config
                 .iter()
-                .enumerate()
-                .map(|(index, r)| Route {
-                    index,
+                .map(|r| Route {
                     path_prefix: r.matcher.path_prefix.clone(),
                     model: r.matcher.model.as_deref().map(WildMatch::new),
                     policy: r.policy.clone(),
@@ -86,10 +83,6 @@ impl Routes {
                 })
                 .collect(),
         )
-    }
-
-    pub fn get(&self, index: usize) -> Option<&Route> {
-        self.0.get(index)
     }
 
     /// The first route that fits.

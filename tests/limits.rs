@@ -84,6 +84,23 @@ async fn requests_per_minute_count_down_then_429_without_reaching_the_backend() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_backend_could_serve_is_refused_for_that_and_not_counted() {
+    let (_m, p) = setup("{ rpm: 1 }", "{ input: 0, output: 0 }").await;
+    let unknown = PLAIN.replace("llama-3", "no-such-model");
+    for _ in 0..2 {
+        let (status, _, body) = post(&p, &unknown, &[]).await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(error_code(&body), "model_not_found");
+    }
+    // The tenant's one request a minute is still there.
+    let (status, h, body) = post(&p, PLAIN, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(number(&h, "x-ratelimit-remaining-requests"), 0);
+    let (status, _, body) = post(&p, &unknown, &[]).await;
+    assert_eq!(status, 404, "a 404 stays a 404 once over the limit: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_reservation_lets_exactly_one_of_two_concurrent_requests_through() {
     // One request reserves its prompt estimate + max_tokens (100): a bit over 100 tokens.
     let (m, p) = setup("{ tpm: 150 }", "{ input: 0, output: 0 }").await;
