@@ -171,7 +171,12 @@ impl ProxyHttp for Switchyard {
             upstream.insert_header("traceparent", new_traceparent())?;
         }
         if let Some(body) = &cur.body {
-            upstream.remove_header(&http::header::TRANSFER_ENCODING);
+            if upstream
+                .headers
+                .contains_key(http::header::TRANSFER_ENCODING)
+            {
+                upstream.remove_header(&http::header::TRANSFER_ENCODING);
+            }
             let length = upstream
                 .headers
                 .get(http::header::CONTENT_LENGTH)
