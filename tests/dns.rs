@@ -79,47 +79,77 @@ async fn wait_for_mock(proxy: &Proc, mock: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_named_backend_follows_its_name_and_keeps_its_address_while_the_name_fails() {
+/// Two mocks on one port of two loopback addresses ("first" and "second"), and a proxy
+/// whose one backend is `NAME`, which the hosts file points at the first.
+struct Setup {
+    proxy: Proc,
+    _mocks: [Proc; 2],
+    _dir: tempfile::TempDir,
+    hosts_file: std::path::PathBuf,
+    port: u16,
+    second: &'static str,
+}
+
+async fn setup(dns_refresh_seconds: u64) -> Setup {
     install_nss_wrapper();
     let port = free_port();
-    let _a = mock_at("127.0.0.1", port, "first").await;
     let second = second_loopback();
-    let _b = mock_at(second, port, "second").await;
+    let mocks = [
+        mock_at("127.0.0.1", port, "first").await,
+        mock_at(second, port, "second").await,
+    ];
     let dir = tempfile::tempdir().unwrap();
     let hosts_file = dir.path().join("hosts");
     hosts(&hosts_file, Some("127.0.0.1"));
-
     let config = format!(
         "routes:\n  - policy: round_robin\nbackends:\n  - name: named\n    url: http://{NAME}:{port}\n    models: [m]\n\
-         proxy:\n  threads: 2\n  grace_period_seconds: 0\n  dns_refresh_seconds: 1\n"
+         proxy:\n  threads: 2\n  grace_period_seconds: 0\n  dns_refresh_seconds: {dns_refresh_seconds}\n"
     );
     let env = [
         ("LD_PRELOAD", "libnss_wrapper.so"),
         ("NSS_WRAPPER_HOSTS", hosts_file.to_str().unwrap()),
     ];
     let proxy = proxy_with_env(&config, &[], &env).await;
+    Setup {
+        proxy,
+        _mocks: mocks,
+        _dir: dir,
+        hosts_file,
+        port,
+        second,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_backend_follows_its_name_and_keeps_its_address_while_the_name_fails() {
+    let Setup {
+        proxy,
+        hosts_file,
+        port,
+        second,
+        ..
+    } = &setup(1).await;
     for _ in 0..3 {
-        assert_eq!(answered_by(&proxy).await, "first");
+        assert_eq!(answered_by(proxy).await, "first");
     }
 
     // The name moves: new requests follow it, with no reload and no failed request.
-    hosts(&hosts_file, Some(second));
-    wait_for_mock(&proxy, "second").await;
+    hosts(hosts_file, Some(second));
+    wait_for_mock(proxy, "second").await;
     proxy
         .wait_log(&format!(
             "`{NAME}` now resolves to {} (was {})",
-            socket(second, port),
-            socket("127.0.0.1", port)
+            socket(second, *port),
+            socket("127.0.0.1", *port)
         ))
         .await;
 
     // The name stops resolving: the last address keeps serving, and the log says so once.
-    hosts(&hosts_file, None);
+    hosts(hosts_file, None);
     proxy.wait_log(&format!("cannot resolve `{NAME}`")).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     for _ in 0..3 {
-        assert_eq!(answered_by(&proxy).await, "second");
+        assert_eq!(answered_by(proxy).await, "second");
     }
     let log = proxy.output();
     assert_eq!(
@@ -129,33 +159,17 @@ async fn a_named_backend_follows_its_name_and_keeps_its_address_while_the_name_f
     );
 
     // It resolves again, to the first address.
-    hosts(&hosts_file, Some("127.0.0.1"));
-    wait_for_mock(&proxy, "first").await;
+    hosts(hosts_file, Some("127.0.0.1"));
+    wait_for_mock(proxy, "first").await;
     proxy.wait_log(&format!("`{NAME}` resolves again")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_refreshing_off_the_address_of_the_load_stays() {
-    install_nss_wrapper();
-    let port = free_port();
-    let _a = mock_at("127.0.0.1", port, "first").await;
-    let second = second_loopback();
-    let _b = mock_at(second, port, "second").await;
-    let dir = tempfile::tempdir().unwrap();
-    let hosts_file = dir.path().join("hosts");
-    hosts(&hosts_file, Some("127.0.0.1"));
-    let config = format!(
-        "routes:\n  - policy: round_robin\nbackends:\n  - name: named\n    url: http://{NAME}:{port}\n    models: [m]\n\
-         proxy:\n  threads: 2\n  grace_period_seconds: 0\n  dns_refresh_seconds: 0\n"
-    );
-    let env = [
-        ("LD_PRELOAD", "libnss_wrapper.so"),
-        ("NSS_WRAPPER_HOSTS", hosts_file.to_str().unwrap()),
-    ];
-    let proxy = proxy_with_env(&config, &[], &env).await;
-    hosts(&hosts_file, Some(second));
+    let s = setup(0).await;
+    hosts(&s.hosts_file, Some(s.second));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     for _ in 0..3 {
-        assert_eq!(answered_by(&proxy).await, "first");
+        assert_eq!(answered_by(&s.proxy).await, "first");
     }
 }
