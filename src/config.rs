@@ -556,11 +556,16 @@ impl Config {
     /// (policies, listener certificate pairs, backend CA files). Relative paths are resolved
     /// against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_text(path).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], with the text it was loaded from (what a reload compares against).
+    pub fn load_with_text(path: &Path) -> Result<(Config, String), ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
         let config = Config::from_file_text(&text, path)?;
         config.check_files(Files::All)?;
-        Ok(config)
+        Ok((config, text))
     }
 
     /// Parse and validate the text of the config file at `path`, for a reload: the policy

@@ -122,11 +122,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config, upgrade } => {
-            let loaded =
-                Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            let (loaded, text) = Config::load_with_text(&config)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
             switchyard::server::run(
                 loaded,
-                Some(config),
+                Some((config, text)),
                 switchyard::server::RunOptions { upgrade },
             )?;
             Ok(ExitCode::SUCCESS)

@@ -81,12 +81,16 @@ pub struct Reloader {
 
 impl Reloader {
     /// `config_path` is the file the running config was loaded from, if any.
+    /// `config_file`: the config's path and the text the one in service was loaded from.
     pub fn new(
         shared: Arc<Shared>,
-        config_path: Option<PathBuf>,
+        config_file: Option<(PathBuf, String)>,
         certs: Vec<Arc<ListenerCert>>,
     ) -> Self {
-        let in_service = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
+        let (config_path, in_service) = match config_file {
+            Some((path, text)) => (Some(path), Some(text.into_bytes())),
+            None => (None, None),
+        };
         Reloader {
             shared,
             config_path,

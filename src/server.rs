@@ -35,8 +35,13 @@ pub struct RunOptions {
 }
 
 /// Build the runtime snapshot (policies compiled, tests run) and serve until signalled.
-/// `config_path`, when given, is watched and re-read on change and on `SIGHUP`.
-pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> anyhow::Result<()> {
+/// `config_file`, when given, is the config's path and the text it was loaded from: the
+/// file is watched and re-read on change and on `SIGHUP`.
+pub fn run(
+    config: Config,
+    config_file: Option<(PathBuf, String)>,
+    opts: RunOptions,
+) -> anyhow::Result<()> {
     let runtime = Runtime::build(config, None)
         .map_err(|problems| anyhow::anyhow!("cannot start:\n  {}", problems.join("\n  ")))?;
     let config = runtime.config.clone();
@@ -78,7 +83,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>, opts: RunOptions) -> an
     }
     server.add_service(proxy);
 
-    let reloader = Arc::new(Reloader::new(shared.clone(), config_path, certs));
+    let reloader = Arc::new(Reloader::new(shared.clone(), config_file, certs));
     server.add_service(background_service(
         "health",
         HealthService {
