@@ -379,3 +379,33 @@ fn error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
         json!({ "error": { "message": message, "type": "admin_error", "param": null, "code": status.as_u16().to_string() } }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(admin: &str) -> Config {
+        serde_yaml::from_str(&format!("{admin}routes: []\nbackends: []\n")).unwrap()
+    }
+
+    #[test]
+    fn the_admin_token_is_read_with_its_config_and_masked_from_then_on() {
+        let var = "SY_UNIT_TEST_ADMIN_TOKEN";
+        let token = "unit-test-admin-token-4f1c";
+        std::env::set_var(var, token);
+        let line = format!("the token {token} reached the log");
+        assert!(matches!(AdminAccess::of(&config("")), AdminAccess::Open));
+        let with_token = config(&format!(
+            "admin: {{ addr: \"127.0.0.1:1\", token_env: {var} }}\n"
+        ));
+        match AdminAccess::of(&with_token) {
+            AdminAccess::Token(t) => assert_eq!(t.expose(), token),
+            other => panic!("{other:?}"),
+        }
+        let scrubbed =
+            String::from_utf8(crate::redact::scrub(line.as_bytes()).into_owned()).unwrap();
+        assert!(!scrubbed.contains(token), "{scrubbed}");
+        let unset = config("admin: { addr: \"127.0.0.1:1\", token_env: SY_UNIT_TEST_NOT_SET }\n");
+        assert!(matches!(AdminAccess::of(&unset), AdminAccess::Locked));
+    }
+}

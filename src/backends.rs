@@ -123,7 +123,7 @@ pub struct Backend {
     pub upstream: Upstream,
     /// The upstream's address: resolved when the config was loaded, and again on an
     /// interval when the host is a name (`dns`).
-    pub addr: Address,
+    pub addr: Arc<Address>,
     /// Client-facing model name → the name the upstream knows.
     pub models: HashMap<String, String>,
     pub api_key: Option<Secret>,
@@ -254,8 +254,19 @@ impl BackendSet {
         for (i, bc) in config.backends.iter().enumerate() {
             let upstream =
                 Upstream::parse(&bc.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
-            let addr = Address::resolve(upstream.tls_name(), upstream.port)
-                .map_err(|e| format!("backends[{i}].url: {e}"))?;
+            // A backend that keeps its name and host keeps its address (refreshed in the
+            // background): a reload neither waits on DNS nor moves its connections.
+            let kept = previous
+                .and_then(|p| p.get(&bc.name))
+                .map(|b| &b.addr)
+                .filter(|a| a.is_for(upstream.tls_name(), upstream.port))
+                .cloned();
+            let addr = match kept {
+                Some(addr) => addr,
+                None => Address::resolve(upstream.tls_name(), upstream.port)
+                    .map(Arc::new)
+                    .map_err(|e| format!("backends[{i}].url: {e}"))?,
+            };
             let api_key = match &bc.api_key_env {
                 Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
                     format!("backends[{i}].api_key_env: environment variable `{var}` is not set")

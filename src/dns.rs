@@ -1,13 +1,14 @@
-//! Backend addresses. A backend named by host name is resolved when its config is loaded
+//! Backend addresses. A backend named by host name is resolved when it is first configured
 //! (so no request waits on DNS) and again every `proxy.dns_refresh_seconds` by a
 //! background service, so a hosted provider or a Kubernetes service that moves to new
-//! addresses is followed without a reload. A name that stops resolving keeps its last
-//! address, and the log says so once.
+//! addresses is followed without a reload. A reload keeps the address of a backend whose
+//! name and URL host stay the same. A name that stops resolving keeps its last address,
+//! and the log says so once.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -29,6 +30,8 @@ pub struct Address {
     current: ArcSwap<SocketAddr>,
     /// Whether the last refresh failed (its failure is logged once, and its recovery).
     failing: AtomicBool,
+    /// A lookup is running (one that outlived its timeout too): no second one is started.
+    looking: AtomicBool,
 }
 
 impl Address {
@@ -46,7 +49,13 @@ impl Address {
             port,
             current: ArcSwap::from_pointee(first),
             failing: AtomicBool::new(false),
+            looking: AtomicBool::new(false),
         })
+    }
+
+    /// Whether this is the address of `host:port`.
+    pub fn is_for(&self, host: &str, port: u16) -> bool {
+        self.host == host && self.port == port
     }
 
     pub fn get(&self) -> SocketAddr {
@@ -71,12 +80,23 @@ impl Address {
     }
 
     /// Look the name up again and adopt the answer; a failure keeps the last address.
-    /// `backend` names the backend in the log.
-    pub async fn refresh(&self, backend: &str) {
-        let lookup = tokio::net::lookup_host((self.host.as_str(), self.port));
+    /// `backend` names the backend in the log. Does nothing while an earlier lookup is
+    /// still running: `getaddrinfo` cannot be cancelled, and a resolver that hangs must
+    /// not gather a blocking thread per round.
+    pub async fn refresh(self: &Arc<Self>, backend: &str) {
+        if self.looking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let lookup = tokio::task::spawn_blocking(move || {
+            let found = (me.host.as_str(), me.port).to_socket_addrs();
+            me.looking.store(false, Ordering::Release);
+            found.map(Iterator::collect::<Vec<_>>)
+        });
         let found = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
-            Ok(Ok(addrs)) => Ok(addrs.collect::<Vec<_>>()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(Ok(addrs))) => Ok(addrs),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(e)) => Err(format!("the lookup failed: {e}")),
             Err(_) => Err(format!("no answer in {} s", LOOKUP_TIMEOUT.as_secs())),
         };
         let found = found.and_then(|f| {
@@ -112,18 +132,20 @@ pub struct DnsService {
 #[async_trait]
 impl BackgroundService for DnsService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut last = Instant::now();
         loop {
-            // Read each round: a reload may change the interval or switch refreshing on.
-            let seconds = self.shared.load().config.proxy.dns_refresh_seconds;
-            let wait = Duration::from_secs(if seconds == 0 { 1 } else { seconds });
+            // The interval is read every second: a reload may change it, or switch
+            // refreshing on or off, and takes effect at once.
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             let runtime = self.shared.load();
-            if runtime.config.proxy.dns_refresh_seconds == 0 {
+            let every = runtime.config.proxy.dns_refresh_seconds;
+            if every == 0 || last.elapsed() < Duration::from_secs(every) {
                 continue;
             }
+            last = Instant::now();
             let named = runtime
                 .backends
                 .backends

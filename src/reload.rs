@@ -77,10 +77,11 @@ pub struct Reloader {
     /// The config file's bytes when it was last put into service: a volume swap re-reads
     /// the config only when they changed.
     config_in_service: Mutex<Option<Vec<u8>>>,
+    /// The config the process started with: what the settings read only at start are.
+    started: Arc<Config>,
 }
 
 impl Reloader {
-    /// `config_path` is the file the running config was loaded from, if any.
     /// `config_file`: the config's path and the text the one in service was loaded from.
     pub fn new(
         shared: Arc<Shared>,
@@ -92,6 +93,7 @@ impl Reloader {
             None => (None, None),
         };
         Reloader {
+            started: shared.load().config.clone(),
             shared,
             config_path,
             certs,
@@ -236,9 +238,9 @@ impl Reloader {
                     }
                 }
                 info!(target: "switchyard::reload", "config {} reloaded: {} backend(s), {} route(s)", path.display(), runtime.config.backends.len(), runtime.config.routes.len());
-                let unapplied = read_at_start_only_changed(&current.config, &runtime.config);
+                let unapplied = read_at_start_only_changed(&self.started, &runtime.config);
                 if !unapplied.is_empty() {
-                    warn!(target: "switchyard::reload", "config {}: {} changed; read only at start, so the change takes effect with a restart or a graceful upgrade", path.display(), unapplied.join(", "));
+                    warn!(target: "switchyard::reload", "config {}: {} changed since the process started; read only at start, so the change takes effect with a restart or a graceful upgrade", path.display(), unapplied.join(", "));
                 }
                 METRICS.config_reloads.with_label_values(&["loaded"]).inc();
                 *self
@@ -498,25 +500,25 @@ impl BackgroundService for ReloadService {
     }
 }
 
-/// The settings of `new` that differ from `old` but are read only when the process
-/// starts: the listeners (addresses, TLS and certificate paths), the admin listener's
+/// The settings of `new` that differ from `started` (the config the process started with)
+/// but are read only at start: the listeners (addresses, TLS and certificate paths), the admin listener's
 /// address, the audit file, Redis, and the server's threads, grace period and upstream pool.
-fn read_at_start_only_changed(old: &Config, new: &Config) -> Vec<&'static str> {
+fn read_at_start_only_changed(started: &Config, new: &Config) -> Vec<&'static str> {
     fn differ<T: serde::Serialize>(a: &T, b: &T) -> bool {
         serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
     }
-    let (o, n) = (&old.proxy, &new.proxy);
+    let (o, n) = (&started.proxy, &new.proxy);
     [
-        ("`listen`", differ(&old.listen, &new.listen)),
+        ("`listen`", differ(&started.listen, &new.listen)),
         (
             "`admin.addr`",
             differ(
-                &old.admin.as_ref().map(|a| &a.addr),
+                &started.admin.as_ref().map(|a| &a.addr),
                 &new.admin.as_ref().map(|a| &a.addr),
             ),
         ),
-        ("`audit`", differ(&old.audit, &new.audit)),
-        ("`redis`", differ(&old.redis, &new.redis)),
+        ("`audit`", differ(&started.audit, &new.audit)),
+        ("`redis`", differ(&started.redis, &new.redis)),
         ("`proxy.threads`", o.threads != n.threads),
         (
             "`proxy.grace_period_seconds`",

@@ -49,7 +49,12 @@ impl Runtime {
             Bytes::from(serde_json::json!({ "object": "list", "data": models }).to_string());
         let tenants = Arc::new(Tenants::new(&config));
         Ok(Runtime {
-            admin_access: Arc::new(AdminAccess::of(&config)),
+            admin_access: match previous {
+                // The admin listener runs until the process ends: a config without
+                // `admin:` keeps the access it had rather than opening the listener up.
+                Some(p) if config.admin.is_none() => p.admin_access.clone(),
+                _ => Arc::new(AdminAccess::of(&config)),
+            },
             tenants,
             routes: Arc::new(Routes::new(&config.routes)),
             config: Arc::new(config),

@@ -235,9 +235,23 @@ async fn a_reload_rotates_the_admin_token_and_names_what_waits_for_a_restart() {
     }
     assert_eq!(status_with("old-admin-secret").await, 401);
     let log = p
-        .wait_log("`proxy.threads` changed; read only at start")
+        .wait_log("`proxy.threads` changed since the process started")
         .await;
     assert!(!log.contains("`listen`"), "listen did not change:\n{log}");
-    // The new token is a secret like the old: masked in what the proxy writes.
-    assert!(!log.contains("new-admin-secret"), "{log}");
+
+    // A config without `admin:` cannot open the listener that still runs.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let without_admin: String = text
+        .lines()
+        .filter(|l| !l.starts_with("admin:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without_admin, text);
+    std::fs::write(&path, without_admin).unwrap();
+    p.signal("HUP");
+    p.wait_log("`admin.addr`, `proxy.threads` changed since the process started")
+        .await;
+    assert_eq!(status_with("new-admin-secret").await, 200);
+    let open = client().get(&policies).send().await.unwrap();
+    assert_eq!(open.status(), 401);
 }

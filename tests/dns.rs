@@ -172,4 +172,10 @@ async fn with_refreshing_off_the_address_of_the_load_stays() {
     for _ in 0..3 {
         assert_eq!(answered_by(&s.proxy).await, "first");
     }
+    // A reload keeps the address of a backend whose name and host stay the same.
+    s.proxy.signal("HUP");
+    s.proxy.wait_log("reloaded: 1 backend(s)").await;
+    for _ in 0..3 {
+        assert_eq!(answered_by(&s.proxy).await, "first");
+    }
 }

@@ -51,17 +51,16 @@ impl Counters {
         self.token_sum = self.token_sum.saturating_add(tokens);
     }
 
-    /// The window's entry for request `id`, if it is still in the window.
+    /// The window's entry for request `id`, if it is still in the window. A mapping is
+    /// removed only when its entry leaves the window (entries leave in order), so no
+    /// mapping means no entry.
     fn tokens_of(&mut self, id: &str) -> Option<&mut TokenEntry> {
-        let found = self
-            .seq_by_id
-            .get(&id_hash(id))
-            .and_then(|seq| seq.checked_sub(self.front_seq))
-            .filter(|&i| self.tokens.get(i as usize).is_some_and(|e| e.id == id));
-        match found {
-            Some(i) => self.tokens.get_mut(i as usize),
-            // Two ids with one hash (or none in the window): look the slow way.
-            None => self.tokens.iter_mut().find(|e| e.id == id),
+        let seq = *self.seq_by_id.get(&id_hash(id))?;
+        let at = seq.checked_sub(self.front_seq).map(|i| i as usize);
+        match at {
+            Some(i) if self.tokens.get(i).is_some_and(|e| e.id == id) => self.tokens.get_mut(i),
+            // Another id with the same hash took the mapping: look the slow way.
+            _ => self.tokens.iter_mut().find(|e| e.id == id),
         }
     }
 
