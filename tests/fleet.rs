@@ -31,6 +31,10 @@ impl Redis {
                 "no",
                 "--protected-mode",
                 "yes",
+                // DEBUG SLEEP stalls the server, as a Redis under load or a network
+                // hiccup would.
+                "--enable-debug-command",
+                "local",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -66,6 +70,63 @@ impl Redis {
             .query_async(&mut c)
             .await
             .unwrap()
+    }
+
+    /// Tenant `acme`'s spend of today, in nano-USD.
+    async fn spent_today(&self) -> i64 {
+        let day = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            / 86_400_000;
+        let mut c = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("GET")
+            .arg(format!("switchyard:{{acme}}:usd:{day}"))
+            .query_async::<Option<i64>>(&mut c)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    /// Stall the server for `seconds`, from `redis-cli` (the crate's client gives up on a
+    /// command after half a second): the child exits when the server answers again.
+    /// Returns once the server has stopped answering.
+    async fn stall(&self, seconds: f64) -> Child {
+        let mut c = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut child = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "DEBUG",
+                "SLEEP",
+                &seconds.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-cli (tests/redis/setup.sh installs it with redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let ping = redis::cmd("PING");
+            let answer = ping.query_async::<String>(&mut c);
+            if tokio::time::timeout(Duration::from_millis(50), answer)
+                .await
+                .is_err()
+            {
+                return child;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("DEBUG SLEEP never stalled redis");
     }
 
     fn stop(&mut self) {
@@ -187,4 +248,61 @@ async fn fail_closed_refuses_limited_tenants_while_redis_is_unreachable() {
         received(&m).await.len() == 1,
         "a refused request reached the backend"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_redis_ran_after_its_answer_timed_out_is_not_counted_twice() {
+    install_redis();
+    let redis_port = free_port();
+    let redis = Redis::start(redis_port).await;
+    let m = mock("m1", &[]).await;
+    // $1000 per million tokens: a request reserving ~1 000 tokens reserves ~$1.
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}    cost: {{ input: 1000, output: 1000 }}\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {{ usd_per_day: 100 }}\nredis: {{ url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 200 }}\n",
+        backend("m1", m.port, "[llama-3]"),
+        sha256_hex(KEY.as_bytes()),
+    );
+    let p = proxy(&config, &[]).await;
+
+    // Redis stalls for a second; the admission is sent meanwhile, its answer times out, and
+    // the instance counts the request on its own counters (fail-open). Redis then runs the
+    // admission it had received, and later gets the instance's replay of the same request.
+    let mut body = chat_body("llama-3", "hi", false);
+    body["max_tokens"] = serde_json::json!(1000);
+    let send = || async {
+        let r = client()
+            .post(p.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let answer: serde_json::Value = r.json().await.unwrap();
+        answer["usage"]["prompt_tokens"].as_i64().unwrap()
+            + answer["usage"]["completion_tokens"].as_i64().unwrap()
+    };
+    // One request first, so Redis has the scripts: the stalled call is then one Redis
+    // runs as it is (a first call would only learn that the script is not loaded yet).
+    let mut used = send().await;
+    let mut stalled = redis.stall(1.5).await;
+    used += send().await;
+    assert!(stalled.wait().unwrap().success(), "DEBUG SLEEP failed");
+    p.wait_log("redis unreachable").await;
+    p.wait_log("redis reachable again").await;
+
+    // What the request cost, once: $1000 per million tokens is 1e6 nano-USD a token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spent = redis.spent_today().await;
+        if spent == used * 1_000_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spend {spent} nano-USD, the request cost {}",
+            used * 1_000_000
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -2,7 +2,7 @@
 -- instance sharing this Redis. Mirrors src/limits/local.rs.
 -- KEYS: 1 requests zset (id -> admitted ms), 2 tokens zset (id -> admitted ms),
 --       3 tokens hash (id -> tokens), 4 tokens sum, 5 in-flight zset (id -> lease end ms),
---       6 spend of the day (nano-USD)
+--       6 spend of the day (nano-USD), 7 spend marks zset (what -> counted at ms; see below)
 -- ARGV: 1 id, 2 rpm, 3 tpm, 4 concurrent, 5 budget nano-USD (-1 = no limit each),
 --       6 tokens to reserve, 7 nano-USD to reserve, 8 lease ms, 9 window ms, 10 day number
 -- Returns {admitted 1/0, refused kind (1 concurrent, 2 requests, 3 tokens, 4 spend),
@@ -89,5 +89,11 @@ end
 if budget >= 0 then
   spent = redis.call('INCRBY', KEYS[6], nano)
   redis.call('EXPIRE', KEYS[6], 3 * 86400)
+  -- Marked as counted: if this call's answer is lost (a timeout after Redis ran it), the
+  -- instance counts the request locally and replays it later; the replay sees the mark
+  -- and does not count the spend again. Marks are kept for two windows.
+  redis.call('ZADD', KEYS[7], now, 'a:' .. id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - window * 2)
+  redis.call('PEXPIRE', KEYS[7], window * 2)
 end
 return {1, 0, 0, reqs, toks, inflight, spent}

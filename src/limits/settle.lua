@@ -1,6 +1,7 @@
 -- Release a request's concurrency slot and replace its reservation with its real usage.
 -- Mirrors LocalCounters::settle in src/limits/local.rs.
--- KEYS: 1 tokens zset, 2 tokens hash, 3 tokens sum, 4 in-flight zset, 5 spend of the day
+-- KEYS: 1 tokens zset, 2 tokens hash, 3 tokens sum, 4 in-flight zset, 5 spend of the day,
+--       6 spend marks zset (see admit.lua)
 -- ARGV: 1 id, 2 actual tokens (-1 = keep the reservation), 3 nano-USD to add (may be < 0),
 --       4 window (ms)
 local id = ARGV[1]
@@ -20,8 +21,14 @@ if tokens >= 0 then
     for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], window * 2) end
   end
 end
-if nano ~= 0 then
+if nano ~= 0 and not redis.call('ZSCORE', KEYS[6], 's:' .. id) then
+  -- Applied once, also when a settlement whose answer was lost is sent again.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('INCRBY', KEYS[5], nano)
   redis.call('EXPIRE', KEYS[5], 3 * 86400)
+  redis.call('ZADD', KEYS[6], now, 's:' .. id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - window * 2)
+  redis.call('PEXPIRE', KEYS[6], window * 2)
 end
 return 1
