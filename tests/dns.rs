@@ -59,6 +59,14 @@ fn second_loopback() -> &'static str {
     }
 }
 
+/// A port free on 127.0.0.1 and on `second`.
+fn free_on_both(second: &str) -> u16 {
+    (0..100)
+        .map(|_| free_port())
+        .find(|&port| std::net::TcpListener::bind((second, port)).is_ok())
+        .unwrap_or_else(|| panic!("no port free on both 127.0.0.1 and {second}"))
+}
+
 /// `ip:port` as a socket address prints.
 fn socket(ip: &str, port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip.parse().unwrap(), port)
@@ -92,8 +100,8 @@ struct Setup {
 
 async fn setup(dns_refresh_seconds: u64) -> Setup {
     install_nss_wrapper();
-    let port = free_port();
     let second = second_loopback();
+    let port = free_on_both(second);
     let mocks = [
         mock_at("127.0.0.1", port, "first").await,
         mock_at(second, port, "second").await,
