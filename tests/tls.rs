@@ -468,6 +468,9 @@ async fn sighup_rereads_certificate_files_the_watcher_cannot_see() {
     let models = p.https("/v1/models");
     let pem = ca.pem();
     assert_eq!(fresh_connection_cert(&models, &[&pem]).await, first.der);
+    // Once the proxy watches its files, it has looked at them once more and will not again
+    // until told.
+    p.proc.wait_log("watching ").await;
 
     write_leaf(real.path(), &second);
     tokio::time::sleep(Duration::from_millis(800)).await;
