@@ -458,15 +458,15 @@ impl BackgroundService for ReloadService {
             }
         };
         watch_dirs(&mut watcher, &mut watched, &self.reloader.shared.load());
+        // Taken over first: until then a SIGHUP would end the process.
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         // A file saved after the config was loaded but before the watches were in place
         // raised no event: look once, as for a swapped volume (files that did not change
         // are passed over, silently).
         let reloader = self.reloader.clone();
         let _ = tokio::task::spawn_blocking(move || reloader.reload_volume()).await;
         info!(target: "switchyard::reload", "watching {} for changes", watched.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
-
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             let first = tokio::select! {
                 _ = shutdown.changed() => return,
