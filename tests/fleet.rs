@@ -147,6 +147,16 @@ fn install_redis() {
     assert!(status.success(), "tests/redis/setup.sh failed ({status})");
 }
 
+/// A config of one mock backend (`backend_extra`: more of its YAML lines), tenant `acme`
+/// with `limits`, more `tenants` entries, and `redis` (the flow map's inside).
+fn config(mock_port: u16, backend_extra: &str, limits: &str, tenants: &str, redis: &str) -> String {
+    format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{backend_extra}tenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {limits}\n{tenants}redis: {{ {redis} }}\n",
+        backend("m1", mock_port, "[llama-3]"),
+        sha256_hex(KEY.as_bytes()),
+    )
+}
+
 /// Send `n` requests, alternating between the two instances, 6 at a time; how many
 /// got 200 (everything else must be a 429 from the limit). All carry the same
 /// `x-request-id`, as retries of one client may: each must still count.
@@ -180,10 +190,12 @@ async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it(
     let redis_port = free_port();
     let mut redis = Redis::start(redis_port).await;
     let m = mock("m1", &[]).await;
-    let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}tenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {{ rpm: 100 }}\nredis: {{ url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 300 }}\n",
-        backend("m1", m.port, "[llama-3]"),
-        sha256_hex(KEY.as_bytes()),
+    let config = config(
+        m.port,
+        "",
+        "{ rpm: 100 }",
+        "",
+        &format!("url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 300"),
     );
     let a = proxy(&config, &[]).await;
     let b = proxy(&config, &[]).await;
@@ -214,11 +226,15 @@ async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it(
 async fn fail_closed_refuses_limited_tenants_while_redis_is_unreachable() {
     let m = mock("m1", &[]).await;
     let dead = free_port();
-    let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}tenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {{ rpm: 100 }}\n  - name: free\n    key_sha256: [\"{}\"]\nredis: {{ url: \"redis://127.0.0.1:{dead}\", on_failure: closed, timeout_ms: 100 }}\n",
-        backend("m1", m.port, "[llama-3]"),
-        sha256_hex(KEY.as_bytes()),
-        sha256_hex(b"sk-free"),
+    let config = config(
+        m.port,
+        "",
+        "{ rpm: 100 }",
+        &format!(
+            "  - name: free\n    key_sha256: [\"{}\"]\n",
+            sha256_hex(b"sk-free")
+        ),
+        &format!("url: \"redis://127.0.0.1:{dead}\", on_failure: closed, timeout_ms: 100"),
     );
     let p = proxy(&config, &[]).await;
     let body = chat_body("llama-3", "hi", false);
@@ -257,10 +273,12 @@ async fn an_admission_redis_ran_after_its_answer_timed_out_is_not_counted_twice(
     let redis = Redis::start(redis_port).await;
     let m = mock("m1", &[]).await;
     // $1000 per million tokens: a request reserving ~1 000 tokens reserves ~$1.
-    let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}    cost: {{ input: 1000, output: 1000 }}\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {{ usd_per_day: 100 }}\nredis: {{ url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 200 }}\n",
-        backend("m1", m.port, "[llama-3]"),
-        sha256_hex(KEY.as_bytes()),
+    let config = config(
+        m.port,
+        "    cost: { input: 1000, output: 1000 }\n",
+        "{ usd_per_day: 100 }",
+        "",
+        &format!("url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 200"),
     );
     let p = proxy(&config, &[]).await;
 

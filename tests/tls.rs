@@ -173,6 +173,16 @@ fn peer_cert(r: &reqwest::Response) -> Vec<u8> {
 }
 
 /// The certificate a brand-new connection to `url` is served with.
+/// Wait (10 s at most) until a new connection to `url` is served `expected`; `what` says
+/// what should have brought it.
+async fn wait_for_cert(url: &str, cas: &[&str], expected: &[u8], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fresh_connection_cert(url, cas).await != expected {
+        assert!(Instant::now() < deadline, "{what} within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn fresh_connection_cert(url: &str, cas: &[&str]) -> Vec<u8> {
     let r = https_client(cas).get(url).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -362,14 +372,13 @@ async fn a_certificate_swapped_on_disk_serves_new_connections_and_a_bad_one_is_r
     let open = tokio::spawn(timed_stream(open));
 
     write_leaf(&tls_dir, &second);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fresh_connection_cert(&models, &both).await != second.der {
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was not served within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_cert(
+        &models,
+        &both,
+        &second.der,
+        "the new certificate was not served",
+    )
+    .await;
     // A client trusting only the new CA connects; one trusting only the old CA no longer does.
     assert_eq!(fresh_connection_cert(&models, &[&pem2]).await, second.der);
     assert!(https_client(&[&pem1]).get(&models).send().await.is_err());
@@ -480,14 +489,13 @@ async fn sighup_rereads_certificate_files_the_watcher_cannot_see() {
         "nothing should have noticed the change yet"
     );
     p.proc.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fresh_connection_cert(&models, &[&pem]).await != second.der {
-        assert!(
-            Instant::now() < deadline,
-            "SIGHUP did not bring the new certificate"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_cert(
+        &models,
+        &[&pem],
+        &second.der,
+        "SIGHUP did not bring the new certificate",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,14 +522,13 @@ async fn a_secret_volume_swap_brings_the_new_certificate_without_a_signal() {
 
     std::os::unix::fs::symlink("..v2", tls_dir.join("..data_tmp")).unwrap();
     std::fs::rename(tls_dir.join("..data_tmp"), tls_dir.join("..data")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fresh_connection_cert(&models, &[&pem]).await != second.der {
-        assert!(
-            Instant::now() < deadline,
-            "the volume swap did not bring the new certificate"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_cert(
+        &models,
+        &[&pem],
+        &second.der,
+        "the volume swap did not bring the new certificate",
+    )
+    .await;
 }
 
 #[test]
