@@ -317,6 +317,7 @@ impl BackendSet {
             None => (self.backends.len(), &[][..]),
             Some(m) => (0, self.by_model.get(m).map_or(&[][..], Vec::as_slice)),
         };
+        // One iterator type for both cases: every backend (`all` of them) or the model's.
         let some = some.iter().map(|&i| &self.backends[i]);
         self.backends.iter().take(all).chain(some)
     }

@@ -190,10 +190,10 @@ fn all_backends(lua: &Lua, opts: Option<Table>) -> mlua::Result<Table> {
         return Ok(out);
     };
     let readonly: Function = lua.named_registry_value("switchyard.readonly")?;
-    for b in set.serving(model.as_deref()) {
+    for b in set.each_serving(model.as_deref()) {
         let eligible = b.has_capacity();
         if include_all || eligible {
-            out.raw_push(fresh_backend(lua, &readonly, &b, eligible)?)?;
+            out.raw_push(fresh_backend(lua, &readonly, b, eligible)?)?;
         }
     }
     Ok(out)
