@@ -27,6 +27,20 @@ use crate::tls::ListenerCert;
 /// `max_attempts`, which is always lower.
 const PINGORA_MAX_RETRIES: usize = 16;
 
+/// `SIGHUP` means "reload" to Switchyard, but until the reload service has taken it over
+/// (after the policies are compiled and tested and the listeners bound) its default action
+/// would end the process: a log rotation or a config push during start-up would kill it.
+/// Ignored from here on; the reload service installs its handler over this, and looks at
+/// every file once when it starts, so a change signalled before then is not missed.
+#[allow(unsafe_code)]
+fn ignore_hangup() {
+    // SAFETY: with `SIG_IGN`, `signal` installs no handler code; it only changes the
+    // disposition of a signal nothing in the process handles yet.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
 /// How the process was started.
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
@@ -42,6 +56,12 @@ pub fn run(
     config_file: Option<(PathBuf, String)>,
     opts: RunOptions,
 ) -> anyhow::Result<()> {
+    ignore_hangup();
+    log::info!(
+        "switchyard {} starting: policies from {}",
+        env!("CARGO_PKG_VERSION"),
+        config.policies_dir.display()
+    );
     let runtime = Runtime::build(config, None)
         .map_err(|problems| anyhow::anyhow!("cannot start:\n  {}", problems.join("\n  ")))?;
     let config = runtime.config.clone();

@@ -561,3 +561,43 @@ async fn sigterm_lets_in_flight_streams_finish_and_stops_accepting() {
         "exits after the grace period"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_start_up_does_not_end_the_process() {
+    // A log rotation or a config push can signal a proxy that is still compiling its
+    // policies and binding its listeners, before its reload service has taken SIGHUP over.
+    let a = mock("a", &[]).await;
+    let mut p = spawn_proxy(
+        free_port(),
+        &chain_config(a.port, None, ""),
+        &[("chain", CHAIN)],
+        &[],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut hangups = 0;
+    // Signalled again and again from its first log line until its files are watched.
+    loop {
+        if let Some(status) = p.exited() {
+            panic!(
+                "ended by SIGHUP number {hangups} during start-up ({status}):\n{}",
+                p.output()
+            );
+        }
+        let log = p.output();
+        if log.contains("watching ") {
+            break;
+        }
+        if log.contains("starting") {
+            p.signal("HUP");
+            hangups += 1;
+        }
+        assert!(Instant::now() < deadline, "not up in 15 s:\n{log}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(hangups > 0, "no SIGHUP was sent during start-up");
+    wait_ready(&p.url("/v1/models")).await;
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert!(p.exited().is_none());
+}

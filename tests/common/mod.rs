@@ -83,6 +83,11 @@ impl Proc {
         assert!(ok.success());
     }
 
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Wait for the process to exit, up to `within`; its exit status, if it did.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
@@ -181,6 +186,21 @@ pub async fn proxy_on(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> Proc {
+    let p = spawn_proxy(port, config, extra_policies, env, args);
+    if !args.contains(&"--upgrade") {
+        wait_ready(&p.url("/v1/models")).await;
+    }
+    p
+}
+
+/// Start the proxy on a given port without waiting for it to serve.
+pub fn spawn_proxy(
+    port: u16,
+    config: &str,
+    extra_policies: &[(&str, &str)],
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Proc {
     let dir = tempfile::tempdir().unwrap();
     let policies = write_policies(dir.path(), extra_policies);
     let full = format!(
@@ -196,11 +216,7 @@ pub async fn proxy_on(
     std::fs::write(&path, full).unwrap();
     let mut argv = vec!["run", "--config", path.to_str().unwrap()];
     argv.extend_from_slice(args);
-    let p = spawn(&argv, port, Some(dir), env);
-    if !args.contains(&"--upgrade") {
-        wait_ready(&p.url("/v1/models")).await;
-    }
-    p
+    spawn(&argv, port, Some(dir), env)
 }
 
 /// What a mock says about itself (`GET /mock/stats`).
