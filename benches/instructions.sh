@@ -8,8 +8,10 @@
 #   REQUESTS=1000 benches/instructions.sh
 #   KEEP=/tmp/cg benches/instructions.sh   # keep the callgrind files there (callgrind_annotate)
 #
-# proxy: Switchyard (round_robin, access log on, as shipped) and the bare Pingora
-# pass-through (`switchyard bare`) of the same binary, each under callgrind in front of
+# proxy: Switchyard (round_robin, access log on, as shipped), the bare Pingora
+# pass-through (`switchyard bare`) of the same binary, and that pass-through with only the
+# three parts the throughput target names (`switchyard bare --config`: Switchyard's body
+# read, metadata extraction and round_robin decision), each under callgrind in front of
 # three native mocks; h2load sends WARMUP requests, the counters are zeroed, then REQUESTS
 # requests (8 connections, ~1 KiB chat body) are counted over every thread of the proxy.
 # Instructions are user-space only: system calls (the same for both, see
@@ -106,10 +108,10 @@ proxy_part() {
         if [[ $mode == stream ]]; then body="{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"$content\"}]}"; else
             body="{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"$content\"}]}"; fi
         printf '%s' "$body" >"$TMP/body.json"
-        for target in switchyard bare; do
+        for target in switchyard bare-policy bare; do
             pp=$(port)
             out="$TMP/cg-$target-$mode"
-            if [[ $target == switchyard ]]; then
+            if [[ $target != bare ]]; then
                 mkdir -p "$TMP/conf"
                 {
                     printf 'listen:\n  - addr: "127.0.0.1:%s"\n' "$pp"
@@ -119,8 +121,13 @@ proxy_part() {
                     done
                     printf 'proxy: { threads: 2, grace_period_seconds: 0 }\n'
                 } >"$TMP/conf/sy.yaml"
+            fi
+            if [[ $target == switchyard ]]; then
                 RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$out" \
                     "$bin" run --config "$TMP/conf/sy.yaml" >"$TMP/$target.log" 2>&1 &
+            elif [[ $target == bare-policy ]]; then
+                valgrind --tool=callgrind --callgrind-out-file="$out" \
+                    "$bin" bare --listen "127.0.0.1:$pp" --config "$TMP/conf/sy.yaml" --threads 2 >"$TMP/$target.log" 2>&1 &
             else
                 local ups=()
                 for p in "${ports[@]}"; do ups+=(--upstream "127.0.0.1:$p"); done
@@ -145,8 +152,10 @@ proxy_part() {
         done
     done
     for mode in plain stream; do
-        awk -v s="${PER[switchyard/$mode]}" -v b="${PER[bare/$mode]}" -v m="$mode" \
-            'BEGIN { printf "%-7s switchyard/bare %.2f (+%d instructions per request)\n", m, s / b, s - b }'
+        for target in switchyard bare-policy; do
+            awk -v s="${PER[$target/$mode]}" -v b="${PER[bare/$mode]}" -v m="$mode" -v t="$target" \
+                'BEGIN { printf "%-7s %s/bare %.2f (+%d instructions per request)\n", m, t, s / b, s - b }'
+        done
     done
 }
 

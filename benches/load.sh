@@ -17,8 +17,10 @@
 # Knobs (environment): DURATION (s, 8), WARMUP (s, 1), CONNS (32), WRK_THREADS (2),
 # RATE (requests/s, 500), RATE_CONNS (1), RATE_SECONDS (5),
 # PROXY_THREADS (2), BODY_BYTES (1024), CHUNKS (8, SSE chunks per streamed answer),
-# TARGETS ("direct switchyard nginx bare"; add "switchyard-quiet" for Switchyard with its
-# per-request access log turned off, like nginx's), SY_LOG (RUST_LOG for the Switchyard
+# TARGETS ("direct switchyard nginx bare bare-policy"; add "switchyard-quiet" for Switchyard
+# with its per-request access log turned off, like nginx's; bare-policy is the bare
+# pass-through plus only Switchyard's body read, metadata extraction and round_robin
+# decision, `switchyard bare --config`), SY_LOG (RUST_LOG for the Switchyard
 # row, default "info" = as shipped), NO_BUILD (1 = skip `cargo build --release` and use the
 # binary already in target/release).
 #
@@ -37,7 +39,7 @@ CHUNKS=${CHUNKS:-8}
 RATE=${RATE:-500}
 RATE_CONNS=${RATE_CONNS:-1}
 RATE_SECONDS=${RATE_SECONDS:-5}
-TARGETS=${TARGETS:-"direct switchyard nginx bare"}
+TARGETS=${TARGETS:-"direct switchyard nginx bare bare-policy"}
 SY_LOG=${SY_LOG:-info}
 MOCKS=3
 
@@ -267,9 +269,9 @@ need_pkg wrk wrk
 need_pkg h2load nghttp2-client
 for t in $TARGETS; do
     case $t in
-    direct | switchyard | switchyard-quiet | bare) ;;
+    direct | switchyard | switchyard-quiet | bare | bare-policy) ;;
     nginx) need_pkg nginx nginx-light ;;
-    *) die "unknown target \`$t\` (direct switchyard switchyard-quiet nginx bare)" ;;
+    *) die "unknown target \`$t\` (direct switchyard switchyard-quiet nginx bare bare-policy)" ;;
     esac
 done
 
@@ -307,8 +309,16 @@ start_switchyard() { # start_switchyard NAME RUST_LOG: prints "PORT PID"
     # reloads, and its own log written next to it would wake the watcher on every request.
     mkdir -p "$TMP/conf-$name"
     cfg="$TMP/conf-$name/switchyard.yaml"
+    write_config "$cfg" "$port"
+    RUST_LOG=$level start "$name" INT "$BIN" run --config "$cfg"
+    wait_ready "http://127.0.0.1:$port/health" "$name"
+    SY_PORT=$port
+}
+
+write_config() { # write_config FILE PORT: round_robin over the mocks, listening on PORT
+    local p
     {
-        printf 'listen:\n  - addr: "127.0.0.1:%s"\n' "$port"
+        printf 'listen:\n  - addr: "127.0.0.1:%s"\n' "$2"
         printf 'policies_dir: "%s/policies"\n' "$ROOT"
         printf 'routes:\n  - policy: round_robin\n'
         printf 'backends:\n'
@@ -316,10 +326,7 @@ start_switchyard() { # start_switchyard NAME RUST_LOG: prints "PORT PID"
             printf '  - { name: m%s, url: "http://127.0.0.1:%s", models: [m] }\n' "$p" "${MOCK_PORTS[$p]}"
         done
         printf 'proxy: { threads: %s, grace_period_seconds: 0 }\n' "$PROXY_THREADS"
-    } >"$cfg"
-    RUST_LOG=$level start "$name" INT "$BIN" run --config "$cfg"
-    wait_ready "http://127.0.0.1:$port/health" "$name"
-    SY_PORT=$port
+    } >"$1"
 }
 
 echo "running: targets [$TARGETS], ${DURATION}s per run after ${WARMUP}s warm-up..." >&2
@@ -366,6 +373,17 @@ for t in $TARGETS; do
         pid=$LAST_PID
         wait_ready "http://127.0.0.1:$port/health" bare
         run_target bare "$port" "$pid"
+        ;;
+    bare-policy)
+        free_port
+        port=$PORT
+        mkdir -p "$TMP/conf-bare-policy"
+        write_config "$TMP/conf-bare-policy/switchyard.yaml" "$port"
+        start bare-policy INT "$BIN" bare --listen "127.0.0.1:$port" \
+            --config "$TMP/conf-bare-policy/switchyard.yaml" --threads "$PROXY_THREADS"
+        pid=$LAST_PID
+        wait_ready "http://127.0.0.1:$port/health" bare-policy
+        run_target bare-policy "$port" "$pid"
         ;;
     esac
 done
@@ -417,6 +435,10 @@ for mode in plain stream; do
         "$(ratio "switchyard/$mode" "bare/$mode")" \
         "$(added "switchyard/$mode" "direct/$mode")"
 done
+if [[ -n ${RPS[bare-policy/plain]:-} ]]; then
+    echo "The three parts the throughput target names (body read, metadata, Lua policy) alone,"
+    echo "bare-policy/bare: plain $(ratio bare-policy/plain bare/plain), stream $(ratio bare-policy/stream bare/stream) (target >= 0.90)"
+fi
 
 rate_added() { # rate_added A B: fixed-rate p99 of A minus that of B, in ms
     if [[ -n ${R_P99[$1]:-} && -n ${R_P99[$2]:-} ]]; then

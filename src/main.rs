@@ -90,13 +90,17 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Benchmark-only bare Pingora round-robin pass-through (no body read, no Lua).
+    /// Benchmark-only bare Pingora round-robin pass-through (no body read, no Lua); with
+    /// --config, plus Switchyard's body read, metadata extraction and policy decision over
+    /// that config's routes and backends, and nothing else.
     #[command(hide = true)]
     Bare {
         #[arg(long)]
         listen: String,
-        #[arg(long = "upstream", required = true)]
+        #[arg(long = "upstream", required_unless_present = "config")]
         upstreams: Vec<SocketAddr>,
+        #[arg(long, conflicts_with = "upstreams")]
+        config: Option<PathBuf>,
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
@@ -195,9 +199,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bare {
             listen,
             upstreams,
+            config,
             threads,
         } => {
-            switchyard::bare::run(&listen, upstreams, threads)?;
+            let config = match config {
+                Some(path) => Some(
+                    Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            switchyard::bare::run(&listen, upstreams, config, threads)?;
             Ok(ExitCode::SUCCESS)
         }
     }
