@@ -233,7 +233,7 @@ impl RequestCtx {
         if !usage.reported {
             // A stream that reported no usage (or broke off) used at least its prompt: the
             // estimate stands for it in limits, metrics, the access log and the audit.
-            usage.prompt_tokens = self.meta.as_ref().map_or(0, |m| m.tokens);
+            usage.prompt_tokens = self.meta.as_ref().map_or(0, |m| m.tokens());
         }
         // Only a stream's first and last bytes bracket the decoding; a plain answer arrives
         // all at once, and its transfer time says nothing about tokens per second.

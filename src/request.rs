@@ -3,7 +3,10 @@
 //! and forwarded byte for byte.
 
 use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::OnceLock;
 
+use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -31,8 +34,10 @@ const SESSION_PREFIX_BYTES: usize = 4096;
 #[derive(Debug, Clone, Default)]
 pub struct RequestMeta {
     pub model: Option<String>,
-    /// Estimated prompt tokens (0 without a body).
-    pub tokens: u64,
+    /// Estimated prompt tokens, counted on first use: see [`RequestMeta::tokens`].
+    tokens: OnceLock<u64>,
+    /// Where the prompt's text is, for the estimate.
+    prompt: Prompt,
     pub max_tokens: Option<u64>,
     /// Completions asked for (`n`, OpenAI; 1 when the body does not say; 0 reserves as 1).
     pub choices: u64,
@@ -88,6 +93,24 @@ impl RequestMeta {
         }
     }
 
+    /// Estimated prompt tokens (0 without a body). Counted the first time something asks
+    /// — the policy reading `req.tokens`, a tenant's token or spend limit, a stream's
+    /// accounting without usage — and kept: a request nothing asks pays nothing, which
+    /// for a large prompt routed by round robin is ~10 instructions a byte saved.
+    pub fn tokens(&self) -> u64 {
+        *self.tokens.get_or_init(|| self.prompt.estimate())
+    }
+
+    /// Whether the estimate has been counted yet.
+    pub fn tokens_counted(&self) -> bool {
+        self.tokens.get().is_some()
+    }
+
+    /// Set the estimate, as if counted (tests and benchmarks).
+    pub fn set_tokens(&mut self, tokens: u64) {
+        self.tokens = OnceLock::from(tokens);
+    }
+
     /// Completion tokens to reserve for this request: `max_tokens` (or `default` without
     /// one) for each of the `n` completions asked for.
     pub fn completion_reserve(&self, default: u64) -> u64 {
@@ -110,7 +133,7 @@ impl RequestMeta {
     /// The body is parsed once, into the fields' expected types. Only if that fails is it
     /// parsed again field by field, to name the field whose type is wrong (or to give the
     /// syntax error's place): the first way reads the prompt once, the second twice.
-    pub fn read_json_body(&mut self, body: &[u8]) -> Result<(), ClientError> {
+    pub fn read_json_body(&mut self, body: &Bytes) -> Result<(), ClientError> {
         check_depth(body)?;
         let fields = match serde_json::from_slice::<BodyFields>(body) {
             Ok(fields) => fields,
@@ -137,12 +160,15 @@ impl RequestMeta {
         self.max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
         self.choices = fields.n.unwrap_or(1);
 
-        let mut tokens = TokenEstimate::default();
+        let mut prompt = Prompt {
+            body: body.clone(),
+            pieces: Vec::new(),
+        };
         let mut session = SessionHasher::default();
         for m in fields.messages.iter().flatten() {
             if let Some(c) = &m.content {
                 c.visit_text(&mut |t| {
-                    tokens.add(t);
+                    prompt.add(t);
                     // The system prompt and the first message identify a conversation.
                     if m.role.as_deref() == Some("system") || session.messages == 0 {
                         session.add(t);
@@ -158,15 +184,53 @@ impl RequestMeta {
             .flatten()
         {
             text.visit_text(&mut |t| {
-                tokens.add(t);
+                prompt.add(t);
                 session.add(t);
             });
         }
-        self.tokens = tokens.tokens();
+        self.prompt = prompt;
+        self.tokens = OnceLock::new();
         if self.session.is_none() && session.bytes > 0 {
             self.session = Some(format!("{:016x}", session.hasher.digest()));
         }
         Ok(())
+    }
+}
+
+/// The pieces of a prompt's text: most are slices of the body (text without escapes,
+/// which the parser borrows); text with escapes is kept as the parser decoded it.
+#[derive(Debug, Clone, Default)]
+struct Prompt {
+    body: Bytes,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone)]
+enum Piece {
+    InBody(Range<usize>),
+    Decoded(String),
+}
+
+impl Prompt {
+    fn add(&mut self, text: &str) {
+        // A borrowed piece lies inside the body: its place is a pointer difference.
+        let (start, body_start) = (text.as_ptr() as usize, self.body.as_ptr() as usize);
+        let piece = match start.checked_sub(body_start) {
+            Some(at) if at + text.len() <= self.body.len() => Piece::InBody(at..at + text.len()),
+            _ => Piece::Decoded(text.to_string()),
+        };
+        self.pieces.push(piece);
+    }
+
+    fn estimate(&self) -> u64 {
+        let mut tokens = TokenEstimate::default();
+        for piece in &self.pieces {
+            match piece {
+                Piece::InBody(range) => tokens.add_bytes(&self.body[range.clone()]),
+                Piece::Decoded(text) => tokens.add(text),
+            }
+        }
+        tokens.tokens()
     }
 }
 
@@ -438,7 +502,8 @@ mod tests {
 
     fn meta(body: &str) -> Result<RequestMeta, ClientError> {
         let mut m = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
-        m.read_json_body(body.as_bytes()).map(|_| m)
+        m.read_json_body(&Bytes::copy_from_slice(body.as_bytes()))
+            .map(|_| m)
     }
 
     /// The estimate for exactly these pieces of text.
@@ -456,8 +521,8 @@ mod tests {
         assert_eq!(m.model.as_deref(), Some("gpt-4o"));
         assert!(m.stream);
         assert_eq!(m.max_tokens, Some(50));
-        assert_eq!(m.tokens, estimate(&["be brief", "hello there, friend"]));
-        assert_eq!(m.tokens, 6, "o200k_base counts 2 + 4");
+        assert_eq!(m.tokens(), estimate(&["be brief", "hello there, friend"]));
+        assert_eq!(m.tokens(), 6, "o200k_base counts 2 + 4");
         assert!(m.session.is_some());
         assert_eq!(m.tenant, ANONYMOUS);
     }
@@ -465,22 +530,40 @@ mod tests {
     #[test]
     fn content_parts_and_prompt_count_as_tokens() {
         let m = meta(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"abcdefgh"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#).unwrap();
-        assert_eq!(m.tokens, estimate(&["abcdefgh"]));
+        assert_eq!(m.tokens(), estimate(&["abcdefgh"]));
         assert_ne!(
-            m.tokens,
+            m.tokens(),
             estimate(&["abcdefgh", "x"]),
             "the image is not text"
         );
         let m = meta(r#"{"model":"m","prompt":"abcd"}"#).unwrap();
-        assert_eq!(m.tokens, 1);
+        assert_eq!(m.tokens(), 1);
         let m = meta(r#"{"model":"m","input":["abcd","efgh"]}"#).unwrap();
-        assert_eq!(m.tokens, 2);
+        assert_eq!(m.tokens(), 2);
+    }
+
+    #[test]
+    fn the_estimate_waits_for_a_reader_and_counts_decoded_text() {
+        // Text with escapes is counted as decoded, text without as it lies in the body.
+        let m = meta(
+            r#"{"model":"m","messages":[{"role":"system","content":"line one\nline \"two\""},{"role":"user","content":"plain words here"}]}"#,
+        )
+        .unwrap();
+        assert!(!m.tokens_counted());
+        let expected = estimate(&["line one\nline \"two\"", "plain words here"]);
+        assert_eq!(m.tokens(), expected);
+        assert!(m.tokens_counted());
+        // A copy keeps the count; a copy made before counting counts the same.
+        assert_eq!(m.clone().tokens(), expected);
+        let fresh = meta(r#"{"model":"m","prompt":"plain words here"}"#).unwrap();
+        let copy = fresh.clone();
+        assert_eq!(copy.tokens(), fresh.tokens());
     }
 
     #[test]
     fn anthropic_bodies_count_system_blocks_and_tool_results() {
         let mut m = RequestMeta::from_head("POST", "/v1/messages", &http::HeaderMap::new());
-        m.read_json_body(
+        m.read_json_body(&Bytes::from_static(
             br#"{"model":"claude","max_tokens":64,"stream":true,
             "system":[{"type":"text","text":"abcd","cache_control":{"type":"ephemeral"}}],
             "messages":[{"role":"user","content":[
@@ -490,16 +573,16 @@ mod tests {
                 {"type":"tool_result","tool_use_id":"t2","content":"mnop"}]},
               {"role":"assistant","content":[{"type":"thinking","thinking":"qrst","signature":"s"},
                 {"type":"tool_use","id":"t3","name":"f","input":{"q":"not counted"}}]}]}"#,
-        )
+        ))
         .unwrap();
         assert_eq!(m.format, ApiFormat::Anthropic);
         assert_eq!(m.model.as_deref(), Some("claude"));
         assert!(m.stream);
         assert_eq!(m.max_tokens, Some(64));
         let counted = ["abcd", "efgh", "ijkl", "mnop", "qrst"];
-        assert_eq!(m.tokens, estimate(&counted));
+        assert_eq!(m.tokens(), estimate(&counted));
         assert_ne!(
-            m.tokens,
+            m.tokens(),
             estimate(&[&counted[..], &["not counted"]].concat())
         );
         assert!(m.session.is_some());
@@ -556,7 +639,7 @@ mod tests {
     fn nulls_and_absent_fields_read_as_before() {
         let m = meta(r#"{"model":"m","stream":null,"max_tokens":null,"prompt":null,"messages":null,"stream_options":null}"#)
             .unwrap();
-        assert!(!m.stream && m.max_tokens.is_none() && m.tokens == 0);
+        assert!(!m.stream && m.max_tokens.is_none() && m.tokens() == 0);
         let m = meta(r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#).unwrap();
         assert_eq!(m.max_tokens, Some(9));
         assert_eq!((m.choices, m.completion_reserve(100)), (1, 9));
@@ -565,7 +648,7 @@ mod tests {
         // A message of an unknown shape is passed over, as before.
         let m = meta(r#"{"model":"m","messages":[{"role":"user","content":{"x":1}},{"role":"user","content":"hello there"}]}"#)
             .unwrap();
-        assert!(m.tokens > 0);
+        assert!(m.tokens() > 0);
     }
 
     #[test]

@@ -520,7 +520,11 @@ pub struct TokenEstimate {
 impl TokenEstimate {
     /// Count one piece of prompt text (a message, a content part, a prompt string).
     pub fn add(&mut self, text: &str) {
-        let b = text.as_bytes();
+        self.add_bytes(text.as_bytes());
+    }
+
+    /// Add one piece of text given as its UTF-8 bytes.
+    pub fn add_bytes(&mut self, b: &[u8]) {
         let bounds = lanes(b);
         let lane: [&[u8]; LANES] = std::array::from_fn(|k| &b[bounds[k]..bounds[k + 1]]);
         let mut row = [START as usize * COLUMNS; LANES];

@@ -180,7 +180,7 @@ impl Limiter {
         meta: &RequestMeta,
     ) -> Result<Lease, ClientError> {
         let tokens = meta
-            .tokens
+            .tokens()
             .saturating_add(meta.completion_reserve(limits.default_max_tokens))
             .min(MAX_TOKENS);
         let nano = reserved_nano(runtime, meta, limits);
@@ -287,7 +287,7 @@ fn reserved_nano(runtime: &Runtime, meta: &RequestMeta, limits: &TenantLimits) -
         dearest.output = dearest.output.max(b.config.cost.output);
     }
     let completion = meta.completion_reserve(limits.default_max_tokens);
-    (dearest.usd(meta.tokens, completion) * NANO_PER_USD)
+    (dearest.usd(meta.tokens(), completion) * NANO_PER_USD)
         .ceil()
         .min(MAX_NANO) as i64
 }

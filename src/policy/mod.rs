@@ -225,8 +225,10 @@ mod tests {
         let candidates = set.serving(Some("m"));
         let mut meta =
             RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
-        meta.read_json_body(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
-            .expect("test body is valid");
+        meta.read_json_body(&bytes::Bytes::from_static(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .expect("test body is valid");
         (set, candidates, Arc::new(meta), config)
     }
 
@@ -255,6 +257,7 @@ mod tests {
             "backends[1].tags.tier = 'y'",
             "backends[1].models.m = false",
             "req.model = 'x'",
+            "req.tokens = 1",
             "req.params.x = 1",
         ] {
             let source = format!(
@@ -267,6 +270,49 @@ mod tests {
                 other => panic!("{write}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn req_tokens_is_counted_when_first_read_and_listed_by_pairs() {
+        let (set, candidates, req, config) = setup();
+        let ignores = Policy::new(
+            "p",
+            "local P = {}\nfunction P.route(req, b) return b[1].name end\nreturn P".into(),
+            PathBuf::from("p.lua"),
+        );
+        decide(
+            &ignores,
+            &req,
+            &no_params(),
+            &candidates,
+            &set,
+            &config.lua,
+            5,
+        )
+        .unwrap();
+        assert!(
+            !req.tokens_counted(),
+            "a policy that never reads it costs no count"
+        );
+
+        // Read directly and through `pairs`, the same number as the proxy's limits see.
+        let source = format!(
+            "local P = {{}}\nfunction P.route(req, b)\n  local listed\n  for k, v in pairs(req) do if k == 'tokens' then listed = v end end\n  if req.tokens == {} and listed == req.tokens then return b[1].name end\n  return b[2].name\nend\nreturn P",
+            req.tokens()
+        );
+        let reads = Policy::new("q", source, PathBuf::from("q.lua"));
+        let (set, candidates, req, config) = setup();
+        let chosen = decide(
+            &reads,
+            &req,
+            &no_params(),
+            &candidates,
+            &set,
+            &config.lua,
+            5,
+        );
+        assert_eq!(names(chosen).unwrap()[0], candidates[0].name());
+        assert!(req.tokens_counted());
     }
 
     #[test]

@@ -27,7 +27,6 @@ struct Keys {
     /// `inflight`, `latency_ms`, `ttft_ms`, `tps`, `error_rate`, in [`Live`] order.
     live: [LuaString; 5],
     model: LuaString,
-    tokens: LuaString,
     max_tokens: LuaString,
     stream: LuaString,
     tenant: LuaString,
@@ -104,13 +103,14 @@ struct LastRequest {
     path: Option<String>,
     method: Option<String>,
     format: Option<&'static str>,
-    /// `tokens`, `max_tokens`, `priority`.
-    numbers: [Option<i64>; 3],
+    /// `max_tokens`, `priority`.
+    numbers: [Option<i64>; 2],
     stream: bool,
 }
 
 impl TableCache {
-    pub fn new(lua: &Lua, readonly: Function) -> mlua::Result<TableCache> {
+    /// `readonly` makes read-only views; `request_view` the `req` view (`H.request`).
+    pub fn new(lua: &Lua, readonly: Function, request_view: Function) -> mlua::Result<TableCache> {
         let s = |k: &str| lua.create_string(k);
         let keys = Keys {
             live: LIVE_FIELDS
@@ -120,7 +120,6 @@ impl TableCache {
                 .try_into()
                 .expect("five keys"),
             model: s("model")?,
-            tokens: s("tokens")?,
             max_tokens: s("max_tokens")?,
             stream: s("stream")?,
             tenant: s("tenant")?,
@@ -134,7 +133,8 @@ impl TableCache {
         };
         let req_data = lua.create_table_with_capacity(0, 13)?;
         req_data.raw_set("header", header_function(lua)?)?;
-        let req_view = readonly.call(&req_data)?;
+        // `tokens` is never stored: reading it counts the estimate (see `RequestMeta::tokens`).
+        let req_view = request_view.call((&req_data, tokens_function(lua)?))?;
         Ok(TableCache {
             keys,
             readonly,
@@ -206,7 +206,6 @@ impl TableCache {
             last.format = Some(format);
         }
         let numbers = [
-            (&k.tokens, Some(req.tokens as i64)),
             (&k.max_tokens, req.max_tokens.map(|m| m as i64)),
             (&k.priority, Some(req.priority)),
         ];
@@ -477,6 +476,17 @@ fn params_table(lua: &Lua, readonly: &Function, params: &Params) -> mlua::Result
 }
 
 /// `req.header(name)`: a request header by case-insensitive name, credentials excluded.
+/// `req.tokens`: the estimate of the request being decided, counted on first use.
+fn tokens_function(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(|lua, ()| {
+        let ctx = lua.app_data_ref::<super::vm::CallContext>();
+        Ok(ctx
+            .as_ref()
+            .and_then(|c| c.req.as_ref())
+            .map(|r| r.tokens() as i64))
+    })
+}
+
 fn header_function(lua: &Lua) -> mlua::Result<Function> {
     lua.create_function(|lua, name: LuaString| {
         let ctx = lua.app_data_ref::<super::vm::CallContext>();

@@ -35,6 +35,27 @@ end
 function H.invoke(route, req, views, n)
   return route(req, { unpack(views, 1, n) })
 end
+-- The `req` a policy gets: read-only like the others, with `tokens` not stored in `t` but
+-- counted the first time it is read (`tokens` is a Rust function); `pairs` lists it last.
+function H.request(t, tokens)
+  setmetatable(t, { __index = function(_, k) if k == "tokens" then return tokens() end end })
+  return setmetatable({}, {
+    __index = t, __newindex = deny, __metatable = false,
+    __pairs = function()
+      local listed = false
+      return function(_, k)
+        if listed then return nil end
+        local nk, nv = next(t, k)
+        if nk == nil then
+          listed = true
+          return "tokens", tokens()
+        end
+        return nk, nv
+      end, t, nil
+    end,
+    __len = function() return #t end,
+  })
+end
 function H.readonly(t)
   return setmetatable({}, {
     __index = t, __newindex = deny, __metatable = false,
@@ -170,7 +191,7 @@ impl PolicyVm {
         // Set last: building the sandbox must never count against the policies' memory.
         lua.set_memory_limit(limits.memory_limit_bytes)?;
 
-        let tables = TableCache::new(&lua, readonly)?;
+        let tables = TableCache::new(&lua, readonly, helpers.get("request")?)?;
         Ok(PolicyVm {
             lua,
             state,
