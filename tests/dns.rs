@@ -173,7 +173,7 @@ async fn a_named_backend_follows_its_name_and_keeps_its_address_while_the_name_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_refreshing_off_the_address_of_the_load_stays() {
+async fn with_refreshing_off_the_address_of_the_load_stays_until_a_reload_turns_it_on() {
     let s = setup(0).await;
     hosts(&s.hosts_file, Some(s.second));
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -186,4 +186,15 @@ async fn with_refreshing_off_the_address_of_the_load_stays() {
     for _ in 0..3 {
         assert_eq!(answered_by(&s.proxy).await, "first");
     }
+
+    // Refreshing turned on by editing the config: the running proxy follows the name.
+    let path = s.proxy.dir().join("switchyard.yaml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains("dns_refresh_seconds: 0"), "{config}");
+    std::fs::write(
+        &path,
+        config.replace("dns_refresh_seconds: 0", "dns_refresh_seconds: 1"),
+    )
+    .unwrap();
+    wait_for_mock(&s.proxy, "second").await;
 }
