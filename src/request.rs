@@ -106,11 +106,6 @@ impl RequestMeta {
         self.tokens.get().is_some()
     }
 
-    /// Set the estimate, as if counted (tests and benchmarks).
-    pub fn set_tokens(&mut self, tokens: u64) {
-        self.tokens = OnceLock::from(tokens);
-    }
-
     /// Completion tokens to reserve for this request: `max_tokens` (or `default` without
     /// one) for each of the `n` completions asked for.
     pub fn completion_reserve(&self, default: u64) -> u64 {

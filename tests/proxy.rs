@@ -457,3 +457,69 @@ async fn a_body_over_the_limit_is_refused_with_413() {
     }
     assert!(received(&m).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_pass_throughs_serve_and_the_policy_one_asks_the_policy() {
+    // `switchyard bare` is what benches/load.sh and instructions.sh measure Switchyard
+    // against: it must serve, and with `--config` route as the config's policy says.
+    let first = mock("first", &["--chunks", "3"]).await;
+    let second = mock("second", &["--chunks", "3"]).await;
+    let upstreams = [first.port, second.port].map(|p| format!("127.0.0.1:{p}"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "bare",
+        "--listen",
+        &listen,
+        "--upstream",
+        &upstreams[0],
+        "--upstream",
+        &upstreams[1],
+    ];
+    let bare = spawn(&args, port, None, &[]);
+    wait_ready(&bare.url("/health")).await;
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let (status, headers, body) = chat(&bare, &chat_body("m", "hi", false)).await;
+        assert_eq!(status, 200, "{body}");
+        served.insert(headers["x-mock-backend"].to_str().unwrap().to_string());
+    }
+    assert_eq!(served.len(), 2, "round robin over both: {served:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let policies = write_policies(
+        dir.path(),
+        &[("second_only", &FIXED_ORDER.replace("\"first\", ", ""))],
+    );
+    let config = dir.path().join("switchyard.yaml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [{{ addr: \"127.0.0.1:{port}\" }}]\npolicies_dir: {}\n{}backends:\n{}{}",
+            policies.display(),
+            routes("second_only"),
+            backend("first", first.port, "[m]"),
+            backend("second", second.port, "[m]")
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "bare",
+        "--listen",
+        &listen,
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let with_policy = spawn(&args, port, Some(dir), &[]);
+    wait_ready(&with_policy.url("/health")).await;
+    for stream in [false, true, false] {
+        let (status, headers, body) = chat(&with_policy, &chat_body("m", "hi", stream)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(headers["x-mock-backend"], "second", "the policy chose");
+        if stream {
+            assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+        }
+    }
+}

@@ -475,7 +475,6 @@ fn params_table(lua: &Lua, readonly: &Function, params: &Params) -> mlua::Result
     readonly.call(t)
 }
 
-/// `req.header(name)`: a request header by case-insensitive name, credentials excluded.
 /// `req.tokens`: the estimate of the request being decided, counted on first use.
 fn tokens_function(lua: &Lua) -> mlua::Result<Function> {
     lua.create_function(|lua, ()| {
@@ -487,6 +486,7 @@ fn tokens_function(lua: &Lua) -> mlua::Result<Function> {
     })
 }
 
+/// `req.header(name)`: a request header by case-insensitive name, credentials excluded.
 fn header_function(lua: &Lua) -> mlua::Result<Function> {
     lua.create_function(|lua, name: LuaString| {
         let ctx = lua.app_data_ref::<super::vm::CallContext>();
