@@ -20,7 +20,10 @@
 # TARGETS ("direct switchyard nginx bare bare-policy"; add "switchyard-quiet" for Switchyard
 # with its per-request access log turned off, like nginx's; bare-policy is the bare
 # pass-through plus only Switchyard's body read, metadata extraction and round_robin
-# decision, `switchyard bare --config`), SY_LOG (RUST_LOG for the Switchyard
+# decision, `switchyard bare --config`), REPEATS (1: with more, the saturated runs of every
+# target are repeated, the order of the targets reversed on every other round, and each
+# row reports the median of its rounds, with every round's ratios listed; the fixed-rate
+# runs are made in the first round only), SY_LOG (RUST_LOG for the Switchyard
 # row, default "info" = as shipped), NO_BUILD (1 = skip `cargo build --release` and use the
 # binary already in target/release).
 #
@@ -40,6 +43,7 @@ RATE=${RATE:-500}
 RATE_CONNS=${RATE_CONNS:-1}
 RATE_SECONDS=${RATE_SECONDS:-5}
 TARGETS=${TARGETS:-"direct switchyard nginx bare bare-policy"}
+REPEATS=${REPEATS:-1}
 SY_LOG=${SY_LOG:-info}
 MOCKS=3
 
@@ -175,6 +179,9 @@ upstream_filter() { # ss filter: connections to any mock port
 declare -A RPS=() P50=() P99=() NON2XX=() SOCKERR=() UPEST=() UPNEW=() CPU=()
 # The fixed-rate runs: requests answered, their p50 and p99 (ms), and failures.
 declare -A R_DONE=() R_P50=() R_P99=() R_FAIL=()
+# Saturated req/s and CPU per request of every round, keyed "target/mode#round".
+declare -A ROUND_RPS=() ROUND_CPU=()
+ROUND=1
 # Pids of the process under test (the proxy, or mock 0 for the direct row), for CPU/request.
 UNDER_TEST=""
 ROWS=()
@@ -207,14 +214,19 @@ $out"
     RPS[$key]=$(awk -v r="$reqs" -v d="$dur_us" 'BEGIN { printf "%.0f", r / (d / 1e6) }')
     P50[$key]=$(awk -v v="$p50_us" 'BEGIN { printf "%.2f", v / 1000 }')
     P99[$key]=$(awk -v v="$p99_us" 'BEGIN { printf "%.2f", v / 1000 }')
-    NON2XX[$key]=$e_status
-    SOCKERR[$key]=$((e_conn + e_read + e_write + e_timeout))
+    # Failures add up over the rounds.
+    NON2XX[$key]=$((${NON2XX[$key]:-0} + e_status))
+    SOCKERR[$key]=$((${SOCKERR[$key]:-0} + e_conn + e_read + e_write + e_timeout))
     UPEST[$key]=$(cat "$TMP/upest" 2>/dev/null || echo "?")
     # wrk itself opens CONNS connections; the rest were opened by the proxy to the mocks.
     UPNEW[$key]=$((opens_after - opens_before - CONNS))
     CPU[$key]=$(awk -v t=$((cpu_after - cpu_before)) -v r="$reqs" 'BEGIN { printf "%.0f", r ? t * 1e4 / r : 0 }')
-    ROWS+=("$key")
-    measure_at_rate "$key" "$url" "$mode"
+    ROUND_RPS["$key#$ROUND"]=${RPS[$key]}
+    ROUND_CPU["$key#$ROUND"]=${CPU[$key]}
+    if ((ROUND == 1)); then
+        ROWS+=("$key")
+        measure_at_rate "$key" "$url" "$mode"
+    fi
 }
 
 measure_at_rate() { # measure_at_rate KEY URL MODE: latency at RATE requests/s (h2load --rps)
@@ -329,64 +341,83 @@ write_config() { # write_config FILE PORT: round_robin over the mocks, listening
     } >"$1"
 }
 
-echo "running: targets [$TARGETS], ${DURATION}s per run after ${WARMUP}s warm-up..." >&2
-for t in $TARGETS; do
-    case $t in
-    direct)
-        # wrk spreads its connections over the mocks itself: one third each would need three
-        # wrk processes, so the direct row drives mock 0 only. Every mock is the same binary;
-        # this is the upper bound a proxy over them can approach.
-        run_target direct "${MOCK_PORTS[0]}"
-        ;;
-    switchyard)
-        start_switchyard switchyard "$SY_LOG"
-        run_target switchyard "$SY_PORT" "$LAST_PID"
-        ;;
-    switchyard-quiet)
-        start_switchyard switchyard-quiet "warn,switchyard::access=off"
-        run_target switchyard-quiet "$SY_PORT" "$LAST_PID"
-        ;;
-    nginx)
-        free_port
-        port=$PORT
-        mkdir -p "$TMP/nginx"
-        upstreams=""
-        for p in "${MOCK_PORTS[@]}"; do upstreams+="        server 127.0.0.1:$p;"$'\n'; done
-        awk -v prefix="$TMP/nginx" -v listen="127.0.0.1:$port" -v workers="$PROXY_THREADS" \
-            -v ups="${upstreams%$'\n'}" '
-            { gsub(/@PREFIX@/, prefix); gsub(/@LISTEN@/, listen); gsub(/@WORKERS@/, workers) }
-            /@UPSTREAMS@/ { print ups; next }
-            { print }' "$ROOT/benches/nginx.conf.tmpl" >"$TMP/nginx/nginx.conf"
-        nginx -t -q -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.log" 2>&1 ||
-            die "nginx rejects the generated config: $(cat "$TMP/nginx.log")"
-        start nginx TERM nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx"
-        pid=$LAST_PID
-        wait_ready "http://127.0.0.1:$port/health" nginx
-        run_target nginx "$port" "$pid"
-        ;;
-    bare)
-        free_port
-        port=$PORT
-        ups=()
-        for p in "${MOCK_PORTS[@]}"; do ups+=(--upstream "127.0.0.1:$p"); done
-        start bare INT "$BIN" bare --listen "127.0.0.1:$port" "${ups[@]}" --threads "$PROXY_THREADS"
-        pid=$LAST_PID
-        wait_ready "http://127.0.0.1:$port/health" bare
-        run_target bare "$port" "$pid"
-        ;;
-    bare-policy)
-        free_port
-        port=$PORT
-        mkdir -p "$TMP/conf-bare-policy"
-        write_config "$TMP/conf-bare-policy/switchyard.yaml" "$port"
-        start bare-policy INT "$BIN" bare --listen "127.0.0.1:$port" \
-            --config "$TMP/conf-bare-policy/switchyard.yaml" --threads "$PROXY_THREADS"
-        pid=$LAST_PID
-        wait_ready "http://127.0.0.1:$port/health" bare-policy
-        run_target bare-policy "$port" "$pid"
-        ;;
-    esac
+echo "running: targets [$TARGETS], ${DURATION}s per run after ${WARMUP}s warm-up, $REPEATS round(s)..." >&2
+for ((ROUND = 1; ROUND <= REPEATS; ROUND++)); do
+    order=$TARGETS
+    if ((ROUND % 2 == 0)); then order=$(tr ' ' '\n' <<<"$TARGETS" | tac | xargs); fi
+    for t in $order; do
+        case $t in
+        direct)
+            # wrk spreads its connections over the mocks itself: one third each would need three
+            # wrk processes, so the direct row drives mock 0 only. Every mock is the same binary;
+            # this is the upper bound a proxy over them can approach.
+            run_target direct "${MOCK_PORTS[0]}"
+            ;;
+        switchyard)
+            start_switchyard switchyard "$SY_LOG"
+            run_target switchyard "$SY_PORT" "$LAST_PID"
+            ;;
+        switchyard-quiet)
+            start_switchyard switchyard-quiet "warn,switchyard::access=off"
+            run_target switchyard-quiet "$SY_PORT" "$LAST_PID"
+            ;;
+        nginx)
+            free_port
+            port=$PORT
+            mkdir -p "$TMP/nginx"
+            upstreams=""
+            for p in "${MOCK_PORTS[@]}"; do upstreams+="        server 127.0.0.1:$p;"$'\n'; done
+            awk -v prefix="$TMP/nginx" -v listen="127.0.0.1:$port" -v workers="$PROXY_THREADS" \
+                -v ups="${upstreams%$'\n'}" '
+                { gsub(/@PREFIX@/, prefix); gsub(/@LISTEN@/, listen); gsub(/@WORKERS@/, workers) }
+                /@UPSTREAMS@/ { print ups; next }
+                { print }' "$ROOT/benches/nginx.conf.tmpl" >"$TMP/nginx/nginx.conf"
+            nginx -t -q -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.log" 2>&1 ||
+                die "nginx rejects the generated config: $(cat "$TMP/nginx.log")"
+            start nginx TERM nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx"
+            pid=$LAST_PID
+            wait_ready "http://127.0.0.1:$port/health" nginx
+            run_target nginx "$port" "$pid"
+            ;;
+        bare)
+            free_port
+            port=$PORT
+            ups=()
+            for p in "${MOCK_PORTS[@]}"; do ups+=(--upstream "127.0.0.1:$p"); done
+            start bare INT "$BIN" bare --listen "127.0.0.1:$port" "${ups[@]}" --threads "$PROXY_THREADS"
+            pid=$LAST_PID
+            wait_ready "http://127.0.0.1:$port/health" bare
+            run_target bare "$port" "$pid"
+            ;;
+        bare-policy)
+            free_port
+            port=$PORT
+            mkdir -p "$TMP/conf-bare-policy"
+            write_config "$TMP/conf-bare-policy/switchyard.yaml" "$port"
+            start bare-policy INT "$BIN" bare --listen "127.0.0.1:$port" \
+                --config "$TMP/conf-bare-policy/switchyard.yaml" --threads "$PROXY_THREADS"
+            pid=$LAST_PID
+            wait_ready "http://127.0.0.1:$port/health" bare-policy
+            run_target bare-policy "$port" "$pid"
+            ;;
+        esac
+    done
 done
+
+median() { # median VALUES...: the middle value (the mean of the two middle ones)
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+if ((REPEATS > 1)); then
+    for key in "${ROWS[@]}"; do
+        rps=() cpu=()
+        for ((ROUND = 1; ROUND <= REPEATS; ROUND++)); do
+            rps+=("${ROUND_RPS[$key#$ROUND]}")
+            cpu+=("${ROUND_CPU[$key#$ROUND]}")
+        done
+        RPS[$key]=$(median "${rps[@]}")
+        CPU[$key]=$(median "${cpu[@]}")
+    done
+fi
 
 # --- report -----------------------------------------------------------------------------
 
@@ -435,6 +466,20 @@ for mode in plain stream; do
         "$(ratio "switchyard/$mode" "bare/$mode")" \
         "$(added "switchyard/$mode" "direct/$mode")"
 done
+if ((REPEATS > 1)); then
+    echo "With $REPEATS rounds, req/s and cpu_us/req above are medians (p50/p99 are the last round's)."
+    echo "Each round's ratios of req/s:"
+    for pair in switchyard/bare bare-policy/bare; do
+        [[ -n ${ROUND_RPS[${pair%/*}/plain#1]:-} && -n ${ROUND_RPS[${pair#*/}/plain#1]:-} ]] || continue
+        for mode in plain stream; do
+            line=""
+            for ((ROUND = 1; ROUND <= REPEATS; ROUND++)); do
+                line+=" $(awk -v a="${ROUND_RPS[${pair%/*}/$mode#$ROUND]}" -v b="${ROUND_RPS[${pair#*/}/$mode#$ROUND]}" 'BEGIN { printf "%.2f", a / b }')"
+            done
+            printf "  %-17s %-7s%s\n" "$pair" "$mode" "$line"
+        done
+    done
+fi
 if [[ -n ${RPS[bare-policy/plain]:-} ]]; then
     echo "The three parts the throughput target names (body read, metadata, Lua policy) alone,"
     echo "bare-policy/bare: plain $(ratio bare-policy/plain bare/plain), stream $(ratio bare-policy/stream bare/stream) (target >= 0.90)"
