@@ -52,8 +52,9 @@ pub struct RequestMeta {
     /// The API format, from the path: Anthropic's Messages API or OpenAI's.
     pub format: ApiFormat,
     pub priority: i64,
-    /// Request headers, names lowercased, credentials removed.
-    pub headers: Vec<(String, String)>,
+    /// Request headers, credentials removed: a copy of the head's map, whose values share
+    /// the head's buffer rather than being copied out.
+    headers: http::HeaderMap,
     /// Byte range of the `model` value (with its quotes) in the body, for renaming it.
     pub model_span: Option<(usize, usize)>,
 }
@@ -61,15 +62,9 @@ pub struct RequestMeta {
 impl RequestMeta {
     /// Fill the head-derived fields from the HTTP request head.
     pub fn from_head(method: &str, path: &str, headers: &http::HeaderMap) -> RequestMeta {
-        let mut kept = Vec::with_capacity(headers.len());
-        for (name, value) in headers {
-            if CREDENTIAL_HEADERS.contains(name) {
-                continue;
-            }
-            let name = name.as_str();
-            if let Ok(v) = value.to_str() {
-                kept.push((name.to_string(), v.to_string()));
-            }
+        let mut kept = headers.clone();
+        for name in &CREDENTIAL_HEADERS {
+            kept.remove(name);
         }
         let get = |n: &str| {
             headers
@@ -116,10 +111,8 @@ impl RequestMeta {
 
     /// A request header by (case-insensitive) name; credentials are never present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        // `HeaderMap` looks a `&str` name up case-insensitively; an invalid name is absent.
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     /// Read `model`, `stream`, `max_tokens`, the token estimate and (unless the client sent
@@ -688,5 +681,16 @@ mod tests {
         assert_eq!(m.header("x-api-key"), None);
         assert_eq!(m.priority, 7);
         assert_eq!(m.session.as_deref(), Some("s1"));
+        // Other headers are found by any case; a name that cannot be a header is absent.
+        assert_eq!(m.header("X-SESSION-ID"), Some("s1"));
+        assert_eq!(m.header("x-priority"), Some("7"));
+        assert_eq!(m.header("not a header"), None);
+        // With several values, the first; a value that is not text is absent.
+        h.append("x-tag", "one".parse().unwrap());
+        h.append("x-tag", "two".parse().unwrap());
+        h.insert("x-bytes", http::HeaderValue::from_bytes(b"\xff").unwrap());
+        let m = RequestMeta::from_head("POST", "/v1/x", &h);
+        assert_eq!(m.header("X-Tag"), Some("one"));
+        assert_eq!(m.header("x-bytes"), None);
     }
 }
