@@ -329,6 +329,28 @@ impl ProxyHttp for Switchyard {
         Ok(None)
     }
 
+    /// The answer's last chunk is about to go out: settle the tenant's reservation now,
+    /// when no call to Redis is needed, so that the client's next request finds it
+    /// settled. (`logging` settles whatever is left: fleet leases, broken answers.)
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream && ctx.current.is_some() {
+            if let Some(lease) = ctx.lease.take() {
+                ctx.read_usage();
+                let (tokens, nano) = ctx.settlement(ctx.cost_usd());
+                if let Err(lease) = self.shared.limiter.settle_locally(lease, tokens, nano) {
+                    ctx.lease = Some(lease);
+                }
+            }
+        }
+        Ok(None)
+    }
+
     async fn response_filter(
         &self,
         session: &mut Session,

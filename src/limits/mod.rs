@@ -249,8 +249,42 @@ impl Limiter {
 
     /// The request ended: release its slot and settle its reservation to what it used
     /// (`None`: usage unknown, the reservation stands).
+    /// Settle at once when that needs no call to Redis (this instance's counters only):
+    /// the proxy does so before an answer's last byte goes out, so that the client's next
+    /// request never finds this one's reservation still held. Otherwise the lease comes
+    /// back, for [`Limiter::settle`].
+    pub fn settle_locally(
+        &self,
+        lease: Lease,
+        tokens: Option<u64>,
+        nano: Option<i64>,
+    ) -> Result<(), Lease> {
+        if self.redis.is_some() {
+            return Err(lease);
+        }
+        self.local
+            .settle(&Self::settlement(lease, tokens, nano), now_ms());
+        Ok(())
+    }
+
     pub async fn settle(&self, lease: Lease, tokens: Option<u64>, nano: Option<i64>) {
-        let s = Settle {
+        let store = lease.store;
+        let s = Self::settlement(lease, tokens, nano);
+        let now = now_ms();
+        match (&self.redis, store) {
+            (Some(r), Store::Redis) => r.settle(s).await,
+            (Some(r), Store::Local) => {
+                // Admitted while Redis was away: its admission is in the journal, or was
+                // replayed already; either way Redis gets the settlement too.
+                self.local.settle(&s, now);
+                r.settle(s).await;
+            }
+            (None, _) => self.local.settle(&s, now),
+        }
+    }
+
+    fn settlement(lease: Lease, tokens: Option<u64>, nano: Option<i64>) -> Settle {
+        Settle {
             tenant: lease.tenant,
             id: lease.id,
             concurrent: lease.concurrent,
@@ -260,17 +294,6 @@ impl Limiter {
                 _ => 0,
             },
             day: lease.day,
-        };
-        let now = now_ms();
-        match (&self.redis, lease.store) {
-            (Some(r), Store::Redis) => r.settle(s).await,
-            (Some(r), Store::Local) => {
-                // Admitted while Redis was away: its admission is in the journal, or was
-                // replayed already; either way Redis gets the settlement too.
-                self.local.settle(&s, now);
-                r.settle(s).await;
-            }
-            (None, _) => self.local.settle(&s, now),
         }
     }
 }
