@@ -247,8 +247,6 @@ impl Limiter {
         Ok((outcome, Store::Local))
     }
 
-    /// The request ended: release its slot and settle its reservation to what it used
-    /// (`None`: usage unknown, the reservation stands).
     /// Settle at once when that needs no call to Redis (this instance's counters only):
     /// the proxy does so before an answer's last byte goes out, so that the client's next
     /// request never finds this one's reservation still held. Otherwise the lease comes
@@ -267,6 +265,8 @@ impl Limiter {
         Ok(())
     }
 
+    /// The request ended: release its slot and settle its reservation to what it used
+    /// (`None`: usage unknown, the reservation stands).
     pub async fn settle(&self, lease: Lease, tokens: Option<u64>, nano: Option<i64>) {
         let store = lease.store;
         let s = Self::settlement(lease, tokens, nano);
