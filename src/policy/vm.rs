@@ -39,27 +39,24 @@ end
 -- counted the first time it is read (`tokens` is a Rust function); `pairs` lists it last.
 function H.request(t, tokens)
   setmetatable(t, { __index = function(_, k) if k == "tokens" then return tokens() end end })
-  return setmetatable({}, {
-    __index = t, __newindex = deny, __metatable = false,
-    __pairs = function()
-      local listed = false
-      return function(_, k)
-        if listed then return nil end
-        local nk, nv = next(t, k)
-        if nk == nil then
-          listed = true
-          return "tokens", tokens()
-        end
-        return nk, nv
-      end, t, nil
-    end,
-    __len = function() return #t end,
-  })
+  return H.readonly(t, function()
+    local listed = false
+    return function(_, k)
+      if listed then return nil end
+      local nk, nv = next(t, k)
+      if nk == nil then
+        listed = true
+        return "tokens", tokens()
+      end
+      return nk, nv
+    end, t, nil
+  end)
 end
-function H.readonly(t)
+-- A read-only view of `t`; `pairs` walks `t`, or calls `walk` when given.
+function H.readonly(t, walk)
   return setmetatable({}, {
     __index = t, __newindex = deny, __metatable = false,
-    __pairs = function() return next, t, nil end,
+    __pairs = walk or function() return next, t, nil end,
     __len = function() return #t end,
   })
 end
