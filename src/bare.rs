@@ -154,30 +154,28 @@ pub fn run(
             let runtime = Runtime::build(config, None).map_err(|problems| {
                 anyhow::anyhow!("cannot start:\n  {}", problems.join("\n  "))
             })?;
-            let mut svc = pingora::proxy::http_proxy_service(
-                &server.configuration,
-                BarePolicy {
-                    runtime: Arc::new(runtime),
-                },
-            );
-            svc.add_tcp(listen);
-            server.add_service(svc);
+            let runtime = Arc::new(runtime);
+            serve(&mut server, listen, BarePolicy { runtime });
         }
         None => {
             anyhow::ensure!(
                 !upstreams.is_empty(),
                 "at least one --upstream (or --config) is required"
             );
-            let mut svc = pingora::proxy::http_proxy_service(
-                &server.configuration,
-                Bare {
-                    upstreams,
-                    next: AtomicUsize::new(0),
-                },
-            );
-            svc.add_tcp(listen);
-            server.add_service(svc);
+            let next = AtomicUsize::new(0);
+            serve(&mut server, listen, Bare { upstreams, next });
         }
     }
     server.run_forever()
+}
+
+/// Add a proxy service running `app` on `listen`.
+fn serve<P>(server: &mut Server, listen: &str, app: P)
+where
+    P: ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+{
+    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, app);
+    svc.add_tcp(listen);
+    server.add_service(svc);
 }
