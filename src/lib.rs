@@ -1,7 +1,8 @@
 //! Switchyard: a programmable load balancer for AI inference traffic, on Pingora, whose
 //! every upstream choice is made by a Lua policy.
 // Unsafe code is refused everywhere but in `policy::budget`, which sets the Lua count hook
-// from a signal handler (see there).
+// from a signal handler (see there), and in `server`, which ignores SIGHUP until the
+// reload service takes it over.
 #![deny(unsafe_code)]
 
 pub mod admin;

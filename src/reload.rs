@@ -506,9 +506,10 @@ impl BackgroundService for ReloadService {
     }
 }
 
-/// The settings of `new` that differ from `started` (the config the process started with)
-/// but are read only at start: the listeners (addresses, TLS and certificate paths), the admin listener's
-/// address, the audit file, Redis, and the server's threads, grace period and upstream pool.
+/// The settings of `new` that differ from `started` (the config the process started
+/// with) but are read only at start: the listeners (addresses, TLS and certificate paths),
+/// the admin listener's address, the audit file, Redis, and the server's threads, grace
+/// period and upstream pool.
 fn read_at_start_only_changed(started: &Config, new: &Config) -> Vec<&'static str> {
     fn differ<T: serde::Serialize>(a: &T, b: &T) -> bool {
         serde_json::to_value(a).ok() != serde_json::to_value(b).ok()

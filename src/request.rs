@@ -97,7 +97,8 @@ impl RequestMeta {
     }
 
     /// Whether the estimate has been counted yet.
-    pub fn tokens_counted(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn tokens_counted(&self) -> bool {
         self.tokens.get().is_some()
     }
 
@@ -115,8 +116,9 @@ impl RequestMeta {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    /// Read `model`, `stream`, `max_tokens`, the token estimate and (unless the client sent
-    /// `x-session-id`) the session key from a JSON body.
+    /// Read `model`, `stream`, `max_tokens`, where the prompt's text is (for the estimate,
+    /// counted when first asked for) and (unless the client sent `x-session-id`) the
+    /// session key from a JSON body.
     ///
     /// The body is parsed once, into the fields' expected types. Only if that fails is it
     /// parsed again field by field, to name the field whose type is wrong (or to give the
