@@ -14,6 +14,17 @@ use common::*;
 
 const KEY: &str = "sk-fleet";
 
+/// A chat request through `proxy` with the API key `key`.
+async fn post_as(proxy: &Proc, key: &str, body: &serde_json::Value) -> reqwest::Response {
+    client()
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A `redis-server` on a loopback port, without persistence, killed on drop.
 struct Redis {
     child: Child,
@@ -42,29 +53,22 @@ impl Redis {
             .expect("start redis-server (tests/redis/setup.sh installs it)");
         let redis = Redis { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while redis
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .is_err()
-        {
+        while redis.connection().await.is_err() {
             assert!(Instant::now() < deadline, "redis-server did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         redis
     }
 
-    fn client(&self) -> redis::Client {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap()
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?
+            .get_multiplexed_async_connection()
+            .await
     }
 
     /// Requests of tenant `acme` in the shared one-minute window.
     async fn requests_counted(&self) -> u64 {
-        let mut c = self
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut c = self.connection().await.unwrap();
         redis::cmd("ZCARD")
             .arg("switchyard:{acme}:req")
             .query_async(&mut c)
@@ -79,11 +83,7 @@ impl Redis {
             .unwrap()
             .as_millis() as u64
             / 86_400_000;
-        let mut c = self
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut c = self.connection().await.unwrap();
         redis::cmd("GET")
             .arg(format!("switchyard:{{acme}}:usd:{day}"))
             .query_async::<Option<i64>>(&mut c)
@@ -96,11 +96,7 @@ impl Redis {
     /// command after half a second): the child exits when the server answers again.
     /// Returns once the server has stopped answering.
     async fn stall(&self, seconds: f64) -> Child {
-        let mut c = self
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut c = self.connection().await.unwrap();
         let mut child = Command::new("redis-cli")
             .args([
                 "-p",
@@ -239,25 +235,13 @@ async fn fail_closed_refuses_limited_tenants_while_redis_is_unreachable() {
     let p = proxy(&config, &[]).await;
     let body = chat_body("llama-3", "hi", false);
     for _ in 0..2 {
-        let r = client()
-            .post(p.url("/v1/chat/completions"))
-            .bearer_auth(KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = post_as(&p, KEY, &body).await;
         assert_eq!(r.status(), 503);
         assert!(r.headers().get("retry-after").is_some());
         assert_eq!(error_code(&r.text().await.unwrap()), "limits_unavailable");
     }
     // A tenant without limits does not need Redis.
-    let r = client()
-        .post(p.url("/v1/chat/completions"))
-        .bearer_auth("sk-free")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&p, "sk-free", &body).await;
     assert_eq!(r.status(), 200);
     p.wait_log("fail-closed").await;
     assert!(
@@ -288,13 +272,7 @@ async fn an_admission_redis_ran_after_its_answer_timed_out_is_not_counted_twice(
     let mut body = chat_body("llama-3", "hi", false);
     body["max_tokens"] = serde_json::json!(1000);
     let send = || async {
-        let r = client()
-            .post(p.url("/v1/chat/completions"))
-            .bearer_auth(KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = post_as(&p, KEY, &body).await;
         assert_eq!(r.status(), 200);
         let answer: serde_json::Value = r.json().await.unwrap();
         answer["usage"]["prompt_tokens"].as_i64().unwrap()
