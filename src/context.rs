@@ -328,8 +328,8 @@ impl RequestCtx {
         let plan = self.plan.take();
         let (policy, candidates, plan_names, skipped) = match plan {
             Some(p) => (
-                Some(p.policy),
-                p.candidates,
+                Some(p.policy.to_string()),
+                p.candidates.iter().map(|b| b.name().to_string()).collect(),
                 p.backends.iter().map(|b| b.name().to_string()).collect(),
                 p.skipped
                     .into_iter()

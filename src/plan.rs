@@ -29,11 +29,11 @@ pub struct Plan {
     /// The route's `retry_on_timeout`.
     pub retry_on_timeout: bool,
     /// `name@version` of the policy that decided.
-    pub policy: String,
+    pub policy: Arc<str>,
     /// A slot already taken on the first backend (see `Backend::try_start_request`).
     pub reserved: Option<InflightGuard>,
     /// Backends offered to the policy.
-    pub candidates: Vec<String>,
+    pub candidates: Vec<Arc<Backend>>,
     /// Backends left out, and why.
     pub skipped: Vec<(String, &'static str)>,
 }
@@ -170,9 +170,9 @@ pub fn decide(
         max_attempts: route.max_attempts,
         retry_on_timeout: route.retry_on_timeout,
         reserved: Some(reserved),
-        candidates: candidates.iter().map(|b| b.name().to_string()).collect(),
+        candidates,
         skipped,
-        policy: format!("{}@{}", policy.name, policy.version),
+        policy: policy.tag.clone(),
     })
 }
 
@@ -303,9 +303,8 @@ fn run_policy<'r>(
                     .inc();
                 warn!(
                 target: "switchyard::policy",
-                "{request_id} policy {}@{} failed ({}): {e}",
-                policy.name,
-                policy.version,
+                "{request_id} policy {} failed ({}): {e}",
+                policy.tag,
                 e.kind()
                 )
             }

@@ -522,7 +522,7 @@ impl ProxyHttp for Switchyard {
             ctx.status,
             meta.map_or("-", |m| m.tenant.as_str()),
             meta.and_then(|m| m.model.as_deref()).unwrap_or("-"),
-            ctx.plan.as_ref().map_or("-", |p| p.policy.as_str()),
+            ctx.plan.as_ref().map_or("-", |p| &*p.policy),
             AttemptList(&ctx.attempts),
             ctx.usage.map_or(0, |u| u.prompt_tokens),
             ctx.usage.map_or(0, |u| u.completion_tokens),

@@ -312,7 +312,7 @@ impl Reloader {
             });
         entry.version = p.version.clone();
         entry.loaded_at = unix_now();
-        report.loaded.push(format!("{}@{}", p.name, p.version));
+        report.loaded.push(p.tag.to_string());
     }
 
     fn rejected(

@@ -35,6 +35,8 @@ pub struct Policy {
     pub name: String,
     /// First 12 hex digits of the SHA-256 of the source.
     pub version: String,
+    /// `name@version`, as logs and the audit name the policy.
+    pub tag: Arc<str>,
     pub source: String,
     pub path: PathBuf,
 }
@@ -42,9 +44,11 @@ pub struct Policy {
 impl Policy {
     pub fn new(name: &str, source: String, path: PathBuf) -> Policy {
         let digest = Sha256::digest(source.as_bytes());
+        let version = hex::encode(&digest[..6]);
         Policy {
             name: name.to_string(),
-            version: hex::encode(&digest[..6]),
+            tag: format!("{name}@{version}").into(),
+            version,
             source,
             path,
         }

@@ -7,7 +7,6 @@
 //! policy keeps is in the locals of its file (one copy per worker thread).
 
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::sync::Arc;
 
 use mlua::{chunk::ChunkMode, ffi, Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
@@ -126,13 +125,13 @@ pub(super) struct CallContext {
     pub req: Option<Arc<RequestMeta>>,
     pub all: Option<Arc<BackendSet>>,
     /// `name@version` of the policy running.
-    pub policy: Rc<str>,
+    pub policy: Arc<str>,
 }
 
 struct Loaded {
     version: String,
     /// `name@version`.
-    tag: Rc<str>,
+    tag: Arc<str>,
     module: Table,
     route: Function,
 }
@@ -285,7 +284,7 @@ impl PolicyVm {
             .set_name(format!("={}.lua", policy.name))
             .set_mode(ChunkMode::Text)
             .set_environment(env);
-        let tag: Rc<str> = format!("{}@{}", policy.name, policy.version).into();
+        let tag = policy.tag.clone();
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.policy = tag.clone();
         }
