@@ -3,7 +3,7 @@
 //! rate). Statistics live in Rust, in atomics, so they survive policy swaps and are shared
 //! by every worker thread without a lock.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

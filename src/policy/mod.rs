@@ -15,7 +15,7 @@ pub mod testing;
 mod vm;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

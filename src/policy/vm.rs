@@ -6,7 +6,7 @@
 //! handful of base functions, and `sy`. Its globals are read-only, so the only state a
 //! policy keeps is in the locals of its file (one copy per worker thread).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use mlua::{chunk::ChunkMode, ffi, Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
@@ -195,7 +195,7 @@ impl PolicyVm {
             globals,
             helpers,
             invoke,
-            loaded: HashMap::new(),
+            loaded: HashMap::default(),
             tables,
         })
     }
