@@ -226,15 +226,17 @@ fn request_metadata(c: &mut Criterion) {
         let mut check = head.clone();
         check.read_json_body(&body).expect("bench body is valid");
         assert_eq!(check.model.as_deref(), Some("m"));
-        assert!(check.tokens() > 0 && check.session.is_some());
+        assert!(check.tokens() > 0 && check.session().is_some());
 
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(BenchmarkId::new(label, body.len()), |b| {
             b.iter(|| {
                 let mut meta = head.clone();
                 meta.read_json_body(black_box(&body)).expect("parse");
-                // The estimate is counted on first use; a policy or limit would ask for it.
+                // The estimate and the session key are worked out on first use; a policy
+                // or limit would ask for them.
                 black_box(meta.tokens());
+                black_box(meta.session().is_some());
                 meta
             })
         });

@@ -46,7 +46,10 @@ pub struct RequestMeta {
     pub asked_usage: bool,
     pub tenant: String,
     pub region: Option<String>,
-    pub session: Option<String>,
+    /// The client's `x-session-id`; without one, the key is hashed from the prompt when
+    /// first asked for: see [`RequestMeta::session`].
+    session_header: Option<String>,
+    session: OnceLock<Option<String>>,
     pub path: String,
     pub method: String,
     /// The API format, from the path: Anthropic's Messages API or OpenAI's.
@@ -79,7 +82,7 @@ impl RequestMeta {
         RequestMeta {
             tenant: ANONYMOUS.to_string(),
             region: get(&REGION).filter(|r| !r.is_empty()),
-            session: get(&SESSION).filter(|s| !s.is_empty()),
+            session_header: get(&SESSION).filter(|s| !s.is_empty()),
             priority: get(&PRIORITY)
                 .and_then(|p| p.trim().parse().ok())
                 .unwrap_or(0),
@@ -98,6 +101,25 @@ impl RequestMeta {
     /// for a large prompt routed by round robin is ~10 instructions a byte saved.
     pub fn tokens(&self) -> u64 {
         *self.tokens.get_or_init(|| self.prompt.estimate())
+    }
+
+    /// The session key: the client's `x-session-id`, else 16 hex digits of xxh3 over the
+    /// first [`SESSION_PREFIX_BYTES`] of the system prompt and first message (so a
+    /// conversation keeps its key as it grows); `None` without either. Hashed the first
+    /// time something asks (only a policy reading `req.session` does) and kept.
+    pub fn session(&self) -> Option<&str> {
+        if let Some(s) = &self.session_header {
+            return Some(s);
+        }
+        self.session
+            .get_or_init(|| self.prompt.session_key())
+            .as_deref()
+    }
+
+    /// Whether the session key has been hashed from the prompt yet.
+    #[cfg(test)]
+    pub(crate) fn session_hashed(&self) -> bool {
+        self.session.get().is_some()
     }
 
     /// Whether the estimate has been counted yet.
@@ -158,36 +180,26 @@ impl RequestMeta {
             body: body.clone(),
             pieces: Vec::new(),
         };
-        let mut session = SessionHasher::default();
+        let mut messages = 0;
         for m in fields.messages.iter().flatten() {
+            // The system prompt and the first message identify a conversation.
+            let system = m.role.as_deref() == Some("system");
             if let Some(c) = &m.content {
-                c.visit_text(&mut |t| {
-                    prompt.add(t);
-                    // The system prompt and the first message identify a conversation.
-                    if m.role.as_deref() == Some("system") || session.messages == 0 {
-                        session.add(t);
-                    }
-                });
+                c.visit_text(&mut |t| prompt.add(t, system || messages == 0));
             }
-            if m.role.as_deref() != Some("system") {
-                session.messages += 1;
+            if !system {
+                messages += 1;
             }
         }
         for text in [&fields.prompt, &fields.input, &fields.system]
             .into_iter()
             .flatten()
         {
-            text.visit_text(&mut |t| {
-                prompt.add(t);
-                session.add(t);
-            });
+            text.visit_text(&mut |t| prompt.add(t, true));
         }
         self.prompt = prompt;
         self.tokens = OnceLock::new();
-        if self.session.is_none() && session.bytes > 0 {
-            // 16 hex digits; `hex` costs a fifth of `format!` here.
-            self.session = Some(hex::encode(session.hasher.digest().to_be_bytes()));
-        }
+        self.session = OnceLock::new();
         Ok(())
     }
 }
@@ -201,31 +213,55 @@ struct Prompt {
 }
 
 #[derive(Debug, Clone)]
-enum Piece {
+struct Piece {
+    text: PieceText,
+    /// Part of what identifies the conversation (hashed for the session key).
+    session: bool,
+}
+
+#[derive(Debug, Clone)]
+enum PieceText {
     InBody(Range<usize>),
     Decoded(String),
 }
 
 impl Prompt {
-    fn add(&mut self, text: &str) {
+    fn add(&mut self, text: &str, session: bool) {
         // A borrowed piece lies inside the body: its place is a pointer difference.
         let (start, body_start) = (text.as_ptr() as usize, self.body.as_ptr() as usize);
-        let piece = match start.checked_sub(body_start) {
-            Some(at) if at + text.len() <= self.body.len() => Piece::InBody(at..at + text.len()),
-            _ => Piece::Decoded(text.to_string()),
+        let text = match start.checked_sub(body_start) {
+            Some(at) if at + text.len() <= self.body.len() => {
+                PieceText::InBody(at..at + text.len())
+            }
+            _ => PieceText::Decoded(text.to_string()),
         };
-        self.pieces.push(piece);
+        self.pieces.push(Piece { text, session });
+    }
+
+    fn bytes<'a>(&'a self, piece: &'a Piece) -> &'a [u8] {
+        match &piece.text {
+            PieceText::InBody(range) => &self.body[range.clone()],
+            PieceText::Decoded(text) => text.as_bytes(),
+        }
     }
 
     fn estimate(&self) -> u64 {
         let mut tokens = TokenEstimate::default();
         for piece in &self.pieces {
-            match piece {
-                Piece::InBody(range) => tokens.add_bytes(&self.body[range.clone()]),
-                Piece::Decoded(text) => tokens.add(text),
-            }
+            tokens.add_bytes(self.bytes(piece));
         }
         tokens.tokens()
+    }
+
+    /// The session key of the pieces that identify the conversation; `None` if there
+    /// are none.
+    fn session_key(&self) -> Option<String> {
+        let mut session = SessionHasher::default();
+        for piece in self.pieces.iter().filter(|p| p.session) {
+            session.add(self.bytes(piece));
+        }
+        // 16 hex digits; `hex` costs a fifth of `format!` here.
+        (session.bytes > 0).then(|| hex::encode(session.hasher.digest().to_be_bytes()))
     }
 }
 
@@ -302,29 +338,31 @@ fn json_error(e: serde_json::Error) -> ClientError {
 struct SessionHasher {
     hasher: xxhash_rust::xxh3::Xxh3Default,
     bytes: usize,
-    messages: usize,
 }
 
 impl SessionHasher {
-    fn add(&mut self, text: &str) {
+    /// Add a piece of text, given as its UTF-8 bytes.
+    fn add(&mut self, text: &[u8]) {
         let room = SESSION_PREFIX_BYTES.saturating_sub(self.bytes);
         if room == 0 {
             return;
         }
         let take = floor_char_boundary(text, room);
-        self.hasher.update(&text.as_bytes()[..take]);
+        self.hasher.update(&text[..take]);
         // Ends the piece, so that "ab" + "c" and "a" + "bc" differ.
         self.hasher.update(&[0xff]);
         self.bytes += take.max(1);
     }
 }
 
-fn floor_char_boundary(s: &str, max: usize) -> usize {
-    if max >= s.len() {
-        return s.len();
+/// The largest length up to `max` that ends `utf8` between characters.
+fn floor_char_boundary(utf8: &[u8], max: usize) -> usize {
+    if max >= utf8.len() {
+        return utf8.len();
     }
     let mut i = max;
-    while !s.is_char_boundary(i) {
+    // A continuation byte (0b10xxxxxx) is never the first byte of a character.
+    while i > 0 && utf8[i] & 0xc0 == 0x80 {
         i -= 1;
     }
     i
@@ -518,7 +556,7 @@ mod tests {
         assert_eq!(m.max_tokens, Some(50));
         assert_eq!(m.tokens(), estimate(&["be brief", "hello there, friend"]));
         assert_eq!(m.tokens(), 6, "o200k_base counts 2 + 4");
-        assert!(m.session.is_some());
+        assert!(m.session().is_some());
         assert_eq!(m.tenant, ANONYMOUS);
     }
 
@@ -580,7 +618,7 @@ mod tests {
             m.tokens(),
             estimate(&[&counted[..], &["not counted"]].concat())
         );
-        assert!(m.session.is_some());
+        assert!(m.session().is_some());
         assert_eq!(meta(r#"{"model":"m"}"#).unwrap().format, ApiFormat::OpenAi);
     }
 
@@ -589,8 +627,8 @@ mod tests {
         let a = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}]}"#).unwrap();
         let b = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"},{"role":"assistant","content":"A"},{"role":"user","content":"more"}]}"#).unwrap();
         let c = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"other"}]}"#).unwrap();
-        assert_eq!(a.session, b.session);
-        assert_ne!(a.session, c.session);
+        assert_eq!(a.session(), b.session());
+        assert_ne!(a.session(), c.session());
     }
 
     #[test]
@@ -687,7 +725,7 @@ mod tests {
         assert_eq!(m.header("Authorization"), None);
         assert_eq!(m.header("x-api-key"), None);
         assert_eq!(m.priority, 7);
-        assert_eq!(m.session.as_deref(), Some("s1"));
+        assert_eq!(m.session(), Some("s1"));
         // Other headers are found by any case; a name that cannot be a header is absent.
         assert_eq!(m.header("X-SESSION-ID"), Some("s1"));
         assert_eq!(m.header("x-priority"), Some("7"));

@@ -14,8 +14,8 @@ mod tables;
 pub mod testing;
 mod vm;
 
-use std::cell::RefCell;
 use foldhash::HashMap;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -262,6 +262,7 @@ mod tests {
             "backends[1].models.m = false",
             "req.model = 'x'",
             "req.tokens = 1",
+            "req.session = 'x'",
             "req.params.x = 1",
         ] {
             let source = format!(
@@ -277,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn req_tokens_is_counted_when_first_read_and_listed_by_pairs() {
+    fn req_tokens_and_session_are_worked_out_when_first_read_and_listed_by_pairs() {
         let (set, candidates, req, config) = setup();
         let ignores = Policy::new(
             "p",
@@ -295,14 +296,16 @@ mod tests {
         )
         .unwrap();
         assert!(
-            !req.tokens_counted(),
-            "a policy that never reads it costs no count"
+            !req.tokens_counted() && !req.session_hashed(),
+            "a policy that never reads them costs no count and no hash"
         );
 
-        // Read directly and through `pairs`, the same number as the proxy's limits see.
+        // Read directly and through `pairs`, the same values as the proxy's limits and the
+        // session key the body gives.
         let source = format!(
-            "local P = {{}}\nfunction P.route(req, b)\n  local listed\n  for k, v in pairs(req) do if k == 'tokens' then listed = v end end\n  if req.tokens == {} and listed == req.tokens then return b[1].name end\n  return b[2].name\nend\nreturn P",
-            req.tokens()
+            "local P = {{}}\nfunction P.route(req, b)\n  local listed = {{}}\n  for k, v in pairs(req) do listed[k] = v end\n  if req.tokens == {} and listed.tokens == req.tokens\n    and req.session == '{}' and listed.session == req.session then return b[1].name end\n  return b[2].name\nend\nreturn P",
+            req.tokens(),
+            req.session().expect("the body has a first message"),
         );
         let reads = Policy::new("q", source, PathBuf::from("q.lua"));
         let (set, candidates, req, config) = setup();
@@ -316,7 +319,43 @@ mod tests {
             5,
         );
         assert_eq!(names(chosen).unwrap()[0], candidates[0].name());
-        assert!(req.tokens_counted());
+        assert!(req.tokens_counted() && req.session_hashed());
+
+        // Without a prompt there is no session: `req.session` is nil and `pairs` skips it.
+        // The client's `x-session-id` is the session whatever the body. `pairs` lists
+        // what reading gives.
+        let source = "local P = {}\nfunction P.route(req, b)\n  local listed\n  for k, v in pairs(req) do if k == 'session' then listed = v end end\n  if listed ~= req.session then return b[3].name end\n  if req.session == nil then return b[1].name end\n  return req.session == 'client-key' and b[2].name or b[3].name\nend\nreturn P";
+        let sessions = Policy::new("s", source.into(), PathBuf::from("s.lua"));
+        let mut headers = http::HeaderMap::new();
+        for (header, body, expect) in [
+            (None, r#"{"model":"m"}"#, 0),
+            (Some("client-key"), r#"{"model":"m"}"#, 1),
+            (
+                Some("client-key"),
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+                1,
+            ),
+        ] {
+            if let Some(h) = header {
+                headers.insert("x-session-id", h.parse().unwrap());
+            }
+            let mut meta = RequestMeta::from_head("POST", "/v1/chat/completions", &headers);
+            meta.read_json_body(&bytes::Bytes::from(body)).unwrap();
+            let chosen = decide(
+                &sessions,
+                &Arc::new(meta),
+                &no_params(),
+                &candidates,
+                &set,
+                &config.lua,
+                5,
+            );
+            assert_eq!(
+                names(chosen).unwrap()[0],
+                candidates[expect].name(),
+                "{header:?} {body}"
+            );
+        }
     }
 
     #[test]

@@ -31,7 +31,6 @@ struct Keys {
     stream: LuaString,
     tenant: LuaString,
     region: LuaString,
-    session: LuaString,
     path: LuaString,
     method: LuaString,
     format: LuaString,
@@ -99,7 +98,6 @@ struct LastRequest {
     model: Option<String>,
     tenant: Option<String>,
     region: Option<String>,
-    session: Option<String>,
     path: Option<String>,
     method: Option<String>,
     format: Option<&'static str>,
@@ -124,7 +122,6 @@ impl TableCache {
             stream: s("stream")?,
             tenant: s("tenant")?,
             region: s("region")?,
-            session: s("session")?,
             path: s("path")?,
             method: s("method")?,
             format: s("format")?,
@@ -133,8 +130,9 @@ impl TableCache {
         };
         let req_data = lua.create_table_with_capacity(0, 13)?;
         req_data.raw_set("header", header_function(lua)?)?;
-        // `tokens` is never stored: reading it counts the estimate (see `RequestMeta::tokens`).
-        let req_view = request_view.call((&req_data, tokens_function(lua)?))?;
+        // `tokens` and `session` are never stored: reading one works it out (see
+        // `RequestMeta::tokens` and `RequestMeta::session`).
+        let req_view = request_view.call((&req_data, lazy_fields_function(lua)?))?;
         Ok(TableCache {
             keys,
             readonly,
@@ -197,7 +195,6 @@ impl TableCache {
         set_str(&k.model, req.model.as_deref(), &mut last.model)?;
         set_str(&k.tenant, Some(&req.tenant), &mut last.tenant)?;
         set_str(&k.region, req.region.as_deref(), &mut last.region)?;
-        set_str(&k.session, req.session.as_deref(), &mut last.session)?;
         set_str(&k.path, Some(&req.path), &mut last.path)?;
         set_str(&k.method, Some(&req.method), &mut last.method)?;
         let format = req.format.as_str();
@@ -475,14 +472,22 @@ fn params_table(lua: &Lua, readonly: &Function, params: &Params) -> mlua::Result
     readonly.call(t)
 }
 
-/// `req.tokens`: the estimate of the request being decided, counted on first use.
-fn tokens_function(lua: &Lua) -> mlua::Result<Function> {
-    lua.create_function(|lua, ()| {
+/// `req.tokens` and `req.session` of the request being decided, each worked out on first
+/// use: `lazy("tokens")`, `lazy("session")`.
+fn lazy_fields_function(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(|lua, field: LuaString| {
         let ctx = lua.app_data_ref::<super::vm::CallContext>();
-        Ok(ctx
-            .as_ref()
-            .and_then(|c| c.req.as_ref())
-            .map(|r| r.tokens() as i64))
+        let Some(req) = ctx.as_ref().and_then(|c| c.req.as_ref()) else {
+            return Ok(Value::Nil);
+        };
+        match &*field.as_bytes() {
+            b"tokens" => Ok(Value::Integer(req.tokens() as i64)),
+            b"session" => match req.session() {
+                Some(s) => lua.create_string(s).map(Value::String),
+                None => Ok(Value::Nil),
+            },
+            _ => Ok(Value::Nil),
+        }
     })
 }
 

@@ -34,21 +34,29 @@ end
 function H.invoke(route, req, views, n)
   return route(req, { unpack(views, 1, n) })
 end
--- The `req` a policy gets: read-only like the others, with `tokens` not stored in `t` but
--- counted the first time it is read (`tokens` is a Rust function); `pairs` lists it last.
-function H.request(t, tokens)
-  setmetatable(t, { __index = function(_, k) if k == "tokens" then return tokens() end end })
+-- The `req` a policy gets: read-only like the others, with `tokens` and `session` not
+-- stored in `t` but worked out when read (`lazy(k)` is a Rust function); `pairs` lists
+-- them last (`session` only when the request has one).
+local LAZY = { "tokens", "session" }
+function H.request(t, lazy)
+  setmetatable(t, { __index = function(_, k)
+    if k == "tokens" or k == "session" then return lazy(k) end
+  end })
   return H.readonly(t, function()
-    local listed = false
-    return function(_, k)
-      if listed then return nil end
-      local nk, nv = next(t, k)
-      if nk == nil then
-        listed = true
-        return "tokens", tokens()
+    local i = 0 -- LAZY fields listed so far, once `t` is walked
+    local function step(_, k)
+      if i == 0 then
+        local nk, nv = next(t, k)
+        if nk ~= nil then return nk, nv end
       end
-      return nk, nv
-    end, t, nil
+      while i < #LAZY do
+        i = i + 1
+        local v = lazy(LAZY[i])
+        if v ~= nil then return LAZY[i], v end
+      end
+      return nil
+    end
+    return step, t, nil
   end)
 end
 -- A read-only view of `t`; `pairs` walks `t`, or calls `walk` when given.
