@@ -151,7 +151,12 @@ impl RequestMeta {
     /// syntax error's place): the first way reads the prompt once, the second twice.
     pub fn read_json_body(&mut self, body: &Bytes) -> Result<(), ClientError> {
         check_depth(body)?;
-        let fields = match serde_json::from_slice::<BodyFields>(body) {
+        // The body's UTF-8 checked whole (SIMD), so the parser need not check each string.
+        let parsed = match simdutf8::basic::from_utf8(body) {
+            Ok(text) => serde_json::from_str::<BodyFields>(text),
+            Err(_) => serde_json::from_slice::<BodyFields>(body),
+        };
+        let fields = match parsed {
             Ok(fields) => fields,
             Err(_) => BodyFields::field_by_field(body)?,
         };
@@ -638,6 +643,29 @@ mod tests {
             ClientError::BadJson { line, column, .. } => assert_eq!((line, column), (3, 3)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_refused_at_its_place() {
+        let body =
+            b"{\"model\":\"m\",\n\"messages\":[{\"role\":\"user\",\"content\":\"ab\xffc\"}]}";
+        let mut m = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+        match m.read_json_body(&Bytes::from_static(body)).unwrap_err() {
+            ClientError::BadJson {
+                line,
+                column,
+                reason,
+            } => assert_eq!(
+                (line, column, &*reason),
+                (2, 41, "invalid unicode code point")
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Text in several scripts, checked whole, is read as before.
+        let m =
+            meta(r#"{"model":"m","messages":[{"role":"user","content":"héllo wörld 日本語 👋"}]}"#)
+                .unwrap();
+        assert_eq!(m.tokens(), estimate(&["héllo wörld 日本語 👋"]));
     }
 
     #[test]
