@@ -48,10 +48,13 @@ pub async fn read(
     }
 
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(16 * 1024).min(max_bytes));
+    // A body that arrives in one chunk (most do) is kept as that chunk, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut body = BytesMut::new();
     loop {
+        let read = first.as_ref().map_or(0, Bytes::len) + body.len();
         let replay_tail_fits = match declared {
-            Some(len) => len.saturating_sub(body.len()) <= REPLAY_WINDOW_BYTES,
+            Some(len) => len.saturating_sub(read) <= REPLAY_WINDOW_BYTES,
             None => true,
         };
         if replay_tail_fits {
@@ -70,18 +73,30 @@ pub async fn read(
             Ok(Ok(None)) => break,
             Ok(Ok(Some(chunk))) => chunk,
         };
-        if body.len() + chunk.len() > max_bytes {
+        if read + chunk.len() > max_bytes {
             session.set_keepalive(None);
             return Err(ClientError::BodyTooLarge {
                 limit_bytes: max_bytes,
             });
         }
+        if read == 0 {
+            first = Some(chunk);
+            continue;
+        }
+        if let Some(first) = first.take() {
+            body.reserve(declared.unwrap_or(16 * 1024).min(max_bytes));
+            body.extend_from_slice(&first);
+        }
         body.extend_from_slice(&chunk);
     }
+    let body = match first {
+        Some(only) => only,
+        None => body.freeze(),
+    };
     if declared.is_none() && body.len() > REPLAY_WINDOW_BYTES {
         return Err(ClientError::LengthRequired {
             limit_bytes: REPLAY_WINDOW_BYTES,
         });
     }
-    Ok(Some(body.freeze()))
+    Ok(Some(body))
 }
