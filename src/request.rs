@@ -265,7 +265,7 @@ impl Prompt {
         for piece in self.pieces.iter().filter(|p| p.session) {
             session.add(self.bytes(piece));
         }
-        // 16 hex digits; `hex` costs a fifth of `format!` here.
+        // 16 hex digits; `hex` costs about a third of `format!` here.
         (session.bytes > 0).then(|| hex::encode(session.hasher.digest().to_be_bytes()))
     }
 }
