@@ -154,7 +154,9 @@ fn count_tokens(c: &mut Criterion) {
         b.iter(|| {
             let mut meta = head.clone();
             meta.read_json_body(black_box(&body)).expect("parse");
+            // Both are worked out on first use; a policy or limit would ask for them.
             black_box(meta.tokens());
+            black_box(meta.session().is_some());
             meta
         })
     });

@@ -5,8 +5,10 @@
 //! - [`BarePolicy`]: the same, plus exactly the three parts the throughput target names,
 //!   done by Switchyard's own code: the body read whole ([`crate::body::read`]), the request
 //!   metadata extracted ([`RequestMeta`]), and the route's Lua policy asked for the backend
-//!   ([`plan::decide`]). Nothing else of Switchyard: no limits, logging, metrics, usage
-//!   accounting, header rewriting, retries or timeouts.
+//!   ([`plan::decide`]), after the screening that decision needs (the tenant, from the
+//!   API key when `auth` is on, and the backends that serve the model). Nothing else of
+//!   Switchyard: no limits, logging, metrics, usage accounting, header rewriting, retries
+//!   or upstream timeouts.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
