@@ -637,6 +637,15 @@ mod tests {
     }
 
     #[test]
+    fn session_keys_stay_the_same_from_version_to_version() {
+        // Instances of a fleet, old and new during an upgrade, must agree on a
+        // conversation's key, or sticky routing moves it. Pinned to the value the eager
+        // hash gave before the key was worked out on demand.
+        let m = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"},{"role":"assistant","content":"A"}]}"#).unwrap();
+        assert_eq!(m.session(), Some("bab780360d2e6f27"));
+    }
+
+    #[test]
     fn malformed_json_names_line_and_column() {
         let err = meta("{\n  \"model\": \"m\",\n  oops\n}").unwrap_err();
         match err {
