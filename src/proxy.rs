@@ -90,6 +90,11 @@ impl ProxyHttp for Switchyard {
         ctx.request_id = request_id(session.req_header());
         let runtime = self.shared.load();
         ctx.runtime = Some(runtime.clone());
+        // A client that stops reading is let go once a write to it has waited this long:
+        // Pingora's default is to wait for ever, holding the upstream request open.
+        session.set_write_timeout(Some(Duration::from_millis(
+            runtime.config.proxy.idle_timeout_ms,
+        )));
         match admit(session, ctx, &runtime, &self.shared).await {
             Ok(Admitted::Proxy) => {
                 self.retry_budget.record_request();

@@ -1,5 +1,6 @@
-//! FAULTS.md, "From a backend" and "From the operator": one test per row, with the real
-//! binary and real mock processes, asserting what the client saw and what each backend saw.
+//! FAULTS.md, "From a backend" and "From the operator", and the client rows about streams:
+//! one test per row, with the real binary and real mock processes, asserting what the client
+//! saw and what each backend saw.
 
 mod common;
 
@@ -372,6 +373,99 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_request() {
         "closed in {:?}",
         dropped.elapsed()
     );
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_stream_is_let_go_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // As fast as the mock can write: ~20 MB of events, far more than the socket buffers
+    // between the mock and a client that reads nothing hold.
+    let a = mock("a", &["--chunks", "100000"]).await;
+    let p = proxy(
+        &format!(
+            "proxy: {{ threads: 2, grace_period_seconds: 0, idle_timeout_ms: 1000 }}\n{}",
+            chain_config(a.port, None, "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    // Warm the proxy up, so that what it allocates for its first stream is not counted.
+    let warm = post_chat(&p, &chat_body("m", "hi", true), &[("x-mock-chunks", "3")]).await;
+    assert_eq!(warm.status(), 200);
+    read_stream(warm).await;
+    let before = rss_kib(p.pid());
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket
+        .connect(format!("127.0.0.1:{}", p.port).parse().unwrap())
+        .await
+        .unwrap();
+    let body = chat_body("m", "hi", true).to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 512];
+    let n = conn.read(&mut first).await.unwrap();
+    let head = String::from_utf8_lossy(&first[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let request_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("x-request-id in the first read")
+        .trim()
+        .to_string();
+    assert_eq!(mock_stats(&a).await["inflight"], 1);
+
+    // The client reads nothing more. Once every buffer on the way is full, the proxy's
+    // writes stall; after the idle timeout it gives up on the client and the upstream.
+    let stopped = Instant::now();
+    let mut peak = 0;
+    loop {
+        peak = peak.max(rss_kib(p.pid()));
+        if mock_stats(&a).await["inflight"] == 0 {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(15),
+            "the upstream request is still open {:?} after the client stopped reading",
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        stopped.elapsed()
+    );
+    // Buffering is bounded: the proxy holds a few chunks, not the stream (~19 MB).
+    assert!(
+        peak < before + 4 * 1024,
+        "memory grew from {before} KiB to {peak} KiB"
+    );
+    // The access line says what happened, under the request's id.
+    let log = p.wait_log(&format!("{request_id} POST")).await;
+    let line = log.lines().find(|l| l.contains(&request_id)).unwrap();
+    assert!(
+        line.contains("attempts=[first:client closed]") && line.contains("WriteTimedout"),
+        "{line}"
+    );
+    // The client's connection is closed, without a `[DONE]` it never got.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
