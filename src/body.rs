@@ -79,6 +79,14 @@ pub async fn read(
                 limit_bytes: max_bytes,
             });
         }
+        // A chunked body is refused as soon as it outgrows what can be replayed, not
+        // after the client has sent the rest of it.
+        if declared.is_none() && read + chunk.len() > REPLAY_WINDOW_BYTES {
+            session.set_keepalive(None);
+            return Err(ClientError::LengthRequired {
+                limit_bytes: REPLAY_WINDOW_BYTES,
+            });
+        }
         if read == 0 {
             first = Some(chunk);
             continue;
@@ -89,14 +97,8 @@ pub async fn read(
         }
         body.extend_from_slice(&chunk);
     }
-    let body = match first {
+    Ok(Some(match first {
         Some(only) => only,
         None => body.freeze(),
-    };
-    if declared.is_none() && body.len() > REPLAY_WINDOW_BYTES {
-        return Err(ClientError::LengthRequired {
-            limit_bytes: REPLAY_WINDOW_BYTES,
-        });
-    }
-    Ok(Some(body))
+    }))
 }

@@ -388,6 +388,8 @@ pub struct ProxyConfig {
     pub idle_timeout_ms: u64,
     /// Time allowed for reading the client's body. Default 30 000 ms.
     pub body_timeout_ms: u64,
+    /// Time allowed for a request's head, from its first byte. Default 30 000 ms.
+    pub header_timeout_ms: u64,
     /// Seconds a SIGTERM'd server keeps serving in-flight requests. Default 30.
     pub grace_period_seconds: u64,
     /// Idle upstream connections kept per process. Default 1024.
@@ -410,6 +412,7 @@ impl Default for ProxyConfig {
             ttfb_timeout_ms: 60_000,
             idle_timeout_ms: 60_000,
             body_timeout_ms: 30_000,
+            header_timeout_ms: 30_000,
             grace_period_seconds: 30,
             upstream_keepalive_pool_size: 1024,
             retry_budget_percent: 20,
@@ -828,6 +831,7 @@ impl Config {
             ("ttfb_timeout_ms", p.ttfb_timeout_ms),
             ("idle_timeout_ms", p.idle_timeout_ms),
             ("body_timeout_ms", p.body_timeout_ms),
+            ("header_timeout_ms", p.header_timeout_ms),
         ] {
             if v == 0 {
                 out.push(format!("proxy.{name}: must be > 0"));

@@ -15,6 +15,7 @@ pub mod context;
 pub mod demo;
 pub mod dns;
 pub mod errors;
+pub mod header_timeout;
 pub mod health;
 pub mod limits;
 pub mod logging;

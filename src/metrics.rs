@@ -35,6 +35,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub certificate_reloads: IntCounterVec,
+    pub connections_closed: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -138,6 +139,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "switchyard_tls_certificate_reloads_total",
             "Changed TLS listener certificates offered by a reload, by listener address and result (loaded, rejected)",
             &["listener", "result"],
+            r
+        )
+        .expect("metric registers"),
+        connections_closed: register_int_counter_vec_with_registry!(
+            "switchyard_client_connections_closed_total",
+            "Client connections Switchyard closed before a request was read, by reason (header_timeout)",
+            &["reason"],
             r
         )
         .expect("metric registers"),

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -17,6 +18,7 @@ use crate::admin::Admin;
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::dns::DnsService;
+use crate::header_timeout::HeaderTimeout;
 use crate::health::HealthService;
 use crate::proxy::Switchyard;
 use crate::reload::{ReloadService, Reloader};
@@ -82,11 +84,12 @@ pub fn run(
     );
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Switchyard::new(shared.clone()),
-        "switchyard",
-    );
+    let app = pingora::proxy::http_proxy(&server.configuration, Switchyard::new(shared.clone()));
+    let heads = shared.clone();
+    let app = HeaderTimeout::new(app, move || {
+        Duration::from_millis(heads.load().config.proxy.header_timeout_ms)
+    });
+    let mut proxy = Service::new("switchyard".to_string(), app);
     let mut certs = Vec::new();
     for listener in &config.listen {
         match &listener.tls {

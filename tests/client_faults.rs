@@ -1,0 +1,333 @@
+//! FAULTS.md, "From the client": the rows about how a request arrives (its head, its body
+//! and its framing), over raw sockets, since an HTTP client library would not send them.
+//! Each asserts what the client got, that the connection was closed where the row says
+//! so, and that nothing reached the backend.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(mock_port: u16, admin_port: u16, proxy: &str) -> String {
+    format!(
+        "proxy: {{ threads: 2, grace_period_seconds: 0{proxy} }}\nadmin: {{ addr: \"127.0.0.1:{admin_port}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}",
+        backend("b", mock_port, "[m]")
+    )
+}
+
+/// A mock, and the proxy in front of it with `proxy` added to its `proxy:` settings;
+/// returns them and the proxy's admin port.
+async fn setup(proxy_settings: &str) -> (Proc, Proc, u16) {
+    let m = mock("b", &[]).await;
+    let admin = free_port();
+    let p = proxy(&config(m.port, admin, proxy_settings), &[]).await;
+    (m, p, admin)
+}
+
+fn head(extra_headers: &str, content_length: Option<usize>) -> String {
+    let length = content_length.map_or(String::new(), |n| format!("content-length: {n}\r\n"));
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{length}{extra_headers}\r\n"
+    )
+}
+
+/// Everything the proxy sends until it closes the connection; fails if it is still open
+/// after `within`.
+async fn until_closed(conn: &mut TcpStream, within: Duration) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the connection is still open after {within:?}; got so far:\n{}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return String::from_utf8_lossy(&got).into_owned(),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Send `bytes` on a new connection; the answer, read until the proxy closes.
+async fn exchange(port: u16, bytes: &[u8]) -> String {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    conn.write_all(bytes).await.unwrap();
+    until_closed(&mut conn, Duration::from_secs(10)).await
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+fn code_of(answer: &str) -> String {
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    // A chunked answer's body starts with a size line.
+    let json = body.find('{').map_or(body, |i| &body[i..]);
+    let json = json.rfind('}').map_or(json, |i| &json[..=i]);
+    error_code(json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_sent_very_slowly_are_cut_off_by_the_header_timeout() {
+    let (m, p, admin) = setup(", header_timeout_ms: 600").await;
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // One header byte every 100 ms: each read is quick, the head never ends.
+    let dripping = async {
+        for b in b"x-slow: ".iter().cycle().take(100) {
+            if conn.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), dripping).await;
+    let closed_after = started.elapsed();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), conn.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "the connection is still open"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(500) && closed_after < Duration::from_millis(2500),
+        "closed after {closed_after:?}"
+    );
+    p.wait_log("did not arrive within 600 ms").await;
+    let text = metrics_text(admin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "switchyard_client_connections_closed_total{reason=\"header_timeout\"}"
+        ),
+        1.0
+    );
+    assert!(received(&m).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_deadline_starts_with_each_requests_first_byte_on_a_kept_alive_connection() {
+    let (m, p, admin) = setup(", header_timeout_ms: 500").await;
+    let body = chat_body("m", "hi", false).to_string();
+    let request = format!("{}{body}", head("", Some(body.len())));
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    // Idle longer than the header timeout before each request: idleness is the keep-alive
+    // timeout's business, not this one's.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("chat.completion") {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(status_of(&String::from_utf8_lossy(&got)), 200);
+    }
+    // A third request whose head drips is cut off, on the same connection.
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nx-")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for b in b"slow: ".iter().cycle().take(40) {
+        if conn.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let rest = until_closed(&mut conn, Duration::from_secs(3)).await;
+    assert!(rest.is_empty(), "{rest}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(received(&m).await.len(), 2);
+    let text = metrics_text(admin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "switchyard_client_connections_closed_total{reason=\"header_timeout\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_over_the_limit_is_413_before_the_body_is_sent() {
+    let (m, p, _) = setup(", max_body_bytes: 1000").await;
+    // The head alone: the answer must not wait for a body that is never sent.
+    let answer = exchange(p.port, head("", Some(5000)).as_bytes()).await;
+    assert_eq!(status_of(&answer), 413, "{answer}");
+    assert_eq!(code_of(&answer), "request_too_large");
+    assert!(received(&m).await.is_empty());
+}
+
+/// `chunks` chunks of 8 KiB of a JSON body's prefix, without the last chunk.
+fn open_chunked_body(chunks: usize) -> Vec<u8> {
+    let mut out = head("transfer-encoding: chunked\r\n", None).into_bytes();
+    let prefix = br#"{"model":"m","messages":[{"role":"user","content":""#;
+    out.extend_from_slice(format!("{:x}\r\n", prefix.len()).as_bytes());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(b"\r\n");
+    for _ in 0..chunks {
+        out.extend_from_slice(format!("{:x}\r\n", 8192).as_bytes());
+        out.extend_from_slice(&[b'a'; 8192]);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_refused_as_soon_as_it_outgrows_what_can_be_replayed() {
+    let (m, p, _) = setup("").await;
+    // 72 KiB sent, and the body never ends: the refusal cannot wait for its end.
+    let answer = exchange(p.port, &open_chunked_body(9)).await;
+    assert_eq!(status_of(&answer), 411, "{answer}");
+    assert_eq!(code_of(&answer), "length_required");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(received(&m).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_growing_past_the_limit_is_413_when_it_crosses_it() {
+    let (m, p, _) = setup(", max_body_bytes: 20000").await;
+    let answer = exchange(p.port, &open_chunked_body(3)).await;
+    assert_eq!(status_of(&answer), 413, "{answer}");
+    assert_eq!(code_of(&answer), "request_too_large");
+    assert!(received(&m).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_very_slowly_is_408_after_the_body_timeout() {
+    let (m, p, _) = setup(", body_timeout_ms: 500").await;
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    conn.write_all(format!("{}{{\"model\":", head("", Some(100))).as_bytes())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = until_closed(&mut conn, Duration::from_secs(5)).await;
+    let took = started.elapsed();
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    assert_eq!(code_of(&answer), "request_timeout");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(received(&m).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_body_is_415() {
+    let (m, p, _) = setup("").await;
+    let body = b"\x1f\x8b\x08\x00\x00\x00\x00\x00";
+    let mut request = head("content-encoding: gzip\r\n", Some(body.len())).into_bytes();
+    request.extend_from_slice(body);
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    conn.write_all(&request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(status_of(&answer), 415, "{answer}");
+    assert_eq!(code_of(&answer), "unsupported_encoding");
+    assert!(received(&m).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_headers_are_400_and_the_connection_closed() {
+    let (m, p, _) = setup("").await;
+    let many: String = (0..300).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let answer = exchange(p.port, head(&many, Some(0)).as_bytes()).await;
+    assert_eq!(status_of(&answer), 400, "{answer}");
+    assert!(received(&m).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_is_refused_or_normalised_and_the_connection_closed() {
+    let (m, p, _) = setup("").await;
+    // Two different lengths: refused.
+    let answer = exchange(p.port, head("content-length: 5\r\n", Some(3)).as_bytes()).await;
+    assert_eq!(status_of(&answer), 400, "{answer}");
+    assert!(received(&m).await.is_empty());
+
+    // Both a length and chunked framing: the chunked framing wins (RFC 9112 6.3), and the
+    // connection is closed after the answer, so nothing smuggled can follow.
+    let body = chat_body("m", "hi", false).to_string();
+    let mut request = head("transfer-encoding: chunked\r\n", Some(3)).into_bytes();
+    request.extend_from_slice(format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len()).as_bytes());
+    let answer = exchange(p.port, &request).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let seen = received(&m).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["body_sha256"], sha256_hex(body.as_bytes()).as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_nested_100_000_deep_is_400_and_the_proxy_serves_on() {
+    let (m, p, _) = setup("").await;
+    let body = format!(
+        "{{\"model\":\"m\",\"messages\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let (status, _, text) = {
+        let r = client()
+            .post(p.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), (), r.text().await.unwrap())
+    };
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(error_code(&text), "invalid_request");
+    assert!(text.contains("nest"), "{text}");
+    assert!(received(&m).await.is_empty());
+    let (status, _, _) = chat(&p, &chat_body("m", "hi", false)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_and_credentials_in_the_json_never_change_the_upstream() {
+    let (m, p, _) = setup("").await;
+    let mut body = chat_body("m", "hi", false);
+    body["api_base"] = "http://127.0.0.1:1/".into();
+    body["base_url"] = "http://127.0.0.1:1/".into();
+    body["api_key"] = "sk-client-supplied".into();
+    let (status, headers, _) = chat(&p, &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(served_by(&headers), "b");
+    let seen = received(&m).await;
+    assert_eq!(seen.len(), 1);
+    // The configured backend got the body as it was sent: Switchyard reads no address
+    // from it.
+    assert_eq!(
+        seen[0]["body_sha256"],
+        sha256_hex(body.to_string().as_bytes()).as_str()
+    );
+}
