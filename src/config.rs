@@ -566,8 +566,7 @@ impl Config {
     pub fn load_with_text(path: &Path) -> Result<(Config, String), ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
-        let config = Config::from_file_text(&text, path)?;
-        config.check_files(Files::All)?;
+        let config = Config::from_text_at(&text, path, Files::All)?;
         Ok((config, text))
     }
 
@@ -577,24 +576,47 @@ impl Config {
     /// files on disk are being replaced); backend CA files are loaded when the backends are
     /// built.
     pub fn from_file_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config = Config::parse(text)?;
+        Config::from_text_at(text, path, Files::Policies)
+    }
+
+    /// Parse the text of the config file at `path` and check it, `which` files included:
+    /// every problem is listed at once, those of the files with the others.
+    fn from_text_at(text: &str, path: &Path, which: Files) -> Result<Config, ConfigError> {
+        let mut config = Config::parse_unchecked(text)?;
         if let Some(dir) = path.parent() {
             config.resolve_paths(dir);
         }
-        config.check_files(Files::Policies)?;
-        Ok(config)
+        let mut problems = config.problems();
+        if let Err(e) = config.check_files(which) {
+            problems.extend(e.problems);
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 
     /// Parse and validate YAML text (paths are left as written).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+        let config = Config::parse_unchecked(text)?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The YAML read into a config, without the semantic checks.
+    fn parse_unchecked(text: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = serde_yaml::from_str(text).map_err(|e| {
             let at = e
                 .location()
                 .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
                 .unwrap_or_default();
             ConfigError::one(format!("{e}{at}"))
         })?;
-        let mut config = config;
         if config.auth.mode == AuthMode::Auto {
             config.auth.mode = if config.tenants.is_empty() {
                 AuthMode::Off
@@ -602,12 +624,7 @@ impl Config {
                 AuthMode::Required
             };
         }
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError { problems })
-        }
+        Ok(config)
     }
 
     /// Make relative file paths (policies, certificates, CA files) relative to `dir`, the
@@ -1000,6 +1017,29 @@ backends:
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
         assert_eq!(err.problems.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn a_missing_policy_file_is_listed_with_the_other_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        let text = format!(
+            "policies_dir: {}\nlisten: [{{ addr: \"127.0.0.1:8080\" }}]\nroutes:\n  - policy: nowhere\nbackends:\n  - {{ name: a, url: \"http://127.0.0.1:1\", models: [m], weight: 0 }}\n",
+            dir.path().display()
+        );
+        std::fs::write(&path, &text).unwrap();
+        for err in [
+            Config::load(&path).unwrap_err(),
+            Config::from_file_text(&text, &path).unwrap_err(),
+        ] {
+            let all = err.problems.join("\n");
+            assert!(all.contains("backends[0].weight: must be > 0"), "{all}");
+            assert!(
+                all.contains("routes[0].policy: policy `nowhere` not found"),
+                "{all}"
+            );
+            assert_eq!(err.problems.len(), 2, "{all}");
+        }
     }
 
     #[test]
