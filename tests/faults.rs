@@ -226,6 +226,18 @@ async fn a_400_from_the_backend_is_relayed_unchanged_and_is_no_failure() {
         "a",
         "the backend's own answer"
     );
+    // Byte for byte what the backend answers.
+    let direct = client()
+        .post(a.url("/v1/chat/completions"))
+        .header("x-mock-status", "400")
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), direct);
     assert!(received(&b).await.is_empty(), "not retried");
     assert_eq!(
         admin_backend(admin, "first").await["error_rate"]
@@ -236,19 +248,21 @@ async fn a_400_from_the_backend_is_relayed_unchanged_and_is_no_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_401_from_the_backend_becomes_502_and_its_body_is_never_shown() {
+async fn a_401_or_403_from_the_backend_becomes_502_and_its_body_is_never_shown() {
     let a = mock("a", &[]).await;
     let p = proxy(&chain_config(a.port, None, ""), &[("chain", CHAIN)]).await;
-    let r = post_chat(
-        &p,
-        &chat_body("m", "hi", false),
-        &[("x-mock-status", "401")],
-    )
-    .await;
-    assert_eq!(r.status(), 502);
-    let body = r.text().await.unwrap();
-    assert_eq!(error_code(&body), "upstream_auth_failed");
-    assert!(!body.contains("mock"), "{body}");
+    for status in ["401", "403"] {
+        let r = post_chat(
+            &p,
+            &chat_body("m", "hi", false),
+            &[("x-mock-status", status)],
+        )
+        .await;
+        assert_eq!(r.status(), 502, "{status}");
+        let body = r.text().await.unwrap();
+        assert_eq!(error_code(&body), "upstream_auth_failed");
+        assert!(!body.contains("mock"), "{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,6 +367,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_request() {
     let a = mock("a", &["--chunks", "50", "--chunk-delay-ms", "100"]).await;
     let p = proxy(&chain_config(a.port, None, ""), &[("chain", CHAIN)]).await;
     let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut stream = r.bytes_stream();
     stream.next().await.unwrap().unwrap();
     assert_eq!(mock_stats(&a).await["inflight"], 1);
@@ -373,6 +388,10 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_request() {
         "closed in {:?}",
         dropped.elapsed()
     );
+    // Logged as the client's doing, under the request's id.
+    let log = p.wait_log(&format!("{request_id} POST")).await;
+    let line = log.lines().find(|l| l.contains(&request_id)).unwrap();
+    assert!(line.contains("attempts=[first:client closed]"), "{line}");
 }
 
 /// Resident memory of a process, in KiB.

@@ -45,6 +45,11 @@ local P = {}
 function P.route(req, backends) return 42 end
 return P
 "#;
+const RETURNS_NIL: &str = r#"
+local P = {}
+function P.route(req, backends) return nil end
+return P
+"#;
 const ESCAPES: &str = r#"
 local P = {}
 function P.route(req, backends)
@@ -69,7 +74,7 @@ end
 return P
 "#;
 
-fn config(port: u16) -> String {
+fn config(port: u16, admin: u16) -> String {
     let mut routes = String::from("routes:\n");
     for (model, policy, fallback) in [
         ("raises", "raises", None),
@@ -78,6 +83,7 @@ fn config(port: u16) -> String {
         ("allocates", "allocates", None),
         ("unknown", "unknown_name", None),
         ("number", "returns_number", None),
+        ("nil", "returns_nil", None),
         ("escapes", "escapes", None),
         ("rejects", "rejects", None),
         ("saved", "raises", Some("round_robin")),
@@ -91,17 +97,20 @@ fn config(port: u16) -> String {
     }
     routes.push_str("  - match: { path_prefix: /v1/ }\n    policy: round_robin\n");
     let models =
-        "[raises, loops, loops-pcall, allocates, unknown, number, escapes, rejects, saved, ok]";
+        "[raises, loops, loops-pcall, allocates, unknown, number, nil, escapes, rejects, saved, ok]";
+    let admin = format!("admin: {{ addr: \"127.0.0.1:{admin}\" }}\n");
     format!(
-        "{routes}backends:\n{}lua:\n  memory_limit_bytes: 8388608\n",
+        "{routes}{admin}backends:\n{}lua:\n  memory_limit_bytes: 8388608\n",
         backend("b1", port, models)
     )
 }
 
-async fn start() -> (Proc, Proc) {
+/// The mock, the proxy and the proxy's admin port.
+async fn start() -> (Proc, Proc, u16) {
     let m = mock("m1", &[]).await;
+    let admin = free_port();
     let p = proxy(
-        &config(m.port),
+        &config(m.port, admin),
         &[
             ("raises", RAISES),
             ("loops", LOOPS),
@@ -109,12 +118,13 @@ async fn start() -> (Proc, Proc) {
             ("allocates", ALLOCATES),
             ("unknown_name", UNKNOWN_NAME),
             ("returns_number", RETURNS_NUMBER),
+            ("returns_nil", RETURNS_NIL),
             ("escapes", ESCAPES),
             ("rejects", REJECTS),
         ],
     )
     .await;
-    (m, p)
+    (m, p, admin)
 }
 
 async fn send(p: &Proc, model: &str, escape: Option<&str>) -> (u16, String) {
@@ -130,7 +140,7 @@ async fn send(p: &Proc, model: &str, escape: Option<&str>) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
-    let (_m, p) = start().await;
+    let (_m, p, admin) = start().await;
     for model in [
         "raises",
         "loops",
@@ -138,6 +148,7 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         "allocates",
         "unknown",
         "number",
+        "nil",
     ] {
         let (status, body) = send(&p, model, None).await;
         assert_eq!(status, 500, "{model}: {body}");
@@ -155,14 +166,46 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         "memory limit",
         "unknown backend `no-such-backend`",
         "returned a number (42)",
+        "returned nil",
     ] {
         p.wait_log(line).await;
+    }
+    // Each failure's line names the policy's version, as the admin API shows it.
+    let log = p.output();
+    let raised = log
+        .lines()
+        .find(|l| l.contains("raises.lua:4: boom"))
+        .unwrap();
+    let policies = get_json(format!("http://127.0.0.1:{admin}/admin/policies")).await;
+    let version = policies["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "raises")
+        .unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(raised.contains(&format!("raises@{version}")), "{raised}");
+    // And each is counted by kind.
+    let text = metrics_text(admin).await;
+    for (policy, kind) in [
+        ("raises", "runtime"),
+        ("loops", "budget"),
+        ("allocates", "memory"),
+        ("unknown_name", "unknown_backend"),
+        ("returns_number", "bad_return"),
+        ("returns_nil", "bad_return"),
+    ] {
+        let series =
+            format!("switchyard_policy_errors_total{{kind=\"{kind}\",policy=\"{policy}\"}}");
+        assert_eq!(metric(&text, &series), 1.0, "{series}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_has_no_way_out() {
-    let (_m, p) = start().await;
+    let (_m, p, _) = start().await;
     for escape in ["os", "io", "require", "load", "dump", "global", "metatable"] {
         let (status, body) = send(&p, "escapes", Some(escape)).await;
         assert_eq!(status, 500, "{escape}: {body}");
@@ -176,7 +219,7 @@ async fn the_sandbox_has_no_way_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_policy_saves_the_request_and_a_rejection_is_relayed() {
-    let (_m, p) = start().await;
+    let (_m, p, _) = start().await;
     let (status, body) = send(&p, "saved", None).await;
     assert_eq!(status, 200, "{body}");
 
