@@ -94,6 +94,67 @@ async fn connection_refused_moves_on_and_counts_as_a_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_moves_on_and_counts_as_a_failure() {
+    // A listener that never accepts, with its queue full: a connection to it is never
+    // established (the kernel drops the SYNs), as with a host that has gone silent.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = socket.listen(0).unwrap();
+    let addr = silent.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(c)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            queued.push(c);
+        }
+    }
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await
+        .is_err(),
+        "the silent listener still completes connections"
+    );
+
+    let live = mock("live", &[]).await;
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "proxy: {{ threads: 2, grace_period_seconds: 0, connect_timeout_ms: 300 }}\n{}{}",
+            admin_config(admin),
+            chain_config(addr.port(), Some(live.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let started = Instant::now();
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    let took = started.elapsed();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-backend"], "second");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let metrics = metrics_text(admin).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "switchyard_upstream_attempts_total{backend=\"first\",outcome=\"failure\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    drop(queued);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_headers_within_the_ttfb_timeout_is_504_or_the_next_candidate_if_the_route_allows() {
     let hung = mock("hung", &["--latency-ms", "5000"]).await;
     let live = mock("live", &[]).await;
@@ -164,6 +225,36 @@ async fn a_429_cools_the_backend_down_and_moves_on_or_is_relayed_when_none_is_le
         );
     }
     assert_eq!(received(&limited).await.len(), 1);
+
+    // A Retry-After longer than `max_cooldown_ms` is cut to it.
+    let p = proxy(
+        &format!(
+            "outlier: {{ max_cooldown_ms: 400 }}\n{}",
+            chain_config(limited.port, Some(live.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let tried = received(&limited).await.len();
+    assert_eq!(
+        post_chat(&p, &chat_body("m", "hi", false), &[])
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(received(&limited).await.len(), tried + 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        post_chat(&p, &chat_body("m", "hi", false), &[])
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        received(&limited).await.len(),
+        tried + 2,
+        "tried again once the capped cool-down was over"
+    );
 
     // The only backend rate-limits: its 429 and Retry-After reach the client.
     let only = mock("only", &["--rate-limit-rate", "1", "--retry-after-s", "7"]).await;
