@@ -84,20 +84,32 @@ impl Address {
     /// still running: `getaddrinfo` cannot be cancelled, and a resolver that hangs must
     /// not gather a blocking thread per round.
     pub async fn refresh(self: &Arc<Self>, backend: &str) {
+        self.refresh_by(backend, LOOKUP_TIMEOUT, |host, port| {
+            (host, port).to_socket_addrs().map(Iterator::collect)
+        })
+        .await
+    }
+
+    /// [`Address::refresh`] with `lookup` asked for the addresses and waited for `within`
+    /// (the system resolver there; a test's stand-in that hangs or answers at will here).
+    async fn refresh_by<L>(self: &Arc<Self>, backend: &str, within: Duration, lookup: L)
+    where
+        L: FnOnce(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + 'static,
+    {
         if self.looking.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = self.clone();
         let lookup = tokio::task::spawn_blocking(move || {
-            let found = (me.host.as_str(), me.port).to_socket_addrs();
+            let found = lookup(&me.host, me.port);
             me.looking.store(false, Ordering::Release);
-            found.map(Iterator::collect::<Vec<_>>)
+            found
         });
-        let found = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+        let found = match tokio::time::timeout(within, lookup).await {
             Ok(Ok(Ok(addrs))) => Ok(addrs),
             Ok(Ok(Err(e))) => Err(e.to_string()),
             Ok(Err(e)) => Err(format!("the lookup failed: {e}")),
-            Err(_) => Err(format!("no answer in {} s", LOOKUP_TIMEOUT.as_secs())),
+            Err(_) => Err(format!("no answer in {} ms", within.as_millis())),
         };
         let found = found.and_then(|f| {
             if f.is_empty() {
@@ -177,6 +189,61 @@ mod tests {
         assert_eq!(a.get(), addr("127.0.0.3:80"));
         assert_eq!(a.adopt(&[]), None, "no answer keeps the last address");
         assert_eq!(a.get(), addr("127.0.0.3:80"));
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_hangs_keeps_the_address_and_is_not_started_again_until_it_ends() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::mpsc;
+        let a = Arc::new(Address::resolve("127.0.0.1", 80).unwrap());
+        let started = Arc::new(AtomicUsize::new(0));
+        let (release, released) = mpsc::channel::<()>();
+        let hangs = {
+            let started = started.clone();
+            move |_: &str, _: u16| {
+                started.fetch_add(1, Ordering::SeqCst);
+                released.recv().ok();
+                Ok(vec![addr("127.0.0.2:80")])
+            }
+        };
+        let within = Duration::from_millis(100);
+        a.refresh_by("b", within, hangs).await;
+        let waited = std::time::Instant::now();
+        while started.load(Ordering::SeqCst) == 0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "the lookup never ran"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(a.get(), addr("127.0.0.1:80"), "kept while the lookup hangs");
+        assert!(a.failing.load(Ordering::Relaxed));
+
+        // Later rounds start nothing while it still hangs.
+        for _ in 0..3 {
+            let started = started.clone();
+            let answers = move |_: &str, _: u16| {
+                started.fetch_add(1, Ordering::SeqCst);
+                Ok(vec![addr("127.0.0.9:80")])
+            };
+            a.refresh_by("b", within, answers).await;
+        }
+        assert_eq!(a.get(), addr("127.0.0.1:80"));
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+
+        // Once it ends, the next round looks the name up again.
+        release.send(()).unwrap();
+        while a.looking.load(Ordering::Acquire) {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "the lookup never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        a.refresh_by("b", within, |_, _| Ok(vec![addr("127.0.0.3:80")]))
+            .await;
+        assert_eq!(a.get(), addr("127.0.0.3:80"));
+        assert!(!a.failing.load(Ordering::Relaxed));
     }
 
     #[test]
