@@ -390,6 +390,9 @@ pub struct ProxyConfig {
     pub body_timeout_ms: u64,
     /// Time allowed for a request's head, from its first byte. Default 30 000 ms.
     pub header_timeout_ms: u64,
+    /// Longest one write to a client may wait (a client that stops reading). Default
+    /// 60 000 ms.
+    pub write_timeout_ms: u64,
     /// Seconds a SIGTERM'd server keeps serving in-flight requests. Default 30.
     pub grace_period_seconds: u64,
     /// Idle upstream connections kept per process. Default 1024.
@@ -413,6 +416,7 @@ impl Default for ProxyConfig {
             idle_timeout_ms: 60_000,
             body_timeout_ms: 30_000,
             header_timeout_ms: 30_000,
+            write_timeout_ms: 60_000,
             grace_period_seconds: 30,
             upstream_keepalive_pool_size: 1024,
             retry_budget_percent: 20,
@@ -849,6 +853,7 @@ impl Config {
             ("idle_timeout_ms", p.idle_timeout_ms),
             ("body_timeout_ms", p.body_timeout_ms),
             ("header_timeout_ms", p.header_timeout_ms),
+            ("write_timeout_ms", p.write_timeout_ms),
         ] {
             if v == 0 {
                 out.push(format!("proxy.{name}: must be > 0"));

@@ -7,8 +7,9 @@
 //! arrive within `proxy.header_timeout_ms`; otherwise the read fails and Pingora closes
 //! the connection. On a kept-alive connection the deadline starts again with the next
 //! request's first byte, after the previous answer's status line was written (an interim
-//! `1xx` does not count). The time a kept-alive connection may sit idle is Pingora's
-//! keep-alive timeout, not this one.
+//! `1xx` does not count; after a `101` the connection is no longer watched). The time a
+//! kept-alive connection may sit idle is Pingora's keep-alive timeout, not this one.
+//! HTTP/2 connections (by ALPN) are not wrapped: they have no HTTP/1 heads.
 
 use std::fmt;
 use std::future::Future;
@@ -56,6 +57,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // HTTP/2 (chosen by ALPN) has no HTTP/1 heads to watch.
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            return self.app.process_new(stream, shutdown).await;
+        }
         let stream = Box::new(Deadlined::new(stream, (self.within)()));
         self.app.process_new(stream, shutdown).await
     }
@@ -71,6 +76,8 @@ pub struct Deadlined {
     within: Duration,
     /// While a request head is being read (or awaited); `None` once it is complete.
     head: Option<Head>,
+    /// The connection was switched to another protocol (`101`): no more heads.
+    switched: bool,
 }
 
 /// The state of a request head being read.
@@ -78,6 +85,9 @@ pub struct Deadlined {
 struct Head {
     /// Set by the head's first byte.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// A byte other than CR or LF was read: blank lines before the request line are
+    /// skipped by the parser, so they must not end the head here either.
+    started: bool,
     /// The last byte scanned was a line feed (a carriage return in between is skipped):
     /// one more ends the head, whether lines end in CRLF or, as httparse also takes, LF.
     after_line_feed: bool,
@@ -90,10 +100,13 @@ impl Head {
     fn scan(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
             match b {
-                b'\n' if self.after_line_feed => return true,
+                b'\n' if self.after_line_feed && self.started => return true,
                 b'\n' => self.after_line_feed = true,
                 b'\r' => {}
-                _ => self.after_line_feed = false,
+                _ => {
+                    self.started = true;
+                    self.after_line_feed = false;
+                }
             }
         }
         false
@@ -106,6 +119,7 @@ impl Deadlined {
             inner,
             within,
             head: Some(Head::default()),
+            switched: false,
         }
     }
 
@@ -136,12 +150,30 @@ impl Deadlined {
         )
     }
 
-    /// A write is about to go out: the status line of a final answer means the next
-    /// read starts a new request head.
+    /// A write is about to go out: see [`next_head`].
     fn writing(&mut self, bytes: &[u8]) {
-        if self.head.is_none() && bytes.starts_with(b"HTTP/1.") && bytes.get(9) != Some(&b'1') {
-            self.head = Some(Head::default());
+        if self.head.is_none() && !self.switched {
+            match next_head(bytes) {
+                Some(true) => self.head = Some(Head::default()),
+                Some(false) => self.switched = true,
+                None => {}
+            }
         }
+    }
+}
+
+/// What a write after a complete head means: the status line of a final answer, that the
+/// next read starts a new request head (`Some(true)`); a `101`, that the connection now
+/// carries another protocol and no more heads come (`Some(false)`); anything else (body
+/// bytes, an interim `1xx`), nothing.
+fn next_head(bytes: &[u8]) -> Option<bool> {
+    if !bytes.starts_with(b"HTTP/1.") {
+        return None;
+    }
+    match bytes.get(9..12)? {
+        b"101" => Some(false),
+        [b'1', ..] => None,
+        _ => Some(true),
     }
 }
 
@@ -324,5 +356,21 @@ mod tests {
         );
         assert_eq!(ends(&[b"GET / HTTP/1.1\r\n", b"host: x\r\n"]), None);
         assert_eq!(ends(&[b"GET / HTTP/1.1\r\nhost: x\r\nx-a: \r\r\n"]), None);
+        // Blank lines before the request line are skipped, as the parser skips them.
+        assert_eq!(ends(&[b"\r\n\r\n", b"GET / HTTP/1.1\r\n"]), None);
+        assert_eq!(ends(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), Some(0));
+    }
+
+    #[test]
+    fn a_final_answer_starts_watching_for_the_next_head_an_interim_one_does_not_and_101_ends_it() {
+        assert_eq!(next_head(b"HTTP/1.1 200 OK\r\n"), Some(true));
+        assert_eq!(next_head(b"HTTP/1.0 404 Not Found\r\n"), Some(true));
+        assert_eq!(next_head(b"HTTP/1.1 100 Continue\r\n"), None);
+        assert_eq!(next_head(b"HTTP/1.1 103 Early Hints\r\n"), None);
+        assert_eq!(
+            next_head(b"HTTP/1.1 101 Switching Protocols\r\n"),
+            Some(false)
+        );
+        assert_eq!(next_head(b"data: {}\n\n"), None);
     }
 }

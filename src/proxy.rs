@@ -93,7 +93,7 @@ impl ProxyHttp for Switchyard {
         // A client that stops reading is let go once a write to it has waited this long:
         // Pingora's default is to wait for ever, holding the upstream request open.
         session.set_write_timeout(Some(Duration::from_millis(
-            runtime.config.proxy.idle_timeout_ms,
+            runtime.config.proxy.write_timeout_ms,
         )));
         match admit(session, ctx, &runtime, &self.shared).await {
             Ok(Admitted::Proxy) => {

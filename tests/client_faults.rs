@@ -117,6 +117,29 @@ async fn request_headers_sent_very_slowly_are_cut_off_by_the_header_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blank_lines_before_a_slow_request_line_do_not_end_its_head() {
+    let (m, p, _) = setup(", header_timeout_ms: 600").await;
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    // The parser skips blank lines before a request line: they are not the head's end.
+    conn.write_all(b"\r\n\r\n").await.unwrap();
+    let started = Instant::now();
+    for b in b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n" {
+        if conn.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = until_closed(&mut conn, Duration::from_secs(2)).await;
+    assert!(
+        answer.is_empty(),
+        "served after {:?}: {answer}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(received(&m).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_header_deadline_starts_with_each_requests_first_byte_on_a_kept_alive_connection() {
     let (m, p, admin) = setup(", header_timeout_ms: 500").await;
     let body = chat_body("m", "hi", false).to_string();
