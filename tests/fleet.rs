@@ -33,6 +33,11 @@ struct Redis {
 
 impl Redis {
     async fn start(port: u16) -> Redis {
+        Redis::start_with(port, &[]).await
+    }
+
+    /// [`Redis::start`] with more `redis-server` arguments.
+    async fn start_with(port: u16, extra: &[&str]) -> Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args([
@@ -47,6 +52,7 @@ impl Redis {
                 "--enable-debug-command",
                 "local",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -68,9 +74,14 @@ impl Redis {
 
     /// Requests of tenant `acme` in the shared one-minute window.
     async fn requests_counted(&self) -> u64 {
+        self.requests_of("acme").await
+    }
+
+    /// Requests of `tenant` in the shared one-minute window.
+    async fn requests_of(&self, tenant: &str) -> u64 {
         let mut c = self.connection().await.unwrap();
         redis::cmd("ZCARD")
-            .arg("switchyard:{acme}:req")
+            .arg(format!("switchyard:{{{tenant}}}:req"))
             .query_async(&mut c)
             .await
             .unwrap()
@@ -301,4 +312,69 @@ async fn an_admission_redis_ran_after_its_answer_timed_out_is_not_counted_twice(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_redis_refuses_on_replay_is_dropped_and_the_rest_are_replayed() {
+    install_redis();
+    // A snapshot in which tenant acme's request window is a string, not a sorted set:
+    // Redis refuses every script that counts an acme request (WRONGTYPE).
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_string();
+    {
+        let seed = Redis::start_with(
+            free_port(),
+            &["--dir", &dir_arg, "--dbfilename", "seed.rdb"],
+        )
+        .await;
+        let mut c = seed.connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("switchyard:{acme}:req")
+            .arg("not a window")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
+    }
+    let redis_port = free_port();
+    let mut redis = Redis::start(redis_port).await;
+    let m = mock("m1", &[]).await;
+    let beta = format!(
+        "  - name: beta\n    key_sha256: [\"{}\"]\n    limits: {{ rpm: 100 }}\n",
+        sha256_hex(b"sk-beta")
+    );
+    let config = config(
+        m.port,
+        "",
+        "{ rpm: 100 }",
+        &beta,
+        &format!("url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 300"),
+    );
+    let p = proxy(&config, &[]).await;
+    let body = chat_body("llama-3", "hi", false);
+    for key in [KEY, "sk-beta"] {
+        assert_eq!(post_as(&p, key, &body).await.status(), 200);
+    }
+
+    // Redis goes away; both tenants are counted here meanwhile, acme's requests first.
+    redis.stop();
+    for key in [KEY, KEY, "sk-beta", "sk-beta", "sk-beta"] {
+        assert_eq!(post_as(&p, key, &body).await.status(), 200);
+    }
+    p.wait_log("redis unreachable").await;
+
+    // It comes back from the snapshot: acme's counts are refused, one by one, and dropped;
+    // beta's, journalled behind them, still reach it.
+    let redis =
+        Redis::start_with(redis_port, &["--dir", &dir_arg, "--dbfilename", "seed.rdb"]).await;
+    p.wait_log("redis reachable again").await;
+    assert!(
+        p.output().contains("redis refused a limit script"),
+        "{}",
+        p.output()
+    );
+    assert_eq!(redis.requests_of("beta").await, 3);
+    // And the instance counts on Redis again: beta's next request is the fourth there.
+    assert_eq!(post_as(&p, "sk-beta", &body).await.status(), 200);
+    assert_eq!(redis.requests_of("beta").await, 4);
 }
