@@ -96,18 +96,24 @@ struct Head {
 }
 
 impl Head {
-    /// Scan newly read bytes; true when they complete the head.
+    /// Scan newly read bytes; true when they complete the head. Line by line (`memchr`
+    /// finds the line feeds): a head's lines are scanned, not its bytes one by one.
     fn scan(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
-            match b {
-                b'\n' if self.after_line_feed && self.started => return true,
-                b'\n' => self.after_line_feed = true,
-                b'\r' => {}
-                _ => {
-                    self.started = true;
-                    self.after_line_feed = false;
-                }
+        let mut from = 0;
+        for lf in memchr::memchr_iter(b'\n', bytes) {
+            // A line that is empty or only CR, as far as this read has it.
+            let blank = bytes[from..lf].iter().all(|&b| b == b'\r');
+            if !blank {
+                self.started = true;
+            } else if self.after_line_feed && self.started {
+                return true;
             }
+            self.after_line_feed = true;
+            from = lf + 1;
+        }
+        if bytes[from..].iter().any(|&b| b != b'\r') {
+            self.started = true;
+            self.after_line_feed = false;
         }
         false
     }
@@ -356,6 +362,11 @@ mod tests {
         );
         assert_eq!(ends(&[b"GET / HTTP/1.1\r\n", b"host: x\r\n"]), None);
         assert_eq!(ends(&[b"GET / HTTP/1.1\r\nhost: x\r\nx-a: \r\r\n"]), None);
+        assert_eq!(ends(&[b"GET / HTTP/1.1\r\nhost: x\r", b"\n\r\n"]), Some(1));
+        assert_eq!(
+            ends(&[b"GET / HTTP/1.1\r\nhost: x", b"\r\n", b"x-a: b\r\n\r\n"]),
+            Some(2)
+        );
         // Blank lines before the request line are skipped, as the parser skips them.
         assert_eq!(ends(&[b"\r\n\r\n", b"GET / HTTP/1.1\r\n"]), None);
         assert_eq!(ends(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), Some(0));
