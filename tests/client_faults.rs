@@ -55,7 +55,9 @@ async fn until_closed(conn: &mut TcpStream, within: Duration) -> String {
 /// Send `bytes` on a new connection; the answer, read until the proxy closes.
 async fn exchange(port: u16, bytes: &[u8]) -> String {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    conn.write_all(bytes).await.unwrap();
+    // The proxy may answer and close before it has read everything (that is what some
+    // of these tests are about): a failed write still leaves its answer to read.
+    let _ = conn.write_all(bytes).await;
     until_closed(&mut conn, Duration::from_secs(10)).await
 }
 
