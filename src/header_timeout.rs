@@ -83,13 +83,15 @@ pub struct Deadlined {
 /// The state of a request head being read.
 #[derive(Default)]
 struct Head {
-    /// Set by the head's first byte.
+    /// Set by the head's first byte, a blank line before the request line included: a
+    /// client dripping blank lines is a slow head too.
     deadline: Option<Pin<Box<Sleep>>>,
     /// A byte other than CR or LF was read: blank lines before the request line are
     /// skipped by the parser, so they must not end the head here either.
     started: bool,
-    /// The last byte scanned was a line feed (a carriage return in between is skipped):
-    /// one more ends the head, whether lines end in CRLF or, as httparse also takes, LF.
+    /// The last line read has ended (its line feed came, and since then nothing but CR):
+    /// a blank line now ends the head, whether lines end in CRLF or, as httparse also
+    /// takes, LF.
     after_line_feed: bool,
     /// The deadline passed (logged once).
     expired: bool,
