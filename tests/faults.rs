@@ -292,6 +292,41 @@ async fn a_5xx_moves_on_within_the_attempt_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_5xx_eject_the_backend_and_it_is_tried_no_more() {
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let live = mock("live", &[]).await;
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "{}outlier: {{ consecutive_failures: 3, base_ejection_ms: 60000 }}\n{}",
+            admin_config(admin),
+            chain_config(failing.port, Some(live.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    for _ in 0..6 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.status(), 200, "every request saved by the next candidate");
+        assert_eq!(r.headers()["x-switchyard-backend"], "second");
+    }
+    // Three 503s in a row ejected it: the later requests never reached it.
+    assert_eq!(received(&failing).await.len(), 3);
+    assert_eq!(admin_backend(admin, "first").await["why_not"], "ejected");
+    let metrics = metrics_text(admin).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "switchyard_upstream_attempts_total{backend=\"first\",outcome=\"failure\"}"
+        ),
+        3.0,
+        "{metrics}"
+    );
+    p.wait_log("backend first ejected after repeated failures")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_400_from_the_backend_is_relayed_unchanged_and_is_no_failure() {
     let a = mock("a", &[]).await;
     let b = mock("b", &[]).await;
@@ -417,7 +452,8 @@ async fn malformed_sse_is_forwarded_as_it_is() {
     // A raw backend that streams events no parser would accept.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let raw = "data: {not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\nevent: weird\ndata: \u{1}\u{2}\n\ndata: [DONE]\n\n";
+    // Its usage comes after the bad events: reading it must survive them.
+    let raw = "data: {not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\nevent: weird\ndata: \u{1}\u{2}\n\ndata: {\"usage\":\"broken\"}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n";
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut s, _) = listener.accept().await.unwrap();
@@ -435,9 +471,16 @@ async fn malformed_sse_is_forwarded_as_it_is() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     });
     let p = proxy(&chain_config(port, None, ""), &[("chain", CHAIN)]).await;
-    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    // The client asks for usage itself, so the stream is not changed on its way.
+    let mut body = chat_body("m", "hi", true);
+    body["stream_options"] = serde_json::json!({ "include_usage": true });
+    let r = post_chat(&p, &body, &[]).await;
     assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(r.text().await.unwrap(), raw);
+    let log = p.wait_log(&format!("{request_id} POST")).await;
+    let line = log.lines().find(|l| l.contains(&request_id)).unwrap();
+    assert!(line.contains("tokens_in=5 tokens_out=7"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
