@@ -359,6 +359,45 @@ mod tests {
     }
 
     #[test]
+    fn a_call_over_the_memory_cap_fails_and_the_next_runs_in_a_fresh_vm() {
+        let (set, candidates, req, config) = setup();
+        // The file's state counts calls; the third allocates without bound. A fresh VM
+        // starts the count again, so the fourth call answers as the first did.
+        let source = r#"
+local P = {}
+local calls = 0
+local hoard = {}
+function P.route(req, backends)
+  calls = calls + 1
+  if calls == 3 then
+    while true do hoard[#hoard + 1] = string.rep("x", 4096) .. #hoard end
+  end
+  return backends[calls].name
+end
+return P"#;
+        let policy = Policy::new("hoards", source.to_string(), PathBuf::from("hoards.lua"));
+        let call = || {
+            names(decide(
+                &policy,
+                &req,
+                &no_params(),
+                &candidates,
+                &set,
+                &config.lua,
+                5,
+            ))
+        };
+        assert_eq!(call().unwrap(), vec!["a"]);
+        assert_eq!(call().unwrap(), vec!["b"]);
+        assert_eq!(
+            call(),
+            Err(PolicyError::Memory(config.lua.memory_limit_bytes))
+        );
+        assert_eq!(call().unwrap(), vec!["a"], "the VM was rebuilt");
+        assert_eq!(call().unwrap(), vec!["b"]);
+    }
+
+    #[test]
     fn a_runaway_call_is_stopped_and_the_next_call_runs_unhooked() {
         let (set, candidates, req, config) = setup();
         let call = |policy: &Policy| {
