@@ -53,6 +53,13 @@ async fn new_versions_take_effect_and_broken_ones_are_refused_under_load() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(load.last_served(), "b");
+    // The refusal is on the admin API, naming the line.
+    let policies = get_json(format!("http://127.0.0.1:{admin}/admin/policies")).await;
+    let reason = policies["policies"][0]["last_rejection"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("switchable.lua:2:"), "{policies}");
     let wrong_tests = always("a", 2).replace("expect = \"a\"", "expect = \"b\"");
     std::fs::write(&file, wrong_tests).unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -96,7 +103,7 @@ async fn new_versions_take_effect_and_broken_ones_are_refused_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_swaps_during_load_lose_no_request() {
-    let (_a, _b, p, _admin) = setup().await;
+    let (_a, _b, p, admin) = setup().await;
     let file = p.dir().join("policies/switchable.lua");
     let load = Load::start(p.url("/v1/chat/completions"), 4, 100_000);
     for i in 1..=100 {
@@ -118,6 +125,71 @@ async fn a_hundred_swaps_during_load_lose_no_request() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+    // Saves are debounced: far fewer versions were loaded than written.
+    let loaded = metric(
+        &metrics_text(admin).await,
+        "switchyard_policy_reloads_total{policy=\"switchable\",result=\"loaded\"}",
+    );
+    assert!(
+        (1.0..=30.0).contains(&loaded),
+        "{loaded} loads for 100 saves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
+    let a = mock("a", &["--latency-ms", "1500"]).await;
+    let b = mock("b", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: switchable\nbackends:\n{}{}",
+        backend("a", a.port, "[m]"),
+        backend("b", b.port, "[m]")
+    );
+    let p = proxy(&config, &[("switchable", &always("a", 0))]).await;
+    let version = || async {
+        get_json(format!("http://127.0.0.1:{admin}/admin/policies")).await["policies"][0]["version"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = version().await;
+
+    let url = p.url("/v1/chat/completions");
+    let slow = tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(p.dir().join("policies/switchable.lua"), always("b", 1)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while version().await == first {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new version never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = version().await;
+    let (status, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
+    assert_eq!((status, served_by(&headers).as_str()), (200, "b"));
+
+    // The request that started before the swap ends as its version planned it.
+    let r = slow.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(r.headers()), "a");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let log = p.wait_log(&format!("{id} POST")).await;
+    let line = log.lines().find(|l| l.contains(&id)).unwrap();
+    assert!(
+        line.contains(&format!("policy=switchable@{first}")),
+        "{line}"
+    );
+    assert!(p.output().contains(&format!("policy=switchable@{second}")));
 }
 
 fn metric(text: &str, series: &str) -> f64 {
