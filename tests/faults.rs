@@ -327,6 +327,39 @@ async fn repeated_5xx_eject_the_backend_and_it_is_tried_no_more() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_when_the_retry_budget_is_spent() {
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let live = mock("live", &[]).await;
+    // No share of traffic, a floor of 1 retry a second: 10 retries in the 10 s window.
+    // Ejection is kept out of the way, so every request tries the failing backend first.
+    let p = proxy(
+        &format!(
+            "proxy: {{ threads: 2, grace_period_seconds: 0, retry_budget_percent: 0, retry_budget_min_per_sec: 1 }}\noutlier: {{ consecutive_failures: 1000 }}\n{}",
+            chain_config(failing.port, Some(live.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let mut saved = 0;
+    for i in 0..15 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        match r.status().as_u16() {
+            200 => {
+                assert_eq!(r.headers()["x-switchyard-backend"], "second");
+                saved += 1;
+            }
+            // The budget is spent: the first backend's own answer is relayed.
+            503 => assert!(i >= 10, "request {i} was not retried"),
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(saved, 10);
+    assert_eq!(received(&failing).await.len(), 15);
+    assert_eq!(received(&live).await.len(), 10);
+    p.wait_log("retry budget exhausted; not retrying").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_400_from_the_backend_is_relayed_unchanged_and_is_no_failure() {
     let a = mock("a", &[]).await;
     let b = mock("b", &[]).await;
