@@ -19,7 +19,13 @@ return P
 }
 
 async fn setup() -> (Proc, Proc, Proc, u16) {
-    let a = mock("a", &[]).await;
+    setup_with(&[]).await
+}
+
+/// Backends `a` (a mock with `a_args`) and `b`, and the proxy routing by `switchable`,
+/// which sends everything to `a`; returns them and the admin port.
+async fn setup_with(a_args: &[&str]) -> (Proc, Proc, Proc, u16) {
+    let a = mock("a", a_args).await;
     let b = mock("b", &[]).await;
     let admin = free_port();
     let config = format!(
@@ -138,15 +144,7 @@ async fn a_hundred_swaps_during_load_lose_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
-    let a = mock("a", &["--latency-ms", "1500"]).await;
-    let b = mock("b", &[]).await;
-    let admin = free_port();
-    let config = format!(
-        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: switchable\nbackends:\n{}{}",
-        backend("a", a.port, "[m]"),
-        backend("b", b.port, "[m]")
-    );
-    let p = proxy(&config, &[("switchable", &always("a", 0))]).await;
+    let (_a, _b, p, admin) = setup_with(&["--latency-ms", "1500"]).await;
     let version = || async {
         get_json(format!("http://127.0.0.1:{admin}/admin/policies")).await["policies"][0]["version"]
             .as_str()
