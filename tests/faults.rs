@@ -656,6 +656,51 @@ async fn a_client_that_stops_reading_a_stream_is_let_go_after_the_write_timeout(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_backend_out_requests_get_a_fast_503_and_probing_brings_one_back() {
+    let (p1, p2) = (free_port(), free_port());
+    let mut one = mock_on(p1, "one", &[]).await;
+    let mut two = mock_on(p2, "two", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "{}health: {{ interval_ms: 100, timeout_ms: 200, rise: 2, fall: 2 }}\n{}",
+        admin_config(admin),
+        chain_config(p1, Some(p2), "")
+    );
+    let p = proxy(&config, &[("chain", CHAIN)]).await;
+    one.kill();
+    two.kill();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for name in ["first", "second"] {
+        while admin_backend(admin, name).await["healthy"] != false {
+            assert!(Instant::now() < deadline, "{name} never marked unhealthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Every backend is out (panic mode tries them anyway, and they refuse at once).
+    for _ in 0..4 {
+        let started = Instant::now();
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().get("retry-after").is_some());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    // The checks keep probing: the second comes back, is marked healthy, and serves,
+    // with no reload.
+    let _back = mock_on(p2, "two", &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while admin_backend(admin, "second").await["healthy"] != true {
+        assert!(Instant::now() < deadline, "the second never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(admin_backend(admin, "first").await["healthy"], false);
+    for _ in 0..3 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(served_by(r.headers()), "second");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     let port = free_port();
     let mut flappy = mock_on(port, "flappy", &[]).await;
