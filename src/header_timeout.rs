@@ -198,7 +198,8 @@ impl AsyncRead for Deadlined {
         let Some(head) = this.head.as_mut() else {
             return read;
         };
-        let late = match read {
+        // Every arm returns unless the deadline has passed.
+        match read {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 if new.is_empty() {
@@ -217,21 +218,15 @@ impl AsyncRead for Deadlined {
                     }
                     return Poll::Ready(Ok(()));
                 }
-                true
             }
             Poll::Pending => {
-                let late = head
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
-                if !late {
+                let due = head.deadline.as_mut();
+                if !due.is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
                     return Poll::Pending;
                 }
-                true
             }
             failed => return failed,
-        };
-        debug_assert!(late);
+        }
         Poll::Ready(Err(this.expired()))
     }
 }
