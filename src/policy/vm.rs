@@ -37,10 +37,11 @@ end
 -- The `req` a policy gets: read-only like the others, with `tokens` and `session` not
 -- stored in `t` but worked out when read (`lazy(k)` is a Rust function); `pairs` lists
 -- them last (`session` only when the request has one).
-local LAZY = { "tokens", "session" }
+local LAZY, IS_LAZY = { "tokens", "session" }, {}
+for _, k in ipairs(LAZY) do IS_LAZY[k] = true end
 function H.request(t, lazy)
   setmetatable(t, { __index = function(_, k)
-    if k == "tokens" or k == "session" then return lazy(k) end
+    if IS_LAZY[k] then return lazy(k) end
   end })
   return H.readonly(t, function()
     local i = 0 -- LAZY fields listed so far, once `t` is walked
