@@ -549,9 +549,18 @@ impl ConfigError {
             problems: vec![problem],
         }
     }
+
+    /// `Ok` when there are no problems, else all of them.
+    fn unless_any(problems: Vec<String>) -> Result<(), ConfigError> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
 }
 
-/// Which files [`Config::check_files`] loads.
+/// Which files [`Config::file_problems`] loads.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Files {
     Policies,
@@ -591,25 +600,14 @@ impl Config {
             config.resolve_paths(dir);
         }
         let mut problems = config.problems();
-        if let Err(e) = config.check_files(which) {
-            problems.extend(e.problems);
-        }
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError { problems })
-        }
+        problems.extend(config.file_problems(which));
+        ConfigError::unless_any(problems).map(|()| config)
     }
 
     /// Parse and validate YAML text (paths are left as written).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config = Config::parse_unchecked(text)?;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError { problems })
-        }
+        ConfigError::unless_any(config.problems()).map(|()| config)
     }
 
     /// The YAML read into a config, without the semantic checks.
@@ -653,14 +651,8 @@ impl Config {
     /// file is.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = self.problems();
-        if let Err(e) = self.check_files(Files::Policies) {
-            problems.extend(e.problems);
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError { problems })
-        }
+        problems.extend(self.file_problems(Files::Policies));
+        ConfigError::unless_any(problems)
     }
 
     /// Every semantic problem, by path. Empty when the config is valid.
@@ -886,9 +878,10 @@ impl Config {
         out
     }
 
-    /// The files the config names: every policy a route names must exist, and with
-    /// [`Files::All`] every listener certificate pair and backend CA file must load.
-    fn check_files(&self, which: Files) -> Result<(), ConfigError> {
+    /// Problems with the files the config names, by path: every policy a route names
+    /// must exist, and with [`Files::All`] every listener certificate pair and backend CA
+    /// file must load.
+    fn file_problems(&self, which: Files) -> Vec<String> {
         let mut problems = Vec::new();
         let tls = which == Files::All;
         for (i, l) in self.listen.iter().enumerate().filter(|_| tls) {
@@ -918,11 +911,7 @@ impl Config {
                 }
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError { problems })
-        }
+        problems
     }
 
     /// Every model any backend serves (client-facing names), sorted.
