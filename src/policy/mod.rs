@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn a_call_over_the_memory_cap_fails_and_the_next_runs_in_a_fresh_vm() {
-        let (set, candidates, req, config) = setup();
+        let cap = LuaConfig::default().memory_limit_bytes;
         // The file's state counts calls; the third allocates without bound. A fresh VM
         // starts the count again, so the fourth call answers as the first did.
         let source = r#"
@@ -375,24 +375,11 @@ function P.route(req, backends)
   return backends[calls].name
 end
 return P"#;
-        let policy = Policy::new("hoards", source.to_string(), PathBuf::from("hoards.lua"));
-        let call = || {
-            names(decide(
-                &policy,
-                &req,
-                &no_params(),
-                &candidates,
-                &set,
-                &config.lua,
-                5,
-            ))
-        };
+        // Each call loads the same version, so the VM's copy (and its count) is reused.
+        let call = || names(run(source, &no_params()));
         assert_eq!(call().unwrap(), vec!["a"]);
         assert_eq!(call().unwrap(), vec!["b"]);
-        assert_eq!(
-            call(),
-            Err(PolicyError::Memory(config.lua.memory_limit_bytes))
-        );
+        assert_eq!(call(), Err(PolicyError::Memory(cap)));
         assert_eq!(call().unwrap(), vec!["a"], "the VM was rebuilt");
         assert_eq!(call().unwrap(), vec!["b"]);
     }
