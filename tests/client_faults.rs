@@ -77,6 +77,26 @@ fn code_of(answer: &str) -> String {
     error_code(json)
 }
 
+/// Send `bytes` one every 100 ms (each read is quick, the whole is slow) until they are
+/// all sent, a write fails (the proxy closed), or `within` has passed.
+async fn drip(conn: &mut TcpStream, bytes: impl IntoIterator<Item = u8>, within: Duration) {
+    let started = Instant::now();
+    for b in bytes {
+        if started.elapsed() > within || conn.write_all(&[b]).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Connections closed for a slow head, from the admin listener's metrics.
+async fn header_timeouts(admin: u16) -> f64 {
+    metric(
+        &metrics_text(admin).await,
+        "switchyard_client_connections_closed_total{reason=\"header_timeout\"}",
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_headers_sent_very_slowly_are_cut_off_by_the_header_timeout() {
     let (m, p, admin) = setup(", header_timeout_ms: 600").await;
@@ -85,16 +105,13 @@ async fn request_headers_sent_very_slowly_are_cut_off_by_the_header_timeout() {
         .await
         .unwrap();
     let started = Instant::now();
-    // One header byte every 100 ms: each read is quick, the head never ends.
-    let dripping = async {
-        for b in b"x-slow: ".iter().cycle().take(100) {
-            if conn.write_all(&[*b]).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(3), dripping).await;
+    // A head that never ends.
+    drip(
+        &mut conn,
+        b"x-slow: ".iter().copied().cycle(),
+        Duration::from_secs(3),
+    )
+    .await;
     let closed_after = started.elapsed();
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(2), conn.read_to_end(&mut rest)).await;
@@ -107,14 +124,7 @@ async fn request_headers_sent_very_slowly_are_cut_off_by_the_header_timeout() {
         "closed after {closed_after:?}"
     );
     p.wait_log("did not arrive within 600 ms").await;
-    let text = metrics_text(admin).await;
-    assert_eq!(
-        metric(
-            &text,
-            "switchyard_client_connections_closed_total{reason=\"header_timeout\"}"
-        ),
-        1.0
-    );
+    assert_eq!(header_timeouts(admin).await, 1.0);
     assert!(received(&m).await.is_empty());
 }
 
@@ -125,12 +135,8 @@ async fn blank_lines_before_a_slow_request_line_do_not_end_its_head() {
     // The parser skips blank lines before a request line: they are not the head's end.
     conn.write_all(b"\r\n\r\n").await.unwrap();
     let started = Instant::now();
-    for b in b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n" {
-        if conn.write_all(&[*b]).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let request = b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n";
+    drip(&mut conn, request.iter().copied(), Duration::from_secs(10)).await;
     let answer = until_closed(&mut conn, Duration::from_secs(2)).await;
     assert!(
         answer.is_empty(),
@@ -169,27 +175,17 @@ async fn the_header_deadline_starts_with_each_requests_first_byte_on_a_kept_aliv
         .await
         .unwrap();
     let started = Instant::now();
-    for b in b"slow: ".iter().cycle().take(40) {
-        if conn.write_all(&[*b]).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if started.elapsed() > Duration::from_secs(3) {
-            break;
-        }
-    }
+    drip(
+        &mut conn,
+        b"slow: ".iter().copied().cycle(),
+        Duration::from_secs(3),
+    )
+    .await;
     let rest = until_closed(&mut conn, Duration::from_secs(3)).await;
     assert!(rest.is_empty(), "{rest}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(received(&m).await.len(), 2);
-    let text = metrics_text(admin).await;
-    assert_eq!(
-        metric(
-            &text,
-            "switchyard_client_connections_closed_total{reason=\"header_timeout\"}"
-        ),
-        1.0
-    );
+    assert_eq!(header_timeouts(admin).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
