@@ -189,9 +189,3 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
     );
     assert!(p.output().contains(&format!("policy=switchable@{second}")));
 }
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
-        .unwrap_or(0.0)
-}
