@@ -511,8 +511,7 @@ async fn malformed_sse_is_forwarded_as_it_is() {
     assert_eq!(r.status(), 200);
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(r.text().await.unwrap(), raw);
-    let log = p.wait_log(&format!("{request_id} POST")).await;
-    let line = log.lines().find(|l| l.contains(&request_id)).unwrap();
+    let line = p.access_line(&request_id).await;
     assert!(line.contains("tokens_in=5 tokens_out=7"), "{line}");
 }
 
@@ -556,8 +555,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_request() {
         dropped.elapsed()
     );
     // Logged as the client's doing, under the request's id.
-    let log = p.wait_log(&format!("{request_id} POST")).await;
-    let line = log.lines().find(|l| l.contains(&request_id)).unwrap();
+    let line = p.access_line(&request_id).await;
     assert!(line.contains("attempts=[first:client closed]"), "{line}");
 }
 
@@ -643,8 +641,7 @@ async fn a_client_that_stops_reading_a_stream_is_let_go_after_the_write_timeout(
         "memory grew from {before} KiB to {peak} KiB"
     );
     // The access line says what happened, under the request's id.
-    let log = p.wait_log(&format!("{request_id} POST")).await;
-    let line = log.lines().find(|l| l.contains(&request_id)).unwrap();
+    let line = p.access_line(&request_id).await;
     assert!(
         line.contains("attempts=[first:client closed]") && line.contains("WriteTimedout"),
         "{line}"

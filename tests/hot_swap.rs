@@ -181,8 +181,7 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
     assert_eq!(r.status(), 200);
     assert_eq!(served_by(r.headers()), "a");
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let log = p.wait_log(&format!("{id} POST")).await;
-    let line = log.lines().find(|l| l.contains(&id)).unwrap();
+    let line = p.access_line(&id).await;
     assert!(
         line.contains(&format!("policy=switchable@{first}")),
         "{line}"

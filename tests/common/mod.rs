@@ -69,6 +69,16 @@ impl Proc {
         }
     }
 
+    /// The access line of the request `request_id` (an `x-request-id`), once logged.
+    pub async fn access_line(&self, request_id: &str) -> String {
+        let needle = format!("{request_id} POST");
+        let log = self.wait_log(&needle).await;
+        log.lines()
+            .find(|l| l.contains(&needle))
+            .expect("wait_log found it")
+            .to_string()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
