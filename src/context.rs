@@ -11,6 +11,7 @@ use crate::backends::{Backend, InflightGuard, Outcome};
 use crate::errors::ClientError;
 use crate::limits::Lease;
 use crate::metrics::METRICS;
+use crate::outlier::Pass;
 use crate::plan::Plan;
 use crate::request::RequestMeta;
 use crate::runtime::Runtime;
@@ -37,7 +38,7 @@ pub struct RequestCtx {
     tries: usize,
     /// The pooled connection of an attempt was stale: try the same backend once more on a
     /// fresh connection (at most once per request).
-    pub retry_same_backend: Option<Arc<Backend>>,
+    pub retry_same_backend: Option<(Arc<Backend>, Pass)>,
     pub stale_retried: bool,
     /// Status sent to the client (499 when it went away first).
     pub status: u16,
@@ -65,6 +66,8 @@ pub struct Current {
     pub usage_reader: Option<UsageReader>,
     /// Takes out of the client's stream the usage Switchyard asked for on its behalf.
     pub usage_stripper: Option<UsageStripper>,
+    /// How the backend's breaker let the attempt through.
+    pub pass: Pass,
     _inflight: InflightGuard,
 }
 
@@ -118,23 +121,31 @@ impl RequestCtx {
         backend
     }
 
-    /// Start an attempt on `backend`, counted in flight until it ends. `counts` is false
-    /// for the repeat after a stale pooled connection. Fails (with the reason) when the
-    /// backend is full, or its one half-open probe is already out.
+    /// Start an attempt on `backend`, counted in flight until it ends. `repeat_of` is the
+    /// pass of the attempt this one repeats after a stale pooled connection (a repeat is
+    /// not counted as a try). Fails (with the reason) when the backend is full, or went out
+    /// of rotation since the plan was made (its one half-open probe already out, ejected
+    /// outside panic mode, cooling down or draining).
     pub fn begin_attempt(
         &mut self,
         backend: Arc<Backend>,
-        counts: bool,
+        repeat_of: Option<Pass>,
     ) -> Result<(), &'static str> {
         let reserved = self.plan.as_mut().and_then(|p| p.reserved.take());
         let inflight = match reserved {
             Some(guard) if self.tries == 0 => guard,
             _ => backend.try_start_request().ok_or("at max_inflight")?,
         };
-        if counts && !backend.stats.breaker.begin(tokio::time::Instant::now()) {
-            return Err("its half-open probe is already in flight");
-        }
-        if counts {
+        let pass = match repeat_of {
+            Some(pass) => pass,
+            None => {
+                let panic = self.plan.as_ref().is_some_and(|p| p.panic);
+                let now = tokio::time::Instant::now();
+                let pass = backend.stats.breaker.begin(now, panic);
+                pass.ok_or("out of rotation since the plan was made")?
+            }
+        };
+        if repeat_of.is_none() {
             self.tries += 1;
         }
         let mut usage_stripper = None;
@@ -152,6 +163,7 @@ impl RequestCtx {
         };
         self.current = Some(Current {
             _inflight: inflight,
+            pass,
             backend,
             started: Instant::now(),
             first_byte: None,
@@ -191,16 +203,18 @@ impl RequestCtx {
         match outcome {
             Outcome::Success => {
                 stats.record_latency(cur.started.elapsed());
-                stats.breaker.record_success();
+                stats.breaker.record_success(cur.pass);
             }
             Outcome::Failure => {
                 if let Some(rt) = &self.runtime {
                     let outlier = &rt.config.outlier;
                     let may_eject = rt.backends.may_eject(outlier.max_ejected_percent);
-                    if stats
-                        .breaker
-                        .record_failure(tokio::time::Instant::now(), outlier, may_eject)
-                    {
+                    if stats.breaker.record_failure(
+                        tokio::time::Instant::now(),
+                        outlier,
+                        may_eject,
+                        cur.pass,
+                    ) {
                         log::warn!(
                             target: "switchyard::outlier",
                             "{} backend {} ejected after repeated failures",

@@ -31,6 +31,18 @@ pub enum Admission {
     Closed(Why),
 }
 
+/// How an attempt was let through; its outcome is recorded with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// An ordinary request to a backend in rotation.
+    Normal,
+    /// The one half-open request after an ejection: its outcome ends or renews it.
+    Probe,
+    /// Sent in panic mode to a backend that is out (see `plan::eligible`): it neither ends
+    /// nor renews an ejection.
+    Panic,
+}
+
 /// Why a backend is not a candidate (for logs and the admin API).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Why {
@@ -87,24 +99,28 @@ impl Breaker {
         admission
     }
 
-    /// A request is about to be sent. Returns `false` if the backend may not take it after
-    /// all (its single half-open probe is already out).
-    pub fn begin(&self, now: Instant) -> bool {
+    /// A request is about to be sent. `None` if the backend may not take it after all
+    /// (its single half-open probe is already out, it is cooling down or draining). In
+    /// `panic` mode an ejected backend takes it anyway.
+    pub fn begin(&self, now: Instant, panic: bool) -> Option<Pass> {
         match self.admission(now) {
-            Admission::Open => true,
+            Admission::Open => Some(Pass::Normal),
             Admission::Probe => {
                 let mut s = self.lock();
-                if s.probing {
-                    return false;
+                if !s.probing {
+                    s.probing = true;
+                    Some(Pass::Probe)
+                } else {
+                    panic.then_some(Pass::Panic)
                 }
-                s.probing = true;
-                true
             }
-            Admission::Closed(_) => false,
+            Admission::Closed(Why::Ejected) => panic.then_some(Pass::Panic),
+            Admission::Closed(Why::CoolingDown | Why::Draining) => None,
         }
     }
 
-    pub fn record_success(&self) {
+    /// A successful attempt, let through as `pass`.
+    pub fn record_success(&self, pass: Pass) {
         if !self.tripped.load(Ordering::Acquire) {
             // Common case: nothing to reset but the failure streak.
             let mut s = self.lock();
@@ -113,7 +129,7 @@ impl Breaker {
         }
         let mut s = self.lock();
         s.consecutive_failures = 0;
-        if s.probing {
+        if pass == Pass::Probe && s.probing {
             s.probing = false;
             s.ejected_until = None;
             s.ejections = s.ejections.saturating_sub(1);
@@ -121,12 +137,19 @@ impl Breaker {
         self.tripped.store(s.tripped(), Ordering::Release);
     }
 
-    /// A failed attempt. `may_eject` is false when ejecting this backend would take the
-    /// share of ejected backends over the cap. Returns true if the backend was ejected.
-    pub fn record_failure(&self, now: Instant, config: &OutlierConfig, may_eject: bool) -> bool {
+    /// A failed attempt, let through as `pass`. `may_eject` is false when ejecting this
+    /// backend would take the share of ejected backends over the cap. Returns true if the
+    /// backend was ejected.
+    pub fn record_failure(
+        &self,
+        now: Instant,
+        config: &OutlierConfig,
+        may_eject: bool,
+        pass: Pass,
+    ) -> bool {
         let mut s = self.lock();
         s.consecutive_failures += 1;
-        let failed_probe = std::mem::take(&mut s.probing);
+        let failed_probe = pass == Pass::Probe && std::mem::take(&mut s.probing);
         let eject = failed_probe
             || (s.consecutive_failures >= config.consecutive_failures
                 && s.ejected_until.is_none()
@@ -144,8 +167,15 @@ impl Breaker {
         eject
     }
 
-    /// A 429: out of rotation for `retry_after` (capped), or the default when absent.
-    pub fn cool_down(&self, now: Instant, retry_after: Option<Duration>, config: &OutlierConfig) {
+    /// A 429 to an attempt let through as `pass`: out of rotation for `retry_after`
+    /// (capped), or the default when absent.
+    pub fn cool_down(
+        &self,
+        now: Instant,
+        retry_after: Option<Duration>,
+        config: &OutlierConfig,
+        pass: Pass,
+    ) {
         let wait = retry_after
             .unwrap_or(Duration::from_millis(config.default_cooldown_ms))
             .min(Duration::from_millis(config.max_cooldown_ms));
@@ -153,7 +183,7 @@ impl Breaker {
         let until = now + wait;
         s.cooldown_until = Some(s.cooldown_until.map_or(until, |u| u.max(until)));
         // A probe answered 429: the backend is alive; let the ejection end.
-        if s.probing {
+        if pass == Pass::Probe && s.probing {
             s.probing = false;
             s.ejected_until = None;
         }
@@ -210,12 +240,12 @@ mod tests {
     async fn consecutive_failures_eject_then_one_probe_is_let_through() {
         let b = Breaker::default();
         let c = config();
-        assert!(!b.record_failure(Instant::now(), &c, true));
-        b.record_success(); // a success resets the streak
-        assert!(!b.record_failure(Instant::now(), &c, true));
-        assert!(!b.record_failure(Instant::now(), &c, true));
+        assert!(!b.record_failure(Instant::now(), &c, true, Pass::Normal));
+        b.record_success(Pass::Normal); // a success resets the streak
+        assert!(!b.record_failure(Instant::now(), &c, true, Pass::Normal));
+        assert!(!b.record_failure(Instant::now(), &c, true, Pass::Normal));
         assert!(
-            b.record_failure(Instant::now(), &c, true),
+            b.record_failure(Instant::now(), &c, true, Pass::Normal),
             "third in a row ejects"
         );
         assert_eq!(b.admission(Instant::now()), Admission::Closed(Why::Ejected));
@@ -224,9 +254,17 @@ mod tests {
         assert_eq!(b.admission(Instant::now()), Admission::Closed(Why::Ejected));
         tokio::time::advance(Duration::from_millis(2)).await;
         assert_eq!(b.admission(Instant::now()), Admission::Probe);
-        assert!(b.begin(Instant::now()), "the probe goes");
-        assert!(!b.begin(Instant::now()), "only one probe at a time");
-        b.record_success();
+        assert_eq!(
+            b.begin(Instant::now(), false),
+            Some(Pass::Probe),
+            "the probe goes"
+        );
+        assert_eq!(
+            b.begin(Instant::now(), false),
+            None,
+            "only one probe at a time"
+        );
+        b.record_success(Pass::Probe);
         assert_eq!(b.admission(Instant::now()), Admission::Open);
     }
 
@@ -235,7 +273,7 @@ mod tests {
         let b = Breaker::default();
         let c = config();
         for _ in 0..3 {
-            b.record_failure(Instant::now(), &c, true);
+            b.record_failure(Instant::now(), &c, true, Pass::Normal);
         }
         // Ejections last 1, 2, 4, 8, then 10 (the cap) seconds.
         for ejection_ms in [1_000, 2_000, 4_000, 8_000, 10_000, 10_000] {
@@ -246,12 +284,44 @@ mod tests {
                 "{ejection_ms}"
             );
             tokio::time::advance(Duration::from_millis(1)).await;
-            assert!(b.begin(Instant::now()), "probe after {ejection_ms} ms");
+            let pass = b.begin(Instant::now(), false);
+            assert_eq!(pass, Some(Pass::Probe), "probe after {ejection_ms} ms");
             assert!(
-                b.record_failure(Instant::now(), &c, true),
+                b.record_failure(Instant::now(), &c, true, Pass::Probe),
                 "a failed probe ejects again"
             );
         }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn panic_mode_passes_an_ejected_backend_without_touching_its_ejection() {
+        let b = Breaker::default();
+        let c = config();
+        for _ in 0..3 {
+            b.record_failure(Instant::now(), &c, true, Pass::Normal);
+        }
+        assert_eq!(b.begin(Instant::now(), false), None);
+        assert_eq!(b.begin(Instant::now(), true), Some(Pass::Panic));
+        // Neither outcome of a panic pass ends or renews the ejection.
+        b.record_success(Pass::Panic);
+        assert!(!b.record_failure(Instant::now(), &c, true, Pass::Panic));
+        assert_eq!(b.admission(Instant::now()), Admission::Closed(Why::Ejected));
+
+        // Once it ends, the probe goes first; panic passes go beside it, and only the
+        // probe's outcome decides.
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        assert_eq!(b.begin(Instant::now(), true), Some(Pass::Probe));
+        assert_eq!(b.begin(Instant::now(), true), Some(Pass::Panic));
+        assert!(!b.record_failure(Instant::now(), &c, true, Pass::Panic));
+        b.record_success(Pass::Probe);
+        assert_eq!(b.admission(Instant::now()), Admission::Open);
+
+        // Panic mode never overrides a cool-down or a drain.
+        b.cool_down(Instant::now(), None, &c, Pass::Normal);
+        assert_eq!(b.begin(Instant::now(), true), None);
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        b.set_draining(true);
+        assert_eq!(b.begin(Instant::now(), true), None);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -259,7 +329,7 @@ mod tests {
         let b = Breaker::default();
         let c = config();
         for _ in 0..10 {
-            assert!(!b.record_failure(Instant::now(), &c, false));
+            assert!(!b.record_failure(Instant::now(), &c, false, Pass::Normal));
         }
         assert_eq!(b.admission(Instant::now()), Admission::Open);
     }
@@ -268,7 +338,12 @@ mod tests {
     async fn a_429_cools_down_for_retry_after_capped_and_is_no_failure() {
         let b = Breaker::default();
         let c = config();
-        b.cool_down(Instant::now(), Some(Duration::from_secs(5)), &c);
+        b.cool_down(
+            Instant::now(),
+            Some(Duration::from_secs(5)),
+            &c,
+            Pass::Normal,
+        );
         assert_eq!(
             b.admission(Instant::now()),
             Admission::Closed(Why::CoolingDown)
@@ -276,7 +351,12 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(b.admission(Instant::now()), Admission::Open);
 
-        b.cool_down(Instant::now(), Some(Duration::from_secs(3600)), &c);
+        b.cool_down(
+            Instant::now(),
+            Some(Duration::from_secs(3600)),
+            &c,
+            Pass::Normal,
+        );
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(
             b.admission(Instant::now()),
@@ -284,7 +364,7 @@ mod tests {
             "capped at max_cooldown_ms"
         );
 
-        b.cool_down(Instant::now(), None, &c);
+        b.cool_down(Instant::now(), None, &c, Pass::Normal);
         assert_eq!(
             b.admission(Instant::now()),
             Admission::Closed(Why::CoolingDown)

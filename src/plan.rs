@@ -36,6 +36,9 @@ pub struct Plan {
     pub candidates: Vec<Arc<Backend>>,
     /// Backends left out, and why.
     pub skipped: Vec<(String, &'static str)>,
+    /// Every backend was out (unhealthy or ejected), so all were offered anyway: an
+    /// ejected one takes the request too.
+    pub panic: bool,
 }
 
 /// Why no plan could be made.
@@ -129,7 +132,7 @@ pub fn decide(
 ) -> Result<Plan, Refusal> {
     let (route, model) = (screened.route, meta.model.as_deref());
     let mut skipped = screened.skipped.clone();
-    let candidates = match eligible(&screened.allowed, request_id, &mut skipped) {
+    let (candidates, panic) = match eligible(&screened.allowed, request_id, &mut skipped) {
         Ok(c) => c,
         Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity),
         Err(_) => {
@@ -173,17 +176,18 @@ pub fn decide(
         candidates,
         skipped,
         policy: policy.tag.clone(),
+        panic,
     })
 }
 
 /// The backends that may take a request now. When every one is out only because it is
-/// unhealthy or ejected, "panic mode" returns them all (minus drained and full ones):
-/// routing to possibly-bad backends beats failing every request outright.
+/// unhealthy or ejected, "panic mode" returns them all (minus drained and full ones), and
+/// says so: routing to possibly-bad backends beats failing every request outright.
 fn eligible(
     allowed: &[Arc<Backend>],
     request_id: &str,
     skipped: &mut Vec<(String, &'static str)>,
-) -> Result<Vec<Arc<Backend>>, Unavailable> {
+) -> Result<(Vec<Arc<Backend>>, bool), Unavailable> {
     let now = tokio::time::Instant::now();
     let mut candidates = Vec::with_capacity(allowed.len());
     let mut only_health = true;
@@ -203,7 +207,8 @@ fn eligible(
             Err(_) => only_health = false,
         }
     }
-    if candidates.is_empty() && only_health {
+    let panic = candidates.is_empty() && only_health;
+    if panic {
         warn!(target: "switchyard::health", "{request_id} panic mode: every backend for this request is unhealthy or ejected; trying them all");
         candidates = allowed
             .iter()
@@ -214,7 +219,7 @@ fn eligible(
     if candidates.is_empty() {
         Err(Unavailable { full })
     } else {
-        Ok(candidates)
+        Ok((candidates, panic))
     }
 }
 

@@ -112,7 +112,8 @@ impl ProxyHttp for Switchyard {
     }
 
     /// The next backend of the plan, counted in flight until its attempt ends. A backend
-    /// whose one half-open probe is already out is skipped.
+    /// that went out of rotation since the plan was made (say, its one half-open probe is
+    /// already out) is skipped.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
@@ -122,9 +123,9 @@ impl ProxyHttp for Switchyard {
             .runtime
             .clone()
             .expect("request_filter sets the runtime");
-        if let Some(backend) = ctx.retry_same_backend.take() {
+        if let Some((backend, pass)) = ctx.retry_same_backend.take() {
             // Best effort: if it is full now, the plan's next backend takes over.
-            let _ = ctx.begin_attempt(backend, false);
+            let _ = ctx.begin_attempt(backend, Some(pass));
         }
         while ctx.current.is_none() {
             let Some(backend) = ctx.next_backend() else {
@@ -134,7 +135,7 @@ impl ProxyHttp for Switchyard {
                     "no backend left to try",
                 ));
             };
-            if let Err(why) = ctx.begin_attempt(backend.clone(), true) {
+            if let Err(why) = ctx.begin_attempt(backend.clone(), None) {
                 ctx.skip(&backend, why);
             }
         }
@@ -239,10 +240,12 @@ impl ProxyHttp for Switchyard {
                 .expect("set in request_filter")
                 .config
                 .outlier;
-            cur.backend
-                .stats
-                .breaker
-                .cool_down(tokio::time::Instant::now(), retry_after, outlier);
+            cur.backend.stats.breaker.cool_down(
+                tokio::time::Instant::now(),
+                retry_after,
+                outlier,
+                cur.pass,
+            );
         }
         let auth_failed = matches!(status, 401 | 403);
         if !(status >= 500 || status == 429 || auth_failed) {
@@ -438,7 +441,7 @@ impl ProxyHttp for Switchyard {
         if stale {
             // A pooled connection the backend had already closed: not the backend's fault.
             ctx.stale_retried = true;
-            ctx.retry_same_backend = ctx.current.as_ref().map(|c| c.backend.clone());
+            ctx.retry_same_backend = ctx.current.as_ref().map(|c| (c.backend.clone(), c.pass));
             ctx.finish_attempt(Outcome::Neutral, "stale pooled connection");
             e.set_retry(true);
             return e;

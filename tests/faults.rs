@@ -326,6 +326,71 @@ async fn repeated_5xx_eject_the_backend_and_it_is_tried_no_more() {
         .await;
 }
 
+/// Both backends fail while the client asks the mocks for 503s, then recover.
+async fn eject_both(max_ejected_percent: u32) -> (Proc, u16, Proc, Proc) {
+    let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "{}outlier: {{ consecutive_failures: 2, base_ejection_ms: 60000, \
+             max_ejected_percent: {max_ejected_percent} }}\n{}",
+            admin_config(admin),
+            chain_config(one.port, Some(two.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let failing = [("x-mock-status", "503")];
+    for _ in 0..2 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &failing).await;
+        assert_eq!(
+            r.status(),
+            503,
+            "both candidates failed: the last 503 is relayed"
+        );
+    }
+    (p, admin, one, two)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_than_max_ejected_percent_of_the_backends_are_ejected() {
+    let (p, admin, _one, two) = eject_both(50).await;
+    assert_eq!(admin_backend(admin, "first").await["why_not"], "ejected");
+    // The second failed as often, but ejecting it too would pass 50%.
+    assert!(admin_backend(admin, "second").await["why_not"].is_null());
+    let before = received(&two).await.len();
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(r.headers()), "second");
+    assert_eq!(received(&two).await.len(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_backend_ejected_panic_mode_still_routes_to_them() {
+    let (p, admin, one, two) = eject_both(100).await;
+    for name in ["first", "second"] {
+        assert_eq!(
+            admin_backend(admin, name).await["why_not"],
+            "ejected",
+            "{name}"
+        );
+    }
+    let before = (received(&one).await.len(), received(&two).await.len());
+    // Both are still ejected for a minute, and both answer again: panic mode saves the
+    // request instead of refusing it.
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        served_by(r.headers()),
+        "first",
+        "the policy's order is kept"
+    );
+    assert_eq!(received(&one).await.len(), before.0 + 1);
+    assert_eq!(received(&two).await.len(), before.1);
+    p.wait_log("panic mode: every backend for this request is unhealthy or ejected")
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stop_when_the_retry_budget_is_spent() {
     let failing = mock("failing", &["--fail-rate", "1"]).await;
