@@ -393,6 +393,9 @@ pub struct ProxyConfig {
     /// Longest one write to a client may wait (a client that stops reading). Default
     /// 60 000 ms.
     pub write_timeout_ms: u64,
+    /// How long a kept-alive client connection may sit idle between requests (HTTP/1).
+    /// Default 60.
+    pub keepalive_timeout_seconds: u64,
     /// Seconds a SIGTERM'd server keeps serving in-flight requests. Default 30.
     pub grace_period_seconds: u64,
     /// Idle upstream connections kept per process. Default 1024.
@@ -417,6 +420,7 @@ impl Default for ProxyConfig {
             body_timeout_ms: 30_000,
             header_timeout_ms: 30_000,
             write_timeout_ms: 60_000,
+            keepalive_timeout_seconds: 60,
             grace_period_seconds: 30,
             upstream_keepalive_pool_size: 1024,
             retry_budget_percent: 20,
@@ -846,6 +850,7 @@ impl Config {
             ("body_timeout_ms", p.body_timeout_ms),
             ("header_timeout_ms", p.header_timeout_ms),
             ("write_timeout_ms", p.write_timeout_ms),
+            ("keepalive_timeout_seconds", p.keepalive_timeout_seconds),
         ] {
             if v == 0 {
                 out.push(format!("proxy.{name}: must be > 0"));

@@ -95,6 +95,12 @@ impl ProxyHttp for Switchyard {
         session.set_write_timeout(Some(Duration::from_millis(
             runtime.config.proxy.write_timeout_ms,
         )));
+        // A kept-alive connection is closed after this long idle: Pingora's proxy would
+        // otherwise wait for the next request for ever. (`None` is a connection the client
+        // or HTTP/2 does not keep alive here; it stays so.)
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(runtime.config.proxy.keepalive_timeout_seconds));
+        }
         match admit(session, ctx, &runtime, &self.shared).await {
             Ok(Admitted::Proxy) => {
                 self.retry_budget.record_request();

@@ -89,6 +89,22 @@ async fn drip(conn: &mut TcpStream, bytes: impl IntoIterator<Item = u8>, within:
     }
 }
 
+/// Send one chat request on a kept-alive connection and read its answer; its status.
+async fn chat_on(conn: &mut TcpStream, request: &str) -> u16 {
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("chat.completion") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    status_of(&String::from_utf8_lossy(&got))
+}
+
 /// Connections closed for a slow head, from the admin listener's metrics.
 async fn header_timeouts(admin: u16) -> f64 {
     metric(
@@ -157,18 +173,7 @@ async fn the_header_deadline_starts_with_each_requests_first_byte_on_a_kept_aliv
     // timeout's business, not this one's.
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        conn.write_all(request.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("chat.completion") {
-            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert_eq!(status_of(&String::from_utf8_lossy(&got)), 200);
+        assert_eq!(chat_on(&mut conn, &request).await, 200);
     }
     // A third request whose head drips is cut off, on the same connection.
     conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nx-")
@@ -186,6 +191,27 @@ async fn the_header_deadline_starts_with_each_requests_first_byte_on_a_kept_aliv
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(received(&m).await.len(), 2);
     assert_eq!(header_timeouts(admin).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_idle_past_the_keepalive_timeout_is_closed() {
+    let (_m, p, _admin) = setup(", keepalive_timeout_seconds: 1").await;
+    let body = chat_body("m", "hi", false).to_string();
+    let request = format!("{}{body}", head("", Some(body.len())));
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    // Within the timeout the connection serves again; after it, it is closed.
+    for _ in 0..2 {
+        assert_eq!(chat_on(&mut conn, &request).await, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let idle = Instant::now();
+    let rest = until_closed(&mut conn, Duration::from_secs(4)).await;
+    assert!(rest.is_empty(), "{rest}");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        idle.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
