@@ -57,14 +57,16 @@ function H.request(t, lazy)
       end
       return nil
     end
-    return step, t, nil
+    return step, nil, nil
   end)
 end
--- A read-only view of `t`; `pairs` walks `t`, or calls `walk` when given.
+-- A read-only view of `t`; `pairs` walks `t`, or calls `walk` when given. The walk's
+-- state is never `t` itself: `pairs` hands its state to the caller, who could write
+-- through it (and so change what later calls, and other policies, see).
 function H.readonly(t, walk)
   return setmetatable({}, {
     __index = t, __newindex = deny, __metatable = false,
-    __pairs = walk or function() return next, t, nil end,
+    __pairs = walk or function() return function(_, k) return next(t, k) end, nil, nil end,
     __len = function() return #t end,
   })
 end
