@@ -472,11 +472,19 @@ impl ProxyHttp for Switchyard {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // The client went away, reset its HTTP/2 stream, or stopped reading until the write
+        // timeout let it go; after the answer began, any failure on its side means it never
+        // got the whole answer. Logged as 499, whatever status the answer started with.
         let client_gone = *e.esource() == ErrorSource::Downstream
-            && matches!(
-                e.etype(),
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
-            );
+            && (session.response_written().is_some()
+                || matches!(
+                    e.etype(),
+                    ErrorType::ReadError
+                        | ErrorType::WriteError
+                        | ErrorType::ConnectionClosed
+                        | ErrorType::WriteTimedout
+                        | ErrorType::H2Error
+                ));
         if session.response_written().is_some() || client_gone {
             if client_gone {
                 ctx.status = 499;

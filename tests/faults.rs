@@ -708,7 +708,9 @@ async fn a_client_that_stops_reading_a_stream_is_let_go_after_the_write_timeout(
     // The access line says what happened, under the request's id.
     let line = p.access_line(&request_id).await;
     assert!(
-        line.contains("attempts=[first:client closed]") && line.contains("WriteTimedout"),
+        line.contains("attempts=[first:client closed]")
+            && line.contains("WriteTimedout")
+            && line.contains("status=499"),
         "{line}"
     );
     // The client's connection is closed, without a `[DONE]` it never got.
