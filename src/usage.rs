@@ -1,7 +1,8 @@
 //! Token usage read from responses as they pass through, without holding them back.
 //!
-//! A plain JSON answer is copied aside (up to [`MAX_JSON_BYTES`]) and its `usage` block read
-//! at the end. A stream is scanned line by line as chunks go by — a partial line is kept
+//! A plain JSON answer is copied aside and its `usage` block read at the end; of a larger
+//! answer than [`MAX_JSON_BYTES`] only the last [`TAIL_BYTES`] are kept, where `usage` is
+//! (it follows the data in both APIs' answers, embeddings included). A stream is scanned line by line as chunks go by — a partial line is kept
 //! across chunk boundaries — and the `usage` of any `data:` event taken (OpenAI's final
 //! usage chunk, Anthropic's `message_start`/`message_delta`). Malformed events are
 //! skipped. When a stream reports no usage, its content events are counted instead, as
@@ -18,8 +19,10 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde::Deserialize;
 
-/// Larger plain answers are relayed but not parsed for usage.
+/// Of a larger plain answer, only the tail is kept for its usage.
 const MAX_JSON_BYTES: usize = 1024 * 1024;
+/// What is kept of a larger plain answer: its end, where the `usage` object is.
+const TAIL_BYTES: usize = 64 * 1024;
 /// A stream line longer than this is not a usage event; it is skipped, not buffered.
 const MAX_LINE_BYTES: usize = 64 * 1024;
 
@@ -128,10 +131,11 @@ impl UsageReader {
         match &mut self.mode {
             Mode::Off => {}
             Mode::Json(buf) => {
-                if buf.len() + chunk.len() > MAX_JSON_BYTES {
-                    self.mode = Mode::Off;
-                } else {
-                    buf.extend_from_slice(chunk);
+                buf.extend_from_slice(chunk);
+                if buf.len() > MAX_JSON_BYTES {
+                    // A `"usage"` key found in the tail is a key wherever the tail starts:
+                    // inside a string its quotes would be escaped.
+                    let _ = buf.split_to(buf.len() - TAIL_BYTES);
                 }
             }
             Mode::Stream { partial, skipping } => {
@@ -196,11 +200,8 @@ fn read_event(line: &[u8], tally: &mut Tally, content_events: &mut u64) {
     }
     if !every_usage_is_null(data) {
         if let Ok(event) = serde_json::from_slice::<UsageEvent>(data) {
-            if let Some(u) = event
-                .usage
-                .as_ref()
-                .or(event.message.as_ref().and_then(|m| m.usage.as_ref()))
-            {
+            let nested = event.message.or(event.response).and_then(|m| m.usage);
+            if let Some(u) = event.usage.as_ref().or(nested.as_ref()) {
                 tally.merge(u);
             }
         }
@@ -239,8 +240,15 @@ pub(crate) fn every_usage_is_null(data: &[u8]) -> bool {
 }
 
 /// An event with text in it: a non-empty `content` (chat delta) or `text` (legacy
-/// completions) string, or an Anthropic `content_block_delta`.
+/// completions) string, an Anthropic `content_block_delta`, or a Responses API
+/// `response.output_text.delta` (its other events repeat text already counted, or none).
 fn is_content_event(data: &[u8]) -> bool {
+    if let Some(kind) = values_of(data, &TYPE_KEY)
+        .next()
+        .filter(|t| t.starts_with(b"\"response."))
+    {
+        return kind.starts_with(b"\"response.output_text.delta\"");
+    }
     let non_empty_string = |v: &[u8]| v.starts_with(b"\"") && !v[1..].starts_with(b"\"");
     values_of(data, &CONTENT_KEY).any(non_empty_string)
         || values_of(data, &TEXT_KEY).any(non_empty_string)
@@ -278,11 +286,13 @@ struct Details {
 }
 
 /// A stream event with usage: OpenAI's final chunk, Anthropic's `message_start` (usage in
-/// `message`) and `message_delta`.
+/// `message`) and `message_delta`, the Responses API's `response.completed` (usage in
+/// `response`).
 #[derive(Deserialize)]
 struct UsageEvent {
     usage: Option<RawUsage>,
     message: Option<Message>,
+    response: Option<Message>,
 }
 
 #[derive(Deserialize)]
@@ -435,6 +445,42 @@ mod tests {
         feed_all(&mut r, body, 11);
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 15));
+    }
+
+    #[test]
+    fn reads_responses_api_stream_usage_and_counts_only_its_text_deltas() {
+        let delta = "data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n";
+        let done = "data: {\"type\":\"response.output_text.done\",\"text\":\"Hi Hi Hi\"}\n\n";
+        let completed = "data: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi Hi Hi\"}]}],\"usage\":{\"input_tokens\":11,\"output_tokens\":7,\"input_tokens_details\":{\"cached_tokens\":0}}}}\n\n";
+        let mut r = UsageReader::new(Some("text/event-stream"));
+        feed_all(
+            &mut r,
+            &format!("{delta}{delta}{delta}{done}{completed}"),
+            13,
+        );
+        let u = r.finish().unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (11, 7));
+        // Without usage, the three text deltas are the count (not `done` or `completed`).
+        let mut r = UsageReader::new(Some("text/event-stream"));
+        feed_all(&mut r, &format!("{delta}{delta}{delta}{done}"), 13);
+        assert_eq!(r.finish().unwrap().completion_tokens, 3);
+    }
+
+    #[test]
+    fn a_plain_answer_over_a_mib_still_gives_its_usage() {
+        // Embeddings of 2 MB, with the usage at the end as the API sends it.
+        let vector = format!("[{}]", vec!["0.0123456"; 1536].join(","));
+        let data: Vec<String> = (0..130)
+            .map(|i| format!("{{\"object\":\"embedding\",\"index\":{i},\"embedding\":{vector}}}"))
+            .collect();
+        let body = format!(
+            "{{\"object\":\"list\",\"data\":[{}],\"model\":\"e\",\"usage\":{{\"prompt_tokens\":5000,\"total_tokens\":5000}}}}",
+            data.join(",")
+        );
+        assert!(body.len() > MAX_JSON_BYTES + TAIL_BYTES, "{}", body.len());
+        let mut r = UsageReader::new(Some("application/json"));
+        feed_all(&mut r, &body, 16 * 1024);
+        assert_eq!(r.finish().unwrap().prompt_tokens, 5000);
     }
 
     #[test]
