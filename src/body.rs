@@ -43,8 +43,24 @@ pub async fn read(
             limit_bytes: max_bytes,
         });
     }
+    let expects_continue = head
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if session.is_body_empty() {
         return Ok(None);
+    }
+    if expects_continue {
+        // The client waits for this before it sends the body (curl does for bodies over
+        // 1 MiB). The backend gets the body with the head, so the expectation is met here
+        // and not passed on.
+        session
+            .req_header_mut()
+            .remove_header(&http::header::EXPECT);
+        if session.write_continue_response().await.is_err() {
+            session.set_keepalive(None);
+            return Err(ClientError::BadBody);
+        }
     }
 
     let deadline = tokio::time::Instant::now() + timeout;

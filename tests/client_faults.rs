@@ -215,6 +215,38 @@ async fn a_kept_alive_connection_idle_past_the_keepalive_timeout_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_expecting_100_continue_gets_it_before_sending_its_body() {
+    let (m, p, _admin) = setup("").await;
+    let body = chat_body("m", "hi", false).to_string();
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    let expect = head("expect: 100-continue\r\n", Some(body.len()));
+    conn.write_all(expect.as_bytes()).await.unwrap();
+    // Nothing of the body is sent until the proxy says to go on.
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+        .await
+        .expect("100 Continue, without waiting for the body")
+        .unwrap();
+    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut got = interim.split_once("\r\n\r\n").unwrap().1.to_string();
+    while !got.contains("chat.completion") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(status_of(&got), 200, "{got}");
+    // The backend got the body with the head, and no expectation to answer.
+    let seen = received(&m).await;
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0]["headers"].get("expect").is_none(), "{}", seen[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_length_over_the_limit_is_413_before_the_body_is_sent() {
     let (m, p, _) = setup(", max_body_bytes: 1000").await;
     // The head alone: the answer must not wait for a body that is never sent.
