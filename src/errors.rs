@@ -82,6 +82,10 @@ pub enum ClientError {
     /// The shared limit counters are unreachable and `redis.on_failure` is `closed`.
     #[error("rate limits cannot be checked right now; retry later")]
     LimitsUnavailable,
+    /// The client went away while its request waited in the route's queue (logged as
+    /// 499; nothing is sent).
+    #[error("the client went away while its request waited")]
+    ClientGone,
     /// TLS to the backend failed: its certificate did not verify, or the handshake broke.
     /// Never retried over cleartext.
     #[error("{}", tls_message(.0))]
@@ -122,6 +126,7 @@ impl ClientError {
             UpstreamTimeout => 504,
             RateLimited(_) => 429,
             LimitsUnavailable => 503,
+            ClientGone => 499,
         }
     }
 
@@ -154,6 +159,7 @@ impl ClientError {
             }
             RateLimited(_) => ("rate_limit_error", "rate_limit_exceeded"),
             LimitsUnavailable => ("server_error", "limits_unavailable"),
+            ClientGone => ("invalid_request_error", "client_closed"),
             UpstreamTls(UpstreamTlsFailure::CertificateInvalid) => {
                 ("server_error", "upstream_certificate_invalid")
             }

@@ -110,6 +110,12 @@ impl ProxyHttp for Switchyard {
                 respond(session, ctx, 200, body, None).await;
                 Ok(true)
             }
+            Err(ClientError::ClientGone) => {
+                info!(target: "switchyard::reject", "{} client went away while its request waited", ctx.request_id);
+                ctx.status = 499;
+                session.set_keepalive(None);
+                Ok(true)
+            }
             Err(e) => {
                 reject(session, ctx, e).await;
                 Ok(true)
@@ -629,7 +635,13 @@ async fn admit(
             Ok(p) => p,
             Err(Refusal::Client(e)) => return Err(e),
             Err(Refusal::AtCapacity) => {
-                plan::wait_for_capacity(runtime, &screened, &meta, &ctx.request_id).await?
+                let waiting = plan::wait_for_capacity(runtime, &screened, &meta, &ctx.request_id);
+                tokio::select! {
+                    plan = waiting => plan?,
+                    // The body is read: a read that ends now means the client went away,
+                    // and its request must not take a backend's slot when one frees up.
+                    _ = session.read_body_or_idle(true) => return Err(ClientError::ClientGone),
+                }
             }
         },
     );

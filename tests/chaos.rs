@@ -207,3 +207,41 @@ async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
     assert_eq!(r.headers()["retry-after"], "1");
     assert_eq!(first.await.unwrap(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_whose_client_left_never_reaches_a_backend() {
+    let a = mock("a", &["--latency-ms", "800"]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: 5000\nbackends:\n{}    max_inflight: 1\n",
+        backend("a", a.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    let url = p.url("/v1/chat/completions");
+    let first = tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The second waits for the first's slot; its client gives up before it frees.
+    let gave_up = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("x-request-id", "left-the-queue")
+        .timeout(Duration::from_millis(300))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    assert_eq!(first.await.unwrap(), 200);
+    let line = p.access_line("left-the-queue").await;
+    // Logged when the client left, and the freed slot never went to it: no attempt.
+    assert!(
+        line.contains("status=499") && line.contains("attempts=[]"),
+        "{line}"
+    );
+    assert_eq!(received(&a).await.len(), 1);
+}
