@@ -27,37 +27,54 @@ pub fn should_add(meta: &RequestMeta, backend: &Backend) -> bool {
         && (meta.path.ends_with("/chat/completions") || meta.path.ends_with("/completions"))
 }
 
-/// The body with `stream_options.include_usage` set to true. The common case (no
-/// `stream_options` at all) is a splice before the closing brace; a body that has
-/// `stream_options` without the flag is re-serialized.
+/// The body with `stream_options.include_usage` set to true; every other byte is kept.
+/// The common case (no `stream_options` at all) is a splice before the closing brace; a
+/// body that has `stream_options` gets only that object rewritten in place.
 pub fn add_include_usage(body: &Bytes) -> Bytes {
     let trimmed_end = body
         .iter()
         .rposition(|b| !b.is_ascii_whitespace())
         .unwrap_or(0);
-    let has_options = memmem::find(body, b"\"stream_options\"").is_some();
-    if !has_options && body.get(trimmed_end) == Some(&b'}') {
+    let splice_at_end = |body: &Bytes| {
+        if body.get(trimmed_end) != Some(&b'}') {
+            return body.clone();
+        }
         let insert = b",\"stream_options\":{\"include_usage\":true}";
         let mut out = BytesMut::with_capacity(body.len() + insert.len());
         out.extend_from_slice(&body[..trimmed_end]);
         out.extend_from_slice(insert);
         out.extend_from_slice(&body[trimmed_end..]);
-        return out.freeze();
+        out.freeze()
+    };
+    if memmem::find(body, b"\"stream_options\"").is_none() {
+        return splice_at_end(body);
     }
-    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+    #[derive(serde::Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow, default)]
+        stream_options: Option<&'a serde_json::value::RawValue>,
+    }
+    let Ok(top) = serde_json::from_slice::<Top>(body) else {
         return body.clone();
     };
-    let Some(object) = value.as_object_mut() else {
+    // Only in some nested object: the top level has none.
+    let Some(raw) = top.stream_options else {
+        return splice_at_end(body);
+    };
+    let mut options = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get())
+        .unwrap_or_default();
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let Ok(options) = serde_json::to_vec(&options) else {
         return body.clone();
     };
-    let options = object
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::json!({}));
-    if !options.is_object() {
-        *options = serde_json::json!({});
-    }
-    options["include_usage"] = serde_json::Value::Bool(true);
-    Bytes::from(value.to_string())
+    // The raw value borrows from `body`: its place is a pointer difference.
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    let end = start + raw.get().len();
+    let mut out = BytesMut::with_capacity(body.len() + options.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(&options);
+    out.extend_from_slice(&body[end..]);
+    out.freeze()
 }
 
 /// Takes the usage Switchyard asked for out of an SSE stream, chunk by chunk. Complete
@@ -194,6 +211,21 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&rewritten).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["x"], 1);
+        // Only `stream_options` changes: numbers, escapes and key order stay as sent.
+        let body = "{\"seed\":123456789012345678901234,\"top_p\":1e0,\"stream\":true,\
+                    \"stream_options\":{\"include_usage\":false},\"messages\":[{\"role\":\"user\",\
+                    \"content\":\"caf\\u00e9\"}],\"model\":\"m\"}";
+        let rewritten = add_include_usage(&Bytes::from(body));
+        assert_eq!(
+            std::str::from_utf8(&rewritten).unwrap(),
+            body.replace("\"include_usage\":false", "\"include_usage\":true")
+        );
+        // A `stream_options` nested elsewhere is not the request's: the flag is added.
+        let nested = "{\"metadata\":{\"stream_options\":1},\"stream\":true}";
+        let v: serde_json::Value =
+            serde_json::from_slice(&add_include_usage(&Bytes::from(nested))).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["metadata"]["stream_options"], 1);
     }
 
     fn strip_all(stream: &str, piece: usize) -> String {
