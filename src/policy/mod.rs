@@ -134,6 +134,42 @@ pub enum Decision<T = String> {
     Reject { status: u16, message: String },
 }
 
+/// Longest text of a policy's that goes into a log line or an error: its `sy.log`
+/// messages, error messages, names and rejection messages.
+pub const MAX_TEXT_BYTES: usize = 1024;
+
+/// The first [`MAX_TEXT_BYTES`] of `text` (cut at a character), with the total length
+/// noted when it was longer.
+pub(crate) fn truncated(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_TEXT_BYTES {
+        return text.into();
+    }
+    let mut cut = MAX_TEXT_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..cut], text.len()).into()
+}
+
+/// A policy's text made safe for one log line: [`truncated`], with control characters
+/// (newlines above all, which would start a forged line) escaped.
+pub(crate) fn printable(text: &str) -> String {
+    escape_controls(&truncated(text))
+}
+
+/// `text` with control characters escaped (`\n` for a newline).
+pub(crate) fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A policy that did not produce a usable decision.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyError {
@@ -497,6 +533,29 @@ return P"#;
             names(answer("nil, 429, 'busy'")).unwrap(),
             vec!["reject 429"]
         );
+        assert_eq!(
+            names(answer("nil, 429.0, 'busy'")).unwrap(),
+            vec!["reject 429"],
+            "429.0 == 429 in Lua"
+        );
+        // A policy's text in a log line or an error is one line, of bounded length.
+        let forged = "'x' .. string.rep('y', 100000) .. '\\n[ERROR switchyard] forged'";
+        for (ret, error) in [
+            (forged.to_string(), "unknown"),
+            (format!("error({forged})"), "raised"),
+        ] {
+            let e = answer(&ret).unwrap_err();
+            let shown = e.to_string();
+            assert!(
+                shown.contains(error) && shown.contains(" bytes)"),
+                "{shown:.200}"
+            );
+            assert!(!shown.contains('\n') && shown.len() < 1200, "{shown:.200}");
+        }
+        match answer(&format!("nil, 503, {forged}")).unwrap() {
+            Decision::Reject { message, .. } => assert!(message.len() < 1200, "{message:.200}"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             answer("'nope'").unwrap_err(),
             PolicyError::UnknownBackend("nope".into())

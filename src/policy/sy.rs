@@ -60,17 +60,13 @@ pub(super) fn build(lua: &Lua) -> mlua::Result<Table> {
 /// `sy.log(msg)`: an info line tagged with the policy name and version, at most
 /// [`LOG_LINES_PER_SEC`] per second per VM.
 fn log(lua: &Lua, msg: Value) -> mlua::Result<()> {
-    let text = match &msg {
-        Value::String(s) => s.to_string_lossy(),
-        other => format!("{other:?}"),
+    let Some(mut limiter) = lua.app_data_mut::<LogLimiter>() else {
+        return Ok(());
     };
     let policy = lua
         .app_data_ref::<CallContext>()
         .map(|c| c.policy.to_string())
         .unwrap_or_else(|| "?".into());
-    let Some(mut limiter) = lua.app_data_mut::<LogLimiter>() else {
-        return Ok(());
-    };
     let now = Instant::now();
     if limiter
         .window_start
@@ -83,12 +79,26 @@ fn log(lua: &Lua, msg: Value) -> mlua::Result<()> {
         limiter.lines = 0;
         limiter.dropped = 0;
     }
-    if limiter.lines < LOG_LINES_PER_SEC {
-        limiter.lines += 1;
-        log::info!(target: "switchyard::policy", "[{policy}] {text}");
-    } else {
+    if limiter.lines >= LOG_LINES_PER_SEC {
+        // Dropped before anything of the message is copied.
         limiter.dropped += 1;
+        return Ok(());
     }
+    limiter.lines += 1;
+    let text = match &msg {
+        Value::String(s) => {
+            // Only what the line can hold is copied out of Lua.
+            let bytes = s.as_bytes();
+            let head = String::from_utf8_lossy(&bytes[..bytes.len().min(super::MAX_TEXT_BYTES)]);
+            if bytes.len() > super::MAX_TEXT_BYTES {
+                format!("{head}… ({} bytes)", bytes.len())
+            } else {
+                head.into_owned()
+            }
+        }
+        other => format!("{other:?}"),
+    };
+    log::info!(target: "switchyard::policy", "[{policy}] {}", super::escape_controls(&text));
     Ok(())
 }
 

@@ -379,15 +379,10 @@ fn is_memory_error(e: &mlua::Error) -> bool {
 fn error_message(e: &mlua::Error) -> String {
     match e {
         mlua::Error::RuntimeError(msg) | mlua::Error::SyntaxError { message: msg, .. } => {
-            msg.lines().next().unwrap_or_default().to_string()
+            super::printable(msg.lines().next().unwrap_or_default())
         }
         mlua::Error::CallbackError { cause, .. } => error_message(cause),
-        other => other
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string(),
+        other => super::printable(other.to_string().lines().next().unwrap_or_default()),
     }
 }
 
@@ -421,13 +416,18 @@ fn decision_from(values: MultiValue, max_names: usize) -> Result<Decision, Polic
             Ok(Decision::Candidates(names))
         }
         Value::Nil => {
-            let status = values.next().and_then(|v| v.as_integer());
+            // `429.0 == 429` in Lua 5.4: a whole float is a status too.
+            let status = match values.next() {
+                Some(Value::Integer(i)) => Some(i),
+                Some(Value::Number(n)) if n.fract() == 0.0 && n.abs() < 1e6 => Some(n as i64),
+                _ => None,
+            };
             let message = values.next();
             match status {
                 Some(s) if (400..=599).contains(&s) => Ok(Decision::Reject {
                     status: s as u16,
                     message: match message {
-                        Some(Value::String(m)) => m.to_string_lossy(),
+                        Some(Value::String(m)) => super::truncated(&m.to_string_lossy()).into(),
                         _ => "request rejected by routing policy".into(),
                     },
                 }),
@@ -483,7 +483,7 @@ fn chosen_backends(
                     .set()
                     .get(&name)
                     .cloned()
-                    .ok_or(PolicyError::UnknownBackend(name))
+                    .ok_or_else(|| PolicyError::UnknownBackend(super::printable(&name)))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Decision::Candidates),
@@ -502,7 +502,7 @@ pub(super) fn describe_value(v: &Value) -> String {
         Value::Boolean(b) => format!("a boolean ({b})"),
         Value::Integer(i) => format!("a number ({i})"),
         Value::Number(n) => format!("a number ({n})"),
-        Value::String(s) => format!("a string ({:?})", s.to_string_lossy()),
+        Value::String(s) => format!("a string ({:?})", super::truncated(&s.to_string_lossy())),
         other => format!("a {}", other.type_name()),
     }
 }
