@@ -406,6 +406,70 @@ mod tests {
     }
 
     #[test]
+    fn c_loops_the_budget_cannot_see_are_kept_short() {
+        let route = |body: &str| {
+            run(
+                &format!("local P = {{}}\nfunction P.route(req, backends)\n  {body}\n  return backends[1].name\nend\nreturn P"),
+                &no_params(),
+            )
+        };
+        let started = std::time::Instant::now();
+        assert!(route("assert(string.rep('', 1e15) == '' and (''):rep(1e15, '') == '')").is_ok());
+        assert!(route("assert(string.rep('ab', 3, '-') == 'ab-ab-ab')").is_ok());
+        assert!(route("assert(table.move({ 1, 2, 3 }, 1, 3, 2)[3] == 2)").is_ok());
+        match route("table.move({}, 1, 1e15, 1, {})") {
+            Err(PolicyError::Runtime(msg)) => assert!(msg.contains("table.move of more"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            route("local s = string.rep('x', 1e8)").unwrap_err(),
+            PolicyError::Memory(LuaConfig::default().memory_limit_bytes)
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn pcall_gives_what_lua_gives_but_never_catches_the_memory_cap() {
+        let source = r#"
+local P = {}
+function P.route(req, backends)
+  local ok, e = pcall(nil)
+  assert(not ok and e:find("attempt to call a nil value"), e)
+  ok, e = pcall(error, { code = 42 })
+  assert(not ok and type(e) == "table" and e.code == 42)
+  ok, e = pcall(error, "one\ntwo", 0)
+  assert(not ok and e == "one\ntwo", e)
+  ok, e = pcall(error)
+  assert(not ok and e == nil)
+  local a, b, c = pcall(function(x, y) return x, y end, 1, 2)
+  assert(a == true and b == 1 and c == 2)
+  if req.model == "hoard" then
+    pcall(function() local t = {} while true do t[#t + 1] = string.rep("x", 4096) .. #t end end)
+  end
+  return backends[1].name
+end
+return P"#;
+        assert_eq!(names(run(source, &no_params())).unwrap(), vec!["a"]);
+        let (set, candidates, _, config) = setup();
+        let mut hoard = RequestMeta::from_head("POST", "/v1/chat/completions", &Default::default());
+        hoard.model = Some("hoard".into());
+        let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
+        let got = decide(
+            &policy,
+            &Arc::new(hoard),
+            &no_params(),
+            &candidates,
+            &set,
+            &config.lua,
+            5,
+        );
+        assert_eq!(
+            got.unwrap_err(),
+            PolicyError::Memory(config.lua.memory_limit_bytes)
+        );
+    }
+
+    #[test]
     fn a_call_over_the_memory_cap_fails_and_the_next_runs_in_a_fresh_vm() {
         let cap = LuaConfig::default().memory_limit_bytes;
         // The file's state counts calls; the third allocates without bound. A fresh VM

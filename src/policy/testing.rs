@@ -73,14 +73,26 @@ pub fn run(policy: &Policy, limits: &LuaConfig) -> Report {
     };
     let outcome = PolicyVm::new(limits)
         .map_err(|e| e.to_string())
-        .and_then(|mut vm| run_cases(&mut vm, policy).map(|cases| report.cases = cases));
+        .and_then(|mut vm| {
+            run_cases(&mut vm, policy, CASES_TIME).map(|cases| report.cases = cases)
+        });
     if let Err(e) = outcome {
         report.load_error = Some(e);
     }
     report
 }
 
-fn run_cases(vm: &mut PolicyVm, policy: &Policy) -> Result<Vec<CaseResult>, String> {
+/// Most test cases a policy may have.
+const MAX_CASES: usize = 1000;
+/// Longest all of a policy's cases may take together: each case has its instruction
+/// budget, but many cases that spend it would hold `check`, start-up or a reload for long.
+const CASES_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn run_cases(
+    vm: &mut PolicyVm,
+    policy: &Policy,
+    within: std::time::Duration,
+) -> Result<Vec<CaseResult>, String> {
     let module = vm.ensure_loaded(policy).map_err(|e| e.to_string())?;
     let route = module
         .get::<mlua::Function>("route")
@@ -97,9 +109,22 @@ fn run_cases(vm: &mut PolicyVm, policy: &Policy) -> Result<Vec<CaseResult>, Stri
     };
     let make_req = vm.helper("test_request").map_err(|e| e.to_string())?;
     let make_backend = vm.helper("test_backend").map_err(|e| e.to_string())?;
+    if tests.raw_len() > MAX_CASES {
+        return Err(format!(
+            "`tests` has {} cases; at most {MAX_CASES} are run",
+            tests.raw_len()
+        ));
+    }
+    let started = std::time::Instant::now();
     let mut results = Vec::new();
     for (i, case) in tests.sequence_values::<Table>().enumerate() {
         let index = i + 1;
+        if started.elapsed() > within {
+            return Err(format!(
+                "`tests` took longer than {} ms; stopped before tests[{index}]",
+                within.as_millis()
+            ));
+        }
         let case = case.map_err(|_| format!("tests[{index}] is not a table"))?;
         let name = case.get::<Option<String>>("name").ok().flatten();
         let prepared = (|| -> mlua::Result<(Table, Table)> {
@@ -184,5 +209,37 @@ fn describe_decision(d: &Decision) -> String {
     match d {
         Decision::Candidates(names) => format!("{names:?}"),
         Decision::Reject { status, message } => format!("reject with {status} ({message:?})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn policy(cases: usize, route: &str) -> Policy {
+        let source = format!(
+            "local P = {{ tests = {{}} }}\nfunction P.route(req, b) {route} end\n\
+             for i = 1, {cases} do P.tests[i] = {{ backends = {{ {{ name = 'a' }} }}, expect = 'a' }} end\n\
+             return P"
+        );
+        Policy::new("p", source, PathBuf::from("p.lua"))
+    }
+
+    #[test]
+    fn tests_are_bounded_in_number_and_in_time_together() {
+        let limits = LuaConfig::default();
+        let report = run(&policy(MAX_CASES, "return b[1].name"), &limits);
+        assert!(report.passed(), "{:?}", report.load_error);
+        let report = run(&policy(MAX_CASES + 1, "return b[1].name"), &limits);
+        let error = report.load_error.unwrap();
+        assert!(error.contains("at most 1000"), "{error}");
+
+        // Every case spends its whole budget: they stop once the time is up.
+        let mut vm = PolicyVm::new(&limits).unwrap();
+        let looping = policy(200, "while true do end");
+        let error = run_cases(&mut vm, &looping, Duration::from_millis(50)).unwrap_err();
+        assert!(error.contains("took longer than 50 ms"), "{error}");
     }
 }

@@ -27,6 +27,22 @@ local unpack = table.unpack
 -- generational collector handles that for less than the incremental one.
 collectgarbage("generational")
 local H = {}
+-- C loops the instruction budget cannot see (it counts Lua instructions), made short: an
+-- empty string repeated (`string.rep("", 1e15)` would run for days; any other huge
+-- repetition meets the memory cap at once) and moves of huge ranges.
+do
+  local rep, move, type = string.rep, table.move, type
+  string.rep = function(s, n, sep)
+    if s == "" and (sep == nil or sep == "") and type(n) == "number" then return "" end
+    return rep(s, n, sep)
+  end
+  table.move = function(a1, f, e, t, a2)
+    if type(f) == "number" and type(e) == "number" and e - f >= 1e6 then
+      error("table.move of more than 1000000 elements", 2)
+    end
+    return move(a1, f, e, t, a2)
+  end
+end
 local function deny(_, k)
   error("attempt to modify a read-only table (key '" .. tostring(k) .. "')", 2)
 end
@@ -59,6 +75,17 @@ function H.request(t, lazy)
     end
     return step, nil, nil
   end)
+end
+-- `pcall` for policies: Lua's own, except that running out of instructions or memory is
+-- not caught (`fatal`, given the error value, raises those again), so
+-- `while true do pcall(f) end` cannot outlive its budget.
+function H.pcall(fatal)
+  local pcall = pcall
+  local function pass(ok, ...)
+    if not ok then fatal((...)) end
+    return ok, ...
+  end
+  return function(f, ...) return pass(pcall(f, ...)) end
 end
 -- A read-only view of `t`; `pairs` walks `t`, or calls `walk` when given. The walk's
 -- state is never `t` itself: `pairs` hands its state to the caller, who could write
@@ -186,7 +213,7 @@ impl PolicyVm {
             "unpack",
             real.get::<Table>("table")?.get::<Value>("unpack")?,
         )?;
-        safe.raw_set("pcall", protected_call(&lua)?)?;
+        safe.raw_set("pcall", protected_call(&lua, &helpers)?)?;
         safe.raw_set("sy", readonly.call::<Table>(sy::build(&lua)?)?)?;
         safe.raw_set("_VERSION", real.get::<Value>("_VERSION")?)?;
         let globals = readonly.call::<Table>(safe)?;
@@ -349,22 +376,20 @@ impl PolicyVm {
     }
 }
 
-/// `pcall` for policies: like Lua's, except that running out of instructions or memory is
-/// not catchable, so `while true do pcall(f) end` cannot outlive its budget.
-fn protected_call(lua: &Lua) -> mlua::Result<Function> {
-    lua.create_function(move |lua, (f, args): (Function, MultiValue)| {
-        match f.call::<MultiValue>(args) {
-            Ok(mut values) => {
-                values.push_front(Value::Boolean(true));
-                Ok(values)
-            }
-            Err(e) if budget::exhausted() || is_memory_error(&e) => Err(e),
-            Err(e) => Ok(MultiValue::from_vec(vec![
-                Value::Boolean(false),
-                Value::String(lua.create_string(error_message(&e))?),
-            ])),
+/// `pcall` for policies (`H.pcall`): Lua's own, with every error value and message as
+/// Lua gives them, except that the instruction budget and the memory cap are not catchable.
+fn protected_call(lua: &Lua, helpers: &Table) -> mlua::Result<Function> {
+    let fatal = lua.create_function(|_, error: Value| {
+        if budget::exhausted() {
+            return Err(mlua::Error::runtime("instruction budget exhausted"));
         }
-    })
+        // Lua's own message for an allocation that failed (here: over the memory cap).
+        if matches!(&error, Value::String(s) if s.as_bytes() == b"not enough memory") {
+            return Err(mlua::Error::MemoryError("not enough memory".into()));
+        }
+        Ok(())
+    })?;
+    helpers.get::<Function>("pcall")?.call(fatal)
 }
 
 fn is_memory_error(e: &mlua::Error) -> bool {
