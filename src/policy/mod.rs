@@ -406,6 +406,41 @@ mod tests {
     }
 
     #[test]
+    fn sy_backends_and_candidates_show_each_backends_real_state() {
+        let (set, candidates, req, config) = setup();
+        // b fails its health checks, c is drained by the operator.
+        let b = candidates.iter().find(|x| x.name() == "b").unwrap();
+        while b.stats.health.is_healthy() {
+            b.stats.health.observe(false, 1, 1);
+        }
+        candidates[2].stats.breaker.set_draining(true);
+        let source = r#"
+local P = {}
+function P.route(req, backends)
+  local seen = {}
+  for _, x in ipairs(sy.backends{ model = "m", all = true }) do
+    seen[#seen + 1] = x.name .. ":" .. tostring(x.healthy) .. ":" .. tostring(x.eligible)
+      .. ":" .. tostring(x.why_not)
+  end
+  local eligible = sy.backends{ model = "m" }
+  seen[#seen + 1] = #eligible .. ":" .. eligible[1].name
+  -- Offered b anyway (as in panic mode): its view says what it is.
+  for _, x in ipairs(backends) do seen[#seen + 1] = x.name .. ":" .. tostring(x.healthy) end
+  return nil, 418, table.concat(seen, " ")
+end
+return P"#;
+        let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
+        let offered: Vec<_> = candidates[..2].to_vec();
+        match decide(&policy, &req, &no_params(), &offered, &set, &config.lua, 5).unwrap() {
+            Decision::Reject { message, .. } => assert_eq!(
+                message,
+                "a:true:true:nil b:false:false:unhealthy c:true:false:draining 1:a a:true b:false"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn c_loops_the_budget_cannot_see_are_kept_short() {
         let route = |body: &str| {
             run(

@@ -200,10 +200,11 @@ fn all_backends(lua: &Lua, opts: Option<Table>) -> mlua::Result<Table> {
         return Ok(out);
     };
     let readonly: Function = lua.named_registry_value("switchyard.readonly")?;
+    let now = tokio::time::Instant::now();
     for b in set.each_serving(model.as_deref()) {
-        let eligible = b.has_capacity();
-        if include_all || eligible {
-            out.raw_push(fresh_backend(lua, &readonly, b, eligible)?)?;
+        let why_not = b.eligibility(now).err().map(|why| why.as_str());
+        if include_all || why_not.is_none() {
+            out.raw_push(fresh_backend(lua, &readonly, b, why_not)?)?;
         }
     }
     Ok(out)

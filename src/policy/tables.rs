@@ -25,7 +25,7 @@ use crate::routes::Params;
 /// Field names, interned once per VM.
 struct Keys {
     /// `inflight`, `latency_ms`, `ttft_ms`, `tps`, `error_rate`, in [`Live`] order.
-    live: [LuaString; 5],
+    live: [LuaString; LIVE_FIELDS.len()],
     model: LuaString,
     max_tokens: LuaString,
     stream: LuaString,
@@ -39,10 +39,17 @@ struct Keys {
 }
 
 /// Names of the live statistics, in [`Live`] order.
-const LIVE_FIELDS: [&str; 5] = ["inflight", "latency_ms", "ttft_ms", "tps", "error_rate"];
+const LIVE_FIELDS: [&str; 6] = [
+    "inflight",
+    "latency_ms",
+    "ttft_ms",
+    "tps",
+    "error_rate",
+    "healthy",
+];
 
-/// A backend's statistics as last written into its table.
-type Live = [f64; 5];
+/// A backend's statistics as last written into its table (`healthy` as 1 or 0).
+type Live = [f64; 6];
 
 struct CachedBackend {
     data: Table,
@@ -116,7 +123,7 @@ impl TableCache {
                 .into_iter()
                 .collect::<mlua::Result<Vec<_>>>()?
                 .try_into()
-                .expect("five keys"),
+                .expect("six keys"),
             model: s("model")?,
             max_tokens: s("max_tokens")?,
             stream: s("stream")?,
@@ -260,12 +267,9 @@ impl TableCache {
                     read
                 };
                 if cached.live[j] != value {
-                    let key = &self.keys.live[j];
-                    if j == 0 {
-                        cached.data.raw_set(key, value as i64)?;
-                    } else {
-                        cached.data.raw_set(key, value)?;
-                    }
+                    cached
+                        .data
+                        .raw_set(&self.keys.live[j], live_value(j, value))?;
                     cached.live[j] = value;
                 }
             }
@@ -296,8 +300,8 @@ impl TableCache {
                     self.slots.push(CachedBackend {
                         data,
                         view,
-                        read: [f64::NAN; 5],
-                        live: [f64::NAN; 5],
+                        read: [f64::NAN; LIVE_FIELDS.len()],
+                        live: [f64::NAN; LIVE_FIELDS.len()],
                     });
                     self.slot_of.insert(b.id, self.slots.len() - 1);
                     self.slots.len() - 1
@@ -382,7 +386,19 @@ fn live_stats(b: &Backend, now: u64) -> Live {
         s.ttft_ms(),
         s.tps(),
         s.error_rate_at(now),
+        // Candidates are healthy, except in panic mode (every backend out).
+        if s.health.is_healthy() { 1.0 } else { 0.0 },
     ]
+}
+
+/// A live statistic as Lua sees it: `inflight` an integer, `healthy` a boolean, the
+/// others numbers.
+fn live_value(field: usize, v: f64) -> Value {
+    match field {
+        0 => Value::Integer(v as i64),
+        5 => Value::Boolean(v != 0.0),
+        _ => Value::Number(v),
+    }
 }
 
 /// The statistics policies see rounded to 1/100: `latency_ms`, `ttft_ms`, `tps`.
@@ -406,7 +422,6 @@ fn static_table(lua: &Lua, readonly: &Function, b: &Backend) -> mlua::Result<Tab
     t.raw_set("cost_in", c.cost.input)?;
     t.raw_set("cost_out", c.cost.output)?;
     t.raw_set("max_inflight", c.max_inflight)?;
-    t.raw_set("healthy", true)?;
     let tags = lua.create_table_with_capacity(0, c.tags.len())?;
     for (key, value) in &c.tags {
         tags.raw_set(key.as_str(), value.as_str())?;
@@ -420,13 +435,13 @@ fn static_table(lua: &Lua, readonly: &Function, b: &Backend) -> mlua::Result<Tab
     Ok(t)
 }
 
-/// A complete read-only backend view built fresh, with `eligible` (for `sy.backends`,
-/// which is called rarely).
+/// A complete read-only backend view built fresh, with `eligible` and, when it is not,
+/// `why_not` (for `sy.backends`, which is called rarely).
 pub(super) fn fresh_backend(
     lua: &Lua,
     readonly: &Function,
     b: &Backend,
-    eligible: bool,
+    why_not: Option<&str>,
 ) -> mlua::Result<Table> {
     let t = static_table(lua, readonly, b)?;
     for (j, (name, value)) in LIVE_FIELDS
@@ -434,17 +449,15 @@ pub(super) fn fresh_backend(
         .zip(live_stats(b, now_secs()))
         .enumerate()
     {
-        t.raw_set(
-            *name,
-            if ROUNDED.contains(&j) {
-                round2(value)
-            } else {
-                value
-            },
-        )?;
+        let value = if ROUNDED.contains(&j) {
+            round2(value)
+        } else {
+            value
+        };
+        t.raw_set(*name, live_value(j, value))?;
     }
-    t.raw_set("inflight", b.stats.inflight())?;
-    t.raw_set("eligible", eligible)?;
+    t.raw_set("eligible", why_not.is_none())?;
+    t.raw_set("why_not", why_not)?;
     readonly.call(t)
 }
 
