@@ -145,8 +145,11 @@ impl Admin {
     }
 
     /// Gauges are read from the live state when scraped, not kept up to date per request.
+    /// They are cleared first, so a backend removed by the API or a reload leaves none.
     fn refresh_gauges(&self) {
         let runtime = self.shared.load();
+        METRICS.backend_inflight.reset();
+        METRICS.backend_healthy.reset();
         for b in &runtime.backends.backends {
             METRICS
                 .backend_inflight

@@ -103,6 +103,20 @@ async fn backends_added_and_removed_at_run_time_take_and_lose_traffic() {
         .unwrap()
         .contains("must start with http://"));
 
+    let scrape = || async {
+        client()
+            .get(format!("{base}/metrics"))
+            .header(auth.0, auth.1)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(scrape()
+        .await
+        .contains("switchyard_backend_healthy{backend=\"a\"} 1"));
     let removed = client()
         .delete(format!("{base}/admin/backends/a"))
         .header(auth.0, auth.1)
@@ -131,17 +145,15 @@ async fn backends_added_and_removed_at_run_time_take_and_lose_traffic() {
     assert_eq!(config["backends"].as_array().unwrap().len(), 1);
     let text = config.to_string();
     assert!(!text.contains(&sha256_hex(b"sk-acme")) && !text.contains("admin-secret"));
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .header(auth.0, auth.1)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape().await;
     assert!(
         metrics.contains("switchyard_backend_healthy{backend=\"b\"} 1"),
+        "{metrics}"
+    );
+    // The removed backend's gauges are gone, not frozen at their last value.
+    assert!(
+        !metrics.contains("switchyard_backend_healthy{backend=\"a\"}")
+            && !metrics.contains("switchyard_backend_inflight{backend=\"a\"}"),
         "{metrics}"
     );
 }
