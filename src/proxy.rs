@@ -261,13 +261,24 @@ impl ProxyHttp for Switchyard {
         }
         let auth_failed = matches!(status, 401 | 403);
         if !(status >= 500 || status == 429 || auth_failed) {
-            let content_type = upstream
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok());
-            let sse = content_type
-                .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/event-stream"));
-            cur.usage_reader = Some(UsageReader::new(content_type));
+            let header = |name| upstream.headers.get(name).and_then(|v| v.to_str().ok());
+            let content_type = header(http::header::CONTENT_TYPE)
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            // Compressed although we asked for identity: neither readable nor rewritable.
+            let encoded = header(http::header::CONTENT_ENCODING)
+                .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+            // A stream the client asked for is read as one whatever its label (some servers
+            // say text/plain), unless it says JSON (an error or a plain answer).
+            let asked_stream = ctx.meta.as_ref().is_some_and(|m| m.stream);
+            let sse = !encoded
+                && (content_type.starts_with("text/event-stream")
+                    || (asked_stream && !content_type.starts_with("application/json")));
+            cur.usage_reader = Some(UsageReader::new(match (encoded, sse) {
+                (true, _) => None,
+                (false, true) => Some("text/event-stream"),
+                (false, false) => Some(content_type.as_str()),
+            }));
             if !sse {
                 cur.usage_stripper = None;
             } else if cur.usage_stripper.is_some() {

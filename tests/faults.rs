@@ -580,6 +580,62 @@ async fn malformed_sse_is_forwarded_as_it_is() {
     assert!(line.contains("tokens_in=5 tokens_out=7"), "{line}");
 }
 
+/// A backend that answers one request with `head` (a status line and headers, without the
+/// blank line) and `body`, with a Content-Length.
+async fn one_answer(head: &'static str, body: &'static str) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        let _ = s.read(&mut buf).await.unwrap();
+        let answer = format!("{head}\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        s.write_all(answer.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    port
+}
+
+const USAGE_STREAM: &str =
+    "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}],\"usage\":null}\n\n\
+    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7}}\n\n\
+    data: [DONE]\n\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_labelled_text_plain_is_still_read_and_stripped() {
+    let port = one_answer("HTTP/1.1 200 OK\r\ncontent-type: text/plain", USAGE_STREAM).await;
+    let p = proxy(&chain_config(port, None, ""), &[("chain", CHAIN)]).await;
+    // The client did not ask for usage: Switchyard did, and takes it out again.
+    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        r.text().await.unwrap(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\ndata: [DONE]\n\n"
+    );
+    let line = p.access_line(&request_id).await;
+    assert!(line.contains("tokens_in=11 tokens_out=7"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_answer_is_relayed_byte_for_byte_never_rewritten() {
+    // Labelled gzip (though we asked for identity): whatever its bytes look like, they are
+    // not Switchyard's to edit.
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip";
+    let port = one_answer(head, USAGE_STREAM).await;
+    let p = proxy(&chain_config(port, None, ""), &[("chain", CHAIN)]).await;
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(r.bytes().await.unwrap(), USAGE_STREAM.as_bytes());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_backend_down_is_a_fast_503_with_retry_after() {
     let (d1, d2) = (free_port(), free_port());
