@@ -43,10 +43,12 @@ pub async fn read(
             limit_bytes: max_bytes,
         });
     }
-    let expects_continue = head
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // HTTP/1.0 has no 100 Continue (RFC 9110, 10.1.1): its client does not wait for one.
+    let expects_continue = head.version != http::Version::HTTP_10
+        && head
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if session.is_body_empty() {
         return Ok(None);
     }

@@ -444,7 +444,7 @@ impl ProxyHttp for Switchyard {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if session.response_written().is_some() || *e.esource() == ErrorSource::Downstream {
+        if answer_started(session) || *e.esource() == ErrorSource::Downstream {
             // Bytes went to the client, or the client is the problem: never retried.
             e.set_retry(false);
             return e;
@@ -493,7 +493,7 @@ impl ProxyHttp for Switchyard {
         // timeout let it go; after the answer began, any failure on its side means it never
         // got the whole answer. Logged as 499, whatever status the answer started with.
         let client_gone = *e.esource() == ErrorSource::Downstream
-            && (session.response_written().is_some()
+            && (answer_started(session)
                 || matches!(
                     e.etype(),
                     ErrorType::ReadError
@@ -502,7 +502,7 @@ impl ProxyHttp for Switchyard {
                         | ErrorType::WriteTimedout
                         | ErrorType::H2Error
                 ));
-        if session.response_written().is_some() || client_gone {
+        if answer_started(session) || client_gone {
             if client_gone {
                 ctx.status = 499;
             }
@@ -583,6 +583,14 @@ impl std::fmt::Display for ErrorSuffix<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// Whether the client's answer has begun: a final response head went to it (a
+/// `100 Continue` does not count; the answer may still be anything).
+fn answer_started(session: &Session) -> bool {
+    session
+        .response_written()
+        .is_some_and(|head| !head.status.is_informational())
 }
 
 /// What `request_filter` decided.

@@ -214,11 +214,11 @@ async fn a_kept_alive_connection_idle_past_the_keepalive_timeout_is_closed() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_expecting_100_continue_gets_it_before_sending_its_body() {
-    let (m, p, _admin) = setup("").await;
+/// Send a chat request that waits for `100 Continue` before its body; the 100 and the
+/// final answer.
+async fn expecting_continue(port: u16) -> (String, String) {
     let body = chat_body("m", "hi", false).to_string();
-    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let expect = head("expect: 100-continue\r\n", Some(body.len()));
     conn.write_all(expect.as_bytes()).await.unwrap();
     // Nothing of the body is sent until the proxy says to go on.
@@ -228,9 +228,9 @@ async fn a_client_expecting_100_continue_gets_it_before_sending_its_body() {
         .expect("100 Continue, without waiting for the body")
         .unwrap();
     let interim = String::from_utf8_lossy(&buf[..n]).to_string();
-    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    let (interim, mut got) = interim.split_once("\r\n\r\n").unwrap();
+    let mut got = std::mem::take(&mut got.to_string());
     conn.write_all(body.as_bytes()).await.unwrap();
-    let mut got = interim.split_once("\r\n\r\n").unwrap().1.to_string();
     while !got.contains("chat.completion") {
         let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
             .await
@@ -239,11 +239,38 @@ async fn a_client_expecting_100_continue_gets_it_before_sending_its_body() {
         assert!(n > 0, "closed: {got}");
         got.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    assert_eq!(status_of(&got), 200, "{got}");
+    (interim.to_string(), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_expecting_100_continue_gets_it_before_sending_its_body() {
+    let (m, p, _admin) = setup("").await;
+    let (interim, answer) = expecting_continue(p.port).await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    assert_eq!(status_of(&answer), 200, "{answer}");
     // The backend got the body with the head, and no expectation to answer.
     let seen = received(&m).await;
     assert_eq!(seen.len(), 1);
     assert!(seen[0]["headers"].get("expect").is_none(), "{}", seen[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_100_continue_a_failing_backend_is_still_skipped_for_the_next() {
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let live = mock("live", &[]).await;
+    let config = format!(
+        "proxy: {{ threads: 2 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}",
+        backend("failing", failing.port, "[m]"),
+        backend("live", live.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    // Round robin leads with each backend in turn: one of the two fails over.
+    for _ in 0..2 {
+        let (interim, answer) = expecting_continue(p.port).await;
+        assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+        assert_eq!(status_of(&answer), 200, "{answer}");
+        assert!(answer.contains("x-switchyard-backend: live"), "{answer}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
