@@ -61,12 +61,15 @@ impl ServeHttp for Admin {
         }
         match (method, path.as_str()) {
             (Method::GET, "/metrics") => {
-                self.refresh_gauges();
-                reply(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    metrics::render(),
-                )
+                // One scrape at a time: another's reset must not fall between this one's
+                // refresh and its rendering.
+                static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+                let text = {
+                    let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
+                    self.refresh_gauges();
+                    metrics::render()
+                };
+                reply(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             (Method::GET, "/") => dashboard(),
             (Method::GET, "/admin/decisions") => {

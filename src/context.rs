@@ -224,6 +224,11 @@ impl RequestCtx {
                     }
                 }
             }
+            // Unless it is tried again at once on a fresh connection, a probe that taught
+            // nothing hands the probe on.
+            Outcome::Neutral if self.retry_same_backend.is_none() => {
+                stats.breaker.release(cur.pass);
+            }
             Outcome::Neutral => {}
         }
         self.attempts.push(Attempt {

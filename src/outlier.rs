@@ -167,6 +167,17 @@ impl Breaker {
         eject
     }
 
+    /// An attempt let through as `pass` ended with nothing learned (the client left, or it
+    /// never started): if it was the probe, the next request may probe instead.
+    pub fn release(&self, pass: Pass) {
+        if pass != Pass::Probe {
+            return;
+        }
+        let mut s = self.lock();
+        s.probing = false;
+        self.tripped.store(s.tripped(), Ordering::Release);
+    }
+
     /// A 429 to an attempt let through as `pass`: out of rotation for `retry_after`
     /// (capped), or the default when absent.
     pub fn cool_down(
@@ -315,6 +326,16 @@ mod tests {
         assert!(!b.record_failure(Instant::now(), &c, true, Pass::Panic));
         b.record_success(Pass::Probe);
         assert_eq!(b.admission(Instant::now()), Admission::Open);
+
+        // A probe that taught nothing (its client left) lets the next request probe.
+        for _ in 0..3 {
+            b.record_failure(Instant::now(), &c, true, Pass::Normal);
+        }
+        tokio::time::advance(Duration::from_millis(2_000)).await;
+        assert_eq!(b.begin(Instant::now(), false), Some(Pass::Probe));
+        b.release(Pass::Probe);
+        assert_eq!(b.begin(Instant::now(), false), Some(Pass::Probe));
+        b.record_success(Pass::Probe);
 
         // Panic mode never overrides a cool-down or a drain.
         b.cool_down(Instant::now(), None, &c, Pass::Normal);

@@ -136,8 +136,11 @@ impl ProxyHttp for Switchyard {
             .clone()
             .expect("request_filter sets the runtime");
         if let Some((backend, pass)) = ctx.retry_same_backend.take() {
-            // Best effort: if it is full now, the plan's next backend takes over.
-            let _ = ctx.begin_attempt(backend, Some(pass));
+            // Best effort: if it is full now, the plan's next backend takes over (and a
+            // probe is handed on).
+            if ctx.begin_attempt(backend.clone(), Some(pass)).is_err() {
+                backend.stats.breaker.release(pass);
+            }
         }
         while ctx.current.is_none() {
             let Some(backend) = ctx.next_backend() else {

@@ -49,10 +49,15 @@ pub fn add_include_usage(body: &Bytes) -> Bytes {
     if memmem::find(body, b"\"stream_options\"").is_none() {
         return splice_at_end(body);
     }
+    use serde_json::value::RawValue;
+    /// Present, even as `null` (which `Option` alone would read as absent).
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+        serde::Deserialize::deserialize(d).map(Some)
+    }
     #[derive(serde::Deserialize)]
     struct Top<'a> {
-        #[serde(borrow, default)]
-        stream_options: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        stream_options: Option<&'a RawValue>,
     }
     let Ok(top) = serde_json::from_slice::<Top>(body) else {
         return body.clone();
@@ -219,6 +224,14 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&rewritten).unwrap(),
             body.replace("\"include_usage\":false", "\"include_usage\":true")
+        );
+        // `null` is replaced, not followed by a second `stream_options`.
+        let null = add_include_usage(&Bytes::from_static(
+            b"{\"stream_options\":null,\"stream\":true}",
+        ));
+        assert_eq!(
+            &null[..],
+            b"{\"stream_options\":{\"include_usage\":true},\"stream\":true}"
         );
         // A `stream_options` nested elsewhere is not the request's: the flag is added.
         let nested = "{\"metadata\":{\"stream_options\":1},\"stream\":true}";

@@ -23,8 +23,11 @@ use serde::Deserialize;
 const MAX_JSON_BYTES: usize = 1024 * 1024;
 /// What is kept of a larger plain answer: its end, where the `usage` object is.
 const TAIL_BYTES: usize = 64 * 1024;
-/// A stream line longer than this is not a usage event; it is skipped, not buffered.
+/// A stream line longer than this is not parsed; only its tail is kept, for a usage
+/// object at its end.
 const MAX_LINE_BYTES: usize = 64 * 1024;
+/// What is kept of an over-long stream line.
+const LINE_TAIL_BYTES: usize = 16 * 1024;
 
 /// Tokens of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -143,6 +146,14 @@ impl UsageReader {
                 while let Some(nl) = memchr::memchr(b'\n', rest) {
                     let line = &rest[..nl];
                     if *skipping {
+                        // The end of an over-long line, of which `partial` kept the tail:
+                        // a usage object there is its usage (the Responses API's
+                        // `response.completed` repeats the whole answer before it).
+                        partial.extend_from_slice(line);
+                        if let Some(u) = answer_usage(partial) {
+                            self.tally.merge(&u);
+                        }
+                        partial.clear();
                         *skipping = false;
                     } else if partial.is_empty() {
                         read_event(line, &mut self.tally, &mut self.content_events);
@@ -153,13 +164,12 @@ impl UsageReader {
                     }
                     rest = &rest[nl + 1..];
                 }
-                if !*skipping {
-                    if partial.len() + rest.len() > MAX_LINE_BYTES {
-                        partial.clear();
-                        *skipping = true;
-                    } else {
-                        partial.extend_from_slice(rest);
-                    }
+                partial.extend_from_slice(rest);
+                if partial.len() > MAX_LINE_BYTES {
+                    *skipping = true;
+                }
+                if *skipping && partial.len() > 2 * LINE_TAIL_BYTES {
+                    partial.drain(..partial.len() - LINE_TAIL_BYTES);
                 }
             }
         }
@@ -464,6 +474,19 @@ mod tests {
         let mut r = UsageReader::new(Some("text/event-stream"));
         feed_all(&mut r, &format!("{delta}{delta}{delta}{done}"), 13);
         assert_eq!(r.finish().unwrap().completion_tokens, 3);
+    }
+
+    #[test]
+    fn a_huge_responses_completed_event_still_gives_its_usage() {
+        let text = "word ".repeat(40_000);
+        let completed = format!(
+            "data: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"content\":[{{\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":9,\"output_tokens\":40000}}}}}}\n\n"
+        );
+        assert!(completed.len() > 2 * MAX_LINE_BYTES);
+        let mut r = UsageReader::new(Some("text/event-stream"));
+        feed_all(&mut r, &completed, 4096);
+        let u = r.finish().unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (9, 40_000));
     }
 
     #[test]

@@ -226,7 +226,15 @@ async fn a_queued_request_whose_client_left_never_reaches_a_backend() {
             .unwrap()
             .status()
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first holds the only slot (the mock has it) before the second comes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received(&a).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the first request never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // The second waits for the first's slot; its client gives up before it frees.
     let gave_up = client()
         .post(p.url("/v1/chat/completions"))

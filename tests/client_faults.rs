@@ -200,18 +200,15 @@ async fn a_kept_alive_connection_idle_past_the_keepalive_timeout_is_closed() {
     let request = format!("{}{body}", head("", Some(body.len())));
     let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
     // Within the timeout the connection serves again; after it, it is closed.
-    for _ in 0..2 {
-        assert_eq!(chat_on(&mut conn, &request).await, 200);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    assert_eq!(chat_on(&mut conn, &request).await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(chat_on(&mut conn, &request).await, 200);
+    // Idle from its answer on (the proxy's clock starts a little before ours).
     let idle = Instant::now();
     let rest = until_closed(&mut conn, Duration::from_secs(4)).await;
     assert!(rest.is_empty(), "{rest}");
-    assert!(
-        idle.elapsed() >= Duration::from_millis(500),
-        "{:?}",
-        idle.elapsed()
-    );
+    let idle = idle.elapsed();
+    assert!(idle >= Duration::from_millis(800), "{idle:?}");
 }
 
 /// Send a chat request that waits for `100 Continue` before its body; the 100 and the

@@ -31,14 +31,16 @@ local H = {}
 -- empty string repeated (`string.rep("", 1e15)` would run for days; any other huge
 -- repetition meets the memory cap at once) and moves of huge ranges.
 do
-  local rep, move, type = string.rep, table.move, type
+  -- Numbers may come as strings ("1e15"): Lua converts them, so the checks do too.
+  local rep, move, tonumber = string.rep, table.move, tonumber
   string.rep = function(s, n, sep)
-    if s == "" and (sep == nil or sep == "") and type(n) == "number" then return "" end
+    if s == "" and (sep == nil or sep == "") and tonumber(n) then return "" end
     return rep(s, n, sep)
   end
   table.move = function(a1, f, e, t, a2)
-    if type(f) == "number" and type(e) == "number" and e - f >= 1e6 then
-      error("table.move of more than 1000000 elements", 2)
+    local first, last = tonumber(f), tonumber(e)
+    if first and last and last - first + 1 >= 1e6 then
+      error("table.move of a million elements or more", 2)
     end
     return move(a1, f, e, t, a2)
   end
@@ -213,7 +215,10 @@ impl PolicyVm {
             "unpack",
             real.get::<Table>("table")?.get::<Value>("unpack")?,
         )?;
-        safe.raw_set("pcall", protected_call(&lua, &helpers)?)?;
+        safe.raw_set(
+            "pcall",
+            protected_call(&lua, &helpers, limits.memory_limit_bytes)?,
+        )?;
         safe.raw_set("sy", readonly.call::<Table>(sy::build(&lua)?)?)?;
         safe.raw_set("_VERSION", real.get::<Value>("_VERSION")?)?;
         let globals = readonly.call::<Table>(safe)?;
@@ -378,13 +383,23 @@ impl PolicyVm {
 
 /// `pcall` for policies (`H.pcall`): Lua's own, with every error value and message as
 /// Lua gives them, except that the instruction budget and the memory cap are not catchable.
-fn protected_call(lua: &Lua, helpers: &Table) -> mlua::Result<Function> {
-    let fatal = lua.create_function(|_, error: Value| {
+fn protected_call(lua: &Lua, helpers: &Table, memory_cap: usize) -> mlua::Result<Function> {
+    let fatal = lua.create_function(move |lua, error: Value| {
         if budget::exhausted() {
             return Err(mlua::Error::runtime("instruction budget exhausted"));
         }
-        // Lua's own message for an allocation that failed (here: over the memory cap).
-        if matches!(&error, Value::String(s) if s.as_bytes() == b"not enough memory") {
+        let over_memory = match &error {
+            // From a Rust function (a `sy` helper) that could not allocate.
+            Value::Error(e) => is_memory_error(e),
+            // Lua's own message for an allocation that failed; a policy raising the same
+            // text itself is told apart by the memory it uses.
+            Value::String(s) => {
+                s.as_bytes() == b"not enough memory"
+                    && lua.used_memory() + memory_cap / 16 >= memory_cap
+            }
+            _ => false,
+        };
+        if over_memory {
             return Err(mlua::Error::MemoryError("not enough memory".into()));
         }
         Ok(())
@@ -452,7 +467,8 @@ fn decision_from(values: MultiValue, max_names: usize) -> Result<Decision, Polic
                 Some(s) if (400..=599).contains(&s) => Ok(Decision::Reject {
                     status: s as u16,
                     message: match message {
-                        Some(Value::String(m)) => super::truncated(&m.to_string_lossy()).into(),
+                        // Logged as well as sent: one line, like all a policy's text.
+                        Some(Value::String(m)) => super::printable(&m.to_string_lossy()),
                         _ => "request rejected by routing policy".into(),
                     },
                 }),
