@@ -225,8 +225,8 @@ async fn expecting_continue(port: u16) -> (String, String) {
         .expect("100 Continue, without waiting for the body")
         .unwrap();
     let interim = String::from_utf8_lossy(&buf[..n]).to_string();
-    let (interim, mut got) = interim.split_once("\r\n\r\n").unwrap();
-    let mut got = std::mem::take(&mut got.to_string());
+    let (interim, rest) = interim.split_once("\r\n\r\n").unwrap();
+    let mut got = rest.to_string();
     conn.write_all(body.as_bytes()).await.unwrap();
     while !got.contains("chat.completion") {
         let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
