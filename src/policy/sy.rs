@@ -2,7 +2,6 @@
 //! random choice, randomness, time, a rate-limited log, and a view of every configured
 //! backend for governance policies.
 
-use std::hash::{Hash, Hasher};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mlua::{Function, Lua, Table, Value};
@@ -140,10 +139,12 @@ fn weighted(backends: &Table) -> mlua::Result<Option<String>> {
 /// keeps its backend while the set is unchanged, removing a backend moves only its keys,
 /// and one hot key spills over to its second choice instead of overloading the first.
 fn hash(key: &Value, backends: &Table) -> mlua::Result<Option<String>> {
-    let key_bytes: Vec<u8> = match key {
-        Value::String(s) => s.as_bytes().to_vec(),
-        Value::Integer(i) => i.to_string().into_bytes(),
-        Value::Number(n) => n.to_string().into_bytes(),
+    // The key is hashed once, in place, and its digest combined with each name: a long
+    // key costs one pass, not one per backend (work the instruction budget cannot see).
+    let key_digest = match key {
+        Value::String(s) => xxhash_rust::xxh3::xxh3_64(&s.as_bytes()),
+        Value::Integer(i) => xxhash_rust::xxh3::xxh3_64(i.to_string().as_bytes()),
+        Value::Number(n) => xxhash_rust::xxh3::xxh3_64(n.to_string().as_bytes()),
         Value::Nil => return weighted(backends),
         other => {
             return Err(mlua::Error::runtime(format!(
@@ -160,11 +161,9 @@ fn hash(key: &Value, backends: &Table) -> mlua::Result<Option<String>> {
         let weight = entry.get::<Option<f64>>("weight")?.unwrap_or(1.0).max(1e-9);
         let inflight = entry.get::<Option<f64>>("inflight")?.unwrap_or(0.0);
         total_inflight += inflight;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key_bytes.hash(&mut h);
-        name.hash(&mut h);
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), key_digest);
         // Map the hash to (0, 1), then -w / ln(u): weighted rendezvous score.
-        let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         scored.push((-weight / u.ln(), name, inflight));
     }
     if scored.is_empty() {

@@ -505,13 +505,25 @@ fn lazy_fields_function(lua: &Lua) -> mlua::Result<Function> {
 }
 
 /// `req.header(name)`: a request header by case-insensitive name, credentials excluded.
+/// Longest header name `req.header` looks up; a longer one is absent.
+const MAX_HEADER_NAME_BYTES: usize = 1024;
+
 fn header_function(lua: &Lua) -> mlua::Result<Function> {
     lua.create_function(|lua, name: LuaString| {
+        // Read in place: no header has a long name, and copying a policy's
+        // multi-megabyte string on every call is work the instruction budget cannot see.
+        let bytes = name.as_bytes();
+        if bytes.len() > MAX_HEADER_NAME_BYTES {
+            return Ok(None);
+        }
+        let Ok(name) = std::str::from_utf8(&bytes) else {
+            return Ok(None);
+        };
         let ctx = lua.app_data_ref::<super::vm::CallContext>();
         let value = ctx
             .as_ref()
             .and_then(|c| c.req.as_ref())
-            .and_then(|req| req.header(&name.to_string_lossy()).map(str::to_string));
+            .and_then(|req| req.header(name).map(str::to_string));
         Ok(value)
     })
 }
