@@ -148,30 +148,37 @@ async fn draining_stops_new_traffic_while_in_flight_requests_finish() {
     assert!(served.contains("a"));
 }
 
+/// One backend `a` that takes one request at a time, behind a route whose queue holds 4
+/// for `queue_timeout_ms`.
+async fn one_at_a_time(a: &Proc, queue_timeout_ms: u64) -> Proc {
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: {queue_timeout_ms}\nbackends:\n{}    max_inflight: 1\n",
+        backend("a", a.port, "[m]")
+    );
+    proxy(&config, &[]).await
+}
+
+/// A chat request sent in the background; its status.
+fn chat_in_background(p: &Proc) -> tokio::task::JoinHandle<reqwest::StatusCode> {
+    let url = p.url("/v1/chat/completions");
+    tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
     let a = mock("a", &["--latency-ms", "300"]).await;
-    let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: 2000\nbackends:\n{}    max_inflight: 1\n",
-        backend("a", a.port, "[m]")
-    );
-    let p = proxy(&config, &[]).await;
+    let p = one_at_a_time(&a, 2000).await;
     // Three at once on a backend that takes one: they queue and all succeed, one by one.
     let started = Instant::now();
-    let tasks: Vec<_> = (0..3)
-        .map(|_| {
-            let url = p.url("/v1/chat/completions");
-            tokio::spawn(async move {
-                client()
-                    .post(url)
-                    .json(&chat_body("m", "hi", false))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
-        })
-        .collect();
+    let tasks: Vec<_> = (0..3).map(|_| chat_in_background(&p)).collect();
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
@@ -181,21 +188,8 @@ async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
     );
 
     // With a short queue timeout, the waiting request gives up with 503 and Retry-After.
-    let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: 100\nbackends:\n{}    max_inflight: 1\n",
-        backend("a", a.port, "[m]")
-    );
-    let p = proxy(&config, &[]).await;
-    let url = p.url("/v1/chat/completions");
-    let first = tokio::spawn(async move {
-        client()
-            .post(url)
-            .json(&chat_body("m", "hi", false))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let p = one_at_a_time(&a, 100).await;
+    let first = chat_in_background(&p);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let r = client()
         .post(p.url("/v1/chat/completions"))
@@ -211,21 +205,8 @@ async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_request_whose_client_left_never_reaches_a_backend() {
     let a = mock("a", &["--latency-ms", "800"]).await;
-    let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: 5000\nbackends:\n{}    max_inflight: 1\n",
-        backend("a", a.port, "[m]")
-    );
-    let p = proxy(&config, &[]).await;
-    let url = p.url("/v1/chat/completions");
-    let first = tokio::spawn(async move {
-        client()
-            .post(url)
-            .json(&chat_body("m", "hi", false))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let p = one_at_a_time(&a, 5000).await;
+    let first = chat_in_background(&p);
     // The first holds the only slot (the mock has it) before the second comes.
     let deadline = Instant::now() + Duration::from_secs(5);
     while received(&a).await.is_empty() {
