@@ -44,6 +44,8 @@ pub struct RequestCtx {
     pub status: u16,
     /// Tokens of the answer, when the response reported (or streamed) them.
     pub usage: Option<Usage>,
+    /// The answer (a 200) streamed an error event: the backend failed mid-answer.
+    pub stream_error: bool,
     /// Time to the first response byte of the attempt that answered.
     pub ttft: Option<Duration>,
     /// The backend whose response went to the client.
@@ -92,6 +94,7 @@ impl RequestCtx {
             stale_retried: false,
             status: 0,
             usage: None,
+            stream_error: false,
             ttft: None,
             served_by: None,
             lease: None,
@@ -246,7 +249,11 @@ impl RequestCtx {
         let Some(cur) = self.current.as_mut() else {
             return;
         };
-        let Some(mut usage) = cur.usage_reader.take().and_then(UsageReader::finish) else {
+        let Some(reader) = cur.usage_reader.take() else {
+            return;
+        };
+        self.stream_error = reader.saw_error();
+        let Some(mut usage) = reader.finish() else {
             return;
         };
         if !usage.reported {

@@ -550,6 +550,8 @@ impl ProxyHttp for Switchyard {
                 Some(e) => (Outcome::Failure, format!("broken: {}", e.etype().as_str())),
                 None if ctx.status >= 500 => (Outcome::Failure, format!("status {}", ctx.status)),
                 None if ctx.status == 429 => (Outcome::Neutral, "status 429".to_string()),
+                // Relayed as it came, but the backend failed: it counts against it.
+                None if ctx.stream_error => (Outcome::Failure, "error event in the stream".into()),
                 None => (Outcome::Success, format!("status {}", ctx.status)),
             };
             ctx.finish_attempt(outcome, what);

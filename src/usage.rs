@@ -46,7 +46,17 @@ pub struct Usage {
 pub struct UsageReader {
     mode: Mode,
     tally: Tally,
-    content_events: u64,
+    /// What the stream's events showed besides usage.
+    events: Events,
+}
+
+/// What a stream's events showed besides usage.
+#[derive(Debug, Default)]
+struct Events {
+    /// Events with text: the completion's size when no usage is reported.
+    content: u64,
+    /// An event carrying an `error` object: the backend failed mid-answer, inside a 200.
+    error: bool,
 }
 
 /// The latest value of each usage field seen, in either format.
@@ -125,7 +135,7 @@ impl UsageReader {
         UsageReader {
             mode,
             tally: Tally::default(),
-            content_events: 0,
+            events: Events::default(),
         }
     }
 
@@ -156,10 +166,10 @@ impl UsageReader {
                         partial.clear();
                         *skipping = false;
                     } else if partial.is_empty() {
-                        read_event(line, &mut self.tally, &mut self.content_events);
+                        read_event(line, &mut self.tally, &mut self.events);
                     } else {
                         partial.extend_from_slice(line);
-                        read_event(partial, &mut self.tally, &mut self.content_events);
+                        read_event(partial, &mut self.tally, &mut self.events);
                         partial.clear();
                     }
                     rest = &rest[nl + 1..];
@@ -175,6 +185,11 @@ impl UsageReader {
         }
     }
 
+    /// Whether the stream carried an error event (see [`is_error_event`]).
+    pub fn saw_error(&self) -> bool {
+        self.events.error
+    }
+
     /// The usage, once the body has ended.
     pub fn finish(mut self) -> Option<Usage> {
         match std::mem::replace(&mut self.mode, Mode::Off) {
@@ -184,8 +199,8 @@ impl UsageReader {
                 Some(tally.usage())
             }
             Mode::Stream { .. } if self.tally.reported => Some(self.tally.usage()),
-            Mode::Stream { .. } if self.content_events > 0 => Some(Usage {
-                completion_tokens: self.content_events,
+            Mode::Stream { .. } if self.events.content > 0 => Some(Usage {
+                completion_tokens: self.events.content,
                 ..Usage::default()
             }),
             _ => None,
@@ -199,7 +214,7 @@ impl UsageReader {
 /// carry text, so they are scanned, not parsed: only an event with a `"usage"` that is not
 /// `null` is parsed (measured: parsing every event was a quarter of a streamed request's
 /// instructions in Switchyard).
-fn read_event(line: &[u8], tally: &mut Tally, content_events: &mut u64) {
+fn read_event(line: &[u8], tally: &mut Tally, events: &mut Events) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(data) = line.strip_prefix(b"data:") else {
         return;
@@ -217,8 +232,17 @@ fn read_event(line: &[u8], tally: &mut Tally, content_events: &mut u64) {
         }
     }
     if is_content_event(data) {
-        *content_events += 1;
+        events.content += 1;
+    } else if is_error_event(data) {
+        events.error = true;
     }
+}
+
+/// An event that carries an `error` object (OpenAI's and vLLM's `{"error": {…}}`,
+/// Anthropic's `{"type":"error","error":{…}}`, the Responses API's `response.failed`); an
+/// `"error": null` is no error. Only events without text are looked at.
+fn is_error_event(data: &[u8]) -> bool {
+    values_of(data, &ERROR_KEY).any(|v| v.starts_with(b"{"))
 }
 
 /// Searchers built once: building one costs more than searching an event.
@@ -227,6 +251,7 @@ pub(crate) static USAGE_KEY: LazyLock<Finder<'static>> =
 static CONTENT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"content\""));
 static TEXT_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"text\""));
 static TYPE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\""));
+static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
 
 /// The values of the key `finder` finds in a JSON text, whatever the spacing. A quote cannot
 /// appear unescaped inside a JSON string, so the key's quoted name followed by a colon is a
@@ -487,6 +512,22 @@ mod tests {
         feed_all(&mut r, &completed, 4096);
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (9, 40_000));
+    }
+
+    #[test]
+    fn an_error_event_inside_a_stream_is_seen() {
+        let ok = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"error\":null}\n\n";
+        let mut r = UsageReader::new(Some("text/event-stream"));
+        feed_all(&mut r, ok, 5);
+        assert!(!r.saw_error(), "null is no error, text is no error");
+        for failed in [
+            "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n",
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n",
+        ] {
+            let mut r = UsageReader::new(Some("text/event-stream"));
+            feed_all(&mut r, &format!("{ok}{failed}"), 7);
+            assert!(r.saw_error(), "{failed}");
+        }
     }
 
     #[test]

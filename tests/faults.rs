@@ -619,6 +619,28 @@ async fn a_stream_labelled_text_plain_is_still_read_and_stripped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_event_inside_a_200_stream_is_relayed_and_counted_as_a_failure() {
+    const FAILED: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\n\
+        data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n";
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream";
+    let port = one_answer(head, FAILED).await;
+    let admin = free_port();
+    let config = format!("{}{}", admin_config(admin), chain_config(port, None, ""));
+    let p = proxy(&config, &[("chain", CHAIN)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.text().await.unwrap(), FAILED, "relayed as it came");
+    let line = p.access_line(&request_id).await;
+    assert!(
+        line.contains("status=200") && line.contains("attempts=[first:error event in the stream]"),
+        "{line}"
+    );
+    let failures = "switchyard_upstream_attempts_total{backend=\"first\",outcome=\"failure\"}";
+    assert_eq!(metric(&metrics_text(admin).await, failures), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_answer_is_relayed_byte_for_byte_never_rewritten() {
     // Labelled gzip (though we asked for identity): whatever its bytes look like, they are
     // not Switchyard's to edit.
