@@ -42,7 +42,7 @@ use crate::reply::{reject, request_id, respond, REQUEST_ID, SERVED_BY};
 use crate::request::{RequestMeta, CREDENTIAL_HEADERS};
 use crate::retry::RetryBudget;
 use crate::runtime::{Runtime, Shared};
-use crate::usage::UsageReader;
+use crate::usage::{BodyKind, UsageReader};
 
 /// The Switchyard proxy service.
 pub struct Switchyard {
@@ -265,24 +265,14 @@ impl ProxyHttp for Switchyard {
         let auth_failed = matches!(status, 401 | 403);
         if !(status >= 500 || status == 429 || auth_failed) {
             let header = |name| upstream.headers.get(name).and_then(|v| v.to_str().ok());
-            let content_type = header(http::header::CONTENT_TYPE)
-                .unwrap_or("")
-                .to_ascii_lowercase();
-            // Compressed although we asked for identity: neither readable nor rewritable.
-            let encoded = header(http::header::CONTENT_ENCODING)
-                .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
-            // A stream the client asked for is read as one whatever its label (some servers
-            // say text/plain), unless it says JSON (an error or a plain answer).
             let asked_stream = ctx.meta.as_ref().is_some_and(|m| m.stream);
-            let sse = !encoded
-                && (content_type.starts_with("text/event-stream")
-                    || (asked_stream && !content_type.starts_with("application/json")));
-            cur.usage_reader = Some(UsageReader::new(match (encoded, sse) {
-                (true, _) => None,
-                (false, true) => Some("text/event-stream"),
-                (false, false) => Some(content_type.as_str()),
-            }));
-            if !sse {
+            let kind = BodyKind::of(
+                header(http::header::CONTENT_TYPE),
+                header(http::header::CONTENT_ENCODING),
+                asked_stream,
+            );
+            cur.usage_reader = Some(UsageReader::new(kind));
+            if kind != BodyKind::Stream {
                 cur.usage_stripper = None;
             } else if cur.usage_stripper.is_some() {
                 // The stream is rewritten on the way: its length is no longer the backend's.

@@ -59,6 +59,37 @@ struct Events {
     error: bool,
 }
 
+/// What a response body is, for reading its usage (and rewriting a stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Stream,
+    Json,
+    /// Compressed (although identity was asked for), or neither of the others.
+    Unreadable,
+}
+
+impl BodyKind {
+    /// From the response's `Content-Type` and `Content-Encoding`, and whether the client
+    /// asked for a stream: such a stream is read as one whatever its label (some servers
+    /// say `text/plain`), unless it says JSON (an error or a plain answer).
+    pub fn of(content_type: Option<&str>, encoding: Option<&str>, asked_stream: bool) -> Self {
+        let is = |prefix: &str| {
+            content_type
+                .and_then(|ct| ct.get(..prefix.len()))
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        };
+        if encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity")) {
+            BodyKind::Unreadable
+        } else if is("text/event-stream") || (asked_stream && !is("application/json")) {
+            BodyKind::Stream
+        } else if is("application/json") {
+            BodyKind::Json
+        } else {
+            BodyKind::Unreadable
+        }
+    }
+}
+
 /// The latest value of each usage field seen, in either format.
 #[derive(Debug, Default)]
 struct Tally {
@@ -119,18 +150,15 @@ enum Mode {
 }
 
 impl UsageReader {
-    /// A reader for a response with this content type.
-    pub fn new(content_type: Option<&str>) -> UsageReader {
-        let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        let mode = if ct.starts_with("text/event-stream") {
-            Mode::Stream {
+    /// A reader for a response body of this kind.
+    pub fn new(kind: BodyKind) -> UsageReader {
+        let mode = match kind {
+            BodyKind::Stream => Mode::Stream {
                 partial: Vec::new(),
                 skipping: false,
-            }
-        } else if ct.starts_with("application/json") {
-            Mode::Json(BytesMut::new())
-        } else {
-            Mode::Off
+            },
+            BodyKind::Json => Mode::Json(BytesMut::new()),
+            BodyKind::Unreadable => Mode::Off,
         };
         UsageReader {
             mode,
@@ -346,8 +374,27 @@ mod tests {
     }
 
     #[test]
+    fn the_body_kind_follows_the_labels_and_what_the_client_asked_for() {
+        use BodyKind::*;
+        let of = BodyKind::of;
+        assert_eq!(
+            of(Some("Text/Event-Stream; charset=utf-8"), None, false),
+            Stream
+        );
+        assert_eq!(of(Some("text/plain"), None, true), Stream);
+        assert_eq!(of(None, None, true), Stream);
+        assert_eq!(of(Some("application/json"), None, true), Json);
+        assert_eq!(of(Some("APPLICATION/JSON"), Some("identity"), false), Json);
+        assert_eq!(of(Some("text/plain"), None, false), Unreadable);
+        assert_eq!(
+            of(Some("text/event-stream"), Some("gzip"), true),
+            Unreadable
+        );
+    }
+
+    #[test]
     fn reads_usage_from_a_plain_answer() {
-        let mut r = UsageReader::new(Some("application/json"));
+        let mut r = UsageReader::new(BodyKind::Json);
         feed_all(
             &mut r,
             r#"{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":4}}}"#,
@@ -367,7 +414,7 @@ mod tests {
     #[test]
     fn a_plain_answer_s_usage_is_its_usage_object_wherever_it_is() {
         let read = |body: &str| {
-            let mut r = UsageReader::new(Some("application/json; charset=utf-8"));
+            let mut r = UsageReader::new(BodyKind::Json);
             feed_all(&mut r, body, 5);
             r.finish().map(|u| (u.prompt_tokens, u.completion_tokens))
         };
@@ -397,7 +444,7 @@ mod tests {
                     data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\n\
                     data: [DONE]\n\n";
         for piece in [1, 3, 16, 1000] {
-            let mut r = UsageReader::new(Some("text/event-stream; charset=utf-8"));
+            let mut r = UsageReader::new(BodyKind::Stream);
             feed_all(&mut r, body, piece);
             let u = r.finish().unwrap();
             assert_eq!(
@@ -411,7 +458,7 @@ mod tests {
     #[test]
     fn counts_events_when_a_stream_reports_no_usage_and_tolerates_garbage() {
         let body = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {not json\n\n: comment\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: [DONE]\n\n";
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         feed_all(&mut r, body, 5);
         assert_eq!(
             r.finish(),
@@ -466,7 +513,7 @@ mod tests {
     fn content_with_escapes_counts_like_any_other() {
         let body = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"q\\\" \\u00e9\"}}]}\n\n\
                     data: {\"choices\":[{\"text\":\"line\\nbreak\"}]}\n\n";
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         feed_all(&mut r, body, 4096);
         assert_eq!(r.finish().map(|u| u.completion_tokens), Some(2));
     }
@@ -476,7 +523,7 @@ mod tests {
         let body = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
                     event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n\
                     event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n";
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         feed_all(&mut r, body, 11);
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 15));
@@ -487,7 +534,7 @@ mod tests {
         let delta = "data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n";
         let done = "data: {\"type\":\"response.output_text.done\",\"text\":\"Hi Hi Hi\"}\n\n";
         let completed = "data: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi Hi Hi\"}]}],\"usage\":{\"input_tokens\":11,\"output_tokens\":7,\"input_tokens_details\":{\"cached_tokens\":0}}}}\n\n";
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         feed_all(
             &mut r,
             &format!("{delta}{delta}{delta}{done}{completed}"),
@@ -496,7 +543,7 @@ mod tests {
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (11, 7));
         // Without usage, the three text deltas are the count (not `done` or `completed`).
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         feed_all(&mut r, &format!("{delta}{delta}{delta}{done}"), 13);
         assert_eq!(r.finish().unwrap().completion_tokens, 3);
     }
@@ -508,7 +555,7 @@ mod tests {
             "data: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"content\":[{{\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":9,\"output_tokens\":40000}}}}}}\n\n"
         );
         assert!(completed.len() > 2 * MAX_LINE_BYTES);
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         feed_all(&mut r, &completed, 4096);
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (9, 40_000));
@@ -517,14 +564,14 @@ mod tests {
     #[test]
     fn an_error_event_inside_a_stream_is_seen() {
         let ok = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"error\":null}\n\n";
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         feed_all(&mut r, ok, 5);
         assert!(!r.saw_error(), "null is no error, text is no error");
         for failed in [
             "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n",
             "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n",
         ] {
-            let mut r = UsageReader::new(Some("text/event-stream"));
+            let mut r = UsageReader::new(BodyKind::Stream);
             feed_all(&mut r, &format!("{ok}{failed}"), 7);
             assert!(r.saw_error(), "{failed}");
         }
@@ -542,7 +589,7 @@ mod tests {
             data.join(",")
         );
         assert!(body.len() > MAX_JSON_BYTES + TAIL_BYTES, "{}", body.len());
-        let mut r = UsageReader::new(Some("application/json"));
+        let mut r = UsageReader::new(BodyKind::Json);
         feed_all(&mut r, &body, 16 * 1024);
         assert_eq!(r.finish().unwrap().prompt_tokens, 5000);
     }
@@ -551,7 +598,7 @@ mod tests {
     fn anthropic_cache_reads_and_writes_count_as_prompt_tokens() {
         let plain = r#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"hi"}],
             "usage":{"input_tokens":10,"cache_creation_input_tokens":200,"cache_read_input_tokens":1000,"output_tokens":7}}"#;
-        let mut r = UsageReader::new(Some("application/json"));
+        let mut r = UsageReader::new(BodyKind::Json);
         feed_all(&mut r, plain, 9);
         assert_eq!(
             r.finish(),
@@ -570,7 +617,7 @@ mod tests {
                     event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":1000,\"output_tokens\":15}}\n\n\
                     event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         for piece in [1, 7, 4096] {
-            let mut r = UsageReader::new(Some("text/event-stream"));
+            let mut r = UsageReader::new(BodyKind::Stream);
             feed_all(&mut r, body, piece);
             let u = r.finish().unwrap();
             assert_eq!(
@@ -583,7 +630,7 @@ mod tests {
 
     #[test]
     fn a_huge_line_is_skipped_not_buffered() {
-        let mut r = UsageReader::new(Some("text/event-stream"));
+        let mut r = UsageReader::new(BodyKind::Stream);
         let huge = format!("data: {}\n\n", "x".repeat(MAX_LINE_BYTES * 2));
         feed_all(&mut r, &huge, 4096);
         feed_all(
