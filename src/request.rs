@@ -361,7 +361,7 @@ impl SessionHasher {
 }
 
 /// The largest length up to `max` that ends `utf8` between characters.
-fn floor_char_boundary(utf8: &[u8], max: usize) -> usize {
+pub(crate) fn floor_char_boundary(utf8: &[u8], max: usize) -> usize {
     if max >= utf8.len() {
         return utf8.len();
     }

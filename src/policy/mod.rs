@@ -136,36 +136,23 @@ pub enum Decision<T = String> {
 
 /// Longest text of a policy's that goes into a log line or an error: its `sy.log`
 /// messages, error messages, names and rejection messages.
-pub const MAX_TEXT_BYTES: usize = 1024;
+const MAX_TEXT_BYTES: usize = 1024;
 
-/// The first [`MAX_TEXT_BYTES`] of `text` (cut at a character), with the total length
-/// noted when it was longer.
-pub(crate) fn truncated(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.len() <= MAX_TEXT_BYTES {
-        return text.into();
-    }
-    let mut cut = MAX_TEXT_BYTES;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..cut], text.len()).into()
-}
-
-/// A policy's text made safe for one log line: [`truncated`], with control characters
-/// (newlines above all, which would start a forged line) escaped.
-pub(crate) fn printable(text: &str) -> String {
-    escape_controls(&truncated(text))
-}
-
-/// `text` with control characters escaped (`\n` for a newline).
-pub(crate) fn escape_controls(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
+/// A policy's text made safe for one log line: its first [`MAX_TEXT_BYTES`] (cut at a
+/// character; read without copying the rest), the total length noted when it was longer,
+/// and control characters (newlines above all, which would start a forged line) escaped.
+pub(crate) fn printable(text: &[u8]) -> String {
+    let cut = crate::request::floor_char_boundary(text, MAX_TEXT_BYTES);
+    let mut out = String::with_capacity(cut + 16);
+    for c in String::from_utf8_lossy(&text[..cut]).chars() {
         if c.is_control() {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
+    }
+    if cut < text.len() {
+        out.push_str(&format!("… ({} bytes)", text.len()));
     }
     out
 }

@@ -85,19 +85,10 @@ fn log(lua: &Lua, msg: Value) -> mlua::Result<()> {
     }
     limiter.lines += 1;
     let text = match &msg {
-        Value::String(s) => {
-            // Only what the line can hold is copied out of Lua.
-            let bytes = s.as_bytes();
-            let head = String::from_utf8_lossy(&bytes[..bytes.len().min(super::MAX_TEXT_BYTES)]);
-            if bytes.len() > super::MAX_TEXT_BYTES {
-                format!("{head}… ({} bytes)", bytes.len())
-            } else {
-                head.into_owned()
-            }
-        }
-        other => format!("{other:?}"),
+        Value::String(s) => super::printable(&s.as_bytes()),
+        other => super::printable(format!("{other:?}").as_bytes()),
     };
-    log::info!(target: "switchyard::policy", "[{policy}] {}", super::escape_controls(&text));
+    log::info!(target: "switchyard::policy", "[{policy}] {text}");
     Ok(())
 }
 

@@ -419,10 +419,17 @@ fn is_memory_error(e: &mlua::Error) -> bool {
 fn error_message(e: &mlua::Error) -> String {
     match e {
         mlua::Error::RuntimeError(msg) | mlua::Error::SyntaxError { message: msg, .. } => {
-            super::printable(msg.lines().next().unwrap_or_default())
+            super::printable(msg.lines().next().unwrap_or_default().as_bytes())
         }
         mlua::Error::CallbackError { cause, .. } => error_message(cause),
-        other => super::printable(other.to_string().lines().next().unwrap_or_default()),
+        other => super::printable(
+            other
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .as_bytes(),
+        ),
     }
 }
 
@@ -468,7 +475,7 @@ fn decision_from(values: MultiValue, max_names: usize) -> Result<Decision, Polic
                     status: s as u16,
                     message: match message {
                         // Logged as well as sent: one line, like all a policy's text.
-                        Some(Value::String(m)) => super::printable(&m.to_string_lossy()),
+                        Some(Value::String(m)) => super::printable(&m.as_bytes()),
                         _ => "request rejected by routing policy".into(),
                     },
                 }),
@@ -517,17 +524,17 @@ fn chosen_backends(
         _ => {}
     }
     match decision_from(values, max_names)? {
-        Decision::Candidates(found) => found
-            .into_iter()
-            .map(|name| {
-                names
-                    .set()
-                    .get(&name)
-                    .cloned()
-                    .ok_or_else(|| PolicyError::UnknownBackend(super::printable(&name)))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Decision::Candidates),
+        Decision::Candidates(found) => {
+            found
+                .into_iter()
+                .map(|name| {
+                    names.set().get(&name).cloned().ok_or_else(|| {
+                        PolicyError::UnknownBackend(super::printable(name.as_bytes()))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Decision::Candidates)
+        }
         Decision::Reject { status, message } => Ok(Decision::Reject { status, message }),
     }
 }
@@ -543,7 +550,7 @@ pub(super) fn describe_value(v: &Value) -> String {
         Value::Boolean(b) => format!("a boolean ({b})"),
         Value::Integer(i) => format!("a number ({i})"),
         Value::Number(n) => format!("a number ({n})"),
-        Value::String(s) => format!("a string ({:?})", super::truncated(&s.to_string_lossy())),
+        Value::String(s) => format!("a string (\"{}\")", super::printable(&s.as_bytes())),
         other => format!("a {}", other.type_name()),
     }
 }
