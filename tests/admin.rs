@@ -103,17 +103,7 @@ async fn backends_added_and_removed_at_run_time_take_and_lose_traffic() {
         .unwrap()
         .contains("must start with http://"));
 
-    let scrape = || async {
-        client()
-            .get(format!("{base}/metrics"))
-            .header(auth.0, auth.1)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || metrics_text_with(admin, Some("admin-secret"));
     assert!(scrape()
         .await
         .contains("switchyard_backend_healthy{backend=\"a\"} 1"));

@@ -101,18 +101,9 @@ async fn draining_stops_new_traffic_while_in_flight_requests_finish() {
     );
     let p = proxy(&config, &[]).await;
     // Put a slow request in flight on `a`.
-    let url = p.url("/v1/chat/completions");
     let mut slow = None;
     for _ in 0..2 {
-        let url = url.clone();
-        let t = tokio::spawn(async move {
-            client()
-                .post(url)
-                .json(&chat_body("m", "hi", false))
-                .send()
-                .await
-                .unwrap()
-        });
+        let t = chat_in_background(&p);
         tokio::time::sleep(Duration::from_millis(50)).await;
         if mock_stats(&a).await["inflight"] == 1 {
             slow = Some(t);
@@ -158,20 +149,6 @@ async fn one_at_a_time(a: &Proc, queue_timeout_ms: u64) -> Proc {
     proxy(&config, &[]).await
 }
 
-/// A chat request sent in the background; its status.
-fn chat_in_background(p: &Proc) -> tokio::task::JoinHandle<reqwest::StatusCode> {
-    let url = p.url("/v1/chat/completions");
-    tokio::spawn(async move {
-        client()
-            .post(url)
-            .json(&chat_body("m", "hi", false))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
     let a = mock("a", &["--latency-ms", "300"]).await;
@@ -180,7 +157,7 @@ async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
     let started = Instant::now();
     let tasks: Vec<_> = (0..3).map(|_| chat_in_background(&p)).collect();
     for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
+        assert_eq!(t.await.unwrap().status(), 200);
     }
     assert!(
         started.elapsed() >= Duration::from_millis(850),
@@ -199,7 +176,7 @@ async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
         .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
-    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(first.await.unwrap().status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +202,7 @@ async fn a_queued_request_whose_client_left_never_reaches_a_backend() {
         .send()
         .await;
     assert!(gave_up.unwrap_err().is_timeout());
-    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(first.await.unwrap().status(), 200);
     let line = p.access_line("left-the-queue").await;
     // Logged when the client left, and the freed slot never went to it: no attempt.
     assert!(

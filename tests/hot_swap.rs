@@ -153,15 +153,7 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
     };
     let first = version().await;
 
-    let url = p.url("/v1/chat/completions");
-    let slow = tokio::spawn(async move {
-        client()
-            .post(url)
-            .json(&chat_body("m", "hi", false))
-            .send()
-            .await
-            .unwrap()
-    });
+    let slow = chat_in_background(&p);
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(p.dir().join("policies/switchable.lua"), always("b", 1)).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

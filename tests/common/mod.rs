@@ -470,14 +470,29 @@ pub fn served_by(headers: &reqwest::header::HeaderMap) -> String {
 
 /// The admin listener's `/metrics` text.
 pub async fn metrics_text(admin_port: u16) -> String {
-    client()
-        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    metrics_text_with(admin_port, None).await
+}
+
+/// The admin listener's `/metrics` text, with the admin token when it has one.
+pub async fn metrics_text_with(admin_port: u16, token: Option<&str>) -> String {
+    let mut request = client().get(format!("http://127.0.0.1:{admin_port}/metrics"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// A chat request (model `m`) sent in the background.
+pub fn chat_in_background(p: &Proc) -> tokio::task::JoinHandle<reqwest::Response> {
+    let url = p.url("/v1/chat/completions");
+    tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap()
+    })
 }
 
 /// The value of one series (name and labels, exactly as exposed) in a `/metrics` text; 0
