@@ -92,17 +92,21 @@ async fn drip(conn: &mut TcpStream, bytes: impl IntoIterator<Item = u8>, within:
 /// Send one chat request on a kept-alive connection and read its answer; its status.
 async fn chat_on(conn: &mut TcpStream, request: &str) -> u16 {
     conn.write_all(request.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
+    status_of(&read_answer(conn, String::new()).await)
+}
+
+/// Read on from `so_far` until a whole chat completion has arrived; all of it.
+async fn read_answer(conn: &mut TcpStream, mut so_far: String) -> String {
     let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("chat.completion") {
+    while !so_far.contains("chat.completion") {
         let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
             .await
             .expect("an answer")
             .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
+        assert!(n > 0, "closed: {so_far}");
+        so_far.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    status_of(&String::from_utf8_lossy(&got))
+    so_far
 }
 
 /// Connections closed for a slow head, from the admin listener's metrics.
@@ -226,17 +230,11 @@ async fn expecting_continue(port: u16) -> (String, String) {
         .unwrap();
     let interim = String::from_utf8_lossy(&buf[..n]).to_string();
     let (interim, rest) = interim.split_once("\r\n\r\n").unwrap();
-    let mut got = rest.to_string();
     conn.write_all(body.as_bytes()).await.unwrap();
-    while !got.contains("chat.completion") {
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n > 0, "closed: {got}");
-        got.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    (interim.to_string(), got)
+    (
+        interim.to_string(),
+        read_answer(&mut conn, rest.to_string()).await,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
