@@ -181,26 +181,37 @@ impl RequestMeta {
         self.max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
         self.choices = fields.n.unwrap_or(1);
 
+        // Where the prompt's text is: its values' places in the body, read when first asked.
         let mut prompt = Prompt {
             body: body.clone(),
-            pieces: Vec::new(),
+            spans: Vec::new(),
+        };
+        let span = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            start..start + raw.get().len()
         };
         let mut messages = 0;
         for m in fields.messages.iter().flatten() {
             // The system prompt and the first message identify a conversation.
             let system = m.role.as_deref() == Some("system");
-            if let Some(c) = &m.content {
-                c.visit_text(&mut |t| prompt.add(t, system || messages == 0));
+            if let Some(c) = m.content {
+                prompt.spans.push(Span {
+                    text: span(c),
+                    session: system || messages == 0,
+                });
             }
             if !system {
                 messages += 1;
             }
         }
-        for text in [&fields.prompt, &fields.input, &fields.system]
+        for text in [fields.prompt, fields.input, fields.system]
             .into_iter()
             .flatten()
         {
-            text.visit_text(&mut |t| prompt.add(t, true));
+            prompt.spans.push(Span {
+                text: span(text),
+                session: true,
+            });
         }
         self.prompt = prompt;
         self.tokens = OnceLock::new();
@@ -209,52 +220,44 @@ impl RequestMeta {
     }
 }
 
-/// The pieces of a prompt's text: most are slices of the body (text without escapes,
-/// which the parser borrows); text with escapes is kept as the parser decoded it.
+/// Where a prompt's text is: the JSON values holding it (a message's `content`, `prompt`,
+/// `input`, `system`), as places in the body. They are parsed for their text only when the
+/// estimate or the session key is first asked for: the request's own parse skips them,
+/// checking their syntax without reading them.
 #[derive(Debug, Clone, Default)]
 struct Prompt {
     body: Bytes,
-    pieces: Vec<Piece>,
+    spans: Vec<Span>,
 }
 
 #[derive(Debug, Clone)]
-struct Piece {
-    text: PieceText,
+struct Span {
+    /// A JSON value in the body: a string, an array of strings or token ids, or content
+    /// parts or blocks (see [`TextPeek`]).
+    text: Range<usize>,
     /// Part of what identifies the conversation (hashed for the session key).
     session: bool,
 }
 
-#[derive(Debug, Clone)]
-enum PieceText {
-    InBody(Range<usize>),
-    Decoded(String),
-}
-
 impl Prompt {
-    fn add(&mut self, text: &str, session: bool) {
-        // A borrowed piece lies inside the body: its place is a pointer difference.
-        let (start, body_start) = (text.as_ptr() as usize, self.body.as_ptr() as usize);
-        let text = match start.checked_sub(body_start) {
-            Some(at) if at + text.len() <= self.body.len() => {
-                PieceText::InBody(at..at + text.len())
+    /// Call `f` on each piece of text of the spans `which` selects, in order. Text
+    /// without escapes is a slice of the body; text with escapes is decoded.
+    fn visit_text(&self, which: impl Fn(&Span) -> bool, f: &mut dyn FnMut(&str)) {
+        for span in self.spans.iter().filter(|s| which(s)) {
+            // The body was parsed whole before the spans were kept, so each is UTF-8 and
+            // JSON; a span that is not reads as no text.
+            let Ok(json) = std::str::from_utf8(&self.body[span.text.clone()]) else {
+                continue;
+            };
+            if let Ok(text) = serde_json::from_str::<TextPeek>(json) {
+                text.visit_text(f);
             }
-            _ => PieceText::Decoded(text.to_string()),
-        };
-        self.pieces.push(Piece { text, session });
-    }
-
-    fn bytes<'a>(&'a self, piece: &'a Piece) -> &'a [u8] {
-        match &piece.text {
-            PieceText::InBody(range) => &self.body[range.clone()],
-            PieceText::Decoded(text) => text.as_bytes(),
         }
     }
 
     fn estimate(&self) -> u64 {
         let mut tokens = TokenEstimate::default();
-        for piece in &self.pieces {
-            tokens.add_bytes(self.bytes(piece));
-        }
+        self.visit_text(|_| true, &mut |t| tokens.add(t));
         tokens.tokens()
     }
 
@@ -262,9 +265,7 @@ impl Prompt {
     /// are none.
     fn session_key(&self) -> Option<String> {
         let mut session = SessionHasher::default();
-        for piece in self.pieces.iter().filter(|p| p.session) {
-            session.add(self.bytes(piece));
-        }
+        self.visit_text(|s| s.session, &mut |t| session.add(t.as_bytes()));
         // 16 hex digits; `hex` costs about a third of `format!` here.
         (session.bytes > 0).then(|| hex::encode(session.hasher.digest().to_be_bytes()))
     }
@@ -391,11 +392,11 @@ struct BodyFields<'a> {
     #[serde(borrow, default)]
     messages: Option<Vec<MessagePeek<'a>>>,
     #[serde(borrow, default)]
-    prompt: Option<TextPeek<'a>>,
+    prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    input: Option<TextPeek<'a>>,
+    input: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    system: Option<TextPeek<'a>>,
+    system: Option<&'a RawValue>,
     #[serde(default)]
     stream_options: Option<StreamOptionsPeek>,
 }
@@ -414,7 +415,6 @@ impl<'a> BodyFields<'a> {
                 .map_err(|_| ClientError::wrong_type(field, expected))
         }
         let max_tokens = "a non-negative integer";
-        let text = "a string or an array";
         Ok(BodyFields {
             model: raw.model,
             stream: typed::<Option<bool>>(raw.stream, "stream", "a boolean")?.flatten(),
@@ -427,9 +427,9 @@ impl<'a> BodyFields<'a> {
             .flatten(),
             n: typed::<Option<u64>>(raw.n, "n", "a positive integer")?.flatten(),
             messages: typed(raw.messages, "messages", "an array of message objects")?,
-            prompt: typed(raw.prompt, "prompt", text)?,
-            input: typed(raw.input, "input", text)?,
-            system: typed(raw.system, "system", text)?,
+            prompt: raw.prompt,
+            input: raw.input,
+            system: raw.system,
             stream_options: typed(raw.stream_options, "stream_options", "an object")?,
         })
     }
@@ -466,14 +466,13 @@ struct StreamOptionsPeek {
     include_usage: Option<bool>,
 }
 
+/// A message as the request's parse reads it: its role, and where its content is.
 #[derive(Deserialize)]
 struct MessagePeek<'a> {
     #[serde(borrow, default)]
     role: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    content: Option<TextPeek<'a>>,
-    #[serde(default, rename = "tool_calls")]
-    _tool_calls: Option<IgnoredAny>,
+    content: Option<&'a RawValue>,
 }
 
 /// Text in any of the shapes the APIs allow: a string, an array of strings (or token ids),
