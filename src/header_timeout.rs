@@ -1,15 +1,21 @@
 //! A deadline for a client's request head, which Pingora lacks. Its timeout is per read,
-//! so a client that sends a byte every few seconds (slowloris) holds a connection, and a
-//! task, for ever.
+//! so a client that sends a byte every few seconds (slowloris), or nothing at all, holds a
+//! connection, and a task, for ever.
 //!
 //! [`HeaderTimeout`] wraps the proxy app, and each connection's stream in [`Deadlined`].
-//! From the first byte of a request head, the whole head (up to its blank line) must
-//! arrive within `proxy.header_timeout_ms`; otherwise the read fails and Pingora closes
-//! the connection. On a kept-alive connection the deadline starts again with the next
-//! request's first byte, after the previous answer's status line was written (an interim
-//! `1xx` does not count; after a `101` the connection is no longer watched). The time a
-//! kept-alive connection may sit idle is Pingora's keep-alive timeout, not this one.
-//! HTTP/2 connections (by ALPN) are not wrapped: they have no HTTP/1 heads.
+//! A new connection's first request head must arrive whole (up to its blank line) within
+//! `proxy.header_timeout_ms` of the connection being accepted (after TLS, which Pingora
+//! bounds itself); otherwise the read fails and Pingora closes the connection. On a
+//! kept-alive connection the deadline starts again with the next request's first byte,
+//! after the previous answer's status line was written (an interim `1xx` does not count;
+//! after a `101` the connection is no longer watched). The time a kept-alive connection
+//! may sit idle is Pingora's keep-alive timeout, not this one.
+//!
+//! An HTTP/2 connection (by ALPN) has no HTTP/1 heads: its client must send the HTTP/2
+//! connection preface within the deadline. After that, an HTTP/2 connection with no
+//! request in progress is closed by Pingora's idle timeout (see `server.rs`), which also
+//! covers a stream whose headers never complete: Pingora counts a stream only once its
+//! headers have arrived.
 
 use std::fmt;
 use std::future::Future;
@@ -57,12 +63,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // HTTP/2 (chosen by ALPN) has no HTTP/1 heads to watch.
-        if stream.selected_alpn_proto() == Some(ALPN::H2) {
-            return self.app.process_new(stream, shutdown).await;
-        }
-        let stream = Box::new(Deadlined::new(stream, (self.within)()));
-        self.app.process_new(stream, shutdown).await
+        let within = (self.within)();
+        let stream = if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            Deadlined::h2(stream, within)
+        } else {
+            Deadlined::new(stream, within)
+        };
+        self.app.process_new(Box::new(stream), shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -76,7 +83,8 @@ pub struct Deadlined {
     within: Duration,
     /// While a request head is being read (or awaited); `None` once it is complete.
     head: Option<Head>,
-    /// The connection was switched to another protocol (`101`): no more heads.
+    /// The connection was switched to another protocol (`101`), or speaks HTTP/2: no
+    /// more heads.
     switched: bool,
 }
 
@@ -95,12 +103,21 @@ struct Head {
     after_line_feed: bool,
     /// The deadline passed (logged once).
     expired: bool,
+    /// HTTP/2: bytes of the connection preface still to come. The head is the preface.
+    preface_left: Option<usize>,
 }
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which an HTTP/2 client sends first (RFC 9113, 3.4).
+const H2_PREFACE_BYTES: usize = 24;
 
 impl Head {
     /// Scan newly read bytes; true when they complete the head. Line by line (`memchr`
     /// finds the line feeds): a head's lines are scanned, not its bytes one by one.
     fn scan(&mut self, bytes: &[u8]) -> bool {
+        if let Some(left) = &mut self.preface_left {
+            *left = left.saturating_sub(bytes.len());
+            return *left == 0;
+        }
         let mut from = 0;
         for lf in memchr::memchr_iter(b'\n', bytes) {
             // A line that is empty or only CR, as far as this read has it.
@@ -122,12 +139,30 @@ impl Head {
 }
 
 impl Deadlined {
+    /// An HTTP/1 connection just accepted: the clock for its first head runs from now.
     pub fn new(inner: Stream, within: Duration) -> Self {
         Deadlined {
             inner,
             within,
-            head: Some(Head::default()),
+            head: Some(Head {
+                deadline: Some(Box::pin(tokio::time::sleep(within))),
+                ..Head::default()
+            }),
             switched: false,
+        }
+    }
+
+    /// An HTTP/2 connection just accepted: its preface must come within `within`.
+    pub fn h2(inner: Stream, within: Duration) -> Self {
+        Deadlined {
+            inner,
+            within,
+            head: Some(Head {
+                deadline: Some(Box::pin(tokio::time::sleep(within))),
+                preface_left: Some(H2_PREFACE_BYTES),
+                ..Head::default()
+            }),
+            switched: true,
         }
     }
 
@@ -142,7 +177,12 @@ impl Deadlined {
                     .get_socket_digest()
                     .and_then(|d| d.peer_addr().map(|a| a.to_string()))
                     .unwrap_or_else(|| "-".into());
-                warn!(target: "switchyard::client", "closing the connection from {peer}: its request headers did not arrive within {} ms", within.as_millis());
+                let what = if head.preface_left.is_some() {
+                    "HTTP/2 connection preface"
+                } else {
+                    "request headers"
+                };
+                warn!(target: "switchyard::client", "closing the connection from {peer}: its {what} did not arrive within {} ms", within.as_millis());
                 METRICS
                     .connections_closed
                     .with_label_values(&["header_timeout"])

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server};
@@ -84,7 +85,13 @@ pub fn run(
     );
     server.bootstrap();
 
-    let app = pingora::proxy::http_proxy(&server.configuration, Switchyard::new(shared.clone()));
+    let mut app =
+        pingora::proxy::http_proxy(&server.configuration, Switchyard::new(shared.clone()));
+    // An HTTP/2 connection with no request in progress is closed after the keep-alive
+    // timeout, as an idle HTTP/1 one is (that one is set per request, in the proxy).
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(Duration::from_secs(config.proxy.keepalive_timeout_seconds));
+    app.server_options = Some(options);
     let heads = shared.clone();
     let app = HeaderTimeout::new(app, move || {
         Duration::from_millis(heads.load().config.proxy.header_timeout_ms)

@@ -168,17 +168,36 @@ async fn blank_lines_before_a_slow_request_line_do_not_end_its_head() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
+    let (m, p, admin) = setup(", header_timeout_ms: 500").await;
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    let answer = until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert!(answer.is_empty(), "{answer}");
+    let open = started.elapsed();
+    assert!(open >= Duration::from_millis(450), "closed after {open:?}");
+    assert_eq!(header_timeouts(admin).await, 1.0);
+    // A client that speaks at once is served as before.
+    let body = chat_body("m", "hi", false).to_string();
+    let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+    assert_eq!(
+        chat_on(&mut conn, &format!("{}{body}", head("", Some(body.len())))).await,
+        200
+    );
+    assert_eq!(received(&m).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_header_deadline_starts_with_each_requests_first_byte_on_a_kept_alive_connection() {
     let (m, p, admin) = setup(", header_timeout_ms: 500").await;
     let body = chat_body("m", "hi", false).to_string();
     let request = format!("{}{body}", head("", Some(body.len())));
     let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
-    // Idle longer than the header timeout before each request: idleness is the keep-alive
-    // timeout's business, not this one's.
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        assert_eq!(chat_on(&mut conn, &request).await, 200);
-    }
+    assert_eq!(chat_on(&mut conn, &request).await, 200);
+    // Idle longer than the header timeout before the next request: idleness between
+    // requests is the keep-alive timeout's business, not this one's.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(chat_on(&mut conn, &request).await, 200);
     // A third request whose head drips is cut off, on the same connection.
     conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nx-")
         .await

@@ -6,7 +6,8 @@
 //!   is refused and the old one keeps serving; bad files are refused at start-up by path;
 //! - `https://` backends (the mock in TLS mode) are verified: an untrusted certificate or a
 //!   wrong name is a 502 with a typed code and nothing reaches the backend, a CA from
-//!   `ca_file` is trusted, SNI is the URL host; `http2: true` speaks HTTP/2 over TLS and h2c.
+//!   `ca_file` is trusted, SNI is the URL host; `http2: true` speaks HTTP/2 over TLS and h2c;
+//! - an HTTP/2 client that sends no preface, or no complete request, is let go.
 //!
 //! Needs curl with HTTP/2 and h2load; `tests/tls/setup.sh` installs what is missing and
 //! this test fails — it does not skip — when they cannot be had.
@@ -863,4 +864,118 @@ async fn a_200_kib_prompt_over_http2_reaches_the_backend_byte_for_byte_first_try
     assert_eq!(seen.len(), 1, "the failing backend was tried once");
     assert_eq!(seen[0]["body_sha256"], last_sha.as_str());
     assert_eq!(received(&good).await.len(), 2);
+}
+
+/// A TLS connection to `port` that asks for HTTP/2 only, trusting `ca_pem`; fails unless
+/// the proxy chose HTTP/2.
+async fn h2_tls_connection(
+    port: u16,
+    ca_pem: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls
+}
+
+/// How long until the proxy closes `conn` (reading and dropping what it sends), or
+/// `None` if it is still open after `within`.
+async fn closed_after(
+    conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, conn.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_http2_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new("client-facing test CA");
+    let dir = tempfile::tempdir().unwrap();
+    write_leaf(&dir.path().join("tls"), &ca.issue(&["localhost"]));
+    let m = mock("m1", &[]).await;
+    let p = TlsProxy::start(
+        dir,
+        &backend("m1", m.port, "[m]"),
+        "  header_timeout_ms: 500\n  keepalive_timeout_seconds: 2\n",
+    )
+    .await;
+
+    // A client that never sends the HTTP/2 preface is let go after the header timeout.
+    let mut silent = h2_tls_connection(p.tls_port, &ca.pem()).await;
+    let closed = closed_after(&mut silent, Duration::from_secs(5))
+        .await
+        .expect("a silent HTTP/2 connection is closed");
+    assert!(closed >= Duration::from_millis(400), "after {closed:?}");
+    let closed_for_slow_heads = metric(
+        &p.metrics().await,
+        "switchyard_client_connections_closed_total{reason=\"header_timeout\"}",
+    );
+    assert_eq!(closed_for_slow_heads, 1.0);
+
+    // One that sends the preface and its settings, then no request, is closed as idle
+    // after the keep-alive timeout; the header timeout no longer applies to it.
+    let mut idle = h2_tls_connection(p.tls_port, &ca.pem()).await;
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    idle.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // empty SETTINGS
+    let closed = closed_after(&mut idle, Duration::from_secs(6))
+        .await
+        .expect("an idle HTTP/2 connection is closed");
+    assert!(closed >= Duration::from_millis(1500), "after {closed:?}");
+
+    // So is one whose request headers never complete (a HEADERS frame without
+    // END_HEADERS, and no CONTINUATION): a request counts only once its headers are in.
+    let mut slow = h2_tls_connection(p.tls_port, &ca.pem()).await;
+    slow.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    slow.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // HEADERS, 1 byte (`:method: POST`, indexed), flags 0, stream 1.
+    slow.write_all(&[0, 0, 1, 1, 0, 0, 0, 0, 1, 0x83])
+        .await
+        .unwrap();
+    let closed = closed_after(&mut slow, Duration::from_secs(6))
+        .await
+        .expect("an HTTP/2 connection whose headers never complete is closed");
+    assert!(closed >= Duration::from_millis(1500), "after {closed:?}");
+
+    // A client that speaks is served over HTTP/2, and the backend got only its request.
+    let r = https_client(&[&ca.pem()])
+        .post(p.https("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(received(&m).await.len(), 1);
 }
