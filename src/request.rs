@@ -100,7 +100,12 @@ impl RequestMeta {
     /// accounting without usage — and kept: a request nothing asks pays nothing, which
     /// for a large prompt routed by round robin is ~10 instructions a byte saved.
     pub fn tokens(&self) -> u64 {
-        *self.tokens.get_or_init(|| self.prompt.estimate())
+        *self.tokens.get_or_init(|| {
+            let (tokens, session) = self.prompt.estimate();
+            // Already set if the key was asked for first: the same key either way.
+            let _ = self.session.set(session);
+            tokens
+        })
     }
 
     /// The session key: the client's `x-session-id`, else 16 hex digits of xxh3 over the
@@ -240,34 +245,50 @@ struct Span {
 }
 
 impl Prompt {
-    /// Call `f` on each piece of text of the spans `which` selects, in order. Text
-    /// without escapes is a slice of the body; text with escapes is decoded.
-    fn visit_text(&self, which: impl Fn(&Span) -> bool, f: &mut dyn FnMut(&str)) {
+    /// Call `f` on each piece of text of the spans `which` selects, in order, with whether
+    /// its span identifies the conversation. Text without escapes is a slice of the body;
+    /// text with escapes is decoded.
+    fn visit_text(&self, which: impl Fn(&Span) -> bool, f: &mut dyn FnMut(&str, bool)) {
         for span in self.spans.iter().filter(|s| which(s)) {
             // The body was parsed whole before the spans were kept, so each is UTF-8 and
             // JSON; a span that is not reads as no text.
-            let Ok(json) = std::str::from_utf8(&self.body[span.text.clone()]) else {
+            let Ok(json) = simdutf8::basic::from_utf8(&self.body[span.text.clone()]) else {
                 continue;
             };
+            // Most content is a string without escapes: its text is what lies between
+            // the quotes, with no parse.
+            if let Some(text) = json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
+                if memchr::memchr(b'\\', text.as_bytes()).is_none() {
+                    f(text, span.session);
+                    continue;
+                }
+            }
             if let Ok(text) = serde_json::from_str::<TextPeek>(json) {
-                text.visit_text(f);
+                text.visit_text(&mut |t| f(t, span.session));
             }
         }
     }
 
-    fn estimate(&self) -> u64 {
+    /// The estimate, and the session key on the way (it costs little more once the text
+    /// is read): see [`Prompt::session_key`].
+    fn estimate(&self) -> (u64, Option<String>) {
         let mut tokens = TokenEstimate::default();
-        self.visit_text(|_| true, &mut |t| tokens.add(t));
-        tokens.tokens()
+        let mut session = SessionHasher::default();
+        self.visit_text(|_| true, &mut |t, identifies| {
+            tokens.add(t);
+            if identifies {
+                session.add(t.as_bytes());
+            }
+        });
+        (tokens.tokens(), session.key())
     }
 
     /// The session key of the pieces that identify the conversation; `None` if there
     /// are none.
     fn session_key(&self) -> Option<String> {
         let mut session = SessionHasher::default();
-        self.visit_text(|s| s.session, &mut |t| session.add(t.as_bytes()));
-        // 16 hex digits; `hex` costs about a third of `format!` here.
-        (session.bytes > 0).then(|| hex::encode(session.hasher.digest().to_be_bytes()))
+        self.visit_text(|s| s.session, &mut |t, _| session.add(t.as_bytes()));
+        session.key()
     }
 }
 
@@ -358,6 +379,12 @@ impl SessionHasher {
         // Ends the piece, so that "ab" + "c" and "a" + "bc" differ.
         self.hasher.update(&[0xff]);
         self.bytes += take.max(1);
+    }
+
+    /// 16 hex digits; `None` if no text was added. (`hex` costs about a third of
+    /// `format!` here.)
+    fn key(&self) -> Option<String> {
+        (self.bytes > 0).then(|| hex::encode(self.hasher.digest().to_be_bytes()))
     }
 }
 
@@ -640,7 +667,13 @@ mod tests {
         // Instances of a fleet, old and new during an upgrade, must agree on a
         // conversation's key, or sticky routing moves it. Pinned to the value the eager
         // hash gave before the key was worked out on demand.
-        let m = meta(r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"},{"role":"assistant","content":"A"}]}"#).unwrap();
+        let body = r#"{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"},{"role":"assistant","content":"A"}]}"#;
+        let m = meta(body).unwrap();
+        assert_eq!(m.session(), Some("bab780360d2e6f27"));
+        // The estimate works the key out on the way: the same key.
+        let m = meta(body).unwrap();
+        m.tokens();
+        assert!(m.session_hashed());
         assert_eq!(m.session(), Some("bab780360d2e6f27"));
     }
 
