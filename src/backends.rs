@@ -32,6 +32,9 @@ pub struct Upstream {
 impl Upstream {
     /// Parse `http://host[:port][/prefix]` or `https://…`.
     pub fn parse(url: &str) -> Result<Upstream, String> {
+        // Errors quote the URL with any credentials in it masked.
+        let shown = masked(url);
+        let url = shown.as_str();
         let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else if let Some(r) = url.strip_prefix("https://") {
@@ -43,6 +46,11 @@ impl Upstream {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
+        if hostport.contains('@') {
+            return Err(format!(
+                "`{url}` carries credentials: a backend's key goes in `api_key_env`"
+            ));
+        }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
             // IPv6 literal: [::1]:8000
@@ -77,6 +85,18 @@ impl Upstream {
     /// certificate's IP addresses and does not send as SNI).
     pub fn tls_name(&self) -> &str {
         self.host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+/// `url` with the user information of its address (`user:secret@`), if any, as `***@`.
+fn masked(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let address_end = url[after_scheme..]
+        .find('/')
+        .map_or(url.len(), |i| after_scheme + i);
+    match url[after_scheme..address_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..after_scheme], &url[after_scheme + at..]),
+        None => url.to_string(),
     }
 }
 
@@ -248,7 +268,7 @@ static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
 
 impl BackendSet {
     /// Build from a validated config. `previous` lends its statistics to backends of the
-    /// same name, so a reload keeps in-flight counts and EWMAs.
+    /// same name and URL, so a reload keeps in-flight counts, EWMAs and health.
     pub fn build(config: &Config, previous: Option<&BackendSet>) -> Result<BackendSet, String> {
         let mut set = BackendSet::default();
         for (i, bc) in config.backends.iter().enumerate() {
@@ -268,9 +288,10 @@ impl BackendSet {
                     .map_err(|e| format!("backends[{i}].url: {e}"))?,
             };
             let api_key = match &bc.api_key_env {
-                Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
-                    format!("backends[{i}].api_key_env: environment variable `{var}` is not set")
-                })?)),
+                Some(var) => Some(Secret::new(
+                    crate::config::api_key_from_env(var)
+                        .map_err(|e| format!("backends[{i}].api_key_env: {e}"))?,
+                )),
                 None => None,
             };
             let tls_ca = match &bc.ca_file {
@@ -280,10 +301,18 @@ impl BackendSet {
                 ),
                 None => None,
             };
+            // State follows a backend that keeps its name and URL; one whose URL changed
+            // is another server, and starts afresh.
             let stats = previous
                 .and_then(|p| p.get(&bc.name))
+                .filter(|b| b.config.url == bc.url)
                 .map(|b| b.stats.clone())
                 .unwrap_or_default();
+            let checked = config.health.is_some() && bc.health_path.as_deref() != Some("");
+            if !checked {
+                // No probe will bring it back: healthy as far as checks go.
+                stats.health.reset();
+            }
             let backend = Backend {
                 id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
                 models: bc.models.pairs().into_iter().collect(),
@@ -534,6 +563,24 @@ mod tests {
         assert!(Upstream::parse("http://:80").is_err());
         assert!(Upstream::parse("http://h:0").is_err());
         assert!(Upstream::parse("http://user@h:1").is_err());
+    }
+
+    #[test]
+    fn credentials_in_a_url_are_refused_without_being_quoted() {
+        for url in [
+            "https://svc:sk-live-SECRET123@api.example.com",
+            "https://svc:sk-live-SECRET123@api.example.com:8443/v1",
+            "svc:sk-live-SECRET123@api.example.com",
+            "http://sk-live-SECRET123@[::1]:9000",
+        ] {
+            let e = Upstream::parse(url).unwrap_err();
+            assert!(!e.contains("SECRET"), "{e}");
+            assert!(e.contains("***@"), "{e}");
+        }
+        let e = Upstream::parse("https://u:p@h").unwrap_err();
+        assert!(e.contains("api_key_env"), "{e}");
+        // An `@` in the path is not in the address, and is quoted as it is.
+        assert_eq!(masked("http://h:1/a@b"), "http://h:1/a@b");
     }
 
     #[test]

@@ -771,10 +771,8 @@ impl Config {
                 }
             }
             if let Some(var) = &b.api_key_env {
-                if std::env::var_os(var).is_none() {
-                    out.push(format!(
-                        "{at}.api_key_env: environment variable `{var}` is not set"
-                    ));
+                if let Err(e) = api_key_from_env(var) {
+                    out.push(format!("{at}.api_key_env: {e}"));
                 }
             }
         }
@@ -953,9 +951,54 @@ fn is_policy_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// A backend's key from the environment variable `var`: its value without surrounding
+/// whitespace (a key file mounted as a variable often ends in a newline). An error names
+/// the variable, never the value: unset, empty, or not sendable in a header.
+pub fn api_key_from_env(var: &str) -> Result<String, String> {
+    let value = std::env::var(var).map_err(|e| match e {
+        std::env::VarError::NotPresent => format!("environment variable `{var}` is not set"),
+        std::env::VarError::NotUnicode(_) => {
+            format!("environment variable `{var}` is not valid UTF-8")
+        }
+    })?;
+    let key = value.trim();
+    if key.is_empty() {
+        return Err(format!("environment variable `{var}` is empty"));
+    }
+    if http::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
+        return Err(format!(
+            "environment variable `{var}` holds characters a header cannot carry"
+        ));
+    }
+    Ok(key.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_key_is_trimmed_and_an_empty_or_unsendable_one_refused_by_name() {
+        std::env::set_var("SWITCHYARD_CONFIG_TEST_KEY_NL", "  sk-abc123\n");
+        std::env::set_var("SWITCHYARD_CONFIG_TEST_KEY_EMPTY", " \n");
+        std::env::set_var("SWITCHYARD_CONFIG_TEST_KEY_CTRL", "sk-a\u{1}SECRET");
+        assert_eq!(
+            api_key_from_env("SWITCHYARD_CONFIG_TEST_KEY_NL").as_deref(),
+            Ok("sk-abc123")
+        );
+        for (var, why) in [
+            ("SWITCHYARD_CONFIG_TEST_KEY_EMPTY", "is empty"),
+            (
+                "SWITCHYARD_CONFIG_TEST_KEY_CTRL",
+                "characters a header cannot carry",
+            ),
+            ("SWITCHYARD_CONFIG_TEST_KEY_UNSET", "is not set"),
+        ] {
+            let e = api_key_from_env(var).unwrap_err();
+            assert!(e.contains(var) && e.contains(why), "{e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+    }
 
     const GOOD: &str = r#"
 listen: [{ addr: "127.0.0.1:8080" }]

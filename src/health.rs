@@ -43,6 +43,14 @@ impl Health {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Healthy again, with no streak counted: for a backend whose checks were switched
+    /// off, which no probe will ever bring back.
+    pub fn reset(&self) {
+        let mut h = self.hysteresis.lock().unwrap_or_else(|e| e.into_inner());
+        h.streak = 0;
+        self.healthy.store(true, Ordering::Relaxed);
+    }
+
     /// Feed one probe result; returns the new state when it changed.
     pub fn observe(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
         let mut h = self.hysteresis.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,7 +110,15 @@ impl BackgroundService for HealthService {
                     Duration::from_millis(config.interval_ms)
                 }
                 // Checks may be switched on by a config reload; look again now and then.
-                None => Duration::from_secs(1),
+                // Meanwhile every backend is healthy as far as checks go, whatever a
+                // probe said before they were switched off.
+                None => {
+                    built.clear();
+                    for b in &runtime.backends.backends {
+                        b.stats.health.reset();
+                    }
+                    Duration::from_secs(1)
+                }
             };
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -168,7 +184,9 @@ fn http_check(backend: &Backend, path: &str, config: &HealthConfig) -> HttpHealt
 
 async fn probe(built: &Built, config: &HealthConfig) {
     let Some(check) = &built.check else {
-        return; // checks switched off for this backend
+        // Checks switched off for this backend: healthy as far as they go.
+        built.backend.stats.health.reset();
+        return;
     };
     let backend = &built.backend;
     let path = &built.path;

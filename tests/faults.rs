@@ -986,6 +986,86 @@ async fn a_reload_applies_a_valid_backend_set_and_refuses_an_invalid_one_whole()
     }
 }
 
+/// Poll `/admin/backends` until `name`'s `field` is `want` (within 5 s).
+async fn until_backend(admin: u16, name: &str, field: &str, want: serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b = admin_backend(admin, name).await;
+        if b[field] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}.{field} is not {want}: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_drops_state_that_no_longer_applies_to_a_backend() {
+    let good = mock("good", &[]).await;
+    let bad = mock("bad", &["--fail-rate", "1"]).await;
+    let admin = free_port();
+    let head = format!(
+        "{}routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\noutlier: {{ consecutive_failures: 2, base_ejection_ms: 60000 }}\n",
+        admin_config(admin)
+    );
+    let probed = format!(
+        "{}health: {{ interval_ms: 100, rise: 1, fall: 1 }}\nbackends:\n{}{}{}    health_path: /nope\n",
+        head,
+        backend("p", good.port, "[m]"),
+        backend("q", bad.port, "[m]"),
+        backend("h", good.port, "[m]")
+    );
+    let p = proxy(&probed, &[]).await;
+    // `h` fails its checks; `q` fails requests until it is ejected (each one failed over).
+    until_backend(admin, "h", "healthy", false.into()).await;
+    for _ in 0..6 {
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.status(), 200);
+    }
+    until_backend(admin, "q", "why_not", "ejected".into()).await;
+
+    // The checks are switched off, and `p` and `q` swap servers.
+    let path = p.dir().join("switchyard.yaml");
+    let swapped = format!(
+        "{}backends:\n{}{}{}    health_path: /nope\n",
+        head,
+        backend("p", bad.port, "[m]"),
+        backend("q", good.port, "[m]"),
+        backend("h", good.port, "[m]")
+    );
+    std::fs::write(&path, swapped).unwrap();
+    let reloaded = client()
+        .post(format!("http://127.0.0.1:{admin}/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    // No probe will ever bring `h` back, so nothing holds it down; `q` is another server
+    // now, and not the one that was ejected.
+    let h = admin_backend(admin, "h").await;
+    assert_eq!(
+        (h["healthy"].clone(), h["eligible"].clone()),
+        (true.into(), true.into()),
+        "{h}"
+    );
+    let q = admin_backend(admin, "q").await;
+    assert_eq!(q["eligible"], true, "{q}");
+    let served: Vec<String> = {
+        let mut served = Vec::new();
+        for _ in 0..6 {
+            let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+            assert_eq!(r.status(), 200);
+            served.push(served_by(r.headers()));
+        }
+        served
+    };
+    assert!(served.iter().any(|b| b == "q"), "{served:?}");
+    assert!(served.iter().any(|b| b == "h"), "{served:?}");
+}
+
 #[test]
 fn a_missing_key_variable_is_a_start_up_error_naming_it_and_no_value() {
     let err = refused_config(
