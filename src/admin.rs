@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::backends::Secret;
 use crate::config::{BackendConfig, Config};
 use crate::metrics::{self, METRICS};
-use crate::reload::Reloader;
+use crate::reload::{Change, Reloader};
 use crate::runtime::Shared;
 
 pub struct Admin {
@@ -190,40 +190,47 @@ impl Admin {
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("not a backend: {e}")),
         };
         let name = backend.name.clone();
-        let mut config = (*self.shared.load().config).clone();
-        if config.backends.iter().any(|b| b.name == name) {
-            return error(StatusCode::CONFLICT, "a backend of that name exists");
-        }
-        config.backends.push(backend);
-        self.apply(config, StatusCode::CREATED, &name, "added")
-            .await
+        self.change(StatusCode::CREATED, &name, "added", move |config| {
+            if config.backends.iter().any(|b| b.name == backend.name) {
+                return Err((StatusCode::CONFLICT, "a backend of that name exists"));
+            }
+            config.backends.push(backend);
+            Ok(())
+        })
+        .await
     }
 
     /// `DELETE /admin/backends/{name}`: stop sending it traffic; requests in flight finish.
     async fn remove_backend(&self, name: &str) -> Response<Vec<u8>> {
-        let mut config = (*self.shared.load().config).clone();
-        let before = config.backends.len();
-        config.backends.retain(|b| b.name != name);
-        if config.backends.len() == before {
-            return error(StatusCode::NOT_FOUND, "no backend of that name");
-        }
-        self.apply(config, StatusCode::OK, name, "removed").await
+        let removed = name.to_string();
+        self.change(StatusCode::OK, name, "removed", move |config| {
+            let before = config.backends.len();
+            config.backends.retain(|b| b.name != removed);
+            if config.backends.len() == before {
+                return Err((StatusCode::NOT_FOUND, "no backend of that name"));
+            }
+            Ok(())
+        })
+        .await
     }
 
-    async fn apply(
+    /// Make a change to the config in service (see [`Reloader::change`]) and answer with
+    /// its outcome: `ok` when made.
+    async fn change(
         &self,
-        config: Config,
         ok: StatusCode,
         name: &str,
         what: &str,
+        edit: impl FnOnce(&mut Config) -> Result<(), (StatusCode, &'static str)> + Send + 'static,
     ) -> Response<Vec<u8>> {
         let reloader = self.reloader.clone();
-        match tokio::task::spawn_blocking(move || reloader.apply(config)).await {
+        match tokio::task::spawn_blocking(move || reloader.change(edit)).await {
             Ok(Ok(())) => {
                 log::info!(target: "switchyard::admin", "backend {name} {what}");
                 json_reply(ok, json!({ "name": name, "result": what }))
             }
-            Ok(Err(problems)) => json_reply(
+            Ok(Err(Change::Refused((status, message)))) => error(status, message),
+            Ok(Err(Change::Invalid(problems))) => json_reply(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 json!({
                     "error": { "message": "the change was refused", "type": "admin_error", "param": null, "code": "invalid_config" },

@@ -67,6 +67,15 @@ impl ReloadReport {
     }
 }
 
+/// Why a change through the admin API was not made.
+#[derive(Debug)]
+pub enum Change<E> {
+    /// The edit itself refused (e.g. no backend of that name).
+    Refused(E),
+    /// The changed config is invalid: its problems.
+    Invalid(Vec<String>),
+}
+
 /// Reloads the runtime snapshot; serialised, so two triggers never race.
 pub struct Reloader {
     shared: Arc<Shared>,
@@ -274,14 +283,21 @@ impl Reloader {
         report
     }
 
-    /// Put an in-memory config (changed through the admin API) into service, validated as a
-    /// file would be. The config file stays the source of truth: its next reload replaces
-    /// changes made this way.
-    pub fn apply(&self, config: Config) -> Result<(), Vec<String>> {
+    /// Change the config in service (through the admin API) with `edit`, and put the
+    /// result into service, validated as a file would be. The edit is made to the config in
+    /// service at that moment, one change or reload at a time, so that none undoes another.
+    /// The config file stays the source of truth: its next reload replaces changes made
+    /// this way.
+    pub fn change<E>(
+        &self,
+        edit: impl FnOnce(&mut Config) -> Result<(), E>,
+    ) -> Result<(), Change<E>> {
         let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        config.validate().map_err(|e| e.problems)?;
         let current = self.shared.load();
-        let runtime = Runtime::build(config, Some(&current))?;
+        let mut config = (*current.config).clone();
+        edit(&mut config).map_err(Change::Refused)?;
+        config.validate().map_err(|e| Change::Invalid(e.problems))?;
+        let runtime = Runtime::build(config, Some(&current)).map_err(Change::Invalid)?;
         self.shared.store(runtime);
         Ok(())
     }

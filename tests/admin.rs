@@ -257,3 +257,68 @@ async fn a_reload_rotates_the_admin_token_and_names_what_waits_for_a_restart() {
     let open = client().get(&policies).send().await.unwrap();
     assert_eq!(open.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_added_at_the_same_time_are_all_kept() {
+    let a = mock("a", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}",
+        backend("a", a.port, "[m]"),
+    );
+    let _p = proxy(&config, &[]).await;
+    let url = format!("http://127.0.0.1:{admin}/admin/backends");
+    // Each change is made to the config in service when it is applied, not to a copy taken
+    // before another change landed.
+    let adds = (0..8).map(|i| {
+        let url = url.clone();
+        let body = serde_json::json!({
+            "name": format!("x{i}"),
+            "url": format!("http://127.0.0.1:{}", a.port),
+            "models": ["m"],
+        });
+        async move {
+            client()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(adds).await;
+    assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
+    let listed: serde_json::Value = get_json(url.clone()).await;
+    let mut names: Vec<String> = listed["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..8).map(|i| format!("x{i}")).collect();
+    expected.insert(0, "a".into());
+    assert_eq!(names, expected);
+    // A second add of a name is refused, and a removal of an unknown one is 404.
+    let again = serde_json::json!({ "name": "x0", "url": format!("http://127.0.0.1:{}", a.port), "models": ["m"] });
+    assert_eq!(
+        client()
+            .post(&url)
+            .json(&again)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    assert_eq!(
+        client()
+            .delete(format!("{url}/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
