@@ -70,6 +70,8 @@ pub struct Current {
     pub usage_stripper: Option<UsageStripper>,
     /// How the backend's breaker let the attempt through.
     pub pass: Pass,
+    /// The backend answered with a success status (2xx).
+    pub answered: bool,
     _inflight: InflightGuard,
 }
 
@@ -107,6 +109,32 @@ impl RequestCtx {
         self.plan
             .as_ref()
             .is_some_and(|p| self.next_candidate < p.backends.len() && self.tries < p.max_attempts)
+    }
+
+    /// Whether a next attempt could start now: the attempt cap allows one, and one of the
+    /// plan's remaining backends is still in rotation and has room. Checked before giving
+    /// up a backend's answer to try another: a candidate that went out of rotation since
+    /// the plan was made (a 429 cool-down, an ejection, full) would lose the answer for
+    /// nothing.
+    pub fn next_attempt_can_start(&self) -> bool {
+        let Some(plan) = self.plan.as_ref() else {
+            return false;
+        };
+        if !self.has_next_attempt() {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        let left = plan.max_attempts - self.tries;
+        plan.backends[self.next_candidate..]
+            .iter()
+            .take(left)
+            .any(|b| {
+                if plan.panic {
+                    !b.stats.breaker.is_draining() && b.has_capacity()
+                } else {
+                    b.eligibility(now).is_ok()
+                }
+            })
     }
 
     /// The plan's next backend, if the attempt cap allows one.
@@ -167,6 +195,7 @@ impl RequestCtx {
         self.current = Some(Current {
             _inflight: inflight,
             pass,
+            answered: false,
             backend,
             started: Instant::now(),
             first_byte: None,

@@ -199,7 +199,9 @@ fn eligible(
         }
         match eligibility {
             Ok(()) => candidates.push(b.clone()),
-            Err(Ineligible::Unhealthy | Ineligible::Ejected) => {}
+            // A drained backend is out by the operator's hand, as if absent: it does not
+            // keep the others out of panic mode.
+            Err(Ineligible::Unhealthy | Ineligible::Ejected | Ineligible::Draining) => {}
             Err(Ineligible::Full) => {
                 only_health = false;
                 full = true;

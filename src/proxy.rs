@@ -63,7 +63,7 @@ impl Switchyard {
     fn retry_allowed(&self, ctx: &RequestCtx) -> bool {
         let Some(rt) = &ctx.runtime else { return false };
         let p = &rt.config.proxy;
-        if !ctx.has_next_attempt() {
+        if !ctx.next_attempt_can_start() {
             return false;
         }
         let allowed = self
@@ -262,6 +262,7 @@ impl ProxyHttp for Switchyard {
                 cur.pass,
             );
         }
+        cur.answered = upstream.status.is_success();
         let auth_failed = matches!(status, 401 | 403);
         if !(status >= 500 || status == 429 || auth_failed) {
             let header = |name| upstream.headers.get(name).and_then(|v| v.to_str().ok());
@@ -326,12 +327,16 @@ impl ProxyHttp for Switchyard {
         let now = Instant::now();
         if cur.first_byte.is_none() {
             cur.first_byte = Some(now);
-            cur.backend.stats.record_ttft(now - cur.started);
             ctx.ttft = Some(now - cur.started);
-            METRICS
-                .ttft
-                .with_label_values(&[cur.backend.name()])
-                .observe((now - cur.started).as_secs_f64());
+            // Only an answer teaches the backend's time to first token: an error body
+            // comes fast, and would make a failing backend look the quickest.
+            if cur.answered {
+                cur.backend.stats.record_ttft(now - cur.started);
+                METRICS
+                    .ttft
+                    .with_label_values(&[cur.backend.name()])
+                    .observe((now - cur.started).as_secs_f64());
+            }
         }
         cur.last_byte = Some(now);
         if let (Some(reader), Some(chunk)) = (cur.usage_reader.as_mut(), body.as_ref()) {
@@ -505,9 +510,9 @@ impl ProxyHttp for Switchyard {
             };
         }
         let error = ctx.failure.take().unwrap_or_else(|| match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                ClientError::UpstreamTimeout
-            }
+            // A connection never made is a backend unavailable (503), like a refused one;
+            // a timeout once connected is a backend too slow to answer (504).
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => ClientError::UpstreamTimeout,
             _ if *e.esource() == ErrorSource::Downstream => ClientError::BadBody,
             _ => tls_failure(e).map_or(ClientError::UpstreamUnavailable, ClientError::UpstreamTls),
         });

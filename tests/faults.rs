@@ -151,6 +151,22 @@ async fn a_connect_timeout_moves_on_and_counts_as_a_failure() {
         1.0,
         "{metrics}"
     );
+
+    // With no other candidate, a connect timeout is a failure to connect: 503 with
+    // `Retry-After`, as for a refused connection (not 504, which is a backend too slow
+    // to answer).
+    let alone = proxy(
+        &format!(
+            "proxy: {{ threads: 2, grace_period_seconds: 0, connect_timeout_ms: 300 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}",
+            backend("first", addr.port(), "[m]")
+        ),
+        &[],
+    )
+    .await;
+    let r = post_chat(&alone, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(error_code(&r.text().await.unwrap()), "upstream_unavailable");
     drop(queued);
 }
 
@@ -389,6 +405,120 @@ async fn with_every_backend_ejected_panic_mode_still_routes_to_them() {
     assert_eq!(received(&two).await.len(), before.1);
     p.wait_log("panic mode: every backend for this request is unhealthy or ejected")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_does_not_keep_the_others_out_of_panic_mode() {
+    let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "{}outlier: {{ consecutive_failures: 2, base_ejection_ms: 60000 }}\n{}",
+            admin_config(admin),
+            chain_config(one.port, Some(two.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let drain = client()
+        .post(format!(
+            "http://127.0.0.1:{admin}/admin/backends/second/drain"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drain.status(), 200);
+    for _ in 0..2 {
+        let r = post_chat(
+            &p,
+            &chat_body("m", "hi", false),
+            &[("x-mock-status", "503")],
+        )
+        .await;
+        assert_eq!(r.status(), 503);
+    }
+    assert_eq!(admin_backend(admin, "first").await["why_not"], "ejected");
+    // `first` is the only backend in rotation, ejected, and answers again.
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(r.headers()), "first");
+    assert!(
+        received(&two).await.is_empty(),
+        "the drained one gets nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_is_relayed_when_the_next_candidate_went_out_of_rotation_meanwhile() {
+    let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "{}{}",
+            admin_config(admin),
+            chain_config(one.port, Some(two.port), "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    // The first request's 429 from `first` comes after 600 ms...
+    let slow = [
+        ("x-mock-status", "429"),
+        ("x-mock-retry-after", "7"),
+        ("x-mock-latency-ms", "600"),
+    ];
+    let url = p.url("/v1/chat/completions");
+    let first = tokio::spawn(async move {
+        let mut r = client().post(url).json(&chat_body("m", "hi", false));
+        for (k, v) in slow {
+            r = r.header(k, v);
+        }
+        let r = r.send().await.unwrap();
+        let retry_after = r.headers().get("retry-after").cloned();
+        (r.status(), retry_after, r.text().await.unwrap())
+    });
+    // ...and meanwhile a second request's 429s put both backends in a cool-down.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let now = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
+    assert_eq!(
+        post_chat(&p, &chat_body("m", "hi", false), &now)
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(
+        admin_backend(admin, "second").await["why_not"],
+        "cooling down"
+    );
+    // `second` cannot take the first request: `first`'s own answer is relayed, not a 503.
+    let (status, retry_after, body) = first.await.unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry_after.unwrap(), "7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_does_not_teach_time_to_first_token() {
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let admin = free_port();
+    let p = proxy(
+        &format!(
+            "{}{}",
+            admin_config(admin),
+            chain_config(failing.port, None, "")
+        ),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    for stream in [false, true] {
+        let r = post_chat(&p, &chat_body("m", "hi", stream), &[]).await;
+        assert_eq!(r.status(), 503);
+    }
+    assert_eq!(admin_backend(admin, "first").await["ttft_ms"], 0.0);
+    let metrics = metrics_text(admin).await;
+    assert!(
+        !metrics.contains("switchyard_ttft_seconds_count{backend=\"first\"}"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
