@@ -35,11 +35,20 @@ pub struct Runtime {
 
 impl Runtime {
     /// Build a snapshot from a validated config; the previous snapshot lends its backend
-    /// statistics. Every policy the routes name is compiled and its tests run.
+    /// statistics, and its policy versions to policies whose files now fail. Every policy
+    /// the routes name is compiled and its tests run.
     pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, Vec<String>> {
         let backends = BackendSet::build(&config, previous.map(|p| p.backends.as_ref()))
             .map_err(|e| vec![e])?;
-        let policies = PolicySet::load(&config.policies_dir, &config.policy_names(), &config.lua)?;
+        let in_service = previous
+            .filter(|p| p.config.policies_dir == config.policies_dir)
+            .map(|p| &p.policies);
+        let policies = PolicySet::load(
+            &config.policies_dir,
+            &config.policy_names(),
+            &config.lua,
+            in_service,
+        )?;
         let models: Vec<serde_json::Value> = config
             .model_names()
             .into_iter()

@@ -180,3 +180,44 @@ async fn a_request_in_flight_finishes_on_the_version_it_started_with() {
     );
     assert!(p.output().contains(&format!("policy=switchable@{second}")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_policy_file_holds_up_no_config_reload_or_admin_change() {
+    let (a, _b, p, admin) = setup().await;
+    let admin_url = format!("http://127.0.0.1:{admin}");
+    std::fs::write(
+        p.dir().join("policies/switchable.lua"),
+        "local P = {\nfunction P.route(req, backends) return 'b' end\nreturn P",
+    )
+    .unwrap();
+    p.wait_log("switchable.lua:2:").await; // refused by the file watcher
+
+    // A backend added through the admin API, and a reload of the config file: both made,
+    // with the version of `switchable` in service kept.
+    let added = client()
+        .post(format!("{admin_url}/admin/backends"))
+        .json(&serde_json::json!({
+            "name": "c",
+            "url": format!("http://127.0.0.1:{}", a.port),
+            "models": ["m"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201, "{}", added.text().await.unwrap());
+    let reloaded = client()
+        .post(format!("{admin_url}/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200, "{}", reloaded.text().await.unwrap());
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(r.headers()), "a");
+    p.wait_log("policy switchable stays at version").await;
+}

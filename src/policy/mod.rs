@@ -74,11 +74,16 @@ pub struct PolicySet {
 
 impl PolicySet {
     /// Load the named policies from `dir`, each compiled and its `tests` run in a fresh
-    /// sandbox; every failure is listed.
+    /// sandbox; every failure is listed. `in_service` is the set serving now (from the
+    /// same directory): a policy whose file fails keeps its version in service, as the
+    /// file watcher would (the failure is logged, and was reported when the file was
+    /// saved), so a broken file on disk holds up no reload of the config or change made
+    /// through the admin API. Only a policy with no version in service must load.
     pub fn load(
         dir: &Path,
         names: &[String],
         limits: &LuaConfig,
+        in_service: Option<&PolicySet>,
     ) -> Result<PolicySet, Vec<String>> {
         let mut set = PolicySet::default();
         let mut problems = Vec::new();
@@ -88,7 +93,13 @@ impl PolicySet {
                 Ok(p) => {
                     set.by_name.insert(name.clone(), Arc::new(p));
                 }
-                Err(e) => problems.push(e),
+                Err(e) => match in_service.and_then(|s| s.get(name)) {
+                    Some(kept) => {
+                        log::warn!(target: "switchyard::reload", "{e}; policy {name} stays at version {}", kept.version);
+                        set.by_name.insert(name.clone(), kept.clone());
+                    }
+                    None => problems.push(e),
+                },
             }
         }
         if problems.is_empty() {
