@@ -157,6 +157,88 @@ pub struct Backend {
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 impl Backend {
+    /// Backend `i` of `config`; every problem with it listed.
+    fn build(
+        i: usize,
+        bc: &BackendConfig,
+        config: &Config,
+        previous: Option<&BackendSet>,
+    ) -> Result<Backend, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut note = |what: &str, e: String| problems.push(format!("backends[{i}].{what}: {e}"));
+        // A backend that keeps its name and host keeps its address (refreshed in the
+        // background): a reload neither waits on DNS nor moves its connections.
+        let upstream_and_addr = match Upstream::parse(&bc.url) {
+            Err(e) => {
+                note("url", e);
+                None
+            }
+            Ok(upstream) => {
+                let kept = previous
+                    .and_then(|p| p.get(&bc.name))
+                    .map(|b| &b.addr)
+                    .filter(|a| a.is_for(upstream.tls_name(), upstream.port))
+                    .cloned();
+                let addr = match kept {
+                    Some(addr) => Ok(addr),
+                    None => Address::resolve(upstream.tls_name(), upstream.port).map(Arc::new),
+                };
+                match addr {
+                    Ok(addr) => Some((upstream, addr)),
+                    Err(e) => {
+                        note("url", e);
+                        None
+                    }
+                }
+            }
+        };
+        let api_key = match &bc.api_key_env {
+            Some(var) => match crate::config::api_key_from_env(var) {
+                Ok(key) => Some(Secret::new(key)),
+                Err(e) => {
+                    note("api_key_env", e);
+                    None
+                }
+            },
+            None => None,
+        };
+        let tls_ca = match &bc.ca_file {
+            Some(path) => match crate::tls::load_ca_file(path) {
+                Ok(ca) => Some(ca),
+                Err(e) => {
+                    note("ca_file", e.to_string());
+                    None
+                }
+            },
+            None => None,
+        };
+        let Some((upstream, addr)) = upstream_and_addr.filter(|_| problems.is_empty()) else {
+            return Err(problems);
+        };
+        // State follows a backend that keeps its name and URL; one whose URL changed is
+        // another server, and starts afresh.
+        let stats = previous
+            .and_then(|p| p.get(&bc.name))
+            .filter(|b| b.config.url == bc.url)
+            .map(|b| b.stats.clone())
+            .unwrap_or_default();
+        let checked = config.health.is_some() && bc.health_path.as_deref() != Some("");
+        if !checked {
+            // No probe will bring it back: healthy as far as checks go.
+            stats.health.reset();
+        }
+        Ok(Backend {
+            id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
+            models: bc.models.pairs().into_iter().collect(),
+            config: bc.clone(),
+            upstream,
+            addr,
+            api_key,
+            tls_ca,
+            stats,
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.config.name
     }
@@ -268,60 +350,21 @@ static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
 
 impl BackendSet {
     /// Build from a validated config. `previous` lends its statistics to backends of the
-    /// same name and URL, so a reload keeps in-flight counts, EWMAs and health.
-    pub fn build(config: &Config, previous: Option<&BackendSet>) -> Result<BackendSet, String> {
+    /// same name and URL, so a reload keeps in-flight counts, EWMAs and health. Every
+    /// problem (a URL, a host that does not resolve, a key, a CA file) is listed.
+    pub fn build(
+        config: &Config,
+        previous: Option<&BackendSet>,
+    ) -> Result<BackendSet, Vec<String>> {
         let mut set = BackendSet::default();
+        let mut problems = Vec::new();
         for (i, bc) in config.backends.iter().enumerate() {
-            let upstream =
-                Upstream::parse(&bc.url).map_err(|e| format!("backends[{i}].url: {e}"))?;
-            // A backend that keeps its name and host keeps its address (refreshed in the
-            // background): a reload neither waits on DNS nor moves its connections.
-            let kept = previous
-                .and_then(|p| p.get(&bc.name))
-                .map(|b| &b.addr)
-                .filter(|a| a.is_for(upstream.tls_name(), upstream.port))
-                .cloned();
-            let addr = match kept {
-                Some(addr) => addr,
-                None => Address::resolve(upstream.tls_name(), upstream.port)
-                    .map(Arc::new)
-                    .map_err(|e| format!("backends[{i}].url: {e}"))?,
-            };
-            let api_key = match &bc.api_key_env {
-                Some(var) => Some(Secret::new(
-                    crate::config::api_key_from_env(var)
-                        .map_err(|e| format!("backends[{i}].api_key_env: {e}"))?,
-                )),
-                None => None,
-            };
-            let tls_ca = match &bc.ca_file {
-                Some(path) => Some(
-                    crate::tls::load_ca_file(path)
-                        .map_err(|e| format!("backends[{i}].ca_file: {e}"))?,
-                ),
-                None => None,
-            };
-            // State follows a backend that keeps its name and URL; one whose URL changed
-            // is another server, and starts afresh.
-            let stats = previous
-                .and_then(|p| p.get(&bc.name))
-                .filter(|b| b.config.url == bc.url)
-                .map(|b| b.stats.clone())
-                .unwrap_or_default();
-            let checked = config.health.is_some() && bc.health_path.as_deref() != Some("");
-            if !checked {
-                // No probe will bring it back: healthy as far as checks go.
-                stats.health.reset();
-            }
-            let backend = Backend {
-                id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
-                models: bc.models.pairs().into_iter().collect(),
-                config: bc.clone(),
-                upstream,
-                addr,
-                api_key,
-                tls_ca,
-                stats,
+            let backend = match Backend::build(i, bc, config, previous) {
+                Ok(b) => b,
+                Err(mut p) => {
+                    problems.append(&mut p);
+                    continue;
+                }
             };
             for model in backend.models.keys() {
                 set.by_model.entry(model.clone()).or_default().push(i);
@@ -329,7 +372,11 @@ impl BackendSet {
             set.by_name.insert(bc.name.clone(), i);
             set.backends.push(Arc::new(backend));
         }
-        Ok(set)
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(problems)
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Backend>> {

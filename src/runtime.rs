@@ -38,8 +38,7 @@ impl Runtime {
     /// statistics, and its policy versions to policies whose files now fail. Every policy
     /// the routes name is compiled and its tests run.
     pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, Vec<String>> {
-        let backends = BackendSet::build(&config, previous.map(|p| p.backends.as_ref()))
-            .map_err(|e| vec![e])?;
+        let backends = BackendSet::build(&config, previous.map(|p| p.backends.as_ref()));
         let in_service = previous
             .filter(|p| p.config.policies_dir == config.policies_dir)
             .map(|p| &p.policies);
@@ -48,7 +47,16 @@ impl Runtime {
             &config.policy_names(),
             &config.lua,
             in_service,
-        )?;
+        );
+        // Every problem at once, the backends' and the policies'.
+        let (backends, policies) = match (backends, policies) {
+            (Ok(b), Ok(p)) => (b, p),
+            (b, p) => {
+                let mut problems = b.err().unwrap_or_default();
+                problems.extend(p.err().unwrap_or_default());
+                return Err(problems);
+            }
+        };
         let models: Vec<serde_json::Value> = config
             .model_names()
             .into_iter()

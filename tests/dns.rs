@@ -198,3 +198,30 @@ async fn with_refreshing_off_the_address_of_the_load_stays_until_a_reload_turns_
     .unwrap();
     wait_for_mock(&s.proxy, "second").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_lists_every_host_that_does_not_resolve_and_every_failing_policy() {
+    let Setup { proxy, port, .. } = &setup(60).await;
+    std::fs::write(
+        proxy.dir().join("policies/broken_new.lua"),
+        "local P = {\nfunction P.route(req, backends) return 'x' end\nreturn P",
+    )
+    .unwrap();
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v2/ }}\n    policy: broken_new\n  - policy: round_robin\n\
+         backends:\n  - name: named\n    url: http://{NAME}:{port}\n    models: [m]\n\
+         \x20 - name: lost1\n    url: http://lost-one.switchyard.test:{port}\n    models: [m]\n\
+         \x20 - name: lost2\n    url: http://lost-two.switchyard.test:{port}\n    models: [m]\n\
+         proxy:\n  threads: 2\n  grace_period_seconds: 0\n  dns_refresh_seconds: 60\n"
+    );
+    std::fs::write(proxy.dir().join("switchyard.yaml"), config).unwrap();
+    // One refusal names all three problems, and the old config keeps serving.
+    let log = proxy.wait_log("broken_new.lua:2:").await;
+    for problem in [
+        "backends[1].url: cannot resolve `lost-one.switchyard.test`",
+        "backends[2].url: cannot resolve `lost-two.switchyard.test`",
+    ] {
+        assert!(log.contains(problem), "{problem} missing from:\n{log}");
+    }
+    assert_eq!(answered_by(proxy).await, "first");
+}
