@@ -64,9 +64,13 @@ pub enum ClientError {
     /// Everything the policy chose was removed by a rule it may not override.
     #[error("{0}")]
     Forbidden(String),
-    /// Every backend for the model is at capacity or otherwise not eligible.
-    #[error("no backend is available for model `{0}`; retry later")]
-    NoBackendAvailable(String),
+    /// Every backend for the model is at capacity or otherwise not eligible; the client
+    /// may retry after `retry_after_secs`.
+    #[error("no backend is available for model `{model}`; retry later")]
+    NoBackendAvailable {
+        model: String,
+        retry_after_secs: u64,
+    },
     /// Every attempt failed before a response could be relayed.
     #[error("the upstream backend is unavailable")]
     UpstreamUnavailable,
@@ -120,7 +124,7 @@ impl ClientError {
             PolicyRejected { status, .. } => *status,
             Forbidden(_) => 403,
             Unauthorized => 401,
-            NoBackendAvailable(_) => 503,
+            NoBackendAvailable { .. } => 503,
             UpstreamAuthFailed | UpstreamTls(_) => 502,
             UpstreamUnavailable => 503,
             UpstreamTimeout => 504,
@@ -150,7 +154,7 @@ impl ClientError {
             PolicyRejected { .. } => ("invalid_request_error", "policy_rejected"),
             Forbidden(_) => ("permission_error", "forbidden"),
             Unauthorized => ("invalid_request_error", "invalid_api_key"),
-            NoBackendAvailable(_) => ("server_error", "no_backend_available"),
+            NoBackendAvailable { .. } => ("server_error", "no_backend_available"),
             UpstreamUnavailable => ("server_error", "upstream_unavailable"),
             UpstreamTimeout => ("server_error", "upstream_timeout"),
             UpstreamAuthFailed => ("server_error", "upstream_auth_failed"),
@@ -177,12 +181,21 @@ impl ClientError {
         }
     }
 
+    /// No backend can take a request for `model` now; retry in a second.
+    pub fn no_backend(model: &str) -> ClientError {
+        ClientError::NoBackendAvailable {
+            model: model.to_string(),
+            retry_after_secs: 1,
+        }
+    }
+
     /// Seconds a client should wait before retrying, when that is known.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            ClientError::NoBackendAvailable(_)
-            | ClientError::UpstreamUnavailable
-            | ClientError::LimitsUnavailable => Some(1),
+            ClientError::NoBackendAvailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            ClientError::UpstreamUnavailable | ClientError::LimitsUnavailable => Some(1),
             ClientError::RateLimited(e) => Some(e.retry_after_secs),
             _ => None,
         }

@@ -201,6 +201,17 @@ impl Breaker {
         self.tripped.store(true, Ordering::Release);
     }
 
+    /// How long the backend still cools down after a 429, if it does.
+    pub fn cooling_for(&self, now: Instant) -> Option<Duration> {
+        if !self.tripped.load(Ordering::Acquire) {
+            return None;
+        }
+        self.lock()
+            .cooldown_until
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|left| !left.is_zero())
+    }
+
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Relaxed);
     }

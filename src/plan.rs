@@ -136,7 +136,20 @@ pub fn decide(
         Ok(c) => c,
         Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity),
         Err(_) => {
-            return Err(ClientError::NoBackendAvailable(model.unwrap_or("-").to_string()).into())
+            // When backends are cooling down after a 429, the first of them back is
+            // when it is worth asking again (a client that honours `Retry-After` would
+            // otherwise spend its retries in seconds).
+            let now = tokio::time::Instant::now();
+            let back_in = screened
+                .allowed
+                .iter()
+                .filter_map(|b| b.stats.breaker.cooling_for(now))
+                .min();
+            return Err(ClientError::NoBackendAvailable {
+                model: model.unwrap_or("-").to_string(),
+                retry_after_secs: back_in.map_or(1, |wait| wait.as_secs_f64().ceil() as u64),
+            }
+            .into());
         }
     };
 
@@ -238,8 +251,7 @@ pub async fn wait_for_capacity(
     meta: &Arc<RequestMeta>,
     request_id: &str,
 ) -> Result<Plan, ClientError> {
-    let unavailable =
-        || ClientError::NoBackendAvailable(meta.model.clone().unwrap_or_else(|| "-".into()));
+    let unavailable = || ClientError::no_backend(meta.model.as_deref().unwrap_or("-"));
     let route = screened.route;
     if route.queued.fetch_add(1, Ordering::AcqRel) >= route.queue_max {
         route.queued.fetch_sub(1, Ordering::AcqRel);
@@ -344,7 +356,7 @@ fn guard(
                 "the routing policy chose no backend that may serve model `{model}`"
             ))
         } else {
-            ClientError::NoBackendAvailable(model.to_string())
+            ClientError::no_backend(model)
         });
     }
     Ok(plan)

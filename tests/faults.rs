@@ -497,6 +497,24 @@ async fn an_answer_is_relayed_when_the_next_candidate_went_out_of_rotation_meanw
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_every_backend_cools_down_retry_after_says_when_the_first_is_back() {
+    let one = mock("one", &[]).await;
+    let p = proxy(&chain_config(one.port, None, ""), &[("chain", CHAIN)]).await;
+    let limited = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
+    let r = post_chat(&p, &chat_body("m", "hi", false), &limited).await;
+    assert_eq!(r.status(), 429, "the only backend's 429 is relayed");
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 503);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((28..=30).contains(&wait), "Retry-After: {wait}");
+    assert_eq!(error_code(&r.text().await.unwrap()), "no_backend_available");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_answer_does_not_teach_time_to_first_token() {
     let failing = mock("failing", &["--fail-rate", "1"]).await;
     let admin = free_port();
