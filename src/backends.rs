@@ -88,13 +88,11 @@ impl Upstream {
     }
 }
 
-/// `url` with the user information of its address (`user:secret@`), if any, as `***@`.
+/// `url` with what may be user information (`user:secret@`) masked as `***@`: everything
+/// between the scheme and the last `@`, which a secret holding `/` or `?` cannot escape.
 fn masked(url: &str) -> String {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let address_end = url[after_scheme..]
-        .find('/')
-        .map_or(url.len(), |i| after_scheme + i);
-    match url[after_scheme..address_end].rfind('@') {
+    match url[after_scheme..].rfind('@') {
         Some(at) => format!("{}***{}", &url[..after_scheme], &url[after_scheme + at..]),
         None => url.to_string(),
     }
@@ -161,7 +159,6 @@ impl Backend {
     fn build(
         i: usize,
         bc: &BackendConfig,
-        config: &Config,
         previous: Option<&BackendSet>,
     ) -> Result<Backend, Vec<String>> {
         let mut problems = Vec::new();
@@ -222,11 +219,6 @@ impl Backend {
             .filter(|b| b.config.url == bc.url)
             .map(|b| b.stats.clone())
             .unwrap_or_default();
-        let checked = config.health.is_some() && bc.health_path.as_deref() != Some("");
-        if !checked {
-            // No probe will bring it back: healthy as far as checks go.
-            stats.health.reset();
-        }
         Ok(Backend {
             id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
             models: bc.models.pairs().into_iter().collect(),
@@ -288,6 +280,12 @@ impl Backend {
             stats: self.stats.clone(),
             bounded: max > 0,
         })
+    }
+
+    /// Whether an attempt could begin on it now (see `RequestCtx::begin_attempt`): it has
+    /// room and its breaker would let the request through (`panic`: the plan's mode).
+    pub fn can_begin(&self, now: tokio::time::Instant, panic: bool) -> bool {
+        self.has_capacity() && self.stats.breaker.would_admit(now, panic)
     }
 
     /// Whether a new request may be sent now (capacity from `max_inflight`).
@@ -359,7 +357,7 @@ impl BackendSet {
         let mut set = BackendSet::default();
         let mut problems = Vec::new();
         for (i, bc) in config.backends.iter().enumerate() {
-            let backend = match Backend::build(i, bc, config, previous) {
+            let backend = match Backend::build(i, bc, previous) {
                 Ok(b) => b,
                 Err(mut p) => {
                     problems.append(&mut p);
@@ -626,8 +624,10 @@ mod tests {
         }
         let e = Upstream::parse("https://u:p@h").unwrap_err();
         assert!(e.contains("api_key_env"), "{e}");
-        // An `@` in the path is not in the address, and is quoted as it is.
-        assert_eq!(masked("http://h:1/a@b"), "http://h:1/a@b");
+        // A secret holding `/` is masked too.
+        assert_eq!(masked("http://u:pa/ss@h:x"), "http://***@h:x");
+        let e = Upstream::parse("http://u:pa/ss@h").unwrap_err();
+        assert!(!e.contains("pa/ss"), "{e}");
     }
 
     #[test]

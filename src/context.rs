@@ -123,18 +123,12 @@ impl RequestCtx {
         if !self.has_next_attempt() {
             return false;
         }
+        // Candidates that cannot begin are skipped without using up a try: any of the
+        // rest will do.
         let now = tokio::time::Instant::now();
-        let left = plan.max_attempts - self.tries;
         plan.backends[self.next_candidate..]
             .iter()
-            .take(left)
-            .any(|b| {
-                if plan.panic {
-                    !b.stats.breaker.is_draining() && b.has_capacity()
-                } else {
-                    b.eligibility(now).is_ok()
-                }
-            })
+            .any(|b| b.can_begin(now, plan.panic))
     }
 
     /// The plan's next backend, if the attempt cap allows one.

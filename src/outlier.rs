@@ -119,6 +119,17 @@ impl Breaker {
         }
     }
 
+    /// Whether [`Breaker::begin`] would let a request through now, without taking the
+    /// half-open probe.
+    pub fn would_admit(&self, now: Instant, panic: bool) -> bool {
+        match self.admission(now) {
+            Admission::Open => true,
+            Admission::Probe => panic || !self.lock().probing,
+            Admission::Closed(Why::Ejected) => panic,
+            Admission::Closed(Why::CoolingDown | Why::Draining) => false,
+        }
+    }
+
     /// A successful attempt, let through as `pass`.
     pub fn record_success(&self, pass: Pass) {
         if !self.tripped.load(Ordering::Acquire) {

@@ -143,6 +143,7 @@ pub fn decide(
             let back_in = screened
                 .allowed
                 .iter()
+                .filter(|b| b.eligibility(now) == Err(Ineligible::CoolingDown))
                 .filter_map(|b| b.stats.breaker.cooling_for(now))
                 .min();
             return Err(ClientError::NoBackendAvailable {
@@ -204,6 +205,7 @@ fn eligible(
     let now = tokio::time::Instant::now();
     let mut candidates = Vec::with_capacity(allowed.len());
     let mut only_health = true;
+    let mut any_health = false;
     let mut full = false;
     for b in allowed {
         let eligibility = b.eligibility(now);
@@ -212,9 +214,10 @@ fn eligible(
         }
         match eligibility {
             Ok(()) => candidates.push(b.clone()),
+            Err(Ineligible::Unhealthy | Ineligible::Ejected) => any_health = true,
             // A drained backend is out by the operator's hand, as if absent: it does not
             // keep the others out of panic mode.
-            Err(Ineligible::Unhealthy | Ineligible::Ejected | Ineligible::Draining) => {}
+            Err(Ineligible::Draining) => {}
             Err(Ineligible::Full) => {
                 only_health = false;
                 full = true;
@@ -222,7 +225,7 @@ fn eligible(
             Err(_) => only_health = false,
         }
     }
-    let panic = candidates.is_empty() && only_health;
+    let panic = candidates.is_empty() && only_health && any_health;
     if panic {
         warn!(target: "switchyard::health", "{request_id} panic mode: every backend for this request is unhealthy or ejected; trying them all");
         candidates = allowed

@@ -226,7 +226,7 @@ impl Reloader {
     }
 
     /// Re-read the config file and build a whole new snapshot; a config with any problem
-    /// (or a policy that fails) is refused whole.
+    /// (or a policy that fails and has no version in service to keep) is refused whole.
     pub fn reload_config(&self, path: &Path) -> ReloadReport {
         let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.shared.load();
@@ -236,10 +236,16 @@ impl Reloader {
         let built = text.as_ref().map_err(Clone::clone).and_then(|text| {
             Config::from_file_text(text, path)
                 .map_err(|e| e.problems)
-                .and_then(|config| Runtime::build(config, Some(&current)))
+                .and_then(|config| Runtime::build_keeping(config, Some(&current)))
         });
         match built {
-            Ok(runtime) => {
+            Ok((runtime, kept)) => {
+                // A policy whose file fails keeps its version in service; the reload
+                // reports it as refused, as the file watcher does.
+                for k in kept {
+                    let serving = runtime.policies.get(&k.name).map(|p| p.version.clone());
+                    self.rejected(&k.name, &k.version, serving.as_deref(), k.why, &mut report);
+                }
                 for p in runtime.policies.iter() {
                     let before = current.policies.get(&p.name).map(|o| o.version.clone());
                     if before.as_deref() != Some(p.version.as_str()) {

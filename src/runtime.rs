@@ -14,7 +14,7 @@ use crate::audit::Audit;
 use crate::backends::BackendSet;
 use crate::config::Config;
 use crate::limits::Limiter;
-use crate::policy::PolicySet;
+use crate::policy::{Kept, PolicySet};
 use crate::routes::Routes;
 use crate::tenants::Tenants;
 
@@ -38,9 +38,23 @@ impl Runtime {
     /// statistics, and its policy versions to policies whose files now fail. Every policy
     /// the routes name is compiled and its tests run.
     pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, Vec<String>> {
+        Runtime::build_keeping(config, previous).map(|(runtime, kept)| {
+            for k in kept {
+                log::warn!(target: "switchyard::reload", "{}; policy {} stays at the version in service", k.why, k.name);
+            }
+            runtime
+        })
+    }
+
+    /// [`Runtime::build`], with the policies whose files failed while their versions in
+    /// service were kept (same directory, same Lua limits).
+    pub fn build_keeping(
+        config: Config,
+        previous: Option<&Runtime>,
+    ) -> Result<(Runtime, Vec<Kept>), Vec<String>> {
         let backends = BackendSet::build(&config, previous.map(|p| p.backends.as_ref()));
         let in_service = previous
-            .filter(|p| p.config.policies_dir == config.policies_dir)
+            .filter(|p| p.config.policies_dir == config.policies_dir && p.config.lua == config.lua)
             .map(|p| &p.policies);
         let policies = PolicySet::load(
             &config.policies_dir,
@@ -49,7 +63,7 @@ impl Runtime {
             in_service,
         );
         // Every problem at once, the backends' and the policies'.
-        let (backends, policies) = match (backends, policies) {
+        let (backends, (policies, kept)) = match (backends, policies) {
             (Ok(b), Ok(p)) => (b, p),
             (b, p) => {
                 let mut problems = b.err().unwrap_or_default();
@@ -65,7 +79,7 @@ impl Runtime {
         let models_json =
             Bytes::from(serde_json::json!({ "object": "list", "data": models }).to_string());
         let tenants = Arc::new(Tenants::new(&config));
-        Ok(Runtime {
+        let runtime = Runtime {
             admin_access: match previous {
                 // The admin listener runs until the process ends: a config without
                 // `admin:` keeps the access it had rather than opening the listener up.
@@ -78,7 +92,8 @@ impl Runtime {
             backends: Arc::new(backends),
             policies,
             models_json,
-        })
+        };
+        Ok((runtime, kept))
     }
 }
 

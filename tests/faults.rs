@@ -437,7 +437,9 @@ async fn a_drained_backend_does_not_keep_the_others_out_of_panic_mode() {
         .await;
         assert_eq!(r.status(), 503);
     }
-    assert_eq!(admin_backend(admin, "first").await["why_not"], "ejected");
+    // The relayed answer's outcome is recorded as its request ends, just after the client
+    // has it.
+    until_backend(admin, "first", "why_not", "ejected".into()).await;
     // `first` is the only backend in rotation, ejected, and answers again.
     let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
     assert_eq!(r.status(), 200);
@@ -477,8 +479,9 @@ async fn an_answer_is_relayed_when_the_next_candidate_went_out_of_rotation_meanw
         let retry_after = r.headers().get("retry-after").cloned();
         (r.status(), retry_after, r.text().await.unwrap())
     });
-    // ...and meanwhile a second request's 429s put both backends in a cool-down.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // ...and meanwhile (once it is at `first`) a second request's 429s put both backends
+    // in a cool-down.
+    until_backend(admin, "first", "inflight", 1.into()).await;
     let now = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
     assert_eq!(
         post_chat(&p, &chat_body("m", "hi", false), &now)
@@ -512,6 +515,49 @@ async fn while_every_backend_cools_down_retry_after_says_when_the_first_is_back(
         .unwrap();
     assert!((28..=30).contains(&wait), "Retry-After: {wait}");
     assert_eq!(error_code(&r.text().await.unwrap()), "no_backend_available");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_gone_out_of_rotation_uses_up_no_try_of_the_attempt_cap() {
+    let failing = mock("failing", &["--fail-rate", "1"]).await;
+    let (two, three) = (mock("two", &[]).await, mock("three", &[]).await);
+    let admin = free_port();
+    let config = format!(
+        "{}routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: chain\n    max_attempts: 2\noutlier: {{ consecutive_failures: 100 }}\nbackends:\n{}{}{}",
+        admin_config(admin),
+        backend("first", failing.port, "[m]"),
+        backend("second", two.port, "[m]"),
+        backend("third", three.port, "[m]")
+    );
+    let p = proxy(&config, &[("chain", CHAIN)]).await;
+    // The first request, planned over all three, gets `first`'s 503 after 600 ms...
+    let url = p.url("/v1/chat/completions");
+    let slow = tokio::spawn(async move {
+        let r = client()
+            .post(url)
+            .header("x-mock-latency-ms", "600")
+            .json(&chat_body("m", "hi", false))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), served_by(r.headers()))
+    });
+    // ...and meanwhile a second request's 429 from `second` cools it down.
+    until_backend(admin, "first", "inflight", 1.into()).await;
+    let limited = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
+    assert_eq!(
+        post_chat(&p, &chat_body("m", "hi", false), &limited)
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(
+        admin_backend(admin, "second").await["why_not"],
+        "cooling down"
+    );
+    // `second` is skipped without using up the second try: `third` serves it.
+    let (status, served) = slow.await.unwrap();
+    assert_eq!((status.as_u16(), served.as_str()), (200, "third"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1193,12 +1239,8 @@ async fn a_reload_drops_state_that_no_longer_applies_to_a_backend() {
     assert_eq!(reloaded.status(), 200);
     // No probe will ever bring `h` back, so nothing holds it down; `q` is another server
     // now, and not the one that was ejected.
-    let h = admin_backend(admin, "h").await;
-    assert_eq!(
-        (h["healthy"].clone(), h["eligible"].clone()),
-        (true.into(), true.into()),
-        "{h}"
-    );
+    until_backend(admin, "h", "healthy", true.into()).await;
+    until_backend(admin, "h", "eligible", true.into()).await;
     let q = admin_backend(admin, "q").await;
     assert_eq!(q["eligible"], true, "{q}");
     let served: Vec<String> = {

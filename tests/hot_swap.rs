@@ -205,12 +205,22 @@ async fn a_broken_policy_file_holds_up_no_config_reload_or_admin_change() {
         .await
         .unwrap();
     assert_eq!(added.status(), 201, "{}", added.text().await.unwrap());
+    // The reload is made, and reports the policy it kept as refused (so not clean: 422).
     let reloaded = client()
         .post(format!("{admin_url}/admin/reload"))
         .send()
         .await
         .unwrap();
-    assert_eq!(reloaded.status(), 200, "{}", reloaded.text().await.unwrap());
+    assert_eq!(reloaded.status(), 422);
+    let report: serde_json::Value = reloaded.json().await.unwrap();
+    assert!(
+        report["config_errors"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    assert!(
+        report["rejected"].to_string().contains("switchable.lua:2:"),
+        "{report}"
+    );
     let r = client()
         .post(p.url("/v1/chat/completions"))
         .json(&chat_body("m", "hi", false))
@@ -219,5 +229,6 @@ async fn a_broken_policy_file_holds_up_no_config_reload_or_admin_change() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(served_by(r.headers()), "a");
-    p.wait_log("policy switchable stays at version").await;
+    p.wait_log("policy switchable stays at the version in service")
+        .await;
 }

@@ -72,38 +72,54 @@ pub struct PolicySet {
     by_name: HashMap<String, Arc<Policy>>,
 }
 
+/// A policy whose file failed while its version in service was kept.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub name: String,
+    /// The failing file's version (`-` if it could not be read).
+    pub version: String,
+    pub why: String,
+}
+
 impl PolicySet {
     /// Load the named policies from `dir`, each compiled and its `tests` run in a fresh
-    /// sandbox; every failure is listed. `in_service` is the set serving now (from the
-    /// same directory): a policy whose file fails keeps its version in service, as the
-    /// file watcher would (the failure is logged, and was reported when the file was
-    /// saved), so a broken file on disk holds up no reload of the config or change made
-    /// through the admin API. Only a policy with no version in service must load.
+    /// sandbox; every failure is listed. `in_service` is the set serving now, from the same
+    /// directory and under the same Lua limits: a policy whose file fails keeps its version
+    /// in service, as the file watcher would, so a broken file on disk holds up no reload
+    /// of the config or change made through the admin API; those kept are returned, for
+    /// the reload to report as refused. A policy with no version in service must load.
     pub fn load(
         dir: &Path,
         names: &[String],
         limits: &LuaConfig,
         in_service: Option<&PolicySet>,
-    ) -> Result<PolicySet, Vec<String>> {
+    ) -> Result<(PolicySet, Vec<Kept>), Vec<String>> {
         let mut set = PolicySet::default();
+        let mut kept = Vec::new();
         let mut problems = Vec::new();
         for name in names {
             let path = dir.join(format!("{name}.lua"));
-            match Policy::read(&path).and_then(|p| validate(p, limits)) {
+            let read = Policy::read(&path);
+            let version = read.as_ref().map_or("-".to_string(), |p| p.version.clone());
+            match read.and_then(|p| validate(p, limits)) {
                 Ok(p) => {
                     set.by_name.insert(name.clone(), Arc::new(p));
                 }
-                Err(e) => match in_service.and_then(|s| s.get(name)) {
-                    Some(kept) => {
-                        log::warn!(target: "switchyard::reload", "{e}; policy {name} stays at version {}", kept.version);
-                        set.by_name.insert(name.clone(), kept.clone());
+                Err(why) => match in_service.and_then(|s| s.get(name)) {
+                    Some(serving) => {
+                        set.by_name.insert(name.clone(), serving.clone());
+                        kept.push(Kept {
+                            name: name.clone(),
+                            version,
+                            why,
+                        });
                     }
-                    None => problems.push(e),
+                    None => problems.push(why),
                 },
             }
         }
         if problems.is_empty() {
-            Ok(set)
+            Ok((set, kept))
         } else {
             Err(problems)
         }
