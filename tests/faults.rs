@@ -37,6 +37,18 @@ fn admin_config(admin: u16) -> String {
     format!("admin: {{ addr: \"127.0.0.1:{admin}\" }}\n")
 }
 
+/// The proxy routing by `chain` over `first` (and `second`), with `top` (config lines
+/// such as `outlier:`) and the admin API; returns it and its admin port.
+async fn chain_proxy(top: &str, first: u16, second: Option<u16>) -> (Proc, u16) {
+    let admin = free_port();
+    let config = format!(
+        "{}{top}{}",
+        admin_config(admin),
+        chain_config(first, second, "")
+    );
+    (proxy(&config, &[("chain", CHAIN)]).await, admin)
+}
+
 async fn admin_backend(admin: u16, name: &str) -> serde_json::Value {
     let v: serde_json::Value = get_json(format!("http://127.0.0.1:{admin}/admin/backends")).await;
     v["backends"]
@@ -345,15 +357,13 @@ async fn repeated_5xx_eject_the_backend_and_it_is_tried_no_more() {
 /// Both backends fail while the client asks the mocks for 503s, then recover.
 async fn eject_both(max_ejected_percent: u32) -> (Proc, u16, Proc, Proc) {
     let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
-    let admin = free_port();
-    let p = proxy(
+    let (p, admin) = chain_proxy(
         &format!(
-            "{}outlier: {{ consecutive_failures: 2, base_ejection_ms: 60000, \
-             max_ejected_percent: {max_ejected_percent} }}\n{}",
-            admin_config(admin),
-            chain_config(one.port, Some(two.port), "")
+            "outlier: {{ consecutive_failures: 2, base_ejection_ms: 60000, \
+             max_ejected_percent: {max_ejected_percent} }}\n"
         ),
-        &[("chain", CHAIN)],
+        one.port,
+        Some(two.port),
     )
     .await;
     let failing = [("x-mock-status", "503")];
@@ -410,14 +420,10 @@ async fn with_every_backend_ejected_panic_mode_still_routes_to_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_backend_does_not_keep_the_others_out_of_panic_mode() {
     let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
-    let admin = free_port();
-    let p = proxy(
-        &format!(
-            "{}outlier: {{ consecutive_failures: 2, base_ejection_ms: 60000 }}\n{}",
-            admin_config(admin),
-            chain_config(one.port, Some(two.port), "")
-        ),
-        &[("chain", CHAIN)],
+    let (p, admin) = chain_proxy(
+        "outlier: { consecutive_failures: 2, base_ejection_ms: 60000 }\n",
+        one.port,
+        Some(two.port),
     )
     .await;
     let drain = client()
@@ -453,16 +459,7 @@ async fn a_drained_backend_does_not_keep_the_others_out_of_panic_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_is_relayed_when_the_next_candidate_went_out_of_rotation_meanwhile() {
     let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
-    let admin = free_port();
-    let p = proxy(
-        &format!(
-            "{}{}",
-            admin_config(admin),
-            chain_config(one.port, Some(two.port), "")
-        ),
-        &[("chain", CHAIN)],
-    )
-    .await;
+    let (p, admin) = chain_proxy("", one.port, Some(two.port)).await;
     // The first request's 429 from `first` comes after 600 ms...
     let slow = [
         ("x-mock-status", "429"),
@@ -563,16 +560,7 @@ async fn a_candidate_gone_out_of_rotation_uses_up_no_try_of_the_attempt_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_answer_does_not_teach_time_to_first_token() {
     let failing = mock("failing", &["--fail-rate", "1"]).await;
-    let admin = free_port();
-    let p = proxy(
-        &format!(
-            "{}{}",
-            admin_config(admin),
-            chain_config(failing.port, None, "")
-        ),
-        &[("chain", CHAIN)],
-    )
-    .await;
+    let (p, admin) = chain_proxy("", failing.port, None).await;
     for stream in [false, true] {
         let r = post_chat(&p, &chat_body("m", "hi", stream), &[]).await;
         assert_eq!(r.status(), 503);

@@ -221,14 +221,8 @@ async fn a_broken_policy_file_holds_up_no_config_reload_or_admin_change() {
         report["rejected"].to_string().contains("switchable.lua:2:"),
         "{report}"
     );
-    let r = client()
-        .post(p.url("/v1/chat/completions"))
-        .json(&chat_body("m", "hi", false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(served_by(r.headers()), "a");
+    let (status, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
+    assert_eq!((status, served_by(&headers).as_str()), (200, "a"));
     p.wait_log("policy switchable stays at the version in service")
         .await;
 }
