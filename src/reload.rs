@@ -205,6 +205,8 @@ impl Reloader {
                 }
             };
             if serving.as_deref() == Some(candidate.version.as_str()) {
+                // The file holds the version in service again: no refusal is pending.
+                self.settled(&name);
                 continue;
             }
             let version = candidate.version.clone();
@@ -334,7 +336,23 @@ impl Reloader {
             });
         entry.version = p.version.clone();
         entry.loaded_at = unix_now();
+        // A refused version before this one is no longer what the file holds.
+        entry.last_rejection = None;
         report.loaded.push(p.tag.to_string());
+    }
+
+    /// The policy's file holds the version in service: a refusal shown for it is over.
+    fn settled(&self, name: &str) {
+        let mut status = self
+            .shared
+            .policy_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = status.get_mut(name) {
+            if entry.last_rejection.take().is_some() {
+                info!(target: "switchyard::reload", "policy {name}: the file holds version {} in service again", entry.version);
+            }
+        }
     }
 
     fn rejected(

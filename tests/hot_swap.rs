@@ -225,4 +225,19 @@ async fn a_broken_policy_file_holds_up_no_config_reload_or_admin_change() {
     assert_eq!((status, served_by(&headers).as_str()), (200, "a"));
     p.wait_log("policy switchable stays at the version in service")
         .await;
+
+    // The file put back as it was: the refusal is over, and `/admin/policies` says so.
+    std::fs::write(p.dir().join("policies/switchable.lua"), always("a", 0)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = get_json(format!("{admin_url}/admin/policies")).await;
+        if v["policies"][0]["last_rejection"].is_null() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still shown as refused: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
