@@ -199,8 +199,27 @@ pub async fn proxy_on(
     let p = spawn_proxy(port, config, extra_policies, env, args);
     if !args.contains(&"--upgrade") {
         wait_ready(&p.url("/v1/models")).await;
+        // The admin listener is a service of its own, which may bind a moment later.
+        if let Some(admin) = admin_port(config) {
+            wait_ready(&format!("http://127.0.0.1:{admin}/healthz")).await;
+        }
     }
     p
+}
+
+/// The port of the admin listener a config names on 127.0.0.1, if it names one.
+fn admin_port(config: &str) -> Option<u16> {
+    let admin = &config[config.find("admin:")?..];
+    // `admin: { addr: "127.0.0.1:P" }`, or `admin:` then `addr:` on the next line.
+    let addr = &admin[..admin.len().min(80)];
+    let addr = &addr[addr.find("addr:")?..];
+    let port = addr
+        .strip_prefix("addr:")?
+        .trim_start()
+        .trim_start_matches('"');
+    let port = port.strip_prefix("127.0.0.1:")?;
+    let digits: String = port.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Start the proxy on a given port without waiting for it to serve.
