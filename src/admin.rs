@@ -296,11 +296,7 @@ impl Admin {
 
     fn policies(&self) -> serde_json::Value {
         let runtime = self.shared.load();
-        let status = self
-            .shared
-            .policy_status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let status = self.shared.policy_status();
         let list: Vec<serde_json::Value> = runtime
             .policies
             .iter()

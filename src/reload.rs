@@ -322,11 +322,7 @@ impl Reloader {
             .policy_reloads
             .with_label_values(&[p.name.as_str(), "loaded"])
             .inc();
-        let mut status = self
-            .shared
-            .policy_status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut status = self.shared.policy_status();
         let entry = status
             .entry(p.name.clone())
             .or_insert_with(|| PolicyStatus {
@@ -343,11 +339,7 @@ impl Reloader {
 
     /// The policy's file holds the version in service: a refusal shown for it is over.
     fn settled(&self, name: &str) {
-        let mut status = self
-            .shared
-            .policy_status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut status = self.shared.policy_status();
         if let Some(entry) = status.get_mut(name) {
             if entry.last_rejection.take().is_some() {
                 info!(target: "switchyard::reload", "policy {name}: the file holds version {} in service again", entry.version);
@@ -372,11 +364,7 @@ impl Reloader {
             .policy_reloads
             .with_label_values(&[name, "rejected"])
             .inc();
-        let mut status = self
-            .shared
-            .policy_status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut status = self.shared.policy_status();
         if let Some(entry) = status.get_mut(name) {
             entry.last_rejection = Some(Rejection {
                 version: version.to_string(),

@@ -2,7 +2,7 @@
 //! in an `ArcSwap` and replaced whole. A request keeps the snapshot it started with.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
@@ -153,6 +153,11 @@ pub fn unix_now() -> u64 {
 }
 
 impl Shared {
+    /// Each policy's status, for a reload to write or the admin API to read.
+    pub fn policy_status(&self) -> MutexGuard<'_, BTreeMap<String, PolicyStatus>> {
+        self.policy_status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn new(runtime: Runtime, audit: Audit, limiter: Limiter) -> Shared {
         let now = unix_now();
         let status = runtime

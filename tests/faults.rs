@@ -456,6 +456,19 @@ async fn a_drained_backend_does_not_keep_the_others_out_of_panic_mode() {
     );
 }
 
+/// Once a request is at `first`, send another through the chain whose 429s (30 s) put
+/// `second` in a cool-down while the first waits for its answer.
+async fn cool_down_second_while_first_answers(p: &Proc, admin: u16) {
+    until_backend(admin, "first", "inflight", 1.into()).await;
+    let limited = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
+    let r = post_chat(p, &chat_body("m", "hi", false), &limited).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        admin_backend(admin, "second").await["why_not"],
+        "cooling down"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_is_relayed_when_the_next_candidate_went_out_of_rotation_meanwhile() {
     let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
@@ -478,18 +491,7 @@ async fn an_answer_is_relayed_when_the_next_candidate_went_out_of_rotation_meanw
     });
     // ...and meanwhile (once it is at `first`) a second request's 429s put both backends
     // in a cool-down.
-    until_backend(admin, "first", "inflight", 1.into()).await;
-    let now = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
-    assert_eq!(
-        post_chat(&p, &chat_body("m", "hi", false), &now)
-            .await
-            .status(),
-        429
-    );
-    assert_eq!(
-        admin_backend(admin, "second").await["why_not"],
-        "cooling down"
-    );
+    cool_down_second_while_first_answers(&p, admin).await;
     // `second` cannot take the first request: `first`'s own answer is relayed, not a 503.
     let (status, retry_after, body) = first.await.unwrap();
     assert_eq!(status, 429, "{body}");
@@ -540,18 +542,7 @@ async fn a_candidate_gone_out_of_rotation_uses_up_no_try_of_the_attempt_cap() {
         (r.status(), served_by(r.headers()))
     });
     // ...and meanwhile a second request's 429 from `second` cools it down.
-    until_backend(admin, "first", "inflight", 1.into()).await;
-    let limited = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
-    assert_eq!(
-        post_chat(&p, &chat_body("m", "hi", false), &limited)
-            .await
-            .status(),
-        429
-    );
-    assert_eq!(
-        admin_backend(admin, "second").await["why_not"],
-        "cooling down"
-    );
+    cool_down_second_while_first_answers(&p, admin).await;
     // `second` is skipped without using up the second try: `third` serves it.
     let (status, served) = slow.await.unwrap();
     assert_eq!((status.as_u16(), served.as_str()), (200, "third"));
