@@ -617,11 +617,15 @@ impl Config {
     /// The YAML read into a config, without the semantic checks.
     fn parse_unchecked(text: &str) -> Result<Config, ConfigError> {
         let mut config: Config = serde_yaml::from_str(text).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
-                .unwrap_or_default();
-            ConfigError::one(format!("{e}{at}"))
+            // serde_yaml's message names the place itself ("… at line 2 column 1").
+            let message = e.to_string();
+            let at = match e.location() {
+                Some(l) if !message.contains(" at line ") => {
+                    format!(" (line {}, column {})", l.line(), l.column())
+                }
+                _ => String::new(),
+            };
+            ConfigError::one(format!("{message}{at}"))
         })?;
         if config.auth.mode == AuthMode::Auto {
             config.auth.mode = if config.tenants.is_empty() {
@@ -1014,6 +1018,21 @@ backends:
     models: { m: upstream-m }
     weight: 2
 "#;
+
+    #[test]
+    fn a_yaml_error_names_its_place_once() {
+        for (text, place) in [
+            ("listen: 5\n", "line 1 column 9"),
+            ("listen: []\nfoo: 1\n", "line 2 column 1"),
+            ("listen: [{ addr: \"127.0.0.1:1\" }\n", "line 2 column 1"),
+        ] {
+            let problems = Config::parse(text).unwrap_err().problems;
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(place), "{problems:?}");
+            // Not a second time in another form ("… (line 1, column 9)").
+            assert!(!problems[0].contains(", column"), "{problems:?}");
+        }
+    }
 
     #[test]
     fn good_config_parses_with_defaults() {

@@ -536,8 +536,9 @@ impl BackgroundService for ReloadService {
 
 /// The settings of `new` that differ from `started` (the config the process started
 /// with) but are read only at start: the listeners (addresses, TLS and certificate paths),
-/// the admin listener's address, the audit file, Redis, and the server's threads, grace
-/// period and upstream pool.
+/// the admin listener's address, the audit file, Redis, the server's threads, grace
+/// period and upstream pool, and the HTTP/2 half of the keep-alive timeout (HTTP/1
+/// connections take a new value at once).
 fn read_at_start_only_changed(started: &Config, new: &Config) -> Vec<&'static str> {
     fn differ<T: serde::Serialize>(a: &T, b: &T) -> bool {
         serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
@@ -563,6 +564,10 @@ fn read_at_start_only_changed(started: &Config, new: &Config) -> Vec<&'static st
             "`proxy.upstream_keepalive_pool_size`",
             o.upstream_keepalive_pool_size != n.upstream_keepalive_pool_size,
         ),
+        (
+            "`proxy.keepalive_timeout_seconds` (for HTTP/2 connections)",
+            o.keepalive_timeout_seconds != n.keepalive_timeout_seconds,
+        ),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
@@ -572,6 +577,36 @@ fn read_at_start_only_changed(started: &Config, new: &Config) -> Vec<&'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_read_at_start_are_named_when_a_reload_changes_them() {
+        let config = |proxy: &str| {
+            let text = format!(
+                "listen: [{{ addr: \"127.0.0.1:8080\" }}]\n{proxy}\
+                 backends: [{{ name: a, url: \"http://127.0.0.1:9\", models: [m] }}]\n\
+                 routes: [{{ match: {{ path_prefix: /v1/ }}, policy: round_robin }}]\n"
+            );
+            Config::from_file_text(&text, Path::new("sy.yaml")).expect("a valid config")
+        };
+        let started = config("");
+        assert!(read_at_start_only_changed(&started, &config("")).is_empty());
+        assert_eq!(
+            read_at_start_only_changed(
+                &started,
+                &config("proxy: { keepalive_timeout_seconds: 5, threads: 3 }\n")
+            ),
+            [
+                "`proxy.threads`",
+                "`proxy.keepalive_timeout_seconds` (for HTTP/2 connections)"
+            ]
+        );
+        // Settings a reload applies are not named.
+        assert!(read_at_start_only_changed(
+            &started,
+            &config("proxy: { header_timeout_ms: 900 }\n")
+        )
+        .is_empty());
+    }
 
     #[test]
     fn configmap_data_swap_asks_for_a_volume_reload() {
