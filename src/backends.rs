@@ -51,6 +51,13 @@ impl Upstream {
                 "`{url}` carries credentials: a backend's key goes in `api_key_env`"
             ));
         }
+        // The client's path and query follow the prefix: a query or fragment here would
+        // swallow them.
+        if path.contains(['?', '#']) {
+            return Err(format!(
+                "`{url}` has a query or fragment: a backend URL is a scheme, host, port and path prefix"
+            ));
+        }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
             // IPv6 literal: [::1]:8000
@@ -608,6 +615,10 @@ mod tests {
         assert!(Upstream::parse("http://:80").is_err());
         assert!(Upstream::parse("http://h:0").is_err());
         assert!(Upstream::parse("http://user@h:1").is_err());
+        for url in ["http://h:1/pre?x=1", "http://h:1/pre#frag", "http://h:1/?x"] {
+            let e = Upstream::parse(url).unwrap_err();
+            assert!(e.contains("query or fragment"), "{e}");
+        }
     }
 
     #[test]

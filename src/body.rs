@@ -24,12 +24,15 @@ pub async fn read(
     timeout: Duration,
 ) -> Result<Option<Bytes>, ClientError> {
     let head = session.req_header();
-    if let Some(enc) = head.headers.get(http::header::CONTENT_ENCODING) {
-        let enc = enc.to_str().unwrap_or("?").trim();
-        if !enc.eq_ignore_ascii_case("identity") {
-            return Err(ClientError::UnsupportedEncoding(
-                enc.chars().take(32).collect(),
-            ));
+    // Every value (a second header could name gzip after a first `identity`), each a list.
+    for value in head.headers.get_all(http::header::CONTENT_ENCODING) {
+        let list = value.to_str().unwrap_or("?");
+        for enc in list.split(',').map(str::trim) {
+            if !enc.eq_ignore_ascii_case("identity") {
+                return Err(ClientError::UnsupportedEncoding(
+                    enc.chars().take(32).collect(),
+                ));
+            }
         }
     }
     let declared = head
@@ -49,16 +52,19 @@ pub async fn read(
             .headers
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // The backend gets the body with the head, so an expectation is met (or moot) here and
+    // never passed on: a backend's `100 Continue` would reach the client otherwise.
+    if head.headers.contains_key(http::header::EXPECT) {
+        session
+            .req_header_mut()
+            .remove_header(&http::header::EXPECT);
+    }
     if session.is_body_empty() {
         return Ok(None);
     }
     if expects_continue {
         // The client waits for this before it sends the body (curl does for bodies over
-        // 1 MiB). The backend gets the body with the head, so the expectation is met here
-        // and not passed on.
-        session
-            .req_header_mut()
-            .remove_header(&http::header::EXPECT);
+        // 1 MiB).
         if session.write_continue_response().await.is_err() {
             session.set_keepalive(None);
             return Err(ClientError::BadBody);

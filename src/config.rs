@@ -531,6 +531,9 @@ fn default_max_attempts() -> u32 {
     3
 }
 
+/// Most attempts a route may allow per request (Pingora's retry loop is set to match).
+pub const MAX_ATTEMPTS: u32 = 16;
+
 /// A refused config: every problem, each with the path of the value at fault.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -677,12 +680,27 @@ impl Config {
                 ));
             }
         }
+        let mut bound: Vec<(std::net::SocketAddr, String)> = Vec::new();
+        for (i, l) in self.listen.iter().enumerate() {
+            if let Ok(addr) = l.addr.parse::<std::net::SocketAddr>() {
+                if let Some((_, first)) = bound.iter().find(|(a, _)| a == &addr) {
+                    out.push(format!("listen[{i}].addr: `{addr}` is already {first}"));
+                }
+                bound.push((addr, format!("listen[{i}].addr")));
+            }
+        }
         if let Some(a) = &self.admin {
-            if a.addr.parse::<std::net::SocketAddr>().is_err() {
-                out.push(format!(
+            match a.addr.parse::<std::net::SocketAddr>() {
+                Err(_) => out.push(format!(
                     "admin.addr: `{}` is not an address like 127.0.0.1:9090",
                     a.addr
-                ));
+                )),
+                // Two services on one port would share its connections at random.
+                Ok(addr) => {
+                    if let Some((_, first)) = bound.iter().find(|(a, _)| a == &addr) {
+                        out.push(format!("admin.addr: `{addr}` is already {first}"));
+                    }
+                }
             }
         }
         if self.routes.is_empty() {
@@ -702,8 +720,10 @@ impl Config {
                     ));
                 }
             }
-            if r.max_attempts == 0 {
-                out.push(format!("routes[{i}].max_attempts: must be >= 1"));
+            if !(1..=MAX_ATTEMPTS).contains(&r.max_attempts) {
+                out.push(format!(
+                    "routes[{i}].max_attempts: must be from 1 to {MAX_ATTEMPTS}"
+                ));
             }
             if let Some(p) = &r.matcher.path_prefix {
                 if !p.starts_with('/') {
@@ -759,7 +779,10 @@ impl Config {
             if b.models.pairs().is_empty() {
                 out.push(format!("{at}.models: at least one model is required"));
             }
-            if b.cost.input < 0.0 || b.cost.output < 0.0 {
+            if ![b.cost.input, b.cost.output]
+                .iter()
+                .all(|p| p.is_finite() && *p >= 0.0)
+            {
                 out.push(format!("{at}.cost: prices must be >= 0"));
             }
             if b.ca_file.is_some() && !b.url.starts_with("https://") {
@@ -1018,6 +1041,37 @@ backends:
     models: { m: upstream-m }
     weight: 2
 "#;
+
+    #[test]
+    fn listeners_apart_finite_prices_and_attempts_within_pingoras_loop() {
+        let text = GOOD
+            .replace(
+                "listen: [{ addr: \"127.0.0.1:8080\" }]",
+                "listen: [{ addr: \"127.0.0.1:8080\" }, { addr: \"127.0.0.1:8080\" }]\n\
+                 admin: { addr: \"127.0.0.1:8080\" }",
+            )
+            .replace(
+                "    policy: round_robin",
+                "    policy: round_robin\n    max_attempts: 17",
+            )
+            .replace(
+                "    weight: 2",
+                "    weight: 2\n    cost: { input: .nan, output: 1 }",
+            );
+        let problems = Config::parse(&text).unwrap_err().problems;
+        for expected in [
+            "listen[1].addr: `127.0.0.1:8080` is already listen[0].addr",
+            "admin.addr: `127.0.0.1:8080` is already listen[0].addr",
+            "routes[0].max_attempts: must be from 1 to 16",
+            "backends[1].cost: prices must be >= 0",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected}: {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
 
     #[test]
     fn a_yaml_error_names_its_place_once() {

@@ -28,6 +28,13 @@ pub enum ClientError {
     /// The request needs a `model` and has none.
     #[error("you must provide a model parameter")]
     MissingModel,
+    /// The body is valid JSON but not an object.
+    #[error("the request body must be a JSON object")]
+    NotAnObject,
+    /// A path with a `.` or `..` segment (plain or percent-encoded): what it names
+    /// depends on who reads it, so it is never passed on.
+    #[error("the path may not contain `.` or `..` segments")]
+    DotSegment,
     /// No configured backend serves the model.
     #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotFound(String),
@@ -55,6 +62,13 @@ pub enum ClientError {
     /// No route, or no API at this path.
     #[error("unknown path `{0}`")]
     NotFound(String),
+    /// A request that names no model (a files, batches or realtime call, any body that is
+    /// not JSON): Switchyard forwards only model requests, so that a tenant's rules hold
+    /// for every request sent with a backend's key.
+    #[error(
+        "`{0}` is not served here: Switchyard forwards requests whose JSON body names a model"
+    )]
+    NotProxied(String),
     /// The route's policy failed (error, budget, bad return) and no fallback saved it.
     #[error("the routing policy failed for this request")]
     PolicyFailed,
@@ -114,8 +128,13 @@ impl ClientError {
     pub fn status(&self) -> u16 {
         use ClientError::*;
         match self {
-            BadJson { .. } | WrongType { .. } | MissingModel | BadBody => 400,
-            ModelNotFound(_) | NotInFormat { .. } | NotFound(_) => 404,
+            BadJson { .. }
+            | WrongType { .. }
+            | MissingModel
+            | NotAnObject
+            | DotSegment
+            | BadBody => 400,
+            ModelNotFound(_) | NotInFormat { .. } | NotFound(_) | NotProxied(_) => 404,
             BodyTooLarge { .. } => 413,
             LengthRequired { .. } => 411,
             BodyTimeout => 408,
@@ -138,11 +157,14 @@ impl ClientError {
     fn kind(&self) -> (&'static str, &'static str) {
         use ClientError::*;
         match self {
-            BadJson { .. } | WrongType { .. } | MissingModel | BadBody => {
-                ("invalid_request_error", "invalid_request")
-            }
+            BadJson { .. }
+            | WrongType { .. }
+            | MissingModel
+            | NotAnObject
+            | DotSegment
+            | BadBody => ("invalid_request_error", "invalid_request"),
             ModelNotFound(_) | NotInFormat { .. } => ("invalid_request_error", "model_not_found"),
-            NotFound(_) => ("invalid_request_error", "not_found"),
+            NotFound(_) | NotProxied(_) => ("invalid_request_error", "not_found"),
             BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             LengthRequired { .. } => ("invalid_request_error", "length_required"),
             BodyTimeout => ("invalid_request_error", "request_timeout"),

@@ -55,6 +55,36 @@ pub fn init() {
     builder.init();
 }
 
+/// Longest client-supplied text (a model name) written into a log line, in characters.
+const MAX_UNTRUSTED_CHARS: usize = 200;
+
+/// Text a client chose (a model name), written into a log line: cut to
+/// [`MAX_UNTRUSTED_CHARS`] characters, with control characters escaped, so that it can
+/// neither start a forged line nor make one megabytes long.
+pub struct Untrusted<'a>(pub &'a str);
+
+impl fmt::Display for Untrusted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        // Most are short and plain: written as they are. 0xC2 leads the C1 controls.
+        if s.len() <= MAX_UNTRUSTED_CHARS && !s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2)
+        {
+            return f.write_str(s);
+        }
+        for (i, c) in s.chars().enumerate() {
+            if i == MAX_UNTRUSTED_CHARS {
+                return write!(f, "… ({} bytes)", s.len());
+            }
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Log one access line (target [`ACCESS_TARGET`], level info) in env_logger's format,
 /// without waking a busy writer. Without [`init`] it goes through `log` like any line.
 pub fn access(message: fmt::Arguments<'_>) {
@@ -289,6 +319,24 @@ fn with_timestamp(f: impl FnOnce(&[u8])) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untrusted_text_is_one_short_line() {
+        assert_eq!(Untrusted("gpt-4o").to_string(), "gpt-4o");
+        assert_eq!(
+            Untrusted("m\n[2026-11-22T22:00:00Z INFO  switchyard::access] forged").to_string(),
+            "m\\n[2026-11-22T22:00:00Z INFO  switchyard::access] forged"
+        );
+        assert_eq!(Untrusted("a\u{85}b\u{1b}").to_string(), "a\\u{85}b\\u{1b}");
+        let long = "é".repeat(100_000);
+        let shown = Untrusted(&long).to_string();
+        assert!(shown.starts_with(&"é".repeat(200)), "{shown:.40}");
+        assert!(shown.ends_with("… (200000 bytes)"), "{shown:.40}");
+        assert_eq!(
+            shown.chars().count(),
+            200 + "… (200000 bytes)".chars().count()
+        );
+    }
 
     #[test]
     fn timestamps_look_like_env_loggers() {

@@ -93,11 +93,17 @@ pub fn screen<'r>(
     let mut skipped = Vec::new();
     let mut serving = runtime.backends.serving(model);
     serving.retain(|b| {
-        let speaks = provider::speaks(b, meta.format);
-        if !speaks {
-            skipped.push((b.name().to_string(), meta.format.mismatch_reason()));
+        let why = if !provider::speaks(b, meta.format) {
+            Some(meta.format.mismatch_reason())
+        } else if !provider::takes_path(b, &meta.path) {
+            Some("guardrail: an azure backend takes only paths under /v1/")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            skipped.push((b.name().to_string(), why));
         }
-        speaks
+        why.is_none()
     });
     if serving.is_empty() {
         return Err(ClientError::NotInFormat {
@@ -379,6 +385,12 @@ pub fn visible_models(runtime: &Runtime, tenant: &Tenant) -> Bytes {
     )
 }
 
+/// `GET /v1/models/{model}`: the model, if the tenant may use it and a backend serves it.
+pub fn visible_model(runtime: &Runtime, tenant: &Tenant, model: &str) -> Option<Bytes> {
+    (runtime.backends.knows_model(model) && tenant.may_use_model(model))
+        .then(|| Bytes::from(crate::runtime::model_object(model).to_string()))
+}
+
 /// The body as `backend` gets it: unchanged, or with `model` renamed when the backend knows
 /// the model by another name.
 pub fn body_for(body: &Bytes, meta: &RequestMeta, backend: &Backend) -> Bytes {
@@ -411,6 +423,15 @@ pub fn is_json(head: &RequestHeader) -> bool {
             ct.eq_ignore_ascii_case("application/json") || ct.ends_with("+json")
         }
     }
+}
+
+/// Whether `path` has a `.` or `..` segment, plain or percent-encoded (`%2e`): a backend
+/// or a server in front of it may resolve it, and the client would choose the upstream path.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let dots = segment.replace("%2e", ".").replace("%2E", ".");
+        dots == "." || dots == ".."
+    })
 }
 
 /// APIs whose requests must name a model.

@@ -98,6 +98,13 @@ pub fn speaks(backend: &Backend, format: ApiFormat) -> bool {
     Provider::of(&backend.config).speaks(format)
 }
 
+/// Whether `backend` may be sent a request for `path`: an Azure deployment is addressed
+/// from a `/v1/` path and the request's model; a path of another shape would reach a
+/// deployment of the client's choosing.
+pub fn takes_path(backend: &Backend, path: &str) -> bool {
+    Provider::of(&backend.config) != Provider::Azure || path.starts_with("/v1/")
+}
+
 /// Shape the upstream request head for `backend`: its key where its provider expects it,
 /// the provider's version header or query, and the path (the backend's URL prefix, and
 /// Azure's deployment path). Client credentials must already be removed.

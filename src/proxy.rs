@@ -198,12 +198,16 @@ impl ProxyHttp for Switchyard {
             {
                 upstream.remove_header(&http::header::TRANSFER_ENCODING);
             }
-            let length = upstream
+            // One `Content-Length`, of the body as sent (a client may repeat the header).
+            let mut lengths = upstream
                 .headers
-                .get(http::header::CONTENT_LENGTH)
+                .get_all(http::header::CONTENT_LENGTH)
+                .iter();
+            let length = lengths
+                .next()
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok());
-            if length != Some(body.len()) {
+            if length != Some(body.len()) || lengths.next().is_some() {
                 upstream.insert_header(http::header::CONTENT_LENGTH, body.len())?;
             }
         }
@@ -391,6 +395,7 @@ impl ProxyHttp for Switchyard {
             // this connection, so its next request goes to the listener's new owner.
             session.set_keepalive(None);
         }
+        remove_hop_by_hop(response);
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in &ctx.rate_headers {
             response.insert_header(*name, value.as_str())?;
@@ -560,7 +565,7 @@ impl ProxyHttp for Switchyard {
             head.uri.path(),
             ctx.status,
             meta.map_or("-", |m| m.tenant.as_str()),
-            meta.and_then(|m| m.model.as_deref()).unwrap_or("-"),
+            logging::Untrusted(meta.and_then(|m| m.model.as_deref()).unwrap_or("-")),
             ctx.plan.as_ref().map_or("-", |p| &*p.policy),
             AttemptList(&ctx.attempts),
             ctx.usage.map_or(0, |u| u.prompt_tokens),
@@ -570,6 +575,50 @@ impl ProxyHttp for Switchyard {
         ));
         let record = ctx.take_audit_record(head.method.as_str(), head.uri.path(), cost_usd);
         self.shared.audit.record(record);
+    }
+}
+
+/// Take out of a backend's answer the headers about its own connection (RFC 9110, 7.6.1):
+/// `Keep-Alive`, `Upgrade`, `TE`, `Trailer`, `Proxy-Connection`, and those its
+/// `Connection` names. Pingora writes the client's `Connection` itself.
+fn remove_hop_by_hop(response: &mut ResponseHeader) {
+    use http::header::{
+        HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    };
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    let hop = |n: &HeaderName| {
+        [
+            &CONNECTION,
+            &KEEP_ALIVE,
+            &PROXY_CONNECTION,
+            &TE,
+            &TRAILER,
+            &UPGRADE,
+        ]
+        .contains(&n)
+    };
+    // Most answers have none: one pass over the names, no lookups.
+    if !response.headers.keys().any(hop) {
+        return;
+    }
+    let mut names: Vec<HeaderName> = response
+        .headers
+        .keys()
+        .filter(|n| hop(n))
+        .cloned()
+        .collect();
+    for value in response.headers.get_all(CONNECTION) {
+        let tokens = value.to_str().unwrap_or_default().split(',');
+        names.extend(
+            tokens
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                // The body's framing is Pingora's to handle, whatever the backend names.
+                .filter(|n| *n != CONTENT_LENGTH && *n != TRANSFER_ENCODING),
+        );
+    }
+    for name in names {
+        response.remove_header(&name);
     }
 }
 
@@ -608,14 +657,37 @@ async fn admit(
     runtime: &Arc<Runtime>,
     shared: &Shared,
 ) -> Result<Admitted, ClientError> {
+    // No protocol upgrades (WebSocket): a tunnel would carry whatever the client likes with
+    // the backend's key. Without the header the request is an ordinary one.
+    if session
+        .req_header()
+        .headers
+        .contains_key(http::header::UPGRADE)
+    {
+        session
+            .req_header_mut()
+            .remove_header(&http::header::UPGRADE);
+    }
     let head = session.req_header();
     let path = head.uri.path().to_string();
+    if plan::has_dot_segment(&path) {
+        return Err(ClientError::DotSegment);
+    }
     let tenant = runtime.tenants.authenticate(&head.headers).map_err(|why| {
         info!(target: "switchyard::auth", "{} refused: {why:?} API key", ctx.request_id);
         ClientError::Unauthorized
     })?;
-    if head.method == http::Method::GET && path == "/v1/models" {
-        return Ok(Admitted::Answer(plan::visible_models(runtime, tenant)));
+    if head.method == http::Method::GET {
+        match path.strip_prefix("/v1/models") {
+            Some("" | "/") => return Ok(Admitted::Answer(plan::visible_models(runtime, tenant))),
+            Some(id) if id.len() > 1 && id.starts_with('/') => {
+                let id = percent_encoding::percent_decode_str(&id[1..]).decode_utf8_lossy();
+                return plan::visible_model(runtime, tenant, &id)
+                    .map(Admitted::Answer)
+                    .ok_or_else(|| ClientError::ModelNotFound(id.chars().take(200).collect()));
+            }
+            _ => {}
+        }
     }
     let mut meta = RequestMeta::from_head(head.method.as_str(), &path, &head.headers);
     meta.tenant = tenant.name.clone();
@@ -634,8 +706,20 @@ async fn admit(
     if let (Some(b), true) = (&body, json) {
         meta.read_json_body(b)?;
     }
-    if meta.model.is_none() && plan::needs_model(&meta.method, &path) {
-        return Err(ClientError::MissingModel);
+    if meta.model.is_none() {
+        // Only model requests go upstream: a tenant's rules (models, regions, token
+        // limits) hold for every request sent with a backend's key.
+        return Err(
+            if (json && body.is_some()) || plan::needs_model(&meta.method, &path) {
+                ClientError::MissingModel
+            } else {
+                ClientError::NotProxied(format!(
+                    "{} {}",
+                    meta.method,
+                    path.chars().take(200).collect::<String>()
+                ))
+            },
+        );
     }
     let meta = Arc::new(meta);
     ctx.meta = Some(meta.clone());

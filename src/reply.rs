@@ -34,7 +34,8 @@ pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientEr
         ctx.request_id,
         session.req_header().uri.path(),
         error.status(),
-        error
+        // Its message may quote what the client sent (a model name).
+        crate::policy::printable(error.to_string().as_bytes())
     );
     let status = error.status();
     let retry_after = error.retry_after_secs();

@@ -156,6 +156,15 @@ impl RequestMeta {
     /// syntax error's place): the first way reads the prompt once, the second twice.
     pub fn read_json_body(&mut self, body: &Bytes) -> Result<(), ClientError> {
         check_depth(body)?;
+        // serde reads an array into the fields in order (`["m"]` as model `m`): only an
+        // object is a request. Anything else is said to be invalid JSON or not an object.
+        match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') | None => {}
+            Some(_) => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(json_error)?;
+                return Err(ClientError::NotAnObject);
+            }
+        }
         // The body's UTF-8 checked whole (SIMD), so the parser need not check each string.
         let parsed = match simdutf8::basic::from_utf8(body) {
             Ok(text) => serde_json::from_str::<BodyFields>(text),
@@ -684,6 +693,22 @@ mod tests {
             ClientError::BadJson { line, column, .. } => assert_eq!((line, column), (3, 3)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn only_an_object_is_a_request() {
+        for body in [r#"["m", true]"#, r#""m""#, "null", " 42 "] {
+            assert_eq!(meta(body).unwrap_err(), ClientError::NotAnObject, "{body}");
+        }
+        // Not JSON at all is still said to be so, at its place.
+        assert!(matches!(
+            meta("[\"m\",").unwrap_err(),
+            ClientError::BadJson { line: 1, .. }
+        ));
+        assert_eq!(
+            meta(" \n{\"model\":\"m\"}").unwrap().model.as_deref(),
+            Some("m")
+        );
     }
 
     #[test]

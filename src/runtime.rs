@@ -99,10 +99,14 @@ impl Runtime {
 
 /// An OpenAI model list.
 pub fn models_list<'a>(models: impl Iterator<Item = &'a str>) -> Bytes {
-    let data: Vec<serde_json::Value> = models
-        .map(|m| serde_json::json!({ "id": m, "object": "model", "created": 0, "owned_by": "switchyard" }))
-        .collect();
+    let data: Vec<serde_json::Value> = models.map(model_object).collect();
     Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string())
+}
+
+/// One model as OpenAI's API describes it (`GET /v1/models/{model}`, and each entry of the
+/// list).
+pub fn model_object(model: &str) -> serde_json::Value {
+    serde_json::json!({ "id": model, "object": "model", "created": 0, "owned_by": "switchyard" })
 }
 
 /// The current snapshot, shared by every worker thread, and what the admin API reports

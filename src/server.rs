@@ -27,8 +27,8 @@ use crate::runtime::{Runtime, Shared};
 use crate::tls::ListenerCert;
 
 /// Pingora retries at most this often per request; our own cap is the route's
-/// `max_attempts`, which is always lower.
-const PINGORA_MAX_RETRIES: usize = 16;
+/// `max_attempts`, which config validation keeps within it.
+const PINGORA_MAX_RETRIES: usize = crate::config::MAX_ATTEMPTS as usize;
 
 /// `SIGHUP` means "reload" to Switchyard, but until the reload service has taken it over
 /// (after the policies are compiled and tested and the listeners bound) its default action
@@ -74,6 +74,9 @@ pub fn run(
         None => Audit::memory_only(),
     };
     let limiter = crate::limits::Limiter::new(&config)?;
+    if !opts.upgrade {
+        addresses_free(&config)?;
+    }
     let shared = Arc::new(Shared::new(runtime, audit, limiter));
 
     let mut server = Server::new_with_opt_and_conf(
@@ -199,6 +202,32 @@ fn watch_for_shutdown(server: &Server) {
     if let Err(e) = spawned {
         log::warn!("cannot watch for shutdown ({e}); connections stay keep-alive until the end");
     }
+}
+
+/// Refuse to start when a listener's address cannot be bound (in use by another process,
+/// or by two of ours). Pingora binds in its services' threads, where a failure ends that
+/// thread only: the process would stay up with nothing listening.
+fn addresses_free(config: &Config) -> anyhow::Result<()> {
+    let addresses = config
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("listen[{i}].addr"), l.addr.as_str()))
+        .chain(
+            config
+                .admin
+                .iter()
+                .map(|a| ("admin.addr".to_string(), a.addr.as_str())),
+        );
+    // Held together, so that two of ours that overlap (0.0.0.0:P and 127.0.0.1:P) collide.
+    let mut held = Vec::new();
+    for (at, addr) in addresses {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => held.push(listener),
+            Err(e) => anyhow::bail!("cannot start: {at}: cannot listen on {addr}: {e}"),
+        }
+    }
+    Ok(())
 }
 
 fn server_conf(config: &Config) -> ServerConf {

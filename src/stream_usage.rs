@@ -89,13 +89,22 @@ pub struct UsageStripper {
     held: Vec<u8>,
     /// The blank line that ended a dropped event is dropped too.
     drop_blank: bool,
+    /// The stream ends its lines with a bare CR (SSE allows it): it is passed on as it
+    /// comes, rather than held waiting for a line feed that never arrives.
+    pass_through: bool,
 }
 
 impl UsageStripper {
     /// The chunk as the client gets it.
     pub fn filter(&mut self, chunk: &Bytes) -> Bytes {
+        if self.pass_through {
+            return chunk.clone();
+        }
         let Some(last_nl) = memchr::memrchr(b'\n', chunk) else {
-            if self.held.len() + chunk.len() > MAX_HELD_BYTES {
+            let bare_cr = memchr::memchr_iter(b'\r', chunk)
+                .any(|i| chunk.get(i + 1).is_some_and(|&next| next != b'\n'));
+            if bare_cr || self.held.len() + chunk.len() > MAX_HELD_BYTES {
+                self.pass_through = bare_cr;
                 let mut out = std::mem::take(&mut self.held);
                 out.extend_from_slice(chunk);
                 return Bytes::from(out);
@@ -262,6 +271,26 @@ mod tests {
                         data: [DONE]\n\n";
         for piece in [1, 2, 7, 50, 4096] {
             assert_eq!(strip_all(upstream, piece), expected, "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn a_stream_of_bare_cr_lines_is_passed_on_as_it_comes() {
+        let mut s = UsageStripper::default();
+        let first = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{}}]}\r\r");
+        assert_eq!(s.filter(&first), first, "not held for a line feed");
+        let second = Bytes::from_static(b"data: [DONE]\r\r");
+        assert_eq!(s.filter(&second), second);
+        assert!(s.finish().is_empty());
+        // A CRLF stream split between its CR and LF is still read line by line.
+        let upstream =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        for piece in [1, 2, 5, 4096] {
+            assert_eq!(
+                strip_all(upstream, piece),
+                "data: [DONE]\r\n\r\n",
+                "piece {piece}"
+            );
         }
     }
 

@@ -1,0 +1,238 @@
+//! DESIGN.md, "On the wire": the client can never choose the upstream URL or credentials,
+//! and a tenant's rules hold for every request sent with a backend's key. Requests that
+//! name no model, climb out of the path with dot segments or ask for a protocol upgrade
+//! never reach a backend as they came; framing headers reach it once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One mock serving `m`, behind a proxy with a `/v1/` route and a catch-all one.
+async fn setup() -> (Proc, Proc) {
+    let m = mock("b", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n  - match: {{ path_prefix: / }}\n    policy: round_robin\nbackends:\n{}",
+        backend("b", m.port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    (m, p)
+}
+
+/// Send `request` (with `Connection: close` in it) and read the answer to its end.
+async fn exchange(port: u16, request: &str) -> String {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got))
+        .await
+        .expect("the proxy answers and closes within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+fn post(path: &str, extra_headers: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+}
+
+const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_that_name_a_model_go_upstream() {
+    let (m, p) = setup().await;
+    // A files, batches or stored-completions call names no model: it would reach the
+    // backend's account with its key, whatever the tenant's rules.
+    for path in ["/v1/files", "/v1/batches", "/v1/chat/completions?limit=100"] {
+        let r = client().get(p.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let body = r.text().await.unwrap();
+        assert_eq!(error_code(&body), "not_found", "{body}");
+        assert!(body.contains("GET /v1/"), "{body}");
+    }
+    // A body that is not read as JSON (another content type, on a path that does not
+    // need a model) names no model either, whatever it holds.
+    let r = client()
+        .post(p.url("/v1/chat%2Fcompletions"))
+        .header("content-type", "text/plain")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // A JSON body without a model is told to name one.
+    let r = client()
+        .post(p.url("/v1/images/generations"))
+        .json(&serde_json::json!({ "prompt": "a cat" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    // Valid JSON that is not an object is not a request.
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .json(&serde_json::json!(["m", true]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"], "the request body must be a JSON object",
+        "{body}"
+    );
+    assert!(received(&m).await.is_empty(), "nothing reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_models_api_is_answered_by_switchyard_under_every_spelling() {
+    let (m, p) = setup().await;
+    let list = get_json(p.url("/v1/models/")).await;
+    assert_eq!(list["data"][0]["id"], "m", "{list}");
+    let one = get_json(p.url("/v1/models/m")).await;
+    assert_eq!(one["id"], "m", "{one}");
+    assert_eq!(one["object"], "model", "{one}");
+    let r = client().get(p.url("/v1/models/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(&r.text().await.unwrap()), "model_not_found");
+    assert!(received(&m).await.is_empty(), "nothing reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_refused_and_upgrades_are_not_passed_on() {
+    let (m, p) = setup().await;
+    for path in [
+        "/v1/../v1/chat/completions",
+        "/v1/./chat/completions",
+        "/v1/%2e%2e/%2E%2e/admin",
+        "/v1/.%2e/chat/completions",
+    ] {
+        let answer = exchange(p.port, &post(path, "", BODY)).await;
+        assert_eq!(status_of(&answer), 400, "{path}: {answer}");
+        assert!(answer.contains("`.` or `..` segments"), "{answer}");
+    }
+    assert!(received(&m).await.is_empty());
+
+    // A WebSocket upgrade is served as an ordinary request: the backend never sees the
+    // upgrade, so no tunnel can open with its key.
+    let answer = exchange(
+        p.port,
+        &post(
+            "/v1/chat/completions",
+            "upgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n",
+            BODY,
+        )
+        .replace("connection: close", "connection: Upgrade, close"),
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    let got = received(&m).await;
+    assert_eq!(got.len(), 1);
+    let headers = &got[0]["headers"];
+    assert!(headers.get("upgrade").is_none(), "{headers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_headers_reach_the_backend_once_and_expectations_stay_here() {
+    let (m, p) = setup().await;
+    // Two equal Content-Lengths (Pingora accepts them) and an HTTP/1.0 client's Expect.
+    let request = post("/v1/chat/completions", "", BODY)
+        .replace("HTTP/1.1", "HTTP/1.0")
+        .replace(
+            "connection: close\r\n",
+            &format!("content-length: {}\r\nexpect: 100-continue\r\n", BODY.len()),
+        );
+    let answer = exchange(p.port, &request).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    let got = received(&m).await;
+    assert_eq!(got.len(), 1);
+    let headers = &got[0]["headers"];
+    assert_eq!(
+        headers["content-length"],
+        BODY.len().to_string(),
+        "{headers}"
+    );
+    assert!(headers.get("expect").is_none(), "{headers}");
+
+    // Every Content-Encoding counts, not only the first.
+    let answer = exchange(
+        p.port,
+        &post(
+            "/v1/chat/completions",
+            "content-encoding: identity\r\ncontent-encoding: gzip\r\n",
+            BODY,
+        ),
+    )
+    .await;
+    assert_eq!(status_of(&answer), 415, "{answer}");
+    assert_eq!(
+        received(&m).await.len(),
+        1,
+        "the refused one did not reach it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_backend_is_addressed_only_from_v1_paths() {
+    let m = mock("az", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: / }}\n    policy: round_robin\nbackends:\n  - name: az\n    url: http://127.0.0.1:{}\n    provider: azure\n    models: {{ m: dep-m }}\n",
+        m.port
+    );
+    let p = proxy(&config, &[]).await;
+    let r = client()
+        .post(p.url("/openai/deployments/secret/chat/completions"))
+        .json(&serde_json::json!({ "model": "m", "messages": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(
+        received(&m).await.is_empty(),
+        "the client chose no deployment"
+    );
+    let (status, _, _) = chat(&p, &chat_body("m", "hi", false)).await;
+    assert_eq!(status, 200);
+    let got = received(&m).await;
+    assert_eq!(got[0]["path"], "/openai/deployments/dep-m/chat/completions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_name_cannot_forge_or_flood_the_access_log() {
+    let (_m, p) = setup().await;
+    let forged = "nosuch\n[2026-11-22T22:00:00Z INFO  switchyard::access] FORGED status=200";
+    let (status, headers, _) = chat(&p, &chat_body(forged, "hi", false)).await;
+    assert_eq!(status, 404);
+    let request_id = headers["x-request-id"].to_str().unwrap().to_string();
+    let line = p.access_line(&request_id).await;
+    assert!(line.contains("model=nosuch\\n[2026"), "{line}");
+    let long = "x".repeat(100_000);
+    let (status, headers, _) = chat(&p, &chat_body(&long, "hi", false)).await;
+    assert_eq!(status, 404);
+    let request_id = headers["x-request-id"].to_str().unwrap().to_string();
+    let line = p.access_line(&request_id).await;
+    assert!(line.len() < 1_000, "{} bytes", line.len());
+    assert!(
+        !p.output()
+            .lines()
+            .any(|l| l.starts_with("[2026-11-22T22:00:00Z")),
+        "a line began inside the model name"
+    );
+}
