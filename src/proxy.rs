@@ -395,7 +395,7 @@ impl ProxyHttp for Switchyard {
             // this connection, so its next request goes to the listener's new owner.
             session.set_keepalive(None);
         }
-        remove_hop_by_hop(response);
+        remove_backend_headers(response);
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in &ctx.rate_headers {
             response.insert_header(*name, value.as_str())?;
@@ -578,15 +578,20 @@ impl ProxyHttp for Switchyard {
     }
 }
 
-/// Take out of a backend's answer the headers about its own connection (RFC 9110, 7.6.1):
-/// `Keep-Alive`, `Upgrade`, `TE`, `Trailer`, `Proxy-Connection`, and those its
-/// `Connection` names. Pingora writes the client's `Connection` itself.
-fn remove_hop_by_hop(response: &mut ResponseHeader) {
+/// Take out of a backend's answer what is about the backend and not the client's: the
+/// headers about its own connection (RFC 9110, 7.6.1: `Keep-Alive`, `Upgrade`, `TE`,
+/// `Trailer`, `Proxy-Connection`, and those its `Connection` names; Pingora writes the
+/// client's `Connection` itself), and the provider account's rate limits and
+/// organization, which would show one tenant what every tenant used (a tenant's own
+/// limits are added afterwards).
+fn remove_backend_headers(response: &mut ResponseHeader) {
     use http::header::{
         HeaderName, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
     };
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+    const PROJECT: HeaderName = HeaderName::from_static("openai-project");
     let hop = |n: &HeaderName| {
         [
             &CONNECTION,
@@ -595,8 +600,12 @@ fn remove_hop_by_hop(response: &mut ResponseHeader) {
             &TE,
             &TRAILER,
             &UPGRADE,
+            &ORGANIZATION,
+            &PROJECT,
         ]
         .contains(&n)
+            || n.as_str().starts_with("x-ratelimit-")
+            || n.as_str().starts_with("anthropic-ratelimit-")
     };
     // Most answers have none: one pass over the names, no lookups.
     if !response.headers.keys().any(hop) {

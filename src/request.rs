@@ -18,12 +18,15 @@ use crate::tokens::TokenEstimate;
 /// Tenant of a request when no authentication is configured.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// Headers a policy may never read, and that never go upstream.
-pub const CREDENTIAL_HEADERS: [http::HeaderName; 4] = [
+/// Headers a policy may never read, and that never go upstream: credentials, and the
+/// OpenAI organization and project, which choose the account a backend's key bills.
+pub const CREDENTIAL_HEADERS: [http::HeaderName; 6] = [
     http::header::AUTHORIZATION,
     http::HeaderName::from_static("x-api-key"),
     http::HeaderName::from_static("api-key"),
     http::header::PROXY_AUTHORIZATION,
+    http::HeaderName::from_static("openai-organization"),
+    http::HeaderName::from_static("openai-project"),
 ];
 
 /// Bytes of the system prompt and first message hashed for the session key: enough to

@@ -792,6 +792,32 @@ async fn a_stream_labelled_text_plain_is_still_read_and_stripped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_about_the_backend_connection_and_account_stay_with_the_backend() {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+        connection: keep-alive, x-backend-hop\r\nx-backend-hop: 1\r\nkeep-alive: timeout=5\r\n\
+        upgrade: h2c\r\nx-ratelimit-remaining-tokens: 29000000\r\n\
+        anthropic-ratelimit-requests-remaining: 99\r\nopenai-organization: operator-org\r\n\
+        x-kept: yes";
+    let port = one_answer(head, "{\"choices\":[]}").await;
+    let p = proxy(&chain_config(port, None, ""), &[("chain", CHAIN)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 200);
+    let headers = r.headers();
+    for gone in [
+        "x-backend-hop",
+        "keep-alive",
+        "upgrade",
+        "x-ratelimit-remaining-tokens",
+        "anthropic-ratelimit-requests-remaining",
+        "openai-organization",
+    ] {
+        assert!(headers.get(gone).is_none(), "{gone}: {headers:?}");
+    }
+    assert_eq!(headers["x-kept"], "yes");
+    assert_eq!(r.text().await.unwrap(), "{\"choices\":[]}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_event_inside_a_200_stream_is_relayed_and_counted_as_a_failure() {
     const FAILED: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\n\
         data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n";

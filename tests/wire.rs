@@ -146,6 +146,21 @@ async fn dot_segments_are_refused_and_upgrades_are_not_passed_on() {
     assert_eq!(got.len(), 1);
     let headers = &got[0]["headers"];
     assert!(headers.get("upgrade").is_none(), "{headers}");
+
+    // Nor does the client choose which account of the backend's key is billed.
+    let r = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("openai-organization", "org-victim")
+        .header("openai-project", "proj-victim")
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = received(&m).await;
+    let headers = &got[1]["headers"];
+    assert!(headers.get("openai-organization").is_none(), "{headers}");
+    assert!(headers.get("openai-project").is_none(), "{headers}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
