@@ -298,6 +298,21 @@ impl RequestCtx {
         self.usage = Some(usage);
     }
 
+    /// A client that went away while a backend had its request (before the answer's head,
+    /// or before a stream's first content event) has had its prompt read: the estimate
+    /// stands for it, as for a stream that broke off later. Call after
+    /// [`Self::read_usage`].
+    pub fn count_abandoned(&mut self) {
+        if self.usage.is_none() && self.status == 499 && self.current.is_some() {
+            self.usage = Some(Usage {
+                prompt_tokens: self.meta.as_ref().map_or(0, |m| m.tokens()),
+                completion_tokens: 0,
+                cached_tokens: 0,
+                reported: false,
+            });
+        }
+    }
+
     /// Count the request in the request, duration, token and cost metrics; `cost_usd` is
     /// [`Self::cost_usd`].
     pub fn count(&self, served_by: &str, cost_usd: f64) {
@@ -341,7 +356,7 @@ impl RequestCtx {
     /// usage is unknown. A stream that reported no usage (or broke off) counts its prompt
     /// estimate and its content events (see [`Self::read_usage`]).
     pub fn settlement(&self, cost_usd: f64) -> (Option<u64>, Option<i64>) {
-        if self.current.is_none() || self.served_by.is_none() {
+        if self.current.is_none() || (self.served_by.is_none() && self.usage.is_none()) {
             return (Some(0), Some(0));
         }
         let Some(usage) = self.usage else {

@@ -63,7 +63,8 @@ impl From<ClientError> for Refusal {
 #[derive(Debug)]
 pub struct Screened<'r> {
     route: &'r Route,
-    allowed: Vec<Arc<Backend>>,
+    /// Backends that serve the model in the request's format and the tenant may use.
+    pub allowed: Vec<Arc<Backend>>,
     /// Backends left out, and why (the format guardrail's).
     skipped: Vec<(String, &'static str)>,
 }
@@ -374,20 +375,26 @@ fn guard(
 /// `GET /v1/models` for a tenant: only the models it may use.
 pub fn visible_models(runtime: &Runtime, tenant: &Tenant) -> Bytes {
     let names = runtime.config.model_names();
-    if names.iter().all(|m| tenant.may_use_model(m)) {
+    let visible = |m: &&str| may_reach(runtime, tenant, m);
+    if names.iter().map(String::as_str).all(|m| visible(&m)) {
         return runtime.models_json.clone();
     }
-    crate::runtime::models_list(
-        names
-            .iter()
-            .map(String::as_str)
-            .filter(|m| tenant.may_use_model(m)),
-    )
+    crate::runtime::models_list(names.iter().map(String::as_str).filter(visible))
 }
 
-/// `GET /v1/models/{model}`: the model, if the tenant may use it and a backend serves it.
+/// Whether `tenant` may use `model` and a backend in its regions serves it.
+fn may_reach(runtime: &Runtime, tenant: &Tenant, model: &str) -> bool {
+    tenant.may_use_model(model)
+        && runtime
+            .backends
+            .each_serving(Some(model))
+            .any(|b| tenant.may_use_backend(b))
+}
+
+/// `GET /v1/models/{model}`: the model, if the tenant may use it and a backend in its
+/// regions serves it.
 pub fn visible_model(runtime: &Runtime, tenant: &Tenant, model: &str) -> Option<Bytes> {
-    (runtime.backends.knows_model(model) && tenant.may_use_model(model))
+    may_reach(runtime, tenant, model)
         .then(|| Bytes::from(crate::runtime::model_object(model).to_string()))
 }
 

@@ -533,8 +533,10 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        // A stream that broke off still used what it streamed.
+        // A stream that broke off still used what it streamed; a request whose client
+        // left while a backend had it, its prompt.
         ctx.read_usage();
+        ctx.count_abandoned();
         // Priced at the serving backend, so before its attempt is finished.
         let cost_usd = ctx.cost_usd();
         if let Some(lease) = ctx.lease.take() {
@@ -737,7 +739,7 @@ async fn admit(
     if let Some(limits) = &tenant.limits {
         let mut lease = shared
             .limiter
-            .admit(&tenant.name, limits, runtime, &meta)
+            .admit(&tenant.name, limits, &screened.allowed, &meta)
             .await?;
         ctx.rate_headers = std::mem::take(&mut lease.headers);
         ctx.lease = Some(lease);

@@ -195,7 +195,10 @@ impl RequestMeta {
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        self.max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
+        self.max_tokens = fields
+            .max_completion_tokens
+            .or(fields.max_tokens)
+            .or(fields.max_output_tokens);
         self.choices = fields.n.unwrap_or(1);
 
         // Where the prompt's text is: its values' places in the body, read when first asked.
@@ -426,6 +429,9 @@ struct BodyFields<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    /// The Responses API's name for it.
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
     #[serde(default)]
     n: Option<u64>,
     #[serde(borrow, default)]
@@ -464,6 +470,12 @@ impl<'a> BodyFields<'a> {
                 max_tokens,
             )?
             .flatten(),
+            max_output_tokens: typed::<Option<u64>>(
+                raw.max_output_tokens,
+                "max_output_tokens",
+                max_tokens,
+            )?
+            .flatten(),
             n: typed::<Option<u64>>(raw.n, "n", "a positive integer")?.flatten(),
             messages: typed(raw.messages, "messages", "an array of message objects")?,
             prompt: raw.prompt,
@@ -485,6 +497,8 @@ struct RawFields<'a> {
     max_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     n: Option<&'a RawValue>,
     #[serde(borrow, default)]

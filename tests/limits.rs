@@ -239,3 +239,60 @@ async fn an_error_answer_gives_its_reservation_back() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(number(&h, "x-ratelimit-remaining-tokens"), 1000 - reserved);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_the_backend_works_is_charged_its_prompt() {
+    let (_m, p) = setup("{ tpm: 1000 }", "{ input: 0, output: 0 }").await;
+    let long = PLAIN.replace("\"hi\"", &format!("\"{}\"", "word ".repeat(400)));
+    let gone = client()
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .header("x-request-id", "leaves-early")
+        .header("x-mock-latency-ms", "3000")
+        .timeout(std::time::Duration::from_millis(300))
+        .body(long)
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    let line = p.access_line("leaves-early").await;
+    assert!(line.contains("status=499"), "{line}");
+    let tokens_in: u64 = line
+        .split("tokens_in=")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(tokens_in >= 300, "its prompt estimate: {line}");
+    // Its prompt counts against the minute, as a stream that broke off does.
+    let (status, h, body) = post(&p, PLAIN, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let remaining = number(&h, "x-ratelimit-remaining-tokens");
+    assert!(remaining <= 1000 - 100 - 300, "remaining {remaining}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_read_max_output_tokens_and_price_only_reachable_backends() {
+    // The Responses API names its cap `max_output_tokens`.
+    let (_m, p) = setup("{ tpm: 5000 }", "{ input: 0, output: 0 }").await;
+    let capped = PLAIN.replace("\"max_tokens\":100", "\"max_output_tokens\":16");
+    let (status, h, body) = post(&p, &capped, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let reserved = 5000 - number(&h, "x-ratelimit-remaining-tokens");
+    assert!((16..100).contains(&reserved), "reserved {reserved}");
+
+    // A daily budget is reserved at the prices of backends the tenant may use: a dear
+    // backend outside its regions does not count.
+    let eu = mock("eu", &[]).await;
+    let us = mock("us", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}    region: eu-west\n    cost: {{ input: 1, output: 1 }}\n{}    region: us-east\n    cost: {{ input: 1000000, output: 1000000 }}\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    allowed_regions: [eu]\n    limits: {{ usd_per_day: 1 }}\n",
+        backend("eu", eu.port, "[llama-3]"),
+        backend("us", us.port, "[llama-3]"),
+        sha256_hex(KEY.as_bytes()),
+    );
+    let p = proxy(&config, &[]).await;
+    let (status, h, body) = post(&p, PLAIN, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(h["x-switchyard-backend"], "eu");
+}

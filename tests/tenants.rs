@@ -25,7 +25,7 @@ async fn setup() -> (Proc, Proc, Proc) {
     let eu = mock("eu", &[]).await;
     let us = mock("us", &[]).await;
     let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: greedy\nbackends:\n  - name: eu-1\n    url: http://127.0.0.1:{}\n    models: [llama-3, gpt-4o]\n    region: eu-west\n  - name: us-1\n    url: http://127.0.0.1:{}\n    models: [llama-3, gpt-4o]\n    region: us-east\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    region: eu\n    allowed_models: [\"llama-*\"]\n    allowed_regions: [eu]\n  - name: globex\n    key_sha256: [\"{}\", \"{}\"]\n",
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: greedy\nbackends:\n  - name: eu-1\n    url: http://127.0.0.1:{}\n    models: [llama-3, gpt-4o]\n    region: eu-west\n  - name: us-1\n    url: http://127.0.0.1:{}\n    models: [llama-3, gpt-4o, llama-us]\n    region: us-east\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    region: eu\n    allowed_models: [\"llama-*\"]\n    allowed_regions: [eu]\n  - name: globex\n    key_sha256: [\"{}\", \"{}\"]\n",
         eu.port,
         us.port,
         key_hash("sk-acme-1"),
@@ -133,8 +133,22 @@ async fn a_tenant_sees_and_uses_only_its_models() {
     assert_eq!(
         ids,
         ["llama-3"],
-        "never lists models the tenant may not use"
+        "never lists models the tenant may not use, nor those only outside its regions"
     );
+    let r = client()
+        .get(p.url("/v1/models/llama-us"))
+        .header("authorization", "Bearer sk-acme-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let one = client()
+        .get(p.url("/v1/models/llama-3"))
+        .header("authorization", "Bearer sk-acme-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
 }
 
 #[test]

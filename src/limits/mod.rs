@@ -17,11 +17,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::warn;
 
+use crate::backends::Backend;
 use crate::config::{Config, Cost, FailMode, TenantLimits};
 use crate::errors::ClientError;
 use crate::metrics::METRICS;
 use crate::request::RequestMeta;
-use crate::runtime::Runtime;
 
 use fleet::RedisCounters;
 use local::LocalCounters;
@@ -176,14 +176,14 @@ impl Limiter {
         &self,
         tenant: &str,
         limits: &TenantLimits,
-        runtime: &Runtime,
+        allowed: &[Arc<Backend>],
         meta: &RequestMeta,
     ) -> Result<Lease, ClientError> {
         let tokens = meta
             .tokens()
             .saturating_add(meta.completion_reserve(limits.default_max_tokens))
             .min(MAX_TOKENS);
-        let nano = reserved_nano(runtime, meta, limits);
+        let nano = reserved_nano(allowed, meta, limits);
         let now = now_ms();
         // Counters are keyed by an id of our own: a client's `x-request-id` may repeat.
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -299,13 +299,14 @@ impl Limiter {
 }
 
 /// Spend reserved for a request: its tokens at the dearest prices of the backends that
-/// serve its model (all backends when it names none), in nano-USD.
-fn reserved_nano(runtime: &Runtime, meta: &RequestMeta, limits: &TenantLimits) -> i64 {
+/// may serve it (`allowed`: they serve its model, in its format, and the tenant may use
+/// them), in nano-USD.
+fn reserved_nano(allowed: &[Arc<Backend>], meta: &RequestMeta, limits: &TenantLimits) -> i64 {
     if limits.usd_per_day.is_none() {
         return 0;
     }
     let mut dearest = Cost::default();
-    for b in runtime.backends.each_serving(meta.model.as_deref()) {
+    for b in allowed {
         dearest.input = dearest.input.max(b.config.cost.input);
         dearest.output = dearest.output.max(b.config.cost.output);
     }
