@@ -179,6 +179,17 @@ fn http_check(backend: &Backend, path: &str, config: &HealthConfig) -> HttpHealt
     let timeout = Duration::from_millis(config.timeout_ms);
     check.peer_template.options.connection_timeout = Some(timeout);
     check.peer_template.options.read_timeout = Some(timeout);
+    // Any 2xx is healthy (Pingora's default takes only 200: a 204 would fail).
+    check.validator = Some(Box::new(|resp: &pingora::http::ResponseHeader| {
+        if resp.status.is_success() {
+            Ok(())
+        } else {
+            pingora::Error::e_explain(
+                pingora::ErrorType::CustomCode("status", resp.status.as_u16()),
+                format!("answered {}", resp.status.as_u16()),
+            )
+        }
+    }));
     check
 }
 
@@ -191,19 +202,25 @@ async fn probe(built: &Built, config: &HealthConfig) {
     let backend = &built.backend;
     let path = &built.path;
     let timeout = Duration::from_millis(config.timeout_ms);
-    let ok = match pingora::lb::Backend::new(&backend.addr.get().to_string()) {
-        Ok(target) => matches!(
-            tokio::time::timeout(timeout * 2, check.check(&target)).await,
-            Ok(Ok(()))
-        ),
-        Err(_) => false,
+    let outcome = match pingora::lb::Backend::new(&backend.addr.get().to_string()) {
+        Ok(target) => match tokio::time::timeout(timeout * 2, check.check(&target)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer in time".to_string()),
+        },
+        Err(e) => Err(e.to_string()),
     };
-    match backend.stats.health.observe(ok, config.rise, config.fall) {
+    match backend
+        .stats
+        .health
+        .observe(outcome.is_ok(), config.rise, config.fall)
+    {
         Some(true) => {
             info!(target: "switchyard::health", "backend {} is healthy again", backend.name())
         }
         Some(false) => {
-            warn!(target: "switchyard::health", "backend {} is unhealthy ({} failed checks of {path})", backend.name(), config.fall)
+            let why = outcome.err().unwrap_or_default();
+            warn!(target: "switchyard::health", "backend {} is unhealthy ({} failed checks of {path}; the last: {why})", backend.name(), config.fall)
         }
         None => {}
     }

@@ -269,7 +269,7 @@ fn check(config: Option<PathBuf>, mut files: Vec<PathBuf>) -> anyhow::Result<Exi
             policy.version
         );
         if let Some(e) = &report.load_error {
-            println!("FAIL {label}: does not load: {e}");
+            println!("FAIL {label}: {e}");
             failed += 1;
             continue;
         }

@@ -1083,15 +1083,31 @@ async fn a_backend_can_override_the_health_check_path_or_switch_checks_off() {
     let a = mock("a", &[]).await;
     let b = mock("b", &[]).await;
     let unchecked_dead = free_port();
+    // A health endpoint that answers 204 to every probe (for 5 s at most).
+    let no_content = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let no_content_port = no_content.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Ok((mut s, _))) = tokio::time::timeout_at(until, no_content.accept()).await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    let _ = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                }
+            });
+        }
+    });
     let admin = free_port();
     let config = format!(
-        "{}health: {{ interval_ms: 100, timeout_ms: 200, rise: 1, fall: 1 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}    health_path: /no-such-path\n{}    health_path: \"\"\n",
+        "{}health: {{ interval_ms: 100, timeout_ms: 200, rise: 1, fall: 1 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}    health_path: /no-such-path\n{}    health_path: \"\"\n{}",
         admin_config(admin),
         backend("a", a.port, "[m]"),
         backend("b", b.port, "[m]"),
-        backend("c", unchecked_dead, "[m]")
+        backend("c", unchecked_dead, "[m]"),
+        backend("d", no_content_port, "[m]")
     );
-    let _p = proxy(&config, &[]).await;
+    let p = proxy(&config, &[]).await;
     let deadline = Instant::now() + Duration::from_secs(3);
     while admin_backend(admin, "b").await["healthy"] != false {
         assert!(
@@ -1106,6 +1122,13 @@ async fn a_backend_can_override_the_health_check_path_or_switch_checks_off() {
         true,
         "no checks for c, dead as it is"
     );
+    // The log says why b is out.
+    p.wait_log("backend b is unhealthy (1 failed checks of /no-such-path; the last: ")
+        .await;
+    assert!(p.output().contains("answered 404"), "{}", p.output());
+    // Any 2xx is healthy: after several probes, d's 204s still are.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(admin_backend(admin, "d").await["healthy"], true);
 }
 
 // ---- From the operator ----------------------------------------------------------------

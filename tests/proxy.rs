@@ -531,3 +531,26 @@ async fn the_benchmark_pass_throughs_serve_and_the_policy_one_asks_the_policy() 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_cannot_bind_stops_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let m = mock("m1", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}",
+        backend("m1", m.port, "[m]")
+    );
+    let mut p = spawn_proxy(port, &config, &[], &[], &[]);
+    let status = p
+        .wait_exit(Duration::from_secs(10))
+        .expect("the process ends instead of serving nothing");
+    assert!(!status.success());
+    let log = p.output();
+    assert!(
+        log.contains(&format!(
+            "listen[0].addr: cannot listen on 127.0.0.1:{port}"
+        )),
+        "{log}"
+    );
+}

@@ -9,7 +9,7 @@
 use mlua::{Table, Value};
 
 use super::vm::{describe_value, PolicyVm};
-use super::{Decision, Policy};
+use super::{Decision, Policy, PolicyError};
 use crate::config::LuaConfig;
 
 /// Outcome of one test case.
@@ -115,6 +115,26 @@ fn run_cases(
             tests.raw_len()
         ));
     }
+    // A list, every case numbered 1..n: a case after a gap or under a name would be
+    // skipped without a word.
+    let count = tests.raw_len();
+    for pair in tests.pairs::<Value, Value>() {
+        let (key, _) = pair.map_err(|e| e.to_string())?;
+        match key {
+            Value::Integer(i) if i >= 1 && (i as usize) <= count => {}
+            Value::Integer(i) => {
+                return Err(format!(
+                    "`tests` must be a list without gaps: tests[{i}] comes after the list ends at tests[{count}]"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "`tests` must be a list of cases ({{ {{ ... }}, {{ ... }} }}), not have a key {}",
+                    describe_value(&other)
+                ))
+            }
+        }
+    }
     let started = std::time::Instant::now();
     let mut results = Vec::new();
     for (i, case) in tests.sequence_values::<Table>().enumerate() {
@@ -127,12 +147,15 @@ fn run_cases(
         }
         let case = case.map_err(|_| format!("tests[{index}] is not a table"))?;
         let name = case.get::<Option<String>>("name").ok().flatten();
+        let mut names = Vec::new();
         let prepared = (|| -> mlua::Result<(Table, Table)> {
             let req: Table = make_req.call(case.get::<Value>("req")?)?;
             let backends = vm.lua().create_table()?;
             if let Some(list) = case.get::<Option<Table>>("backends")? {
                 for b in list.sequence_values::<Table>() {
-                    backends.raw_push(make_backend.call::<Table>(b?)?)?;
+                    let b = make_backend.call::<Table>(b?)?;
+                    names.push(b.get::<String>("name")?);
+                    backends.raw_push(b)?;
                 }
             }
             Ok((req, backends))
@@ -142,7 +165,17 @@ fn run_cases(
             Err(e) => return Err(format!("tests[{index}]: {e}")),
         };
         let expectation = Expectation::read(&case).map_err(|e| format!("tests[{index}]: {e}"))?;
-        let actual = vm.call(&route, req, backends, usize::MAX);
+        // A name that is none of the case's backends fails a real request (500), so it
+        // fails the case too, whatever the case expected.
+        let actual = vm
+            .call(&route, req, backends, usize::MAX)
+            .and_then(|d| match &d {
+                Decision::Candidates(chosen) => match chosen.iter().find(|n| !names.contains(n)) {
+                    Some(unknown) => Err(PolicyError::UnknownBackend(unknown.clone())),
+                    None => Ok(d),
+                },
+                Decision::Reject { .. } => Ok(d),
+            });
         let actual_text = match &actual {
             Ok(d) => describe_decision(d),
             Err(e) => format!("policy failure: {e}"),
@@ -225,6 +258,43 @@ mod tests {
              return P"
         );
         Policy::new("p", source, PathBuf::from("p.lua"))
+    }
+
+    fn with_tests(tests: &str) -> Report {
+        let source = format!(
+            "local P = {{ tests = {tests} }}\nfunction P.route(req, b) return 'ghost' end\nreturn P"
+        );
+        run(
+            &Policy::new("p", source, PathBuf::from("p.lua")),
+            &LuaConfig::default(),
+        )
+    }
+
+    #[test]
+    fn a_name_none_of_the_cases_backends_fails_the_case_as_it_would_a_request() {
+        let report = with_tests("{ { backends = { { name = 'a' } }, expect = 'ghost' } }");
+        assert!(!report.passed());
+        let case = &report.cases[0];
+        assert!(!case.passed);
+        assert!(case.actual.contains("unknown backend"), "{}", case.actual);
+    }
+
+    #[test]
+    fn every_case_is_in_one_list() {
+        let case = "{ backends = { { name = 'ghost' } }, expect = 'ghost' }";
+        let report = with_tests(&format!("{{ [1] = {case}, [3] = {case} }}"));
+        let error = report.load_error.unwrap();
+        assert!(
+            error.contains("tests[3] comes after the list ends at tests[1]"),
+            "{error}"
+        );
+        let report = with_tests(&format!("{{ first = {case} }}"));
+        let error = report.load_error.unwrap();
+        assert!(
+            error.contains("not have a key a string (\"first\")"),
+            "{error}"
+        );
+        assert!(with_tests(&format!("{{ {case}, {case} }}")).passed());
     }
 
     #[test]
