@@ -90,14 +90,14 @@ impl ServeHttp for Admin {
                 Err(resp) => resp,
             },
             (Method::DELETE, p) if p.starts_with("/admin/backends/") => {
-                let name = p["/admin/backends/".len()..].to_string();
+                let name = decoded(&p["/admin/backends/".len()..]);
                 self.remove_backend(&name).await
             }
             (Method::POST, p) if p.starts_with("/admin/backends/") => {
                 let rest = &p["/admin/backends/".len()..];
                 match rest.rsplit_once('/') {
-                    Some((name, "drain")) => self.drain(name, true),
-                    Some((name, "undrain")) => self.drain(name, false),
+                    Some((name, "drain")) => self.drain(&decoded(name), true),
+                    Some((name, "undrain")) => self.drain(&decoded(name), false),
                     _ => error(StatusCode::NOT_FOUND, "unknown admin endpoint"),
                 }
             }
@@ -387,6 +387,13 @@ fn error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
         status,
         json!({ "error": { "message": message, "type": "admin_error", "param": null, "code": status.as_u16().to_string() } }),
     )
+}
+
+/// A backend name from a path segment, percent-decoded (`sp%20ace` is `sp ace`).
+fn decoded(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

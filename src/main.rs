@@ -218,6 +218,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// case and a summary per policy.
 fn check(config: Option<PathBuf>, mut files: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
     let mut limits = LuaConfig::default();
+    // With a config, a test case may not return a name none of its backends has.
+    let mut configured: Option<Vec<String>> = None;
     if let Some(path) = config {
         let loaded = match Config::load(&path) {
             Ok(c) => c,
@@ -241,6 +243,7 @@ fn check(config: Option<PathBuf>, mut files: Vec<PathBuf>) -> anyhow::Result<Exi
                 .collect();
         }
         limits = loaded.lua;
+        configured = Some(loaded.backends.iter().map(|b| b.name.clone()).collect());
     }
     if files.is_empty() {
         for entry in std::fs::read_dir("policies").context("reading ./policies")? {
@@ -261,7 +264,7 @@ fn check(config: Option<PathBuf>, mut files: Vec<PathBuf>) -> anyhow::Result<Exi
                 continue;
             }
         };
-        let report = testing::run(&policy, &limits);
+        let report = testing::run(&policy, &limits, configured.as_deref());
         let label = format!(
             "{} ({}, version {})",
             policy.name,

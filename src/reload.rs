@@ -210,7 +210,13 @@ impl Reloader {
                 continue;
             }
             let version = candidate.version.clone();
-            match policy::validate(candidate, &current.config.lua) {
+            let backends: Vec<String> = current
+                .config
+                .backends
+                .iter()
+                .map(|b| b.name.clone())
+                .collect();
+            match policy::validate(candidate, &current.config.lua, &backends) {
                 Ok(p) => {
                     self.loaded(&p, serving.as_deref(), &mut report);
                     policies.insert(Arc::new(p));

@@ -61,6 +61,11 @@ impl Runtime {
             &config.policy_names(),
             &config.lua,
             in_service,
+            &config
+                .backends
+                .iter()
+                .map(|b| b.name.clone())
+                .collect::<Vec<_>>(),
         );
         // Every problem at once, the backends' and the policies'.
         let (backends, (policies, kept)) = match (backends, policies) {

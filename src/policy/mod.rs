@@ -93,6 +93,7 @@ impl PolicySet {
         names: &[String],
         limits: &LuaConfig,
         in_service: Option<&PolicySet>,
+        backends: &[String],
     ) -> Result<(PolicySet, Vec<Kept>), Vec<String>> {
         let mut set = PolicySet::default();
         let mut kept = Vec::new();
@@ -101,7 +102,7 @@ impl PolicySet {
             let path = dir.join(format!("{name}.lua"));
             let read = Policy::read(&path);
             let version = read.as_ref().map_or("-".to_string(), |p| p.version.clone());
-            match read.and_then(|p| validate(p, limits)) {
+            match read.and_then(|p| validate(p, limits, backends)) {
                 Ok(p) => {
                     set.by_name.insert(name.clone(), Arc::new(p));
                 }
@@ -139,8 +140,9 @@ impl PolicySet {
 }
 
 /// Compile a policy and run its `tests` in a fresh sandbox; the policy back if all pass.
-pub fn validate(policy: Policy, limits: &LuaConfig) -> Result<Policy, String> {
-    let report = testing::run(&policy, limits);
+/// `backends`: the config's backend names (a case may not return a name no backend has).
+pub fn validate(policy: Policy, limits: &LuaConfig, backends: &[String]) -> Result<Policy, String> {
+    let report = testing::run(&policy, limits, Some(backends));
     match report.failure_summary() {
         None => Ok(policy),
         Some(why) => Err(format!(

@@ -64,7 +64,7 @@ impl Report {
 }
 
 /// Compile `policy` in a fresh sandbox and run its `tests`.
-pub fn run(policy: &Policy, limits: &LuaConfig) -> Report {
+pub fn run(policy: &Policy, limits: &LuaConfig, configured: Option<&[String]>) -> Report {
     let mut report = Report {
         policy: policy.name.clone(),
         version: policy.version.clone(),
@@ -74,7 +74,7 @@ pub fn run(policy: &Policy, limits: &LuaConfig) -> Report {
     let outcome = PolicyVm::new(limits)
         .map_err(|e| e.to_string())
         .and_then(|mut vm| {
-            run_cases(&mut vm, policy, CASES_TIME).map(|cases| report.cases = cases)
+            run_cases(&mut vm, policy, CASES_TIME, configured).map(|cases| report.cases = cases)
         });
     if let Err(e) = outcome {
         report.load_error = Some(e);
@@ -88,10 +88,14 @@ const MAX_CASES: usize = 1000;
 /// budget, but many cases that spend it would hold `check`, start-up or a reload for long.
 const CASES_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// `configured`: the names of the config's backends, when known. A name a case returns
+/// that is neither among the case's backends nor configured fails the case, as it would
+/// fail every request once in service.
 fn run_cases(
     vm: &mut PolicyVm,
     policy: &Policy,
     within: std::time::Duration,
+    configured: Option<&[String]>,
 ) -> Result<Vec<CaseResult>, String> {
     let module = vm.ensure_loaded(policy).map_err(|e| e.to_string())?;
     let route = module
@@ -165,12 +169,13 @@ fn run_cases(
             Err(e) => return Err(format!("tests[{index}]: {e}")),
         };
         let expectation = Expectation::read(&case).map_err(|e| format!("tests[{index}]: {e}"))?;
-        // A name that is none of the case's backends fails a real request (500), so it
-        // fails the case too, whatever the case expected.
+        // A name no backend has fails a real request (500), so it fails the case too,
+        // whatever the case expected.
+        let unknown = |n: &String| !names.contains(n) && configured.is_some_and(|c| !c.contains(n));
         let actual = vm
             .call(&route, req, backends, usize::MAX)
             .and_then(|d| match &d {
-                Decision::Candidates(chosen) => match chosen.iter().find(|n| !names.contains(n)) {
+                Decision::Candidates(chosen) => match chosen.iter().find(|n| unknown(n)) {
                     Some(unknown) => Err(PolicyError::UnknownBackend(unknown.clone())),
                     None => Ok(d),
                 },
@@ -267,16 +272,26 @@ mod tests {
         run(
             &Policy::new("p", source, PathBuf::from("p.lua")),
             &LuaConfig::default(),
+            Some(&["a".to_string()]),
         )
     }
 
     #[test]
-    fn a_name_none_of_the_cases_backends_fails_the_case_as_it_would_a_request() {
+    fn a_name_no_backend_has_fails_the_case_as_it_would_a_request() {
+        // `ghost` is neither among the case's backends nor configured (`a` is).
         let report = with_tests("{ { backends = { { name = 'a' } }, expect = 'ghost' } }");
         assert!(!report.passed());
         let case = &report.cases[0];
         assert!(!case.passed);
         assert!(case.actual.contains("unknown backend"), "{}", case.actual);
+        // A configured name the case does not list is a backend the policy may name.
+        let source = "local P = { tests = { { backends = { { name = 'b' } }, expect = 'a' } } }\n\
+                      function P.route(req, b) return 'a' end\nreturn P";
+        let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
+        assert!(run(&policy, &LuaConfig::default(), Some(&["a".to_string()])).passed());
+        // Without the config (`switchyard check FILE`), only the case's names are known.
+        let report = with_tests("{ { backends = { { name = 'ghost' } }, expect = 'ghost' } }");
+        assert!(report.passed());
     }
 
     #[test]
@@ -300,16 +315,16 @@ mod tests {
     #[test]
     fn tests_are_bounded_in_number_and_in_time_together() {
         let limits = LuaConfig::default();
-        let report = run(&policy(MAX_CASES, "return b[1].name"), &limits);
+        let report = run(&policy(MAX_CASES, "return b[1].name"), &limits, None);
         assert!(report.passed(), "{:?}", report.load_error);
-        let report = run(&policy(MAX_CASES + 1, "return b[1].name"), &limits);
+        let report = run(&policy(MAX_CASES + 1, "return b[1].name"), &limits, None);
         let error = report.load_error.unwrap();
         assert!(error.contains("at most 1000"), "{error}");
 
         // Every case spends its whole budget: they stop once the time is up.
         let mut vm = PolicyVm::new(&limits).unwrap();
         let looping = policy(200, "while true do end");
-        let error = run_cases(&mut vm, &looping, Duration::from_millis(50)).unwrap_err();
+        let error = run_cases(&mut vm, &looping, Duration::from_millis(50), None).unwrap_err();
         assert!(error.contains("took longer than 50 ms"), "{error}");
     }
 }
