@@ -435,6 +435,10 @@ pub fn is_json(head: &RequestHeader) -> bool {
 /// Whether `path` has a `.` or `..` segment, plain or percent-encoded (`%2e`): a backend
 /// or a server in front of it may resolve it, and the client would choose the upstream path.
 pub fn has_dot_segment(path: &str) -> bool {
+    // Most paths have no dot or escape at all: one scan, nothing allocated.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
     path.split('/').any(|segment| {
         let dots = segment.replace("%2e", ".").replace("%2E", ".");
         dots == "." || dots == ".."
@@ -452,4 +456,32 @@ pub fn needs_model(method: &str, path: &str) -> bool {
                 | "/v1/messages"
                 | "/v1/responses"
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_dot_segment;
+
+    #[test]
+    fn dot_segments_plain_or_escaped_and_nothing_else() {
+        for path in [
+            "/v1/../x",
+            "/v1/./x",
+            "/v1/%2e%2E/x",
+            "/v1/.%2e",
+            "/.",
+            "/v1/x/..",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/models/gpt-4.1",
+            "/v1/..x",
+            "/v1/a%2fb",
+            "/",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
 }
