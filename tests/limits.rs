@@ -224,6 +224,14 @@ async fn a_daily_budget_stops_the_tenant_and_says_when_it_resets() {
     let left: f64 = header(&h, "x-ratelimit-remaining-usd").parse().unwrap();
     assert!((left - 0.44).abs() < 1e-6, "remaining {left}");
     assert_eq!(received(&m).await.len(), 7);
+    // A request that could never fit says so, not that the budget was reached.
+    let huge = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":500");
+    let (status, _, text) = post(&p, &huge, &[]).await;
+    assert_eq!(status, 429);
+    assert!(
+        text.contains("request too large: it may cost $5.0"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -228,7 +228,7 @@ impl Limiter {
                 Err(ClientError::RateLimited(Box::new(Exceeded {
                     kind,
                     retry_after_secs,
-                    message: message(kind, limits, tokens, retry_after_secs),
+                    message: message(kind, limits, tokens, nano, retry_after_secs),
                     headers: headers(limits, &snapshot, now, Some((kind, retry_ms))),
                 })))
             }
@@ -321,7 +321,7 @@ pub fn nano_usd(usd: f64) -> i64 {
     (usd * NANO_PER_USD).round() as i64
 }
 
-fn message(kind: Kind, limits: &TenantLimits, tokens: u64, retry: u64) -> String {
+fn message(kind: Kind, limits: &TenantLimits, tokens: u64, nano: i64, retry: u64) -> String {
     match kind {
         Kind::Concurrent => format!(
             "rate limit reached: at most {} requests in flight for this API key; retry in {retry}s",
@@ -339,6 +339,13 @@ fn message(kind: Kind, limits: &TenantLimits, tokens: u64, retry: u64) -> String
             "rate limit reached: {} tokens per minute for this API key; retry in {retry}s",
             limits.tpm.unwrap_or(0)
         ),
+        Kind::Spend if nano as f64 / NANO_PER_USD > limits.usd_per_day.unwrap_or(0.0) => {
+            format!(
+                "request too large: it may cost ${:.2} (prompt + max_tokens at the dearest backend it may use) and the daily budget is ${:.2}; lower max_tokens",
+                nano as f64 / NANO_PER_USD,
+                limits.usd_per_day.unwrap_or(0.0)
+            )
+        }
         Kind::Spend => format!(
             "daily budget of ${:.2} reached for this API key; it resets at 00:00 UTC, in {retry}s",
             limits.usd_per_day.unwrap_or(0.0)
