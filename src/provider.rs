@@ -179,8 +179,10 @@ fn upstream_path(
         .unwrap_or(DEFAULT_AZURE_API_VERSION);
     let mut out = format!("{prefix}{path}?");
     for pair in query.split('&') {
+        // Compared decoded: `api%2Dversion` is the same parameter to Azure.
         let name = pair.split('=').next().unwrap_or("");
-        if !pair.is_empty() && name != "api-version" {
+        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        if !pair.is_empty() && !name.eq_ignore_ascii_case("api-version") {
             out.push_str(pair);
             out.push('&');
         }
@@ -280,7 +282,11 @@ mod tests {
     #[test]
     fn azure_gets_the_deployment_path_and_api_version() {
         let b = backend("azure", "http://127.0.0.1:9/", "");
-        let h = prepared(&b, "/v1/chat/completions?api-version=evil&x=1", &[]);
+        let h = prepared(
+            &b,
+            "/v1/chat/completions?api-version=evil&x=1&api%2Dversion=evil&API-Version=evil",
+            &[],
+        );
         assert_eq!(
             h.uri.path_and_query().unwrap().as_str(),
             format!("/openai/deployments/up-m/chat/completions?x=1&api-version={DEFAULT_AZURE_API_VERSION}")
