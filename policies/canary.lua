@@ -1,7 +1,8 @@
 -- canary: send params.percent (default 10) percent of traffic to the backends tagged
 -- `track = "canary"`, the rest to the others: for model version roll-outs and A/B tests.
 -- The split is sticky: a session (req.session), else a tenant, always lands on the same
--- side. A canary request fails over to the stable pool; a stable one never to the canary.
+-- side. A canary request fails over to the stable pool; a stable one never to the canary,
+-- unless no stable backend is offered at all (then the canary serves rather than none).
 -- params.key = "tenant" makes the tenant the sticky key even when a session exists.
 
 local P = { name = "canary" }
@@ -55,6 +56,8 @@ P.tests = {
   { name = "0% never canaries", req = { session = "s1", params = { percent = 0 } }, backends = pool, expect = { "stable-1" } },
   { name = "100% always canaries, stable as failover", req = { session = "s1", params = { percent = 100 } },
     backends = pool, expect = { "canary-1", "stable-1" } },
+  { name = "no stable backend offered: the canary serves", req = { session = "s1", params = { percent = 0 } },
+    backends = { pool[2] }, expect = { "canary-1" } },
 }
 
 return P
