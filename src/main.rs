@@ -60,10 +60,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         chunk_delay_ms: u64,
         /// Share of requests answered 503 (0..1).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = share)]
         fail_rate: f64,
         /// Share of requests answered 429 with Retry-After (0..1).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = share)]
         rate_limit_rate: f64,
         /// Retry-After seconds on a 429.
         #[arg(long, default_value_t = 1)]
@@ -311,4 +311,24 @@ fn check(config: Option<PathBuf>, mut files: Vec<PathBuf>) -> anyhow::Result<Exi
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A share of requests, from 0 to 1.
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{text}` is not a share from 0 to 1")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_share_is_from_0_to_1() {
+        assert_eq!(super::share("0.25"), Ok(0.25));
+        assert_eq!(super::share("1"), Ok(1.0));
+        for bad in ["5", "-0.1", "NaN", "half"] {
+            assert!(super::share(bad).is_err(), "{bad}");
+        }
+    }
 }
