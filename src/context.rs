@@ -303,7 +303,11 @@ impl RequestCtx {
     /// stands for it, as for a stream that broke off later. Call after
     /// [`Self::read_usage`].
     pub fn count_abandoned(&mut self) {
-        if self.usage.is_none() && self.status == 499 && self.current.is_some() {
+        // A plain answer cut off after its head was generated whole: its usage is unknown
+        // and its reservation stands.
+        let before_output =
+            self.served_by.is_none() || self.meta.as_ref().is_some_and(|m| m.stream);
+        if self.usage.is_none() && self.status == 499 && self.current.is_some() && before_output {
             self.usage = Some(Usage {
                 prompt_tokens: self.meta.as_ref().map_or(0, |m| m.tokens()),
                 completion_tokens: 0,

@@ -31,9 +31,10 @@ pub enum ClientError {
     /// The body is valid JSON but not an object.
     #[error("the request body must be a JSON object")]
     NotAnObject,
-    /// A path with a `.` or `..` segment (plain or percent-encoded): what it names
-    /// depends on who reads it, so it is never passed on.
-    #[error("the path may not contain `.` or `..` segments")]
+    /// A path with a `.` or `..` segment (plain or percent-encoded), an encoded slash or
+    /// a backslash, or a target that is not a path: what it names depends on who reads
+    /// it, so it is never passed on.
+    #[error("the path may not contain `.` or `..` segments, encoded slashes or backslashes")]
     DotSegment,
     /// No configured backend serves the model.
     #[error("the model `{0}` does not exist or you do not have access to it")]
@@ -62,12 +63,9 @@ pub enum ClientError {
     /// No route, or no API at this path.
     #[error("unknown path `{0}`")]
     NotFound(String),
-    /// A request that names no model (a files, batches or realtime call, any body that is
-    /// not JSON): Switchyard forwards only model requests, so that a tenant's rules hold
-    /// for every request sent with a backend's key.
-    #[error(
-        "`{0}` is not served here: Switchyard forwards requests whose JSON body names a model"
-    )]
+    /// Not one of the model APIs Switchyard forwards (files, batches, realtime sessions,
+    /// any GET): so that a tenant's rules hold for every request sent with a backend's key.
+    #[error("`{0}` is not served here: Switchyard forwards the model APIs (chat, completions, embeddings, responses, messages, ...), each a POST whose JSON body names a model")]
     NotProxied(String),
     /// The route's policy failed (error, budget, bad return) and no fallback saved it.
     #[error("the routing policy failed for this request")]

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use log::warn;
-use pingora::http::RequestHeader;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -417,53 +416,59 @@ pub fn body_for(body: &Bytes, meta: &RequestMeta, backend: &Backend) -> Bytes {
     }
 }
 
-/// Whether the body is JSON to read (JSON content type, or none given).
-pub fn is_json(head: &RequestHeader) -> bool {
-    match head
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        None => true,
-        Some(ct) => {
-            let ct = ct.split(';').next().unwrap_or("").trim();
-            ct.eq_ignore_ascii_case("application/json") || ct.ends_with("+json")
-        }
-    }
-}
-
-/// Whether `path` has a `.` or `..` segment, plain or percent-encoded (`%2e`): a backend
-/// or a server in front of it may resolve it, and the client would choose the upstream path.
-pub fn has_dot_segment(path: &str) -> bool {
-    // Most paths have no dot or escape at all: one scan, nothing allocated.
-    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+/// Whether `path` could name another path to whoever reads it next: a `.` or `..`
+/// segment (plain, percent-encoded, or before a `;` parameter), or an encoded slash or a
+/// backslash, which servers in front of a backend may turn into a separator. No API
+/// Switchyard serves has any of them.
+pub fn is_ambiguous_path(path: &str) -> bool {
+    // Most paths have no dot, escape or backslash at all: one scan, nothing allocated.
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
         return false;
     }
-    path.split('/').any(|segment| {
-        let dots = segment.replace("%2e", ".").replace("%2E", ".");
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return true;
+    }
+    lower.split('/').any(|segment| {
+        let segment = segment.split(';').next().unwrap_or_default();
+        let dots = segment.replace("%2e", ".");
         dots == "." || dots == ".."
     })
 }
 
-/// APIs whose requests must name a model.
-pub fn needs_model(method: &str, path: &str) -> bool {
+/// The APIs Switchyard forwards, all `POST` with a JSON body naming a model: OpenAI's
+/// inference APIs, Anthropic's Messages API, the rerank and score APIs of vLLM and
+/// others, and Ollama's own. Anything else (files, batches, fine-tuning, assistants,
+/// realtime sessions, stored completions) is refused before its body is read: with a
+/// backend's key, it would reach the provider account every tenant shares.
+pub fn is_model_api(method: &str, path: &str) -> bool {
     method == "POST"
         && matches!(
-            path.trim_end_matches('/'),
+            path.strip_suffix('/').unwrap_or(path),
             "/v1/chat/completions"
                 | "/v1/completions"
                 | "/v1/embeddings"
-                | "/v1/messages"
                 | "/v1/responses"
+                | "/v1/moderations"
+                | "/v1/images/generations"
+                | "/v1/audio/speech"
+                | "/v1/messages"
+                | "/v1/messages/count_tokens"
+                | "/v1/rerank"
+                | "/v1/score"
+                | "/api/chat"
+                | "/api/generate"
+                | "/api/embed"
+                | "/api/embeddings"
         )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::has_dot_segment;
+    use super::{is_ambiguous_path, is_model_api};
 
     #[test]
-    fn dot_segments_plain_or_escaped_and_nothing_else() {
+    fn dot_segments_encoded_slashes_and_backslashes_are_ambiguous() {
         for path in [
             "/v1/../x",
             "/v1/./x",
@@ -471,17 +476,39 @@ mod tests {
             "/v1/.%2e",
             "/.",
             "/v1/x/..",
+            "/v1/..%2f..%2fadmin",
+            "/v1/a%2Fb",
+            "/v1/..%5cadmin",
+            "/v1/..\\admin",
+            "/v1/..;x=1/admin",
         ] {
-            assert!(has_dot_segment(path), "{path}");
+            assert!(is_ambiguous_path(path), "{path}");
         }
         for path in [
             "/v1/chat/completions",
             "/v1/models/gpt-4.1",
             "/v1/..x",
-            "/v1/a%2fb",
+            "/v1/a%20b",
             "/",
         ] {
-            assert!(!has_dot_segment(path), "{path}");
+            assert!(!is_ambiguous_path(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn only_model_apis_are_forwarded() {
+        assert!(is_model_api("POST", "/v1/chat/completions"));
+        assert!(is_model_api("POST", "/v1/messages/count_tokens/"));
+        assert!(is_model_api("POST", "/api/chat"));
+        for (method, path) in [
+            ("GET", "/v1/chat/completions"),
+            ("POST", "/v1/realtime/sessions"),
+            ("POST", "/v1/batches"),
+            ("POST", "/v1/files"),
+            ("PUT", "/v1/chat/completions"),
+            ("POST", "/v1/chat/completions//"),
+        ] {
+            assert!(!is_model_api(method, path), "{method} {path}");
         }
     }
 }

@@ -564,7 +564,7 @@ impl ProxyHttp for Switchyard {
             "{} {} {} status={} tenant={} model={} policy={} attempts=[{}] tokens_in={} tokens_out={} ms={:.1}{}",
             ctx.request_id,
             head.method,
-            head.uri.path(),
+            logging::Untrusted(head.uri.path()),
             ctx.status,
             meta.map_or("-", |m| m.tenant.as_str()),
             logging::Untrusted(meta.and_then(|m| m.model.as_deref()).unwrap_or("-")),
@@ -594,6 +594,7 @@ fn remove_backend_headers(response: &mut ResponseHeader) {
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
     const PROJECT: HeaderName = HeaderName::from_static("openai-project");
+    const ANTHROPIC_ORGANIZATION: HeaderName = HeaderName::from_static("anthropic-organization-id");
     let hop = |n: &HeaderName| {
         [
             &CONNECTION,
@@ -604,6 +605,10 @@ fn remove_backend_headers(response: &mut ResponseHeader) {
             &UPGRADE,
             &ORGANIZATION,
             &PROJECT,
+            &ANTHROPIC_ORGANIZATION,
+            // A provider's cookies (a CDN's bot-management one) would be shared by
+            // every tenant.
+            &http::header::SET_COOKIE,
         ]
         .contains(&n)
             || n.as_str().starts_with("x-ratelimit-")
@@ -681,7 +686,10 @@ async fn admit(
     }
     let head = session.req_header();
     let path = head.uri.path().to_string();
-    if plan::has_dot_segment(&path) {
+    // The target as sent goes upstream when the path is not rewritten: it must be the
+    // path checked here (`x/../v1` parses as `/`), or an absolute URI.
+    let raw_is_path = head.raw_path().starts_with(b"/") || head.uri.scheme().is_some();
+    if !raw_is_path || plan::is_ambiguous_path(&path) {
         return Err(ClientError::DotSegment);
     }
     let tenant = runtime.tenants.authenticate(&head.headers).map_err(|why| {
@@ -705,8 +713,15 @@ async fn admit(
     if meta.region.is_none() {
         meta.region = tenant.region.clone();
     }
-    // The OpenAI APIs take JSON whatever the content type says (curl -d sends a form type).
-    let json = plan::is_json(head) || plan::needs_model(head.method.as_str(), &path);
+    // Only model APIs go upstream: a tenant's rules (models, regions, token limits) hold
+    // for every request sent with a backend's key.
+    if !plan::is_model_api(head.method.as_str(), &path) {
+        return Err(ClientError::NotProxied(format!(
+            "{} {}",
+            head.method,
+            path.chars().take(200).collect::<String>()
+        )));
+    }
     let proxy = &runtime.config.proxy;
     let body = body::read(
         session,
@@ -714,23 +729,12 @@ async fn admit(
         Duration::from_millis(proxy.body_timeout_ms),
     )
     .await?;
-    if let (Some(b), true) = (&body, json) {
+    // Read as JSON whatever the content type says (curl -d sends a form type).
+    if let Some(b) = &body {
         meta.read_json_body(b)?;
     }
     if meta.model.is_none() {
-        // Only model requests go upstream: a tenant's rules (models, regions, token
-        // limits) hold for every request sent with a backend's key.
-        return Err(
-            if (json && body.is_some()) || plan::needs_model(&meta.method, &path) {
-                ClientError::MissingModel
-            } else {
-                ClientError::NotProxied(format!(
-                    "{} {}",
-                    meta.method,
-                    path.chars().take(200).collect::<String>()
-                ))
-            },
-        );
+        return Err(ClientError::MissingModel);
     }
     let meta = Arc::new(meta);
     ctx.meta = Some(meta.clone());

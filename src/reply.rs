@@ -32,7 +32,7 @@ pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientEr
         target: "switchyard::reject",
         "{} {} -> {} {}",
         ctx.request_id,
-        session.req_header().uri.path(),
+        crate::logging::Untrusted(session.req_header().uri.path()),
         error.status(),
         // Its message may quote what the client sent (a model name).
         crate::policy::printable(error.to_string().as_bytes())

@@ -101,8 +101,10 @@ impl UsageStripper {
             return chunk.clone();
         }
         let Some(last_nl) = memchr::memrchr(b'\n', chunk) else {
+            // A CR not followed by LF, in this chunk or ending the one before.
             let bare_cr = memchr::memchr_iter(b'\r', chunk)
-                .any(|i| chunk.get(i + 1).is_some_and(|&next| next != b'\n'));
+                .any(|i| chunk.get(i + 1).is_some_and(|&next| next != b'\n'))
+                || (self.held.last() == Some(&b'\r') && chunk.first() != Some(&b'\n'));
             if bare_cr || self.held.len() + chunk.len() > MAX_HELD_BYTES {
                 self.pass_through = bare_cr;
                 let mut out = std::mem::take(&mut self.held);
@@ -282,6 +284,11 @@ mod tests {
         let second = Bytes::from_static(b"data: [DONE]\r\r");
         assert_eq!(s.filter(&second), second);
         assert!(s.finish().is_empty());
+        // Flushed a line at a time, each CR at a chunk's end: told by the next chunk.
+        let mut s = UsageStripper::default();
+        assert!(s.filter(&Bytes::from_static(b"data: 1\r")).is_empty());
+        assert_eq!(&s.filter(&Bytes::from_static(b"\r"))[..], b"data: 1\r\r");
+        assert_eq!(&s.filter(&Bytes::from_static(b"data: 2\r"))[..], b"data: 2\r");
         // A CRLF stream split between its CR and LF is still read line by line.
         let upstream =
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\n\r\ndata: [DONE]\r\n\r\n";

@@ -64,16 +64,22 @@ async fn only_requests_that_name_a_model_go_upstream() {
         assert_eq!(error_code(&body), "not_found", "{body}");
         assert!(body.contains("GET /v1/"), "{body}");
     }
-    // A body that is not read as JSON (another content type, on a path that does not
-    // need a model) names no model either, whatever it holds.
-    let r = client()
-        .post(p.url("/v1/chat%2Fcompletions"))
-        .header("content-type", "text/plain")
-        .body(BODY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    // Nor does any other API, whatever its body names: a realtime session would mint a
+    // credential of the backend's account.
+    for path in [
+        "/v1/realtime/sessions",
+        "/v1/batches",
+        "/v1/chat/completions/x",
+    ] {
+        let r = client()
+            .post(p.url(path))
+            .header("content-type", "text/plain")
+            .body(BODY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
     // A JSON body without a model is told to name one.
     let r = client()
         .post(p.url("/v1/images/generations"))
@@ -122,6 +128,8 @@ async fn dot_segments_are_refused_and_upgrades_are_not_passed_on() {
         "/v1/./chat/completions",
         "/v1/%2e%2e/%2E%2e/admin",
         "/v1/.%2e/chat/completions",
+        "/v1/..%2f..%2fadmin",
+        "x/../v1/chat/completions",
     ] {
         let answer = exchange(p.port, &post(path, "", BODY)).await;
         assert_eq!(status_of(&answer), 400, "{path}: {answer}");

@@ -122,6 +122,18 @@ fn run_cases(
     // A list, every case numbered 1..n: a case after a gap or under a name would be
     // skipped without a word.
     let count = tests.raw_len();
+    // `{ a, nil, c }` has a length of 3 with nothing at 2: each place must hold a case.
+    for i in 1..=count {
+        if tests
+            .raw_get::<Value>(i)
+            .map_err(|e| e.to_string())?
+            .is_nil()
+        {
+            return Err(format!(
+                "`tests` must be a list without gaps: tests[{i}] is nil (a case held in a misspelled variable?)"
+            ));
+        }
+    }
     for pair in tests.pairs::<Value, Value>() {
         let (key, _) = pair.map_err(|e| e.to_string())?;
         match key {
@@ -158,7 +170,7 @@ fn run_cases(
             if let Some(list) = case.get::<Option<Table>>("backends")? {
                 for b in list.sequence_values::<Table>() {
                     let b = make_backend.call::<Table>(b?)?;
-                    names.push(b.get::<String>("name")?);
+                    names.extend(b.get::<Option<String>>("name")?);
                     backends.raw_push(b)?;
                 }
             }
@@ -289,9 +301,13 @@ mod tests {
                       function P.route(req, b) return 'a' end\nreturn P";
         let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
         assert!(run(&policy, &LuaConfig::default(), Some(&["a".to_string()])).passed());
-        // Without the config (`switchyard check FILE`), only the case's names are known.
-        let report = with_tests("{ { backends = { { name = 'ghost' } }, expect = 'ghost' } }");
-        assert!(report.passed());
+        // Without the config (`switchyard check FILE`) a name the case does not list may
+        // be a configured backend: it is not held against the case.
+        let source =
+            "local P = { tests = { { backends = { { name = 'b' } }, expect = 'ghost' } } }\n\
+                      function P.route(req, b) return 'ghost' end\nreturn P";
+        let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
+        assert!(run(&policy, &LuaConfig::default(), None).passed());
     }
 
     #[test]
@@ -303,6 +319,9 @@ mod tests {
             error.contains("tests[3] comes after the list ends at tests[1]"),
             "{error}"
         );
+        let report = with_tests(&format!("{{ {case}, nil, {case} }}"));
+        let error = report.load_error.unwrap();
+        assert!(error.contains("tests[2] is nil"), "{error}");
         let report = with_tests(&format!("{{ first = {case} }}"));
         let error = report.load_error.unwrap();
         assert!(
