@@ -708,11 +708,6 @@ async fn admit(
             _ => {}
         }
     }
-    let mut meta = RequestMeta::from_head(head.method.as_str(), &path, &head.headers);
-    meta.tenant = tenant.name.clone();
-    if meta.region.is_none() {
-        meta.region = tenant.region.clone();
-    }
     // Only model APIs go upstream: a tenant's rules (models, regions, token limits) hold
     // for every request sent with a backend's key.
     if !plan::is_model_api(head.method.as_str(), &path) {
@@ -721,6 +716,11 @@ async fn admit(
             head.method,
             path.chars().take(200).collect::<String>()
         )));
+    }
+    let mut meta = RequestMeta::from_head(head.method.as_str(), &path, &head.headers);
+    meta.tenant = tenant.name.clone();
+    if meta.region.is_none() {
+        meta.region = tenant.region.clone();
     }
     let proxy = &runtime.config.proxy;
     let body = body::read(

@@ -288,7 +288,10 @@ mod tests {
         let mut s = UsageStripper::default();
         assert!(s.filter(&Bytes::from_static(b"data: 1\r")).is_empty());
         assert_eq!(&s.filter(&Bytes::from_static(b"\r"))[..], b"data: 1\r\r");
-        assert_eq!(&s.filter(&Bytes::from_static(b"data: 2\r"))[..], b"data: 2\r");
+        assert_eq!(
+            &s.filter(&Bytes::from_static(b"data: 2\r"))[..],
+            b"data: 2\r"
+        );
         // A CRLF stream split between its CR and LF is still read line by line.
         let upstream =
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\n\r\ndata: [DONE]\r\n\r\n";

@@ -61,14 +61,6 @@ async fn exchange(port: u16, bytes: &[u8]) -> String {
     until_closed(&mut conn, Duration::from_secs(10)).await
 }
 
-fn status_of(answer: &str) -> u16 {
-    answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
-}
-
 fn code_of(answer: &str) -> String {
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
     // A chunked answer's body starts with a size line.

@@ -35,14 +35,6 @@ async fn exchange(port: u16, request: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-fn status_of(answer: &str) -> u16 {
-    answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
-}
-
 fn post(path: &str, extra_headers: &str, body: &str) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}",
