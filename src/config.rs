@@ -928,6 +928,21 @@ impl Config {
                 }
             }
         }
+        // The audit file is opened at start: its directory must be there (read at start
+        // only, so a reload does not look).
+        if let Some(audit) = self.audit.as_ref().filter(|_| tls) {
+            let dir = audit
+                .path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                problems.push(format!(
+                    "audit.path: the directory {} does not exist",
+                    dir.display()
+                ));
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
             let named = std::iter::once(("policy", &r.policy))
                 .chain(r.fallback_policy.iter().map(|f| ("fallback_policy", f)));
@@ -1071,6 +1086,27 @@ backends:
             );
         }
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn the_audit_file_must_be_in_a_directory_that_exists() {
+        let text = format!("{GOOD}audit: {{ path: /nonexistent/dir/audit.log }}\n");
+        let problems = Config::from_text_at(&text, Path::new("sy.yaml"), Files::All)
+            .unwrap_err()
+            .problems;
+        assert!(
+            problems.contains(&"audit.path: the directory /nonexistent/dir does not exist".into()),
+            "{problems:?}"
+        );
+        let stdout = format!("{GOOD}audit: {{ path: \"-\" }}\n");
+        let problems = Config::from_text_at(&stdout, Path::new("sy.yaml"), Files::All)
+            .err()
+            .map(|e| e.problems)
+            .unwrap_or_default();
+        assert!(
+            !problems.iter().any(|p| p.starts_with("audit")),
+            "{problems:?}"
+        );
     }
 
     #[test]
