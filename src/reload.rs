@@ -163,22 +163,31 @@ impl Reloader {
     /// is reported as such, then the config file if its content changed, and the listener
     /// certificates (unchanged ones are passed over).
     pub fn reload_volume(&self) -> ReloadReport {
-        let mut report = self.reload_policies();
-        if let Some(path) = &self.config_path {
+        let changed_config = self.config_path.as_ref().filter(|path| {
             let now = std::fs::read(path).ok();
             let in_service = self
                 .config_in_service
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let unchanged = now.is_some() && *in_service == now;
-            drop(in_service);
-            if !unchanged {
+            !(now.is_some() && *in_service == now)
+        });
+        // A new config comes first: it loads the policies too, and their tests may name
+        // backends it adds. Only if it is refused are the policies checked on their own,
+        // against the config in service.
+        let mut report = match changed_config {
+            Some(path) => {
                 let config = self.reload_config(path);
-                report.loaded.extend(config.loaded);
-                report.rejected.extend(config.rejected);
-                report.config_errors = config.config_errors;
+                if config.config_errors.is_empty() {
+                    config
+                } else {
+                    let mut policies = self.reload_policies();
+                    policies.config_errors = config.config_errors;
+                    policies.rejected.extend(config.rejected);
+                    policies
+                }
             }
-        }
+            None => self.reload_policies(),
+        };
         report.add_certificates(self.reload_certificates());
         report
     }

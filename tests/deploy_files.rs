@@ -1225,6 +1225,37 @@ async fn configmap_update_swaps_policies_and_config_without_restart() {
     assert_eq!(after["mock-b"], 0, "{after:?}");
     assert!(after["mock-a"] > 0, "{after:?}");
 
+    // 4. A backend and a version of a policy in service that names it, in one update: the
+    // policy is checked against the new config, so it is not refused first.
+    let mut config: Yaml = serde_yaml::from_slice(&files["config.yaml"]).unwrap();
+    let backends = config["backends"].as_sequence_mut().unwrap();
+    let mut mock_c = backends
+        .iter()
+        .find(|b| b["name"] == "mock-b")
+        .unwrap()
+        .clone();
+    mock_c["name"] = "mock-c".into();
+    backends.push(mock_c);
+    files.insert(
+        "config.yaml".into(),
+        serde_yaml::to_string(&config).unwrap().into_bytes(),
+    );
+    files.insert("pin_a.lua".into(), pin("mock-c").into_bytes());
+    volume.write(&files);
+    policies
+        .wait_for("pin_a", |p| p["version"] == version_of(&pin("mock-c")))
+        .await;
+    let refused = format!(
+        "policy pin_a version {} rejected",
+        version_of(&pin("mock-c"))
+    );
+    assert!(!p.output().contains(&refused), "{}", p.output());
+    received_since(&mocks).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = received_since(&mocks).await;
+    assert_eq!(after["mock-a"], 0, "{after:?}");
+    assert!(after["mock-b"] > 0, "mock-c is mock-b's server: {after:?}");
+
     let result = load.finish().await;
     assert!(result.sent > 100, "load ran: {}", result.sent);
     assert!(
