@@ -358,7 +358,8 @@ impl RequestCtx {
     /// it cost ([`Self::cost_usd`]). Nothing when no backend answered or it answered an
     /// error without usage; the reservation stands (`None`) when a backend answered but its
     /// usage is unknown. A stream that reported no usage (or broke off) counts its prompt
-    /// estimate and its content events (see [`Self::read_usage`]).
+    /// estimate and its content events (see [`Self::read_usage`]); a request its client
+    /// left before any output, its prompt estimate (see [`Self::count_abandoned`]).
     pub fn settlement(&self, cost_usd: f64) -> (Option<u64>, Option<i64>) {
         if self.current.is_none() || (self.served_by.is_none() && self.usage.is_none()) {
             return (Some(0), Some(0));

@@ -35,7 +35,7 @@ pub enum ClientError {
     /// a backslash, or a target that is not a path: what it names depends on who reads
     /// it, so it is never passed on.
     #[error("the path may not contain `.` or `..` segments, encoded slashes or backslashes")]
-    DotSegment,
+    AmbiguousPath,
     /// No configured backend serves the model.
     #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotFound(String),
@@ -130,7 +130,7 @@ impl ClientError {
             | WrongType { .. }
             | MissingModel
             | NotAnObject
-            | DotSegment
+            | AmbiguousPath
             | BadBody => 400,
             ModelNotFound(_) | NotInFormat { .. } | NotFound(_) | NotProxied(_) => 404,
             BodyTooLarge { .. } => 413,
@@ -159,7 +159,7 @@ impl ClientError {
             | WrongType { .. }
             | MissingModel
             | NotAnObject
-            | DotSegment
+            | AmbiguousPath
             | BadBody => ("invalid_request_error", "invalid_request"),
             ModelNotFound(_) | NotInFormat { .. } => ("invalid_request_error", "model_not_found"),
             NotFound(_) | NotProxied(_) => ("invalid_request_error", "not_found"),

@@ -58,31 +58,35 @@ pub fn init() {
 /// Longest client-supplied text (a model name) written into a log line, in characters.
 const MAX_UNTRUSTED_CHARS: usize = 200;
 
-/// Text a client chose (a model name), written into a log line: cut to
+/// Text a client chose (a model name, a path), written into a log line: cut to
 /// [`MAX_UNTRUSTED_CHARS`] characters, with control characters escaped, so that it can
 /// neither start a forged line nor make one megabytes long.
 pub struct Untrusted<'a>(pub &'a str);
 
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.0;
-        // Most are short and plain: written as they are. 0xC2 leads the C1 controls.
-        if s.len() <= MAX_UNTRUSTED_CHARS && !s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2)
-        {
-            return f.write_str(s);
-        }
-        for (i, c) in s.chars().enumerate() {
-            if i == MAX_UNTRUSTED_CHARS {
-                return write!(f, "… ({} bytes)", s.len());
-            }
-            if c.is_control() {
-                write!(f, "{}", c.escape_default())?;
-            } else {
-                fmt::Write::write_char(f, c)?;
-            }
-        }
-        Ok(())
+        write_escaped(f, self.0, MAX_UNTRUSTED_CHARS)
     }
+}
+
+/// `s` with control characters escaped, cut after `max_chars` characters (then followed
+/// by its length in bytes).
+pub fn write_escaped(f: &mut impl fmt::Write, s: &str, max_chars: usize) -> fmt::Result {
+    // Most are short and plain: written as they are. 0xC2 leads the C1 controls.
+    if s.len() <= max_chars && !s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+        return f.write_str(s);
+    }
+    for (i, c) in s.chars().enumerate() {
+        if i == max_chars {
+            return write!(f, "… ({} bytes)", s.len());
+        }
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
+        } else {
+            f.write_char(c)?;
+        }
+    }
+    Ok(())
 }
 
 /// Log one access line (target [`ACCESS_TARGET`], level info) in env_logger's format,

@@ -690,7 +690,7 @@ async fn admit(
     // path checked here (`x/../v1` parses as `/`), or an absolute URI.
     let raw_is_path = head.raw_path().starts_with(b"/") || head.uri.scheme().is_some();
     if !raw_is_path || plan::is_ambiguous_path(&path) {
-        return Err(ClientError::DotSegment);
+        return Err(ClientError::AmbiguousPath);
     }
     let tenant = runtime.tenants.authenticate(&head.headers).map_err(|why| {
         info!(target: "switchyard::auth", "{} refused: {why:?} API key", ctx.request_id);

@@ -173,13 +173,8 @@ const MAX_TEXT_BYTES: usize = 1024;
 pub(crate) fn printable(text: &[u8]) -> String {
     let cut = crate::request::floor_char_boundary(text, MAX_TEXT_BYTES);
     let mut out = String::with_capacity(cut + 16);
-    for c in String::from_utf8_lossy(&text[..cut]).chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
+    let shown = String::from_utf8_lossy(&text[..cut]);
+    let _ = crate::logging::write_escaped(&mut out, &shown, usize::MAX);
     if cut < text.len() {
         out.push_str(&format!("… ({} bytes)", text.len()));
     }
