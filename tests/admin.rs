@@ -322,3 +322,34 @@ async fn backends_added_at_the_same_time_are_all_kept() {
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_named_with_a_space_is_drained_and_removed_by_its_encoded_name() {
+    let a = mock("a", &[]).await;
+    let admin = free_port();
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}",
+        backend("a", a.port, "[m]")
+    );
+    let _p = proxy(&config, &[]).await;
+    let base = format!("http://127.0.0.1:{admin}/admin/backends");
+    let added = client()
+        .post(&base)
+        .json(&serde_json::json!({ "name": "sp ace", "url": format!("http://127.0.0.1:{}", a.port), "models": ["m"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    let drained = client()
+        .post(format!("{base}/sp%20ace/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 200, "{}", drained.text().await.unwrap());
+    let removed = client()
+        .delete(format!("{base}/sp%20ace"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+}

@@ -797,6 +797,7 @@ async fn headers_about_the_backend_connection_and_account_stay_with_the_backend(
         connection: keep-alive, x-backend-hop\r\nx-backend-hop: 1\r\nkeep-alive: timeout=5\r\n\
         upgrade: h2c\r\nx-ratelimit-remaining-tokens: 29000000\r\n\
         anthropic-ratelimit-requests-remaining: 99\r\nopenai-organization: operator-org\r\n\
+        anthropic-organization-id: operator-org\r\nset-cookie: __cf_bm=shared\r\n\
         x-kept: yes";
     let port = one_answer(head, "{\"choices\":[]}").await;
     let p = proxy(&chain_config(port, None, ""), &[("chain", CHAIN)]).await;
@@ -810,6 +811,8 @@ async fn headers_about_the_backend_connection_and_account_stay_with_the_backend(
         "x-ratelimit-remaining-tokens",
         "anthropic-ratelimit-requests-remaining",
         "openai-organization",
+        "anthropic-organization-id",
+        "set-cookie",
     ] {
         assert!(headers.get(gone).is_none(), "{gone}: {headers:?}");
     }
