@@ -35,6 +35,17 @@ function P.route(req, backends)
 end
 return P
 "#;
+// A content rule whose pattern backtracks: on this client's header it tries 2^28 ways, in
+// the string library's matcher, where no Lua instruction runs.
+const BACKTRACKS: &str = r#"
+local P = {}
+function P.route(req, backends)
+  local text = req.header("x-text") or ""
+  if text:find(("a?"):rep(28) .. ("a"):rep(28) .. "b") then return nil, 403, "no" end
+  return backends[1].name
+end
+return P
+"#;
 const UNKNOWN_NAME: &str = r#"
 local P = {}
 function P.route(req, backends) return "no-such-backend" end
@@ -81,6 +92,7 @@ fn config(port: u16, admin: u16) -> String {
         ("loops", "loops", None),
         ("loops-pcall", "loops_under_pcall", None),
         ("allocates", "allocates", None),
+        ("backtracks", "backtracks", None),
         ("unknown", "unknown_name", None),
         ("number", "returns_number", None),
         ("nil", "returns_nil", None),
@@ -97,7 +109,7 @@ fn config(port: u16, admin: u16) -> String {
     }
     routes.push_str("  - match: { path_prefix: /v1/ }\n    policy: round_robin\n");
     let models =
-        "[raises, loops, loops-pcall, allocates, unknown, number, nil, escapes, rejects, saved, ok]";
+        "[raises, loops, loops-pcall, allocates, backtracks, unknown, number, nil, escapes, rejects, saved, ok]";
     let admin = format!("admin: {{ addr: \"127.0.0.1:{admin}\" }}\n");
     format!(
         "{routes}{admin}backends:\n{}lua:\n  memory_limit_bytes: 8388608\n",
@@ -116,6 +128,7 @@ async fn start() -> (Proc, Proc, u16) {
             ("loops", LOOPS),
             ("loops_under_pcall", LOOPS_UNDER_PCALL),
             ("allocates", ALLOCATES),
+            ("backtracks", BACKTRACKS),
             ("unknown_name", UNKNOWN_NAME),
             ("returns_number", RETURNS_NUMBER),
             ("returns_nil", RETURNS_NIL),
@@ -130,6 +143,7 @@ async fn start() -> (Proc, Proc, u16) {
 async fn send(p: &Proc, model: &str, escape: Option<&str>) -> (u16, String) {
     let mut req = client()
         .post(p.url("/v1/chat/completions"))
+        .header("x-text", "a".repeat(28))
         .json(&chat_body(model, "hi", false));
     if let Some(e) = escape {
         req = req.header("x-escape", e);
@@ -146,6 +160,7 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         "loops",
         "loops-pcall",
         "allocates",
+        "backtracks",
         "unknown",
         "number",
         "nil",
@@ -193,6 +208,7 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         ("raises", "runtime"),
         ("loops", "budget"),
         ("allocates", "memory"),
+        ("backtracks", "budget"),
         ("unknown_name", "unknown_backend"),
         ("returns_number", "bad_return"),
         ("returns_nil", "bad_return"),

@@ -237,19 +237,28 @@ extern "C" fn on_signal(_: libc::c_int) {
     });
 }
 
-/// The count hook: spends one tick of the budget, and raises an error once none is left.
-unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
-    let spent = ACTIVE.with(|a| {
+/// Spend one tick of the call's budget: [`HOOK_EVERY`] instructions, or as much work done
+/// outside the Lua VM, where the hook cannot count it (pattern matching), once the budget is
+/// armed. False once none was left.
+pub fn spend_tick() -> bool {
+    ACTIVE.with(|a| {
+        if !a.armed.load(Relaxed) {
+            return true;
+        }
         let left = a.ticks_left.load(Relaxed);
         if left == 0 {
             a.exhausted.store(true, Relaxed);
-            true
+            false
         } else {
             a.ticks_left.store(left - 1, Relaxed);
-            false
+            true
         }
-    });
-    if spent {
+    })
+}
+
+/// The count hook: spends one tick of the budget, and raises an error once none is left.
+unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
+    if !spend_tick() {
         // SAFETY: raised from a hook, as Lua allows; nothing of this frame needs dropping.
         unsafe {
             ffi::lua_pushstring(state, c"instruction budget exceeded".as_ptr());

@@ -9,6 +9,7 @@
 
 #[allow(unsafe_code)]
 mod budget;
+mod patterns;
 mod sy;
 mod tables;
 pub mod testing;
@@ -469,10 +470,17 @@ return P"#;
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(
-            route("local s = string.rep('x', 1e8)").unwrap_err(),
-            PolicyError::Memory(LuaConfig::default().memory_limit_bytes)
-        );
+        for allocates in [
+            "local s = string.rep('x', 1e8)",
+            // `gsub` builds its result outside Lua's allocator.
+            "local s = string.gsub(string.rep('x', 1e6), 'x', string.rep('y', 100))",
+        ] {
+            assert_eq!(
+                route(allocates).unwrap_err(),
+                PolicyError::Memory(LuaConfig::default().memory_limit_bytes),
+                "{allocates}"
+            );
+        }
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
@@ -569,6 +577,12 @@ return P"#;
             "local function f() return f() end f()",
             // Nor a loop that keeps calling into Rust.
             "while true do sy.now_ms() end",
+            // Nor a pattern that backtracks 2^28 ways: matching is not Lua instructions,
+            // but its steps count the same (`patterns`), whichever way it is called.
+            "string.find(('a'):rep(28), ('a?'):rep(28) .. ('a'):rep(28) .. 'b')",
+            "local s, p = ('a'):rep(28), ('a?'):rep(28) .. ('a'):rep(28) .. 'b'\n  while true do pcall(s.match, s, p) end",
+            "for _ in string.gmatch(('a'):rep(28) .. 'x', ('a?'):rep(28) .. ('a'):rep(28) .. 'b') do end",
+            "string.gsub(('('):rep(1e5), '%b()', '')",
         ] {
             // Only the first call runs away.
             let source = format!(

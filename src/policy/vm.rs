@@ -12,7 +12,7 @@ use std::sync::Arc;
 use mlua::{chunk::ChunkMode, ffi, Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 
 use super::tables::{NameIndex, TableCache};
-use super::{budget, sy, Decision, Policy, PolicyError};
+use super::{budget, patterns, sy, Decision, Policy, PolicyError};
 use crate::backends::{Backend, BackendSet};
 use crate::config::LuaConfig;
 use crate::request::RequestMeta;
@@ -197,8 +197,11 @@ impl PolicyVm {
             LuaOptions::new(),
         )?;
         let real = lua.globals();
-        // Strings index the real string library, so `dump` must go from it, not a copy.
-        real.get::<Table>("string")?.raw_set("dump", Value::Nil)?;
+        // Strings index the real string library, so `dump` must go from it, not a copy,
+        // and the budgeted pattern functions must replace Lua's in it.
+        let string: Table = real.get("string")?;
+        string.raw_set("dump", Value::Nil)?;
+        patterns::install(&lua, &string, limits.memory_limit_bytes)?;
         let helpers: Table = lua.load(HELPERS).set_name("=switchyard").eval()?;
         let readonly: Function = helpers.get("readonly")?;
         lua.set_named_registry_value("switchyard.readonly", &readonly)?;
