@@ -201,7 +201,7 @@ impl PolicyVm {
         // and the budgeted pattern functions must replace Lua's in it.
         let string: Table = real.get("string")?;
         string.raw_set("dump", Value::Nil)?;
-        patterns::install(&lua, &string, limits.memory_limit_bytes)?;
+        patterns::install(&lua, &string)?;
         let helpers: Table = lua.load(HELPERS).set_name("=switchyard").eval()?;
         let readonly: Function = helpers.get("readonly")?;
         lua.set_named_registry_value("switchyard.readonly", &readonly)?;
