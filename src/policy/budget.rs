@@ -56,6 +56,8 @@ thread_local! {
             exhausted: AtomicBool::new(false),
         }
     };
+    /// Steps of work done outside the VM (pattern matching) that make no whole tick yet.
+    static STEPS: Cell<u64> = const { Cell::new(0) };
     /// This thread's entry in the watchdog's list, made on its first call.
     static SLOT: Cell<Option<Registration>> = const { Cell::new(None) };
 }
@@ -120,6 +122,7 @@ fn enter(state: *mut ffi::lua_State, instructions: u64) -> Call {
         a.exhausted.store(false, Relaxed);
         a.in_call.store(true, Relaxed);
     });
+    STEPS.set(0);
     let number = slot.calls.fetch_add(1, Relaxed) + 1;
     slot.call.store(number, Relaxed);
     Call { slot }
@@ -237,20 +240,29 @@ extern "C" fn on_signal(_: libc::c_int) {
     });
 }
 
-/// Spend one tick of the call's budget: [`HOOK_EVERY`] instructions, or as much work done
-/// outside the Lua VM, where the hook cannot count it (pattern matching), once the budget is
-/// armed. False once none was left.
-pub fn spend_tick() -> bool {
+/// Count `steps` of work done outside the Lua VM, where the hook cannot see it (pattern
+/// matching), each worth an instruction: every [`HOOK_EVERY`] of them spend a tick, once the
+/// budget is armed. False once the budget is spent.
+pub fn spend(steps: u64) -> bool {
+    let total = STEPS.get() + steps;
+    STEPS.set(total % u64::from(HOOK_EVERY));
+    spend_ticks(total / u64::from(HOOK_EVERY))
+}
+
+/// Spend `n` ticks of the call's budget ([`HOOK_EVERY`] instructions each) if it is armed.
+/// False once the budget is spent.
+fn spend_ticks(n: u64) -> bool {
     ACTIVE.with(|a| {
-        if !a.armed.load(Relaxed) {
+        if n == 0 || !a.armed.load(Relaxed) {
             return true;
         }
         let left = a.ticks_left.load(Relaxed);
-        if left == 0 {
+        if left < n {
+            a.ticks_left.store(0, Relaxed);
             a.exhausted.store(true, Relaxed);
             false
         } else {
-            a.ticks_left.store(left - 1, Relaxed);
+            a.ticks_left.store(left - n, Relaxed);
             true
         }
     })
@@ -258,7 +270,7 @@ pub fn spend_tick() -> bool {
 
 /// The count hook: spends one tick of the budget, and raises an error once none is left.
 unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
-    if !spend_tick() {
+    if !spend_ticks(1) {
         // SAFETY: raised from a hook, as Lua allows; nothing of this frame needs dropping.
         unsafe {
             ffi::lua_pushstring(state, c"instruction budget exceeded".as_ptr());

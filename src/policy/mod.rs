@@ -584,6 +584,15 @@ return P"#;
             "local s, p = ('a'):rep(28), ('a?'):rep(28) .. ('a'):rep(28) .. 'b'\n  while true do pcall(s.match, s, p) end",
             "for _ in string.gmatch(('a'):rep(28) .. 'x', ('a?'):rep(28) .. ('a'):rep(28) .. 'b') do end",
             "string.gsub(('('):rep(1e5), '%b()', '')",
+            // Work that is long for one step of the matcher counts for its length: a long
+            // literal run, a long set, a back-reference, a replacement's escapes, a plain
+            // search; and many short calls add up.
+            "local s = ('a'):rep(2e5) s:match(('a'):rep(1e5) .. 'b')",
+            "('a'):rep(2e5):find('[' .. ('b'):rep(2e5) .. ']')",
+            "('a'):rep(1e6):find('^(.-)' .. ('%1'):rep(50) .. 'b')",
+            "('x'):rep(1e5):gsub('', ('%0'):rep(1e6))",
+            "local s = ('a'):rep(1e7)\n  while true do s:find('b', 1, true) end",
+            "local s = ('a'):rep(990)\n  while true do s:find('b$') end",
         ] {
             // Only the first call runs away.
             let source = format!(

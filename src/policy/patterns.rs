@@ -5,8 +5,11 @@
 //! `("a?"):rep(28) .. ("a"):rep(28)` over 28 `a`s tries 2^28 ways, and held a worker
 //! thread for minutes with the budget armed. These functions are Lua 5.4.9's `lstrlib.c`
 //! ported to Rust, as Lua C functions with the same arguments, results and errors, except
-//! that every step of a match counts against the budget once the watchdog has armed it
-//! ([`budget::spend_tick`]), so a runaway pattern is stopped like a runaway loop.
+//! that their work counts against the budget once the watchdog has armed it
+//! ([`budget::spend`]), so a runaway pattern is stopped like a runaway loop: each pass of
+//! the matcher is a step, as is each 32 bytes of text compared, scanned or copied in bulk
+//! (a long literal, a set `[...]`, a back-reference, a plain search, `gsub`'s output), and
+//! the steps of many short calls add up.
 //!
 //! They are C functions (not mlua callbacks) so that a call costs what Lua's costs and an
 //! error is the value Lua's would raise. Lua raises errors with `longjmp`, which skips Rust
@@ -31,6 +34,10 @@ const MAX_DEPTH: u32 = 200;
 /// Bytes that make a pattern more than a plain string (`SPECIALS`).
 const SPECIALS: &[u8] = b"^$*+?.([%-";
 const ESC: u8 = b'%';
+/// Steps a match hands to the budget at once.
+const STEPS_AT_ONCE: u64 = 64;
+/// Bytes of text compared, scanned or copied in bulk that count as one step.
+const BYTES_A_STEP: u64 = 32;
 
 /// Put the budgeted pattern functions in the string library `string` (the real one, which
 /// strings index for method calls).
@@ -90,8 +97,8 @@ struct Matcher<'a> {
     depth: u32,
     level: usize,
     captures: [(usize, Capture); MAX_CAPTURES],
-    /// Steps until the next tick is spent.
-    steps: u32,
+    /// Steps taken and not yet handed to the budget.
+    steps: u64,
 }
 
 impl<'a> Matcher<'a> {
@@ -102,7 +109,7 @@ impl<'a> Matcher<'a> {
             depth: MAX_DEPTH,
             level: 0,
             captures: [(0, Capture::Unfinished); MAX_CAPTURES],
-            steps: budget::HOOK_EVERY,
+            steps: 0,
         }
     }
 
@@ -112,17 +119,34 @@ impl<'a> Matcher<'a> {
         self.level = 0;
     }
 
-    /// One step of work: every `HOOK_EVERY` of them spend a tick of the budget.
+    /// One step of work (about one Lua instruction's worth).
     #[inline]
     fn step(&mut self) -> Result<(), Stop> {
-        self.steps -= 1;
-        if self.steps == 0 {
-            self.steps = budget::HOOK_EVERY;
-            if !budget::spend_tick() {
-                return Err(Stop::Budget);
-            }
+        self.charge(1)
+    }
+
+    /// `n` steps of work, handed to the budget [`STEPS_AT_ONCE`] or more at a time.
+    #[inline]
+    fn charge(&mut self, n: u64) -> Result<(), Stop> {
+        self.steps += n;
+        if self.steps >= STEPS_AT_ONCE {
+            self.flush()?;
         }
         Ok(())
+    }
+
+    /// Hand the steps counted so far to the budget; done before a call returns, so that
+    /// many short calls add up.
+    fn flush(&mut self) -> Result<(), Stop> {
+        match budget::spend(std::mem::take(&mut self.steps)) {
+            true => Ok(()),
+            false => Err(Stop::Budget),
+        }
+    }
+
+    /// Steps for work over `bytes` bytes of text, done a machine word or more at a time.
+    fn charge_bytes(&mut self, bytes: usize) -> Result<(), Stop> {
+        self.charge(bytes as u64 / BYTES_A_STEP)
     }
 
     /// The pattern's byte at `i`; 0 past its end, where C reads the terminating NUL.
@@ -153,9 +177,10 @@ impl<'a> Matcher<'a> {
         }
     }
 
-    /// Where the single-character class at `p` ends.
-    fn class_end(&self, mut p: usize) -> Result<usize, Stop> {
-        let c = self.p(p);
+    /// Where the single-character class at `p` ends. A set `[...]` costs steps for its
+    /// length, as does each later test of a character against it.
+    fn class_end(&mut self, mut p: usize) -> Result<usize, Stop> {
+        let (start, c) = (p, self.p(p));
         p += 1;
         match c {
             ESC => {
@@ -178,6 +203,7 @@ impl<'a> Matcher<'a> {
                         p += 1;
                     }
                     if self.p(p) == b']' {
+                        self.charge_bytes(p - start)?;
                         return Ok(p + 1);
                     }
                 }
@@ -254,9 +280,10 @@ impl<'a> Matcher<'a> {
     }
 
     fn max_expand(&mut self, s: usize, p: usize, ep: usize) -> Result<Option<usize>, Stop> {
+        let test = 1 + (ep - p) as u64 / BYTES_A_STEP;
         let mut i = 0;
         while self.single_match(s + i, p, ep) {
-            self.step()?;
+            self.charge(test)?;
             i += 1;
         }
         loop {
@@ -271,10 +298,12 @@ impl<'a> Matcher<'a> {
     }
 
     fn min_expand(&mut self, mut s: usize, p: usize, ep: usize) -> Result<Option<usize>, Stop> {
+        let test = (ep - p) as u64 / BYTES_A_STEP;
         loop {
             if let Some(end) = self.do_match(s, ep + 1)? {
                 return Ok(Some(end));
             }
+            self.charge(test)?;
             if !self.single_match(s, p, ep) {
                 return Ok(None);
             }
@@ -305,12 +334,13 @@ impl<'a> Matcher<'a> {
         Ok(res)
     }
 
-    fn match_capture(&self, s: usize, c: u8) -> Result<Option<usize>, Stop> {
+    fn match_capture(&mut self, s: usize, c: u8) -> Result<Option<usize>, Stop> {
         let l = self.check_capture(c)?;
         let (init, Capture::Len(len)) = self.captures[l] else {
             // A position capture: C compares (size_t)-2 bytes, which never fit.
             return Ok(None);
         };
+        self.charge_bytes(len)?;
         Ok(
             (self.src.len() - s >= len && self.src[init..init + len] == self.src[s..s + len])
                 .then_some(s + len),
@@ -323,8 +353,8 @@ impl<'a> Matcher<'a> {
             return Err(Stop::Error(c"pattern too complex"));
         }
         self.depth -= 1;
-        self.step()?;
         let res = loop {
+            self.step()?;
             if p == self.pat.len() {
                 break Some(s);
             }
@@ -515,6 +545,10 @@ unsafe fn find_aux(l: *mut lua_State, find: bool) -> c_int {
         }
         if find && (ffi::lua_toboolean(l, 4) != 0 || !pat.iter().any(|b| SPECIALS.contains(b))) {
             let found = memchr::memmem::find(&src[init..], pat);
+            let scanned = found.map_or(src.len() - init, |at| at + pat.len());
+            if !budget::spend((scanned + pat.len()) as u64 / BYTES_A_STEP) {
+                raise(l, Stop::Budget);
+            }
             if let Some(at) = found {
                 ffi::lua_pushinteger(l, (init + at) as i64 + 1);
                 ffi::lua_pushinteger(l, (init + at + pat.len()) as i64);
@@ -526,7 +560,7 @@ unsafe fn find_aux(l: *mut lua_State, find: bool) -> c_int {
             let mut s1 = init;
             loop {
                 m.reset();
-                match m.do_match(s1, 0) {
+                match m.do_match(s1, 0).and_then(|end| m.flush().map(|()| end)) {
                     Err(stop) => raise(l, stop),
                     Ok(Some(end)) if find => {
                         ffi::lua_pushinteger(l, s1 as i64 + 1);
@@ -593,6 +627,9 @@ unsafe extern "C-unwind" fn gmatch_next(l: *mut lua_State) -> c_int {
             match m.do_match(start, 0) {
                 Err(stop) => raise(l, stop),
                 Ok(Some(end)) if Some(end) != state.last_match => {
+                    if let Err(stop) = m.flush() {
+                        raise(l, stop);
+                    }
                     state.next = end;
                     state.last_match = Some(end);
                     return push_captures(l, &m, true, start, end);
@@ -601,6 +638,9 @@ unsafe extern "C-unwind" fn gmatch_next(l: *mut lua_State) -> c_int {
             }
         }
         state.next = src.len() + 1;
+        if let Err(stop) = m.flush() {
+            raise(l, stop);
+        }
         0
     }
 }
@@ -618,9 +658,10 @@ unsafe extern "C-unwind" fn str_gsub(l: *mut lua_State) -> c_int {
         ) {
             return type_error(l, 3, c"string/function/table");
         }
-        // Not moved once initialised: it may point into itself.
-        let mut b: ffi::luaL_Buffer = std::mem::zeroed();
-        ffi::luaL_buffinit(l, &mut b);
+        // Used through one raw pointer only: once initialised it points into itself.
+        let mut buffer: ffi::luaL_Buffer = std::mem::zeroed();
+        let b = &raw mut buffer;
+        ffi::luaL_buffinit(l, b);
         let anchor = pat.first() == Some(&b'^');
         let mut m = Matcher::new(src, &pat[usize::from(anchor)..]);
         let (mut at, mut last_match, mut n, mut changed) = (0, None, 0, false);
@@ -630,12 +671,12 @@ unsafe extern "C-unwind" fn str_gsub(l: *mut lua_State) -> c_int {
                 Err(stop) => raise(l, stop),
                 Ok(Some(end)) if Some(end) != last_match => {
                     n += 1;
-                    changed |= add_value(l, &m, &mut b, at, end, replacement);
+                    changed |= add_value(l, &mut m, b, at, end, replacement);
                     at = end;
                     last_match = Some(end);
                 }
                 Ok(_) if at < src.len() => {
-                    ffi::luaL_addchar(&mut b, src[at] as c_char);
+                    ffi::luaL_addchar(b, src[at] as c_char);
                     at += 1;
                 }
                 Ok(_) => break,
@@ -645,26 +686,35 @@ unsafe extern "C-unwind" fn str_gsub(l: *mut lua_State) -> c_int {
             }
         }
         if changed {
-            add_bytes(&mut b, &src[at..]);
-            ffi::luaL_pushresult(&mut b);
+            add_bytes(l, &mut m, b, &src[at..]);
+            ffi::luaL_pushresult(b);
         } else {
             ffi::lua_pushvalue(l, 1);
+        }
+        if let Err(stop) = m.flush() {
+            raise(l, stop);
         }
         ffi::lua_pushinteger(l, n);
         2
     }
 }
 
-unsafe fn add_bytes(b: &mut ffi::luaL_Buffer, bytes: &[u8]) {
-    unsafe { ffi::luaL_addlstring(b, bytes.as_ptr().cast(), bytes.len()) };
+/// Copy `bytes` to the buffer `b`, counting the copy against the budget.
+unsafe fn add_bytes(l: *mut lua_State, m: &mut Matcher, b: *mut ffi::luaL_Buffer, bytes: &[u8]) {
+    unsafe {
+        if let Err(stop) = m.charge_bytes(bytes.len()) {
+            raise(l, stop);
+        }
+        ffi::luaL_addlstring(b, bytes.as_ptr().cast(), bytes.len());
+    }
 }
 
 /// `add_value`: add the replacement of the match `s..e` to `b`; whether it changed the
 /// subject (a function or table that gives `nil` or `false` keeps the match).
 unsafe fn add_value(
     l: *mut lua_State,
-    m: &Matcher,
-    b: &mut ffi::luaL_Buffer,
+    m: &mut Matcher,
+    b: *mut ffi::luaL_Buffer,
     s: usize,
     e: usize,
     replacement: c_int,
@@ -687,7 +737,8 @@ unsafe fn add_value(
         }
         if ffi::lua_toboolean(l, -1) == 0 {
             ffi::lua_pop(l, 1);
-            add_bytes(b, &m.src[s..e]);
+            let src = m.src;
+            add_bytes(l, m, b, &src[s..e]);
             false
         } else if ffi::lua_isstring(l, -1) == 0 {
             let kind = ffi::luaL_typename(l, -1);
@@ -701,18 +752,29 @@ unsafe fn add_value(
 }
 
 /// `add_s`: the replacement string (argument 3), with `%0`–`%9` and `%%` in it.
-unsafe fn add_text(l: *mut lua_State, m: &Matcher, b: &mut ffi::luaL_Buffer, s: usize, e: usize) {
+unsafe fn add_text(
+    l: *mut lua_State,
+    m: &mut Matcher,
+    b: *mut ffi::luaL_Buffer,
+    s: usize,
+    e: usize,
+) {
+    let src = m.src;
     unsafe {
         let mut len = 0;
         let text = ffi::lua_tolstring(l, 3, &mut len);
         let mut rest = slice::from_raw_parts(text.cast::<u8>(), len);
         while let Some(at) = memchr::memchr(ESC, rest) {
-            add_bytes(b, &rest[..at]);
+            add_bytes(l, m, b, &rest[..at]);
+            // An escape is a step even when it adds nothing (`%0` of an empty match).
+            if let Err(stop) = m.step() {
+                raise(l, stop);
+            }
             match rest.get(at + 1).copied().unwrap_or(0) {
                 ESC => ffi::luaL_addchar(b, ESC as c_char),
-                b'0' => add_bytes(b, &m.src[s..e]),
+                b'0' => add_bytes(l, m, b, &src[s..e]),
                 c @ b'1'..=b'9' => match capture(l, m, usize::from(c - b'1'), s, e) {
-                    Cap::Text(text) => add_bytes(b, text),
+                    Cap::Text(text) => add_bytes(l, m, b, text),
                     Cap::Position(position) => {
                         ffi::lua_pushinteger(l, position);
                         ffi::luaL_addvalue(b);
@@ -728,7 +790,7 @@ unsafe fn add_text(l: *mut lua_State, m: &Matcher, b: &mut ffi::luaL_Buffer, s: 
             }
             rest = rest.get(at + 2..).unwrap_or_default();
         }
-        add_bytes(b, rest);
+        add_bytes(l, m, b, rest);
     }
 }
 
@@ -976,3 +1038,4 @@ return table.concat(out, "\n")
         assert_eq!(lua.load(fits).call::<usize>(()).unwrap(), 1_000_000);
     }
 }
+
