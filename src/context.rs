@@ -27,6 +27,8 @@ pub struct RequestCtx {
     /// The client's body, whole; replayed on every attempt.
     pub body: Option<Bytes>,
     pub plan: Option<Plan>,
+    /// The policy that refused the request, or failed, when no plan was made.
+    pub refused_by: Option<Arc<str>>,
     /// One entry per finished upstream attempt, in order.
     pub attempts: Vec<Attempt>,
     pub current: Option<Current>,
@@ -87,6 +89,7 @@ impl RequestCtx {
             meta: None,
             body: None,
             plan: None,
+            refused_by: None,
             attempts: Vec::new(),
             current: None,
             failure: None,
@@ -389,15 +392,23 @@ impl RequestCtx {
         }
     }
 
+    /// `name@version` of the policy that routed the request, or refused it, or failed.
+    pub fn policy_tag(&self) -> Option<&str> {
+        match &self.plan {
+            Some(plan) => Some(&plan.policy),
+            None => self.refused_by.as_deref(),
+        }
+    }
+
     /// The audit record of this request, taking what it needs out of the context: call
     /// last, in `logging`. `cost_usd` is what the answer cost (see [`Self::cost_usd`],
     /// which needs the serving attempt, so it is read before that attempt is finished).
     pub fn take_audit_record(&mut self, method: &str, path: &str, cost_usd: f64) -> AuditRecord {
         let meta = self.meta.as_deref();
+        let policy = self.policy_tag().map(str::to_string);
         let plan = self.plan.take();
-        let (policy, candidates, plan_names, skipped) = match plan {
+        let (candidates, plan_names, skipped) = match plan {
             Some(p) => (
-                Some(p.policy.to_string()),
                 p.candidates.iter().map(|b| b.name().to_string()).collect(),
                 p.backends.iter().map(|b| b.name().to_string()).collect(),
                 p.skipped
@@ -405,7 +416,7 @@ impl RequestCtx {
                     .map(|(backend, reason)| Skipped { backend, reason })
                     .collect(),
             ),
-            None => (None, Vec::new(), Vec::new(), Vec::new()),
+            None => (Vec::new(), Vec::new(), Vec::new()),
         };
         AuditRecord {
             time: AuditTime::now(),

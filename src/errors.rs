@@ -3,6 +3,8 @@
 //! [`ClientError::envelope`]: OpenAI's, or Anthropic's for Anthropic-format requests. Internals (upstream bodies, policy source lines, keys) stay in
 //! the log, keyed by request id, and never reach the response.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde_json::json;
 
@@ -67,12 +69,17 @@ pub enum ClientError {
     /// any GET): so that a tenant's rules hold for every request sent with a backend's key.
     #[error("`{0}` is not served here: Switchyard forwards the model APIs (chat, completions, embeddings, responses, messages, ...), each a POST whose JSON body names a model")]
     NotProxied(String),
-    /// The route's policy failed (error, budget, bad return) and no fallback saved it.
+    /// The route's policy failed (error, budget, bad return) and no fallback saved it;
+    /// `policy` names the versions tried (`name@version`, comma-separated).
     #[error("the routing policy failed for this request")]
-    PolicyFailed,
-    /// The policy refused the request with its own status and message.
+    PolicyFailed { policy: Arc<str> },
+    /// The policy (`name@version`) refused the request with its own status and message.
     #[error("{message}")]
-    PolicyRejected { status: u16, message: String },
+    PolicyRejected {
+        status: u16,
+        message: String,
+        policy: Arc<str>,
+    },
     /// Everything the policy chose was removed by a rule it may not override.
     #[error("{0}")]
     Forbidden(String),
@@ -123,6 +130,16 @@ impl ClientError {
     }
 
     /// HTTP status of this error.
+    /// The policy that failed or refused the request (`name@version`), for the logs.
+    pub fn policy(&self) -> Option<&Arc<str>> {
+        match self {
+            ClientError::PolicyFailed { policy } | ClientError::PolicyRejected { policy, .. } => {
+                Some(policy)
+            }
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> u16 {
         use ClientError::*;
         match self {
@@ -137,7 +154,7 @@ impl ClientError {
             LengthRequired { .. } => 411,
             BodyTimeout => 408,
             UnsupportedEncoding(_) => 415,
-            PolicyFailed => 500,
+            PolicyFailed { .. } => 500,
             PolicyRejected { status, .. } => *status,
             Forbidden(_) => 403,
             Unauthorized => 401,
@@ -167,7 +184,7 @@ impl ClientError {
             LengthRequired { .. } => ("invalid_request_error", "length_required"),
             BodyTimeout => ("invalid_request_error", "request_timeout"),
             UnsupportedEncoding(_) => ("invalid_request_error", "unsupported_encoding"),
-            PolicyFailed => ("server_error", "policy_error"),
+            PolicyFailed { .. } => ("server_error", "policy_error"),
             PolicyRejected { status, .. } if *status == 429 => {
                 ("rate_limit_error", "policy_rejected")
             }
@@ -320,9 +337,12 @@ mod tests {
 
     #[test]
     fn policy_failure_is_500_policy_error() {
+        let failed = ClientError::PolicyFailed {
+            policy: "p@abc".into(),
+        };
         let v: serde_json::Value =
-            serde_json::from_slice(&ClientError::PolicyFailed.envelope(ApiFormat::OpenAi)).unwrap();
-        assert_eq!(ClientError::PolicyFailed.status(), 500);
+            serde_json::from_slice(&failed.envelope(ApiFormat::OpenAi)).unwrap();
+        assert_eq!(failed.status(), 500);
         assert_eq!(v["error"]["code"], "policy_error");
         assert!(v["error"]["param"].is_null());
     }

@@ -163,7 +163,12 @@ pub fn decide(
     let (decision, policy) = run_policy(runtime, route, meta, &candidates, request_id)?;
     let chosen = match decision {
         Decision::Reject { status, message } => {
-            return Err(ClientError::PolicyRejected { status, message }.into())
+            return Err(ClientError::PolicyRejected {
+                status,
+                message,
+                policy: policy.tag.clone(),
+            }
+            .into())
         }
         Decision::Candidates(chosen) => chosen,
     };
@@ -298,6 +303,7 @@ fn run_policy<'r>(
     candidates: &[Arc<Backend>],
     request_id: &str,
 ) -> Result<(Decision<Arc<Backend>>, &'r Arc<Policy>), ClientError> {
+    let mut tried = Vec::new();
     for name in std::iter::once(route.policy.as_str()).chain(route.fallback_policy.as_deref()) {
         let Some(policy) = runtime.policies.get(name) else {
             warn!("{request_id} policy `{name}` is not loaded");
@@ -325,6 +331,7 @@ fn run_policy<'r>(
                 return Ok((decision, policy));
             }
             Err(e) => {
+                tried.push(&*policy.tag);
                 METRICS
                     .policy_errors
                     .with_label_values(&[name, e.kind()])
@@ -338,7 +345,11 @@ fn run_policy<'r>(
             }
         }
     }
-    Err(ClientError::PolicyFailed)
+    let policy = match tried.is_empty() {
+        true => route.policy.as_str().into(),
+        false => tried.join(",").into(),
+    };
+    Err(ClientError::PolicyFailed { policy })
 }
 
 /// The rules a policy cannot break: only backends that are candidates for this request

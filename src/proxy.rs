@@ -117,6 +117,7 @@ impl ProxyHttp for Switchyard {
                 Ok(true)
             }
             Err(e) => {
+                ctx.refused_by = e.policy().cloned();
                 reject(session, ctx, e).await;
                 Ok(true)
             }
@@ -568,7 +569,7 @@ impl ProxyHttp for Switchyard {
             ctx.status,
             meta.map_or("-", |m| m.tenant.as_str()),
             logging::Untrusted(meta.and_then(|m| m.model.as_deref()).unwrap_or("-")),
-            ctx.plan.as_ref().map_or("-", |p| &*p.policy),
+            ctx.policy_tag().unwrap_or("-"),
             AttemptList(&ctx.attempts),
             ctx.usage.map_or(0, |u| u.prompt_tokens),
             ctx.usage.map_or(0, |u| u.completion_tokens),

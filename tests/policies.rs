@@ -202,6 +202,11 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         .unwrap()
         .to_string();
     assert!(raised.contains(&format!("raises@{version}")), "{raised}");
+    // The access line of a failed request names the policy that failed.
+    p.wait_log(&format!(
+        "status=500 tenant=anonymous model=raises policy=raises@{version} "
+    ))
+    .await;
     // And each is counted by kind.
     let text = metrics_text(admin).await;
     for (policy, kind) in [
@@ -249,6 +254,12 @@ async fn a_fallback_policy_saves_the_request_and_a_rejection_is_relayed() {
     assert_eq!(r.status(), 429);
     let body = r.text().await.unwrap();
     assert!(body.contains("low priority traffic is shed"), "{body}");
+    // Its access line names the policy that refused it, and so does a saved request's
+    // the fallback that saved it.
+    p.wait_log("status=429 tenant=anonymous model=rejects policy=rejects@")
+        .await;
+    p.wait_log("status=200 tenant=anonymous model=saved policy=round_robin@")
+        .await;
     let (status, _) = send(&p, "rejects", None).await;
     assert_eq!(status, 200);
 }

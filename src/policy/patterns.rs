@@ -1038,4 +1038,3 @@ return table.concat(out, "\n")
         assert_eq!(lua.load(fits).call::<usize>(()).unwrap(), 1_000_000);
     }
 }
-
