@@ -910,18 +910,18 @@ impl Config {
 
     /// Problems with the files the config names, by path: every policy a route names
     /// must exist, and with [`Files::All`] every listener certificate pair and backend CA
-    /// file must load.
+    /// file must load and the audit file's directory must exist.
     fn file_problems(&self, which: Files) -> Vec<String> {
         let mut problems = Vec::new();
-        let tls = which == Files::All;
-        for (i, l) in self.listen.iter().enumerate().filter(|_| tls) {
+        let all = which == Files::All;
+        for (i, l) in self.listen.iter().enumerate().filter(|_| all) {
             if let Some(tls) = &l.tls {
                 if let Err(e) = crate::tls::ListenerCert::load(&l.addr, &tls.cert, &tls.key) {
                     problems.push(format!("listen[{i}].tls: {e}"));
                 }
             }
         }
-        for (i, b) in self.backends.iter().enumerate().filter(|_| tls) {
+        for (i, b) in self.backends.iter().enumerate().filter(|_| all) {
             if let Some(ca) = &b.ca_file {
                 if let Err(e) = crate::tls::load_ca_file(ca) {
                     problems.push(format!("backends[{i}].ca_file: {e}"));
@@ -930,7 +930,7 @@ impl Config {
         }
         // The audit file is opened at start: its directory must be there (read at start
         // only, so a reload does not look).
-        if let Some(audit) = self.audit.as_ref().filter(|_| tls) {
+        if let Some(audit) = self.audit.as_ref().filter(|_| all) {
             let dir = audit
                 .path
                 .parent()
@@ -970,6 +970,11 @@ impl Config {
             .collect();
         set.sort();
         set
+    }
+
+    /// The configured backends' names, in order.
+    pub fn backend_names(&self) -> Vec<String> {
+        self.backends.iter().map(|b| b.name.clone()).collect()
     }
 
     /// The policy names the routes use, primary and fallback.

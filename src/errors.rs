@@ -129,7 +129,6 @@ impl ClientError {
         ClientError::WrongType { field, expected }
     }
 
-    /// HTTP status of this error.
     /// The policy that failed or refused the request (`name@version`), for the logs.
     pub fn policy(&self) -> Option<&Arc<str>> {
         match self {
@@ -140,6 +139,7 @@ impl ClientError {
         }
     }
 
+    /// HTTP status of this error.
     pub fn status(&self) -> u16 {
         use ClientError::*;
         match self {

@@ -242,8 +242,8 @@ fn check(config: Option<PathBuf>, mut files: Vec<PathBuf>) -> anyhow::Result<Exi
                 .map(|name| loaded.policies_dir.join(format!("{name}.lua")))
                 .collect();
         }
+        configured = Some(loaded.backend_names());
         limits = loaded.lua;
-        configured = Some(loaded.backends.iter().map(|b| b.name.clone()).collect());
     }
     if files.is_empty() {
         for entry in std::fs::read_dir("policies").context("reading ./policies")? {

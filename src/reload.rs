@@ -198,6 +198,7 @@ impl Reloader {
         let current = self.shared.load();
         let mut report = ReloadReport::default();
         let mut policies = current.policies.clone();
+        let backends = current.config.backend_names();
         for name in current.config.policy_names() {
             let path = current.config.policies_dir.join(format!("{name}.lua"));
             let serving = current.policies.get(&name).map(|p| p.version.clone());
@@ -219,12 +220,6 @@ impl Reloader {
                 continue;
             }
             let version = candidate.version.clone();
-            let backends: Vec<String> = current
-                .config
-                .backends
-                .iter()
-                .map(|b| b.name.clone())
-                .collect();
             match policy::validate(candidate, &current.config.lua, &backends) {
                 Ok(p) => {
                     self.loaded(&p, serving.as_deref(), &mut report);

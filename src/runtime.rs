@@ -61,11 +61,7 @@ impl Runtime {
             &config.policy_names(),
             &config.lua,
             in_service,
-            &config
-                .backends
-                .iter()
-                .map(|b| b.name.clone())
-                .collect::<Vec<_>>(),
+            &config.backend_names(),
         );
         // Every problem at once, the backends' and the policies'.
         let (backends, (policies, kept)) = match (backends, policies) {
