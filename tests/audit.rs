@@ -16,7 +16,10 @@ async fn the_audit_names_every_attempt_and_the_chain_catches_an_edit() {
     let log = dir.path().join("audit.log");
     let chain = r#"
 local P = {}
-function P.route(req, backends) return { "dead", "live" } end
+function P.route(req, backends)
+  if req.header("x-shed") then return nil, 429, "shed" end
+  return { "dead", "live" }
+end
 return P
 "#;
     let config = format!(
@@ -39,6 +42,15 @@ return P
     for _ in 0..3 {
         assert_eq!(chat(&p, &chat_body("m", "hi", false)).await.0, 200);
     }
+    let shed = client()
+        .post(p.url("/v1/chat/completions"))
+        .header("x-shed", "1")
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), 429);
+    let shed_id = shed.headers()["x-request-id"].to_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let text = std::fs::read_to_string(&log).unwrap();
@@ -53,6 +65,11 @@ return P
         Some("chain")
     );
     assert_eq!(v["candidates"], serde_json::json!(["dead", "live"]));
+    // A request the policy refused names it too.
+    let refused = text.lines().find(|l| l.contains(&shed_id)).unwrap();
+    let refused: serde_json::Value = serde_json::from_str(refused).unwrap();
+    assert_eq!(refused["status"], 429);
+    assert_eq!(refused["policy"], v["policy"]);
     let attempts = v["attempts"].as_array().unwrap();
     assert_eq!(attempts[0]["backend"], "dead");
     assert!(
@@ -82,10 +99,12 @@ return P
     // The same decisions are on the admin API, newest first.
     let d: serde_json::Value =
         get_json(format!("http://127.0.0.1:{admin}/admin/decisions?limit=10")).await;
-    // Four chat requests, and the harness's readiness probe (GET /v1/models) before them.
+    // Five chat requests (the last refused), and the harness's readiness probe
+    // (GET /v1/models) before them.
     let decisions = d["decisions"].as_array().unwrap();
-    assert_eq!(decisions.len(), 5);
-    assert_eq!(decisions[3]["request_id"], id.as_str(), "newest first");
+    assert_eq!(decisions.len(), 6);
+    assert_eq!(decisions[0]["request_id"], shed_id.as_str(), "newest first");
+    assert_eq!(decisions[4]["request_id"], id.as_str());
 
     let verify = |path: &std::path::Path| {
         std::process::Command::new(BIN)
