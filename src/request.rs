@@ -323,7 +323,8 @@ fn check_depth(body: &[u8]) -> Result<(), ClientError> {
                 i += 1;
                 loop {
                     match memchr::memchr2(b'"', b'\\', &body[i..]) {
-                        Some(off) if body[i + off] == b'\\' => i += off + 2,
+                        // A body that ends in the escape is unterminated too.
+                        Some(off) if body[i + off] == b'\\' => i = (i + off + 2).min(body.len()),
                         Some(off) => {
                             i += off;
                             break;
@@ -793,6 +794,21 @@ mod tests {
         let m = meta(r#"{"model":"m","messages":[{"role":"user","content":{"x":1}},{"role":"user","content":"hello there"}]}"#)
             .unwrap();
         assert!(m.tokens() > 0);
+    }
+
+    #[test]
+    fn every_truncated_body_is_an_error_not_a_crash() {
+        // Cut anywhere, escapes included (a body ending in a backslash once read past its
+        // end).
+        let body = r#"{"model":"m\"x","messages":[{"role":"user","content":"a\\b\"c\u00e9"}]}"#;
+        assert!(meta(body).is_ok());
+        for end in 0..body.len() {
+            let cut = &body[..end];
+            assert!(
+                matches!(meta(cut), Err(ClientError::BadJson { .. })),
+                "{cut}"
+            );
+        }
     }
 
     #[test]

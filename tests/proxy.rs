@@ -420,6 +420,19 @@ async fn client_errors_get_the_openai_envelope() {
     let (status, body, _) = post(r#"{"model":42,"messages":[]}"#).await;
     assert_eq!(status, 400);
     assert!(body.contains("`model` must be a string"), "{body}");
+    let (status, body, _) = post(r#"{"model":"m","messages":"hi"}"#).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]["param"],
+        "messages",
+        "{body}"
+    );
+
+    // A body cut off just after an escape's backslash (it once crashed the handler).
+    let (status, body, has_id) = post(r#"{"model":"m\"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(has_id);
+    assert!(body.contains("line 1, column"), "{body}");
 
     // Nothing above reached the backend.
     assert!(received(&m).await.is_empty());
