@@ -221,8 +221,8 @@ impl PolicyError {
 }
 
 thread_local! {
-    /// This worker thread's VM, built on first use and rebuilt after a memory error or when
-    /// the Lua limits change.
+    /// This worker thread's VM, built on first use and rebuilt after a call that ran out of
+    /// instructions or memory, or when the Lua limits change.
     static VM: RefCell<Option<PolicyVm>> = const { RefCell::new(None) };
 }
 
@@ -248,8 +248,9 @@ pub fn decide(
         }
         let vm = slot.as_mut().expect("VM was just built");
         let result = vm.route(policy, req, params, candidates, all, max_names);
-        if matches!(result, Err(PolicyError::Memory(_))) {
-            // A VM that hit its cap may hold garbage the policy keeps alive: start clean.
+        if matches!(result, Err(PolicyError::Memory(_) | PolicyError::Budget(_))) {
+            // A call stopped part-way may have left its policy's locals half-changed, and a
+            // VM that hit its cap may hold garbage the policy keeps alive: start clean.
             *slot = None;
         }
         result
@@ -556,7 +557,7 @@ return P"#;
     }
 
     #[test]
-    fn a_runaway_call_is_stopped_and_the_next_call_runs_unhooked() {
+    fn a_runaway_call_is_stopped_and_the_next_runs_unhooked_in_a_fresh_vm() {
         let (set, candidates, req, config) = setup();
         let call = |policy: &Policy| {
             decide(
@@ -594,18 +595,20 @@ return P"#;
             "local s = ('a'):rep(1e7)\n  while true do s:find('b', 1, true) end",
             "local s = ('a'):rep(990)\n  while true do s:find('b$') end",
         ] {
-            // Only the first call runs away.
+            // Only the second call runs away; the file's state counts calls.
             let source = format!(
-                "local P = {{}}\nlocal calls = 0\nfunction P.route(req, backends)\n  calls = calls + 1\n  if calls == 1 then {body} end\n  return backends[1].name\nend\nreturn P"
+                "local P = {{}}\nlocal calls = 0\nfunction P.route(req, backends)\n  calls = calls + 1\n  if calls == 2 then {body} end\n  return backends[calls].name\nend\nreturn P"
             );
             let policy = Policy::new("runaway", source, PathBuf::from("runaway.lua"));
+            assert_eq!(names(call(&policy)).unwrap(), vec!["a"], "{body}");
             let started = std::time::Instant::now();
             assert_eq!(names(call(&policy)), over_budget(), "{body}");
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(5),
                 "{body}"
             );
-            // The hook is gone: the next call is an ordinary one.
+            // The hook is gone and the VM was rebuilt (the count starts again): the next
+            // call is an ordinary first one.
             assert_eq!(names(call(&policy)).unwrap(), vec!["a"], "{body}");
             assert!(!budget::exhausted());
         }
