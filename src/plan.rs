@@ -141,23 +141,7 @@ pub fn decide(
     let (candidates, panic) = match eligible(&screened.allowed, request_id, &mut skipped) {
         Ok(c) => c,
         Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity),
-        Err(_) => {
-            // When backends are cooling down after a 429, the first of them back is
-            // when it is worth asking again (a client that honours `Retry-After` would
-            // otherwise spend its retries in seconds).
-            let now = tokio::time::Instant::now();
-            let back_in = screened
-                .allowed
-                .iter()
-                .filter(|b| b.eligibility(now) == Err(Ineligible::CoolingDown))
-                .filter_map(|b| b.stats.breaker.cooling_for(now))
-                .min();
-            return Err(ClientError::NoBackendAvailable {
-                model: model.unwrap_or("-").to_string(),
-                retry_after_secs: back_in.map_or(1, |wait| wait.as_secs_f64().ceil() as u64),
-            }
-            .into());
-        }
+        Err(_) => return Err(unavailable_now(&screened.allowed, model).into()),
     };
 
     let (decision, policy) = run_policy(runtime, route, meta, &candidates, request_id)?;
@@ -180,7 +164,7 @@ pub fn decide(
             ));
         }
     }
-    let mut backends = guard(&chosen, &candidates, model)?;
+    let mut backends = guard(&chosen, &candidates, &screened.allowed, model)?;
     // Take a slot now: the first backend of the policy's order that has one leads.
     let Some((first, reserved)) = backends
         .iter()
@@ -352,12 +336,31 @@ fn run_policy<'r>(
     Err(ClientError::PolicyFailed { policy })
 }
 
+/// 503 for a request that backends `allowed` could serve but none can take now. When some
+/// are cooling down after a 429, `Retry-After` says when the first of them is back (a
+/// client that honours it would otherwise spend its retries in seconds).
+fn unavailable_now(allowed: &[Arc<Backend>], model: Option<&str>) -> ClientError {
+    let now = tokio::time::Instant::now();
+    let back_in = allowed
+        .iter()
+        .filter(|b| b.eligibility(now) == Err(Ineligible::CoolingDown))
+        .filter_map(|b| b.stats.breaker.cooling_for(now))
+        .min();
+    ClientError::NoBackendAvailable {
+        model: model.unwrap_or("-").to_string(),
+        retry_after_secs: back_in.map_or(1, |wait| wait.as_secs_f64().ceil() as u64),
+    }
+}
+
 /// The rules a policy cannot break: only backends that are candidates for this request
 /// (serve the model, allowed for the tenant, eligible now) are kept, each once, in the
-/// policy's order.
+/// policy's order. When none is left, a policy that named backends the request may use
+/// but that cannot take it now (cooling down, ejected, full) gets the client a 503 to
+/// retry; one that named only backends the request may not use, a 403.
 fn guard(
     chosen: &[Arc<Backend>],
     candidates: &[Arc<Backend>],
+    allowed: &[Arc<Backend>],
     model: Option<&str>,
 ) -> Result<Vec<Arc<Backend>>, ClientError> {
     let mut plan: Vec<Arc<Backend>> = Vec::with_capacity(chosen.len());
@@ -370,13 +373,18 @@ fn guard(
         }
     }
     if plan.is_empty() {
-        let model = model.unwrap_or("-");
-        return Err(if refused {
+        let chosen_allowed: Vec<Arc<Backend>> = chosen
+            .iter()
+            .filter(|c| allowed.iter().any(|b| b.id == c.id))
+            .cloned()
+            .collect();
+        return Err(if refused && chosen_allowed.is_empty() {
             ClientError::Forbidden(format!(
-                "the routing policy chose no backend that may serve model `{model}`"
+                "the routing policy chose no backend that may serve model `{}`",
+                model.unwrap_or("-")
             ))
         } else {
-            ClientError::no_backend(model)
+            unavailable_now(&chosen_allowed, model)
         });
     }
     Ok(plan)

@@ -76,7 +76,7 @@ async fn post_chat(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_moves_on_and_counts_as_a_failure() {
-    let dead = free_port();
+    let (_refusing, dead) = refusing_port();
     let live = mock("live", &[]).await;
     let admin = free_port();
     let config = format!(
@@ -517,6 +517,36 @@ async fn while_every_backend_cools_down_retry_after_says_when_the_first_is_back(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_names_only_a_backend_cooling_down_gets_a_503_to_retry_not_a_403() {
+    let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
+    let pinned = "local P = {}\nfunction P.route(req, backends) return \"second\" end\nreturn P\n";
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: pinned\nbackends:\n{}{}",
+        backend("first", one.port, "[m]"),
+        backend("second", two.port, "[m]")
+    );
+    let p = proxy(&config, &[("pinned", pinned)]).await;
+    let limited = [("x-mock-status", "429"), ("x-mock-retry-after", "30")];
+    let r = post_chat(&p, &chat_body("m", "hi", false), &limited).await;
+    assert_eq!(
+        r.status(),
+        429,
+        "the only backend named: its 429 is relayed"
+    );
+    // `second` cools down; the policy still names only it. That is for later, not never.
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 503);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((28..=30).contains(&wait), "Retry-After: {wait}");
+    assert_eq!(error_code(&r.text().await.unwrap()), "no_backend_available");
+    assert!(received(&one).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_gone_out_of_rotation_uses_up_no_try_of_the_attempt_cap() {
     let failing = mock("failing", &["--fail-rate", "1"]).await;
     let (two, three) = (mock("two", &[]).await, mock("three", &[]).await);
@@ -862,7 +892,7 @@ async fn a_compressed_answer_is_relayed_byte_for_byte_never_rewritten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_backend_down_is_a_fast_503_with_retry_after() {
-    let (d1, d2) = (free_port(), free_port());
+    let ((_refusing1, d1), (_refusing2, d2)) = (refusing_port(), refusing_port());
     let p = proxy(&chain_config(d1, Some(d2), ""), &[("chain", CHAIN)]).await;
     for _ in 0..8 {
         let started = Instant::now();
@@ -1085,7 +1115,7 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
 async fn a_backend_can_override_the_health_check_path_or_switch_checks_off() {
     let a = mock("a", &[]).await;
     let b = mock("b", &[]).await;
-    let unchecked_dead = free_port();
+    let (_refusing, unchecked_dead) = refusing_port();
     // A health endpoint that answers 204 to every probe (for 5 s at most).
     let no_content = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let no_content_port = no_content.local_addr().unwrap().port();
