@@ -10,7 +10,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_names_every_attempt_and_the_chain_catches_an_edit() {
     let live = mock("live", &[]).await;
-    let dead = free_port();
+    let (_refusing, dead) = refusing_port();
     let admin = free_port();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit.log");

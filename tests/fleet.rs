@@ -232,7 +232,7 @@ async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_refuses_limited_tenants_while_redis_is_unreachable() {
     let m = mock("m1", &[]).await;
-    let dead = free_port();
+    let (_refusing, dead) = refusing_port();
     let config = config(
         m.port,
         "",

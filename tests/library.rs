@@ -188,7 +188,7 @@ async fn content_sends_a_20000_token_prompt_to_the_long_context_pool() {
 async fn governance_never_sends_eu_traffic_to_the_us() {
     let eu = mock("eu", &[]).await;
     let us = mock("us", &[]).await;
-    let dead = free_port();
+    let (_refusing, dead) = refusing_port();
     let config = format!(
         "{}backends:\n{}{}",
         route("governance", ""),
@@ -355,7 +355,7 @@ async fn predictive_beats_round_robin_on_mean_latency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_follows_its_chain() {
     let (b1, b2) = (mock("backup", &[]).await, mock("secondary", &[]).await);
-    let dead = free_port();
+    let (_refusing, dead) = refusing_port();
     let config = format!(
         "{}backends:\n{}{}{}",
         route("failover", ""),

@@ -116,7 +116,7 @@ async fn a_stream_is_relayed_chunk_by_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_kib_prompt_reaches_the_backend_byte_for_byte_first_try_and_on_failover() {
-    let dead_port = free_port();
+    let (_refusing, dead_port) = refusing_port();
     let failing = mock("failing", &["--fail-rate", "1"]).await;
     let good = mock("good", &[]).await;
     let prompt = "lorem ipsum dolor sit amet ".repeat(200 * 1024 / 27);

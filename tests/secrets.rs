@@ -20,7 +20,7 @@ async fn no_configured_secret_appears_in_logs_metrics_audit_or_answers() {
     let openai = mock("openai", &[]).await;
     let anthropic = mock("anthropic", &[]).await;
     let admin = free_port();
-    let dead_redis = free_port();
+    let (_refusing, dead_redis) = refusing_port();
     let audit_dir = tempfile::tempdir().unwrap();
     let audit = audit_dir.path().join("audit.jsonl");
     let config = format!(

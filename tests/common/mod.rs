@@ -20,6 +20,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback port that refuses connections for as long as the returned socket lives:
+/// bound, never listening. A port from [`free_port`] is released at once, so another
+/// test's server could take it meanwhile (a "dead" backend that hangs instead).
+pub fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
 /// A child process killed on drop.
 pub struct Proc {
     child: Child,
