@@ -355,36 +355,43 @@ fn unavailable_now(allowed: &[Arc<Backend>], model: Option<&str>) -> ClientError
 /// The rules a policy cannot break: only backends that are candidates for this request
 /// (serve the model, allowed for the tenant, eligible now) are kept, each once, in the
 /// policy's order. When none is left, a policy that named backends the request may use
-/// but that cannot take it now (cooling down, ejected, full) gets the client a 503 to
-/// retry; one that named only backends the request may not use, a 403.
+/// but that cannot take it now gets the client a 503 to retry (or, when they are only
+/// full, a wait in the route's queue); one that named only backends the request may not
+/// use, a 403.
 fn guard(
     chosen: &[Arc<Backend>],
     candidates: &[Arc<Backend>],
     allowed: &[Arc<Backend>],
     model: Option<&str>,
-) -> Result<Vec<Arc<Backend>>, ClientError> {
+) -> Result<Vec<Arc<Backend>>, Refusal> {
     let mut plan: Vec<Arc<Backend>> = Vec::with_capacity(chosen.len());
-    let mut refused = false;
     for c in chosen {
-        match candidates.iter().find(|b| b.id == c.id) {
-            Some(b) if !plan.iter().any(|p| p.id == b.id) => plan.push(b.clone()),
-            Some(_) => {}
-            None => refused = true,
+        if let Some(b) = candidates.iter().find(|b| b.id == c.id) {
+            if !plan.iter().any(|p| p.id == b.id) {
+                plan.push(b.clone());
+            }
         }
     }
     if plan.is_empty() {
-        let chosen_allowed: Vec<Arc<Backend>> = chosen
+        let may_serve: Vec<Arc<Backend>> = chosen
             .iter()
             .filter(|c| allowed.iter().any(|b| b.id == c.id))
             .cloned()
             .collect();
-        return Err(if refused && chosen_allowed.is_empty() {
+        let now = tokio::time::Instant::now();
+        return Err(if may_serve.is_empty() {
             ClientError::Forbidden(format!(
                 "the routing policy chose no backend that may serve model `{}`",
                 model.unwrap_or("-")
             ))
+            .into()
+        } else if may_serve
+            .iter()
+            .all(|b| b.eligibility(now) == Err(Ineligible::Full))
+        {
+            Refusal::AtCapacity
         } else {
-            unavailable_now(&chosen_allowed, model)
+            unavailable_now(&may_serve, model).into()
         });
     }
     Ok(plan)

@@ -517,7 +517,7 @@ async fn while_every_backend_cools_down_retry_after_says_when_the_first_is_back(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_that_names_only_a_backend_cooling_down_gets_a_503_to_retry_not_a_403() {
+async fn a_policy_naming_only_a_backend_out_for_now_gets_a_503_to_retry_or_a_wait_not_a_403() {
     let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
     let pinned = "local P = {}\nfunction P.route(req, backends) return \"second\" end\nreturn P\n";
     let config = format!(
@@ -543,6 +543,37 @@ async fn a_policy_that_names_only_a_backend_cooling_down_gets_a_503_to_retry_not
         .unwrap();
     assert!((28..=30).contains(&wait), "Retry-After: {wait}");
     assert_eq!(error_code(&r.text().await.unwrap()), "no_backend_available");
+    assert!(received(&one).await.is_empty());
+
+    // Named while it is only full (max_inflight 1, one slow request in it): the request
+    // waits in the route's queue for it, as when every candidate is full.
+    let two = mock("two", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: pinned\nbackends:\n{}{}    max_inflight: 1\n",
+        backend("first", one.port, "[m]"),
+        backend("second", two.port, "[m]")
+    );
+    let p = proxy(&config, &[("pinned", pinned)]).await;
+    let url = p.url("/v1/chat/completions");
+    let slow = tokio::spawn(async move {
+        let r = client()
+            .post(url)
+            .header("x-mock-latency-ms", "500")
+            .json(&chat_body("m", "slow", false))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), served_by(r.headers()))
+    });
+    while received(&two).await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(
+        (r.status().as_u16(), served_by(r.headers()).as_str()),
+        (200, "second")
+    );
+    assert_eq!(slow.await.unwrap(), (200, "second".to_string()));
     assert!(received(&one).await.is_empty());
 }
 
