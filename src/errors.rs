@@ -234,6 +234,11 @@ impl ClientError {
             } => Some(*retry_after_secs),
             ClientError::UpstreamUnavailable | ClientError::LimitsUnavailable => Some(1),
             ClientError::RateLimited(e) => Some(e.retry_after_secs),
+            // A policy that sheds load says "later", not when: a second, as for a 503 of
+            // Switchyard's own.
+            ClientError::PolicyRejected {
+                status: 429 | 503, ..
+            } => Some(1),
             _ => None,
         }
     }

@@ -252,6 +252,7 @@ async fn a_fallback_policy_saves_the_request_and_a_rejection_is_relayed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1", "shed load is for later");
     let body = r.text().await.unwrap();
     assert!(body.contains("low priority traffic is shed"), "{body}");
     // Its access line names the policy that refused it, and so does a saved request's
