@@ -480,7 +480,7 @@ impl Default for OutlierConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "HealthSpec")]
 pub struct HealthConfig {
     /// Path probed with GET on every backend. Default `/health`.
     pub path: String,
@@ -503,6 +503,50 @@ impl Default for HealthConfig {
             rise: 2,
             fall: 3,
         }
+    }
+}
+
+/// `health:` as written: each time in milliseconds (`interval_ms: 5000`) or, as DESIGN.md
+/// writes it, as a duration with its unit (`interval: 5s`, `timeout: 500ms`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthSpec {
+    path: Option<String>,
+    interval: Option<String>,
+    interval_ms: Option<u64>,
+    timeout: Option<String>,
+    timeout_ms: Option<u64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+impl TryFrom<HealthSpec> for HealthConfig {
+    type Error = String;
+
+    fn try_from(spec: HealthSpec) -> Result<HealthConfig, String> {
+        let default = HealthConfig::default();
+        Ok(HealthConfig {
+            path: spec.path.unwrap_or(default.path),
+            interval_ms: millis("interval", spec.interval, spec.interval_ms)?
+                .unwrap_or(default.interval_ms),
+            timeout_ms: millis("timeout", spec.timeout, spec.timeout_ms)?
+                .unwrap_or(default.timeout_ms),
+            rise: spec.rise.unwrap_or(default.rise),
+            fall: spec.fall.unwrap_or(default.fall),
+        })
+    }
+}
+
+/// A time given as `name: 5s` or as `name_ms: 5000` (not both), in milliseconds.
+fn millis(name: &str, with_unit: Option<String>, ms: Option<u64>) -> Result<Option<u64>, String> {
+    match (with_unit, ms) {
+        (Some(_), Some(_)) => Err(format!("health: give `{name}` or `{name}_ms`, not both")),
+        (Some(text), None) => humantime::parse_duration(&text)
+            .map(|d| Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+            .map_err(|e| {
+                format!("health.{name}: `{text}` is not a duration such as `5s` or `500ms` ({e})")
+            }),
+        (None, ms) => Ok(ms),
     }
 }
 
@@ -1061,6 +1105,46 @@ backends:
     models: { m: upstream-m }
     weight: 2
 "#;
+
+    #[test]
+    fn health_times_in_milliseconds_or_with_their_unit_as_design_md_writes_them() {
+        let health = |line: &str| {
+            Config::parse(&format!("{GOOD}{line}\n")).map(|c| c.health.expect("a health section"))
+        };
+        // DESIGN.md's line as it is.
+        let h = health("health: { path: /health, interval: 5s, timeout: 1s, rise: 2, fall: 3 }")
+            .unwrap();
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.rise, h.fall),
+            (5_000, 1_000, 2, 3)
+        );
+        let h = health("health: { interval: 1m 30s, timeout: 250ms }").unwrap();
+        assert_eq!((h.interval_ms, h.timeout_ms), (90_000, 250));
+        let h = health("health: { interval_ms: 700 }").unwrap();
+        assert_eq!((h.interval_ms, h.timeout_ms), (700, 1_000));
+        assert_eq!(health("health: {}").unwrap(), HealthConfig::default());
+        for (line, says) in [
+            (
+                "health: { interval: 5s, interval_ms: 5000 }",
+                "give `interval` or `interval_ms`, not both",
+            ),
+            (
+                "health: { timeout: soon }",
+                "health.timeout: `soon` is not a duration",
+            ),
+            (
+                "health: { interval: 0s }",
+                "interval_ms, timeout_ms, rise and fall must be > 0",
+            ),
+            ("health: { every: 5s }", "unknown field `every`"),
+        ] {
+            let problems = health(line).unwrap_err().problems;
+            assert!(
+                problems.iter().any(|p| p.contains(says)),
+                "{line}: {problems:?}"
+            );
+        }
+    }
 
     #[test]
     fn listeners_apart_finite_prices_and_attempts_within_pingoras_loop() {
