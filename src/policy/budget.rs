@@ -268,14 +268,50 @@ fn spend_ticks(n: u64) -> bool {
     })
 }
 
+/// The error a call out of instructions is stopped with, after the place it was at.
+pub const EXCEEDED: &str = "instruction budget exceeded";
+
 /// The count hook: spends one tick of the budget, and raises an error once none is left.
 unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
     if !spend_ticks(1) {
         // SAFETY: raised from a hook, as Lua allows; nothing of this frame needs dropping.
-        unsafe {
-            ffi::lua_pushstring(state, c"instruction budget exceeded".as_ptr());
-            ffi::lua_error(state);
+        // In a hook, level 0 is the function that was running.
+        unsafe { raise_exceeded(state, 0) }
+    }
+}
+
+/// Raise `file.lua:LINE: instruction budget exceeded` ([`EXCEEDED`]), the place being that
+/// of the innermost policy function from stack level `level` out (a C function, such as a
+/// pattern function, has none, and Switchyard's own Lua helpers are passed over).
+///
+/// # Safety
+/// `state` is running a call, and the caller holds nothing that needs dropping: the error
+/// is a `longjmp`.
+pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, mut level: libc::c_int) -> ! {
+    unsafe {
+        // SAFETY: all zeros is a valid `lua_Debug` (null pointers, zero numbers).
+        let mut ar: ffi::lua_Debug = std::mem::zeroed();
+        let mut placed = false;
+        while ffi::lua_getstack(state, level, &mut ar) != 0 {
+            ffi::lua_getinfo(state, c"Sl".as_ptr(), &mut ar);
+            // Switchyard's own helpers (`pcall`, the `req` view) are not the place.
+            let ours = std::ffi::CStr::from_ptr(ar.short_src.as_ptr()) == c"switchyard";
+            if ar.currentline > 0 && !ours {
+                ffi::lua_pushfstring(
+                    state,
+                    c"%s:%d: instruction budget exceeded".as_ptr(),
+                    ar.short_src.as_ptr(),
+                    ar.currentline,
+                );
+                placed = true;
+                break;
+            }
+            level += 1;
         }
+        if !placed {
+            ffi::lua_pushstring(state, c"instruction budget exceeded".as_ptr());
+        }
+        ffi::lua_error(state)
     }
 }
 

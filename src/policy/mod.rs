@@ -192,9 +192,10 @@ pub enum PolicyError {
     /// `route` raised an error (the message carries `file.lua:LINE:`).
     #[error("raised an error: {0}")]
     Runtime(String),
-    /// `route` ran past its instruction budget.
-    #[error("exceeded its instruction budget of {0} instructions")]
-    Budget(u64),
+    /// `route` ran past its instruction budget (of `.0` instructions), stopped at the place
+    /// `.1` (`file.lua:LINE`, empty when not known).
+    #[error("exceeded its instruction budget of {} instructions{}", .0, at_place(.1))]
+    Budget(u64, String),
     /// The VM ran past its memory cap; it is discarded and rebuilt.
     #[error("exceeded the Lua memory limit of {0} bytes")]
     Memory(usize),
@@ -206,13 +207,21 @@ pub enum PolicyError {
     UnknownBackend(String),
 }
 
+/// ` at file.lua:LINE`, or nothing when the place is not known.
+fn at_place(place: &str) -> String {
+    match place {
+        "" => String::new(),
+        p => format!(" at {p}"),
+    }
+}
+
 impl PolicyError {
     /// Short label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
             PolicyError::Load(_) => "load",
             PolicyError::Runtime(_) => "runtime",
-            PolicyError::Budget(_) => "budget",
+            PolicyError::Budget(..) => "budget",
             PolicyError::Memory(_) => "memory",
             PolicyError::BadReturn(_) => "bad_return",
             PolicyError::UnknownBackend(_) => "unknown_backend",
@@ -248,7 +257,10 @@ pub fn decide(
         }
         let vm = slot.as_mut().expect("VM was just built");
         let result = vm.route(policy, req, params, candidates, all, max_names);
-        if matches!(result, Err(PolicyError::Memory(_) | PolicyError::Budget(_))) {
+        if matches!(
+            result,
+            Err(PolicyError::Memory(_) | PolicyError::Budget(..))
+        ) {
             // A call stopped part-way may have left its policy's locals half-changed, and a
             // VM that hit its cap may hold garbage the policy keeps alive: start clean.
             *slot = None;
@@ -570,7 +582,17 @@ return P"#;
                 5,
             )
         };
-        let over_budget = || Err(PolicyError::Budget(config.lua.instruction_budget));
+        // Out of instructions, stopped at a line of `file`.
+        let over_budget = |got: &Result<Vec<String>, PolicyError>, file: &str| match got {
+            Err(PolicyError::Budget(budget, place)) => {
+                *budget == config.lua.instruction_budget
+                    && place.strip_prefix(file).is_some_and(|line| {
+                        line.strip_prefix(".lua:")
+                            .is_some_and(|n| n.parse::<u32>().is_ok())
+                    })
+            }
+            _ => false,
+        };
         for body in [
             "while true do end",
             // pcall does not catch the budget.
@@ -602,7 +624,8 @@ return P"#;
             let policy = Policy::new("runaway", source, PathBuf::from("runaway.lua"));
             assert_eq!(names(call(&policy)).unwrap(), vec!["a"], "{body}");
             let started = std::time::Instant::now();
-            assert_eq!(names(call(&policy)), over_budget(), "{body}");
+            let got = names(call(&policy));
+            assert!(over_budget(&got, "runaway"), "{body}: {got:?}");
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(5),
                 "{body}"
@@ -618,7 +641,8 @@ return P"#;
             "while true do end".into(),
             PathBuf::from("stuck.lua"),
         );
-        assert_eq!(names(call(&stuck)), over_budget());
+        let got = names(call(&stuck));
+        assert!(over_budget(&got, "stuck"), "{got:?}");
     }
 
     #[test]

@@ -74,10 +74,8 @@ unsafe fn raise(l: *mut lua_State, stop: Stop) -> ! {
             Stop::BadCapture(n) => {
                 ffi::luaL_error(l, c"invalid capture index %%%d".as_ptr(), n as c_int)
             }
-            Stop::Budget => {
-                ffi::lua_pushstring(l, c"instruction budget exceeded".as_ptr());
-                ffi::lua_error(l)
-            }
+            // At the nearest Lua caller's place, as the count hook raises it.
+            Stop::Budget => budget::raise_exceeded(l, 1),
         };
     }
     unreachable!("luaL_error does not return")

@@ -375,7 +375,14 @@ impl PolicyVm {
 
     fn classify(&self, e: mlua::Error) -> PolicyError {
         if budget::exhausted() {
-            PolicyError::Budget(self.limits.instruction_budget)
+            // The message is `file.lua:LINE: instruction budget exceeded`, raised where the
+            // call was stopped.
+            let message = error_message(&e);
+            let place = message.strip_suffix(budget::EXCEEDED).unwrap_or_default();
+            PolicyError::Budget(
+                self.limits.instruction_budget,
+                place.trim_end_matches([':', ' ']).to_string(),
+            )
         } else if is_memory_error(&e) {
             PolicyError::Memory(self.limits.memory_limit_bytes)
         } else {
@@ -389,7 +396,11 @@ impl PolicyVm {
 fn protected_call(lua: &Lua, helpers: &Table, memory_cap: usize) -> mlua::Result<Function> {
     let fatal = lua.create_function(move |lua, error: Value| {
         if budget::exhausted() {
-            return Err(mlua::Error::runtime("instruction budget exhausted"));
+            // Raised again as it came, with the place the call was stopped at.
+            return Err(mlua::Error::runtime(match &error {
+                Value::String(s) => s.to_string_lossy(),
+                _ => budget::EXCEEDED.to_string(),
+            }));
         }
         let over_memory = match &error {
             // From a Rust function (a `sy` helper) that could not allocate.
