@@ -164,12 +164,13 @@ impl UsageStripper {
     }
 }
 
-/// The chunk `include_usage` adds: no choices, a usage object.
+/// The chunk `include_usage` adds: no choices, a usage object. Anything else, a `usage`
+/// that is not an object included, is the backend's own and passes as it is.
 fn is_usage_only(data: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Chunk {
         choices: Option<Vec<serde::de::IgnoredAny>>,
-        usage: Option<serde::de::IgnoredAny>,
+        usage: Option<std::collections::BTreeMap<String, serde::de::IgnoredAny>>,
     }
     serde_json::from_slice::<Chunk>(data.trim_ascii())
         .is_ok_and(|c| c.usage.is_some() && c.choices.is_none_or(|c| c.is_empty()))

@@ -788,19 +788,21 @@ async fn malformed_sse_is_forwarded_as_it_is() {
     let raw = "data: {not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\nevent: weird\ndata: \u{1}\u{2}\n\ndata: {\"usage\":\"broken\"}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n";
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = vec![0u8; 65536];
-        let _ = s.read(&mut buf).await.unwrap();
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-        s.write_all(head.as_bytes()).await.unwrap();
-        for part in raw.split_inclusive("\n\n") {
-            s.write_all(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes())
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // One stream per connection, for the two requests below.
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 65536];
+            let _ = s.read(&mut buf).await.unwrap();
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+            s.write_all(head.as_bytes()).await.unwrap();
+            for part in raw.split_inclusive("\n\n") {
+                s.write_all(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
         }
-        s.write_all(b"0\r\n\r\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
     });
     let p = proxy(&chain_config(port, None, ""), &[("chain", CHAIN)]).await;
     // The client asks for usage itself, so the stream is not changed on its way.
@@ -810,6 +812,16 @@ async fn malformed_sse_is_forwarded_as_it_is() {
     assert_eq!(r.status(), 200);
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(r.text().await.unwrap(), raw);
+    let line = p.access_line(&request_id).await;
+    assert!(line.contains("tokens_in=5 tokens_out=7"), "{line}");
+
+    // A client that did not ask: Switchyard asks for usage, reads it past the bad events,
+    // and takes out only the usage chunk it asked for.
+    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n";
+    assert_eq!(r.text().await.unwrap(), raw.replace(usage, ""));
     let line = p.access_line(&request_id).await;
     assert!(line.contains("tokens_in=5 tokens_out=7"), "{line}");
 }
@@ -931,6 +943,12 @@ async fn every_backend_down_is_a_fast_503_with_retry_after() {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "1");
         assert!(started.elapsed() < Duration::from_secs(1));
+        let body = r.text().await.unwrap();
+        let code = error_code(&body);
+        assert!(
+            ["upstream_unavailable", "no_backend_available"].contains(&code.as_str()),
+            "{body}"
+        );
     }
 }
 
