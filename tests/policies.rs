@@ -239,6 +239,17 @@ async fn the_sandbox_has_no_way_out() {
     let (status, _) = send(&p, "escapes", None).await;
     assert_eq!(status, 200);
     p.wait_log("globals are read-only").await;
+    // Each way out is simply not there: a nil value, at its line.
+    for line in [
+        "escapes.lua:5: attempt to index a nil value (global 'os')",
+        "escapes.lua:6: attempt to index a nil value (global 'io')",
+        "escapes.lua:7: attempt to call a nil value (global 'require')",
+        "escapes.lua:8: attempt to call a nil value (global 'load')",
+        "escapes.lua:9: attempt to call a nil value (field 'dump')",
+        "escapes.lua:11: attempt to call a nil value (global 'setmetatable')",
+    ] {
+        p.wait_log(line).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
