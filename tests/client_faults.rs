@@ -366,12 +366,22 @@ async fn a_compressed_body_is_415() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_many_headers_are_400_and_the_connection_closed() {
+async fn too_many_or_too_large_headers_are_400_and_the_connection_closed() {
     let (m, p, _) = setup("").await;
     let many: String = (0..300).map(|i| format!("x-h{i}: v\r\n")).collect();
     let answer = exchange(p.port, head(&many, Some(0)).as_bytes()).await;
     assert_eq!(status_of(&answer), 400, "{answer}");
     assert!(received(&m).await.is_empty());
+
+    // A head over Pingora's 1 MiB: refused and the connection closed (`exchange` fails if
+    // it stays open). The 400 may be lost to the reset of a close with unread bytes, so
+    // either is taken; the proxy serves on.
+    let large = format!("x-large: {}\r\n", "v".repeat(1024 * 1024 + 1024));
+    let answer = exchange(p.port, head(&large, Some(0)).as_bytes()).await;
+    assert!(answer.is_empty() || status_of(&answer) == 400, "{answer}");
+    assert!(received(&m).await.is_empty());
+    let (status, _, _) = chat(&p, &chat_body("m", "hi", false)).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
