@@ -755,10 +755,11 @@ async fn a_reset_mid_stream_is_not_retried_and_ends_the_stream_without_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stream_hits_the_idle_timeout_and_ends_without_done() {
     let a = mock("a", &["--chunks", "6"]).await;
+    let second = mock("second", &[]).await;
     let p = proxy(
         &format!(
             "proxy: {{ threads: 2, grace_period_seconds: 0, idle_timeout_ms: 400 }}\n{}",
-            chain_config(a.port, None, "")
+            chain_config(a.port, Some(second.port), "")
         ),
         &[("chain", CHAIN)],
     )
@@ -777,6 +778,8 @@ async fn a_stalled_stream_hits_the_idle_timeout_and_ends_without_done() {
         took >= Duration::from_millis(350) && took < Duration::from_secs(3),
         "{took:?}"
     );
+    // Bytes had reached the client: the next candidate is not tried.
+    assert!(received(&second).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
