@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod misfits;
+
 /// Default cap on a request body: 8 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
@@ -661,7 +663,8 @@ impl Config {
         ConfigError::unless_any(config.problems()).map(|()| config)
     }
 
-    /// The YAML read into a config, without the semantic checks.
+    /// The YAML read into a config, without the semantic checks. When it does not fit the
+    /// config's types, every misfit is listed (YAML that does not parse is one problem).
     fn parse_unchecked(text: &str) -> Result<Config, ConfigError> {
         let mut config: Config = serde_yaml::from_str(text).map_err(|e| {
             // serde_yaml's message names the place itself ("… at line 2 column 1").
@@ -672,7 +675,13 @@ impl Config {
                 }
                 _ => String::new(),
             };
-            ConfigError::one(format!("{message}{at}"))
+            let first = format!("{message}{at}");
+            match serde_yaml::from_str::<serde_yaml::Value>(text) {
+                Ok(yaml) => ConfigError {
+                    problems: misfits::all(&yaml, &first),
+                },
+                Err(_) => ConfigError::one(first),
+            }
         })?;
         if config.auth.mode == AuthMode::Auto {
             config.auth.mode = if config.tenants.is_empty() {
@@ -1205,11 +1214,15 @@ backends:
             ("listen: []\nfoo: 1\n", "line 2 column 1"),
             ("listen: [{ addr: \"127.0.0.1:1\" }\n", "line 2 column 1"),
         ] {
+            // The first problem names the place (the others, the sections missing, none).
             let problems = Config::parse(text).unwrap_err().problems;
-            assert_eq!(problems.len(), 1, "{problems:?}");
             assert!(problems[0].contains(place), "{problems:?}");
             // Not a second time in another form ("… (line 1, column 9)").
             assert!(!problems[0].contains(", column"), "{problems:?}");
+            assert!(
+                problems[1..].iter().all(|p| !p.contains("line")),
+                "{problems:?}"
+            );
         }
     }
 

@@ -370,6 +370,24 @@ fn a_wrong_config_is_refused_whole_with_every_problem_listed() {
         err.contains("routes[0].policy: policy `missing_policy` not found"),
         "{err}"
     );
+
+    // Keys that do not exist and values of the wrong type: each misfit by its path.
+    std::fs::write(&path, "routes:\n  - policy: round_robin\n    max_atempts: 3\nbackends:\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n    weight: heavy\nproxy: { max_body_bytes: lots }\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "(3 problem(s))",
+        "routes[0]: unknown field `max_atempts`",
+        "backends[0].weight: invalid type",
+        "proxy.max_body_bytes: invalid type",
+    ] {
+        assert!(err.contains(needle), "missing {needle}: {err}");
+    }
 }
 
 #[test]
