@@ -811,6 +811,66 @@ mod tests {
         }
     }
 
+    /// Bodies of each API, mangled at random (bytes taken out, put in or changed, cut
+    /// short): each is read or refused, and a read one answers every lazy question
+    /// (estimate, session key), never a crash.
+    #[test]
+    fn mangled_bodies_are_read_or_refused_never_a_crash() {
+        let seeds = [
+            (
+                "/v1/chat/completions",
+                r#"{"model":"m","stream":true,"max_tokens":5,"messages":[{"role":"system","content":"be \"brief\" \u00e9\n"},{"role":"user","content":[{"type":"text","text":"h\u00e9llo \ud83d\ude00"},{"type":"image_url","image_url":{"url":"x"}}]}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"user":"u1"}"#,
+            ),
+            (
+                "/v1/responses",
+                r#"{"model":"m","instructions":"sys","input":[{"role":"user","content":[{"type":"input_text","text":"hi\\there"}]}],"max_output_tokens":9}"#,
+            ),
+            (
+                "/v1/completions",
+                r#"{"model":"m","prompt":["one","tw\"o"],"max_tokens":3,"stream":false}"#,
+            ),
+            (
+                "/v1/messages",
+                r#"{"model":"m","max_tokens":7,"system":[{"type":"text","text":"s\u0041"}],"messages":[{"role":"user","content":[{"type":"text","text":"caf\u00e9"}]},{"role":"assistant","content":"ok"}]}"#,
+            ),
+        ];
+        let alphabet = "\"\\{}[]:,0123456789-+.eE \n\tnulltruefalseu\u{e9}\u{1f600}".as_bytes();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        let mut read = 0;
+        for round in 0..20_000 {
+            let (path, seed) = seeds[round % seeds.len()];
+            let mut body = seed.as_bytes().to_vec();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % (body.len() + 1);
+                let byte = alphabet[next() % alphabet.len()];
+                match next() % 8 {
+                    0 | 1 if at < body.len() => {
+                        body.remove(at);
+                    }
+                    2 | 3 => body.insert(at, byte),
+                    4 | 5 if at < body.len() => body[at] = byte,
+                    6 => body.truncate(at),
+                    _ => {}
+                }
+            }
+            let mut m = RequestMeta::from_head("POST", path, &http::HeaderMap::new());
+            if m.read_json_body(&Bytes::from(body)).is_ok() {
+                read += 1;
+                m.tokens();
+                m.session();
+                m.completion_reserve(100);
+            }
+        }
+        // Enough of them were read for the lazy parts to have run on mangled text.
+        assert!(read > 2_000, "{read} of 20 000 read");
+    }
+
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
         let deep = format!(
