@@ -215,6 +215,77 @@ fn remove_null_usage(line: &[u8], out: &mut BytesMut) {
 mod tests {
     use super::*;
 
+    /// What the client gets of `stream` when it comes in `chunks`.
+    fn stripped<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+        let mut stripper = UsageStripper::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            out.extend_from_slice(&stripper.filter(&Bytes::copy_from_slice(chunk)));
+        }
+        out.extend_from_slice(&stripper.finish());
+        out
+    }
+
+    /// However a stream is cut into chunks, the client gets what it would get in one; and a
+    /// mangled stream, cut anywhere, is never a crash.
+    #[test]
+    fn where_a_stream_is_cut_does_not_change_what_the_client_gets() {
+        let openai = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"he\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"llo\"}}], \"usage\" : null}\n\n",
+            ": a comment\n\n",
+            "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let crlf = openai.replace('\n', "\r\n");
+        let bare_cr = openai.replace('\n', "\r");
+        let streams = [openai.to_string(), crlf, bare_cr];
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        for stream in &streams {
+            let bytes = stream.as_bytes();
+            let whole = stripped([bytes]);
+            for _ in 0..2_000 {
+                let mut cuts: Vec<usize> =
+                    (0..1 + next() % 6).map(|_| next() % bytes.len()).collect();
+                cuts.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut from = 0;
+                for cut in cuts.into_iter().chain([bytes.len()]) {
+                    chunks.push(&bytes[from..cut]);
+                    from = cut;
+                }
+                assert_eq!(
+                    String::from_utf8_lossy(&stripped(chunks.iter().copied())),
+                    String::from_utf8_lossy(&whole),
+                    "{chunks:?}"
+                );
+            }
+        }
+        // The usage Switchyard asked for is out, and the nulls it added.
+        let whole = String::from_utf8(stripped([openai.as_bytes()])).unwrap();
+        assert!(
+            !whole.contains("usage") && whole.ends_with("data: [DONE]\n\n"),
+            "{whole}"
+        );
+
+        let alphabet = b"data: {}[]\"usage\":null\r\n,";
+        for round in 0..5_000 {
+            let mut bytes = streams[round % 2].as_bytes().to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = next() % bytes.len();
+                bytes[at] = alphabet[next() % alphabet.len()];
+            }
+            let cut = next() % bytes.len();
+            stripped([&bytes[..cut], &bytes[cut..]]);
+        }
+    }
+
     #[test]
     fn adds_the_option_by_splice_or_by_rewrite() {
         let spliced =
