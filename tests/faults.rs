@@ -1389,16 +1389,36 @@ async fn sigterm_lets_in_flight_streams_finish_and_stops_accepting() {
         chain_config(a.port, None, "")
     );
     let mut p = proxy(&config, &[("chain", CHAIN)]).await;
-    let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
-    let mut stream = r.bytes_stream();
-    let mut text = String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()).to_string();
-    p.signal("TERM");
-    while let Some(chunk) = stream.next().await {
-        text.push_str(&String::from_utf8_lossy(
-            &chunk.expect("the stream finishes cleanly"),
-        ));
+    // Under load: four streams and sixteen slow plain requests in flight.
+    let url = p.url("/v1/chat/completions");
+    let in_flight: Vec<_> = (0..20)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .header("x-mock-latency-ms", "400")
+                    .json(&chat_body("m", "hi", i < 4))
+                    .send()
+                    .await
+                    .expect("an answer");
+                let status = r.status().as_u16();
+                let text = r.text().await.expect("the answer finishes cleanly");
+                (status, text)
+            })
+        })
+        .collect();
+    while received(&a).await.len() < 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    p.signal("TERM");
+    for (i, answer) in in_flight.into_iter().enumerate() {
+        let (status, text) = answer.await.unwrap();
+        assert_eq!(status, 200, "{text}");
+        if i < 4 {
+            assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        }
+    }
     // New connections are refused once the listener is closed.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
