@@ -337,18 +337,20 @@ return P"#,
 fn a_wrong_config_is_refused_whole_with_every_problem_listed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
-    std::fs::write(
-        &path,
+    // What `switchyard run` says of `yaml` as it exits non-zero.
+    let refused = |yaml: &str| {
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(
         "routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: ftp://x\n    models: [m]\n    weight: 0\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     for needle in [
         "backends[0].url",
         "backends[0].weight: must be > 0",
@@ -358,28 +360,14 @@ fn a_wrong_config_is_refused_whole_with_every_problem_listed() {
     }
 
     // Valid shape, but the policy file does not exist.
-    std::fs::write(&path, "routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n").unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n");
     assert!(
         err.contains("routes[0].policy: policy `missing_policy` not found"),
         "{err}"
     );
 
     // Keys that do not exist and values of the wrong type: each misfit by its path.
-    std::fs::write(&path, "routes:\n  - policy: round_robin\n    max_atempts: 3\nbackends:\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n    weight: heavy\nproxy: { max_body_bytes: lots }\n").unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("routes:\n  - policy: round_robin\n    max_atempts: 3\nbackends:\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n    weight: heavy\nproxy: { max_body_bytes: lots }\n");
     for needle in [
         "(3 problem(s))",
         "routes[0]: unknown field `max_atempts`",
