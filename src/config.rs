@@ -669,8 +669,10 @@ impl Config {
         let mut config: Config = serde_yaml::from_str(text).map_err(|e| {
             // serde_yaml's message names the place itself ("… at line 2 column 1").
             let message = e.to_string();
+            // (A message of the config's own, such as `health`'s, comes with the document's
+            // start, line 1 column 1, which is not its place.)
             let at = match e.location() {
-                Some(l) if !message.contains(" at line ") => {
+                Some(l) if !message.contains(" at line ") && (l.line(), l.column()) != (1, 1) => {
                     format!(" (line {}, column {})", l.line(), l.column())
                 }
                 _ => String::new(),

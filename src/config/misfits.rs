@@ -85,6 +85,8 @@ fn misfit<T: DeserializeOwned>(path: &str, value: &Value) -> Option<String> {
     let message = without_location(&e.to_string());
     Some(match (path, within(&message)) {
         ("", _) => message,
+        // A message of the config's own (`health: give …`) names its section already.
+        (_, Some(inner)) if inner == path || inner.starts_with(&format!("{path}.")) => message,
         (_, Some(_)) => format!("{path}.{message}"),
         (_, None) => format!("{path}: {message}"),
     })
@@ -162,6 +164,22 @@ colour: blue
             problems[0]
         );
         assert!(problems[1..].iter().all(|p| !p.contains(" at line ")));
+
+        // A message of the config's own names its section once, and no line it cannot know.
+        let problems = Config::parse(
+            "routes: [{ policy: p }]\nbackends: []\nhealth: { interval: 5s, interval_ms: 1 }\nlua: { x: 1 }\n",
+        )
+        .unwrap_err()
+        .problems;
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert_eq!(
+            problems[0],
+            "health: give `interval` or `interval_ms`, not both"
+        );
+        assert!(
+            problems[1].starts_with("lua: unknown field `x`"),
+            "{problems:#?}"
+        );
 
         // Sections that must be there, each missing one named.
         let problems = Config::parse("lua: { instruction_budget: many }\n")
