@@ -391,6 +391,11 @@ async fn eject_both(max_ejected_percent: u32) -> (Proc, u16, Proc, Proc) {
             "both candidates failed: the last 503 is relayed"
         );
     }
+    // The relayed attempt's outcome is counted as its request ends, just after the client
+    // has the answer; its in-flight slot goes after it.
+    for name in ["first", "second"] {
+        until_backend(admin, name, "inflight", 0.into()).await;
+    }
     (p, admin, one, two)
 }
 
@@ -410,10 +415,12 @@ async fn no_more_than_max_ejected_percent_of_the_backends_are_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_backend_ejected_panic_mode_still_routes_to_them() {
     let (p, admin, one, two) = eject_both(100).await;
-    // The relayed attempt's outcome is counted as its request ends, just after the client
-    // has the answer.
     for name in ["first", "second"] {
-        until_backend(admin, name, "why_not", "ejected".into()).await;
+        assert_eq!(
+            admin_backend(admin, name).await["why_not"],
+            "ejected",
+            "{name}"
+        );
     }
     let before = (received(&one).await.len(), received(&two).await.len());
     // Both are still ejected for a minute, and both answer again: panic mode saves the
