@@ -30,25 +30,18 @@ return P
         backend("live", live.port, "[m]") + "    cost: { input: 1000000, output: 2000000 }\n"
     );
     let p = proxy(&config, &[("chain", chain)]).await;
-    let r = client()
-        .post(p.url("/v1/chat/completions"))
-        .header("authorization", "Bearer sk-never-logged")
-        .json(&chat_body("m", "a secret prompt", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(
+        &p,
+        &chat_body("m", "a secret prompt", false),
+        &[("authorization", "Bearer sk-never-logged")],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     for _ in 0..3 {
         assert_eq!(chat(&p, &chat_body("m", "hi", false)).await.0, 200);
     }
-    let shed = client()
-        .post(p.url("/v1/chat/completions"))
-        .header("x-shed", "1")
-        .json(&chat_body("m", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let shed = post_chat(&p, &chat_body("m", "hi", false), &[("x-shed", "1")]).await;
     assert_eq!(shed.status(), 429);
     let shed_id = shed.headers()["x-request-id"].to_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;

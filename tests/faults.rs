@@ -76,18 +76,6 @@ fn in_background(p: &Proc, latency_ms: &'static str) -> tokio::task::JoinHandle<
     })
 }
 
-async fn post_chat(
-    p: &Proc,
-    body: &serde_json::Value,
-    headers: &[(&str, &str)],
-) -> reqwest::Response {
-    let mut req = client().post(p.url("/v1/chat/completions")).json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.unwrap()
-}
-
 // ---- From a backend -------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,13 +258,12 @@ async fn a_fallback_policy_saves_the_request_and_a_rejection_is_relayed() {
     let (status, body) = send(&p, "saved", None).await;
     assert_eq!(status, 200, "{body}");
 
-    let r = client()
-        .post(p.url("/v1/chat/completions"))
-        .header("x-priority", "-1")
-        .json(&chat_body("rejects", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(
+        &p,
+        &chat_body("rejects", "hi", false),
+        &[("x-priority", "-1")],
+    )
+    .await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "1", "shed load is for later");
     let body = r.text().await.unwrap();

@@ -300,6 +300,15 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// POST a chat body with `headers` added.
+pub async fn post_chat(proxy: &Proc, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = client().post(proxy.url("/v1/chat/completions")).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("request reaches the proxy")
+}
+
 /// POST a chat body; returns (status, headers, body text).
 pub async fn chat(proxy: &Proc, body: &Value) -> (u16, reqwest::header::HeaderMap, String) {
     let r = client()
