@@ -334,19 +334,8 @@ return P"#,
 
 #[test]
 fn a_wrong_config_is_refused_whole_with_every_problem_listed() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.yaml");
     // What `switchyard run` says of `yaml` as it exits non-zero.
-    let refused = |yaml: &str| {
-        std::fs::write(&path, yaml).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let refused = |yaml: &str| refused_config(yaml, &[]);
     let err = refused(
         "routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: ftp://x\n    models: [m]\n    weight: 0\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n",
     );
