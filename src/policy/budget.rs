@@ -269,7 +269,7 @@ fn spend_ticks(n: u64) -> bool {
 }
 
 /// The error a call out of instructions is stopped with, after the place it was at.
-pub const EXCEEDED: &str = "instruction budget exceeded";
+pub const EXCEEDED: &std::ffi::CStr = c"instruction budget exceeded";
 
 /// The count hook: spends one tick of the budget, and raises an error once none is left.
 unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
@@ -299,9 +299,10 @@ pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, mut level: libc::c_int)
             if ar.currentline > 0 && !ours {
                 ffi::lua_pushfstring(
                     state,
-                    c"%s:%d: instruction budget exceeded".as_ptr(),
+                    c"%s:%d: %s".as_ptr(),
                     ar.short_src.as_ptr(),
                     ar.currentline,
+                    EXCEEDED.as_ptr(),
                 );
                 placed = true;
                 break;
@@ -309,7 +310,7 @@ pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, mut level: libc::c_int)
             level += 1;
         }
         if !placed {
-            ffi::lua_pushstring(state, c"instruction budget exceeded".as_ptr());
+            ffi::lua_pushstring(state, EXCEEDED.as_ptr());
         }
         ffi::lua_error(state)
     }

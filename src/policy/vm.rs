@@ -378,7 +378,8 @@ impl PolicyVm {
             // The message is `file.lua:LINE: instruction budget exceeded`, raised where the
             // call was stopped.
             let message = error_message(&e);
-            let place = message.strip_suffix(budget::EXCEEDED).unwrap_or_default();
+            let exceeded = budget::EXCEEDED.to_str().expect("ASCII");
+            let place = message.strip_suffix(exceeded).unwrap_or_default();
             PolicyError::Budget(
                 self.limits.instruction_budget,
                 place.trim_end_matches([':', ' ']).to_string(),
@@ -399,7 +400,7 @@ fn protected_call(lua: &Lua, helpers: &Table, memory_cap: usize) -> mlua::Result
             // Raised again as it came, with the place the call was stopped at.
             return Err(mlua::Error::runtime(match &error {
                 Value::String(s) => s.to_string_lossy(),
-                _ => budget::EXCEEDED.to_string(),
+                _ => budget::EXCEEDED.to_string_lossy().into_owned(),
             }));
         }
         let over_memory = match &error {
