@@ -227,6 +227,17 @@ mod tests {
         out
     }
 
+    #[test]
+    fn an_empty_chunk_after_a_held_cr_is_not_a_bare_cr_line_end() {
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5}}\r\n\r";
+        let rest = "\ndata: {\"choices\":[{}],\"usage\":null}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let out = stripped([usage.as_bytes(), b"", rest.as_bytes()]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "data: {\"choices\":[{}]}\r\n\r\ndata: [DONE]\r\n\r\n"
+        );
+    }
+
     /// However a stream is cut into chunks, the client gets what it would get in one; and a
     /// mangled stream, cut anywhere, is never a crash.
     #[test]
