@@ -344,7 +344,19 @@ fn dockerfile_copies_what_exists_and_the_build_needs() {
             .trim_matches('"');
         needed.insert(format!("benches/{name}.rs"));
     }
+    // Crates Cargo.toml takes from the repository (`path = "..."`, the patched Pingora).
+    for line in manifest.lines() {
+        if let Some((_, rest)) = line.split_once("path = \"") {
+            let dir = rest.split('"').next().unwrap();
+            assert!(
+                !files_under(dir).is_empty(),
+                "{dir} (a path crate) has no files"
+            );
+            needed.extend(files_under(dir));
+        }
+    }
     assert!(needed.contains("conf/demo.yaml") && needed.contains("src/dashboard.html"));
+    assert!(needed.contains("vendor/pingora-proxy/src/proxy_h1.rs"));
     for file in &needed {
         assert!(
             copied.contains(file),
