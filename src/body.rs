@@ -1,11 +1,11 @@
 //! Reading the client's request body before the upstream is chosen, bounded in size and
 //! time, and kept whole so it can be replayed to a second backend.
 //!
-//! Pingora forwards only what its retry buffer holds, and that buffer stops at 64 KiB. So
-//! the whole body is kept here, and the retry buffer is switched on only for the last
-//! 64 KiB of a `Content-Length` body: Pingora then knows a body exists and hands its tail
-//! to `request_body_filter`, where the proxy substitutes the full body. A chunked body has
-//! no known end, so chunked bodies over 64 KiB are refused with 411 (see README, Limits).
+//! Pingora replays only what its retry buffer holds, and that buffer stops at 64 KiB. So
+//! the whole body is kept here and Pingora's buffer is not used at all: the patched
+//! `pingora-proxy` (vendor/pingora-proxy/SWITCHYARD-PATCH.md) calls `request_body_filter`
+//! at the end of a body read ahead like this one, where the proxy sends its copy, on the
+//! first attempt and on every failover. Any body up to the limit works, chunked or not.
 
 use std::time::Duration;
 
@@ -13,9 +13,6 @@ use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 
 use crate::errors::ClientError;
-
-/// Pingora's retry buffer size (`BODY_BUF_LIMIT` in pingora-core).
-pub const REPLAY_WINDOW_BYTES: usize = 64 * 1024;
 
 /// Read the whole body; `None` when the request has none.
 pub async fn read(
@@ -77,13 +74,6 @@ pub async fn read(
     let mut body = BytesMut::new();
     loop {
         let read = first.as_ref().map_or(0, Bytes::len) + body.len();
-        let replay_tail_fits = match declared {
-            Some(len) => len.saturating_sub(read) <= REPLAY_WINDOW_BYTES,
-            None => true,
-        };
-        if replay_tail_fits {
-            session.enable_retry_buffering();
-        }
         let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
             Err(_) => {
                 session.set_keepalive(None);
@@ -101,14 +91,6 @@ pub async fn read(
             session.set_keepalive(None);
             return Err(ClientError::BodyTooLarge {
                 limit_bytes: max_bytes,
-            });
-        }
-        // A chunked body is refused as soon as it outgrows what can be replayed, not
-        // after the client has sent the rest of it.
-        if declared.is_none() && read + chunk.len() > REPLAY_WINDOW_BYTES {
-            session.set_keepalive(None);
-            return Err(ClientError::LengthRequired {
-                limit_bytes: REPLAY_WINDOW_BYTES,
             });
         }
         if read == 0 {

@@ -47,9 +47,6 @@ pub enum ClientError {
     /// The body is over the configured limit.
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
     BodyTooLarge { limit_bytes: usize },
-    /// A chunked body too large to be replayed to a second backend.
-    #[error("chunked request bodies over {limit_bytes} bytes are not supported; send the body with a Content-Length header")]
-    LengthRequired { limit_bytes: usize },
     /// The body could not be read (client closed the connection, or bad framing).
     #[error("the request body could not be read")]
     BadBody,
@@ -151,7 +148,6 @@ impl ClientError {
             | BadBody => 400,
             ModelNotFound(_) | NotInFormat { .. } | NotFound(_) | NotProxied(_) => 404,
             BodyTooLarge { .. } => 413,
-            LengthRequired { .. } => 411,
             BodyTimeout => 408,
             UnsupportedEncoding(_) => 415,
             PolicyFailed { .. } => 500,
@@ -181,7 +177,6 @@ impl ClientError {
             ModelNotFound(_) | NotInFormat { .. } => ("invalid_request_error", "model_not_found"),
             NotFound(_) | NotProxied(_) => ("invalid_request_error", "not_found"),
             BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
-            LengthRequired { .. } => ("invalid_request_error", "length_required"),
             BodyTimeout => ("invalid_request_error", "request_timeout"),
             UnsupportedEncoding(_) => ("invalid_request_error", "unsupported_encoding"),
             PolicyFailed { .. } => ("server_error", "policy_error"),

@@ -838,14 +838,28 @@ async fn a_200_kib_prompt_over_http2_reaches_the_backend_byte_for_byte_first_try
         TlsProxy::start_with_policy(dir, ("fixed_order", Some(FIXED_ORDER)), &backends, "").await;
     let https = https_client(&[&ca.pem()]);
     let prompt = "lorem ipsum dolor sit amet ".repeat(200 * 1024 / 27);
-    let mut last_sha = String::new();
-    for (label, model) in [("first try", "direct"), ("after a 503", "m")] {
+    let mut sent_to_failing = Vec::new();
+    // With a length, and without one: an HTTP/2 body sent as a stream has no
+    // Content-Length, like a chunked HTTP/1.1 body.
+    for (label, model, with_length) in [
+        ("first try", "direct", true),
+        ("after a 503", "m", true),
+        ("first try, no length", "direct", false),
+        ("after a 503, no length", "m", false),
+    ] {
         let body = serde_json::to_vec(&chat_body(model, &prompt, false)).unwrap();
         assert!(body.len() > 200 * 1024);
+        let sent = if with_length {
+            reqwest::Body::from(body.clone())
+        } else {
+            let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+                body.chunks(16 * 1024).map(|c| Ok(c.to_vec())).collect();
+            reqwest::Body::wrap_stream(futures_util::stream::iter(parts))
+        };
         let r = https
             .post(p.https("/v1/chat/completions"))
             .header("content-type", "application/json")
-            .body(body.clone())
+            .body(sent)
             .send()
             .await
             .unwrap();
@@ -858,12 +872,20 @@ async fn a_200_kib_prompt_over_http2_reaches_the_backend_byte_for_byte_first_try
             sha256_hex(&body).as_str(),
             "{label}: body changed on the way"
         );
-        last_sha = sha256_hex(&body);
+        if model == "m" {
+            sent_to_failing.push(sha256_hex(&body));
+        }
     }
-    let seen = received(&failing).await;
-    assert_eq!(seen.len(), 1, "the failing backend was tried once");
-    assert_eq!(seen[0]["body_sha256"], last_sha.as_str());
-    assert_eq!(received(&good).await.len(), 2);
+    let seen: Vec<String> = received(&failing)
+        .await
+        .iter()
+        .map(|r| r["body_sha256"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        seen, sent_to_failing,
+        "the failing backend got each body whole"
+    );
+    assert_eq!(received(&good).await.len(), 4);
 }
 
 /// A TLS connection to `port` that asks for HTTP/2 only, trusting `ca_pem`; fails unless

@@ -483,7 +483,11 @@ where
         let buffer = session.as_ref().get_retry_buffer();
 
         // retry, send buffer if it exists or body empty
-        if buffer.is_some() || session.as_mut().is_body_empty() {
+        // Switchyard patch: or the body was read to its end before proxying, when the retry
+        // buffer held none of it or outgrew its limit, so that `request_body_filter` still
+        // sees the body's end and can send the copy the application kept
+        // (see SWITCHYARD-PATCH.md).
+        if buffer.is_some() || session.as_mut().is_body_empty() || downstream_state.is_done() {
             let send_permit = tx
                 .reserve()
                 .await

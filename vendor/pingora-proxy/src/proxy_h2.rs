@@ -527,10 +527,16 @@ where
         let mut downstream_state = DownstreamStateMachine::new(session.as_mut().is_body_done());
 
         // retry, send buffer if it exists
-        if let Some(buffer) = session.as_mut().get_retry_buffer() {
+        // Switchyard patch: or the body was read to its end before proxying, when the retry
+        // buffer held none of it or outgrew its limit, so that `request_body_filter` still
+        // sees the body's end and can send the copy the application kept
+        // (see SWITCHYARD-PATCH.md).
+        let buffer = session.as_mut().get_retry_buffer();
+        let read_ahead = downstream_state.is_done() && !session.as_mut().is_body_empty();
+        if buffer.is_some() || read_ahead {
             self.send_body_to2(
                 session,
-                Some(buffer),
+                buffer,
                 downstream_state.is_done(),
                 client_body,
                 ctx,
