@@ -156,12 +156,15 @@ impl ProxyHttp for Switchyard {
             }
         }
         let cur = ctx.current.as_ref().expect("an attempt was just begun");
-        let stream = ctx.meta.as_ref().is_some_and(|m| m.stream);
-        Ok(Box::new(peer_for(
-            &cur.backend,
-            &runtime.config.proxy,
-            stream,
-        )))
+        Ok(Box::new(peer_for(&cur.backend, &runtime.config.proxy)))
+    }
+
+    /// The response head came within `ttfb_timeout_ms` (the peer's read timeout); from then
+    /// on each read of the answer, a stream's chunks or a plain body, may wait
+    /// `idle_timeout_ms`.
+    fn upstream_read_timeout_after_header(&self, ctx: &RequestCtx) -> Option<Duration> {
+        let runtime = ctx.runtime.as_ref()?;
+        Some(Duration::from_millis(runtime.config.proxy.idle_timeout_ms))
     }
 
     /// Client credentials out; the backend's in, with its provider's headers and path; the
@@ -816,20 +819,15 @@ fn push_hex(out: &mut String, value: u128, digits: u32) {
     }
 }
 
-/// How to reach a backend. Pingora's read timeout is the gap allowed between two reads,
-/// the first of which waits for the response head: a plain answer's head comes only when
-/// the whole answer is ready (`ttfb_timeout_ms`), a stream's comes at once and then its
-/// chunks (`idle_timeout_ms`).
-fn peer_for(backend: &Backend, proxy: &crate::config::ProxyConfig, stream: bool) -> HttpPeer {
+/// How to reach a backend. Pingora's read timeout is the gap allowed between two reads;
+/// here it bounds the wait for the response head (`ttfb_timeout_ms`), and
+/// `upstream_read_timeout_after_header` replaces it with `idle_timeout_ms` once the head
+/// came (a patch of the vendored pingora-proxy: vendor/pingora-proxy/SWITCHYARD-PATCH.md).
+fn peer_for(backend: &Backend, proxy: &crate::config::ProxyConfig) -> HttpPeer {
     let mut peer = backend.peer();
     let o = &mut peer.options;
     o.connection_timeout = Some(Duration::from_millis(proxy.connect_timeout_ms));
-    let read_ms = if stream {
-        proxy.idle_timeout_ms
-    } else {
-        proxy.ttfb_timeout_ms
-    };
-    o.read_timeout = Some(Duration::from_millis(read_ms));
+    o.read_timeout = Some(Duration::from_millis(proxy.ttfb_timeout_ms));
     o.write_timeout = Some(Duration::from_millis(proxy.idle_timeout_ms));
     o.idle_timeout = Some(Duration::from_secs(60));
     peer

@@ -189,8 +189,10 @@ async fn a_connect_timeout_moves_on_and_counts_as_a_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_headers_within_the_ttfb_timeout_is_504_or_the_next_candidate_if_the_route_allows() {
     let hung = mock("hung", &["--latency-ms", "5000"]).await;
-    let live = mock("live", &[]).await;
-    let proxy_conf = "proxy: { threads: 2, grace_period_seconds: 0, ttfb_timeout_ms: 300 }\n";
+    let live = mock("live", &["--chunks", "3", "--chunk-delay-ms", "700"]).await;
+    // The head must come within ttfb_timeout_ms, for a stream as for a plain answer; the
+    // chunks after it have the (longer) idle timeout.
+    let proxy_conf = "proxy: { threads: 2, grace_period_seconds: 0, ttfb_timeout_ms: 300, idle_timeout_ms: 3000 }\n";
     let p = proxy(
         &format!(
             "{proxy_conf}{}",
@@ -199,24 +201,46 @@ async fn no_headers_within_the_ttfb_timeout_is_504_or_the_next_candidate_if_the_
         &[("chain", CHAIN)],
     )
     .await;
-    let started = Instant::now();
-    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
-    assert_eq!(r.status(), 504);
-    assert_eq!(error_code(&r.text().await.unwrap()), "upstream_timeout");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    for stream in [false, true] {
+        let started = Instant::now();
+        let r = post_chat(&p, &chat_body("m", "hi", stream), &[]).await;
+        assert_eq!(r.status(), 504, "stream: {stream}");
+        assert_eq!(error_code(&r.text().await.unwrap()), "upstream_timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "stream: {stream}, {:?}",
+            started.elapsed()
+        );
+    }
     assert!(received(&live).await.is_empty(), "not retried by default");
 
-    let p = proxy(
-        &format!(
-            "{proxy_conf}{}",
-            chain_config(hung.port, Some(live.port), "    retry_on_timeout: true\n")
-        ),
-        &[("chain", CHAIN)],
-    )
-    .await;
-    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-switchyard-backend"], "second");
+    // Over HTTP/1.1 and HTTP/2 (h2c) to the backends.
+    for http2 in [false, true] {
+        let backends = chain_config(hung.port, Some(live.port), "    retry_on_timeout: true\n");
+        let backends = if http2 {
+            backends.replace("    models: [m]\n", "    models: [m]\n    http2: true\n")
+        } else {
+            backends
+        };
+        let p = proxy(&format!("{proxy_conf}{backends}"), &[("chain", CHAIN)]).await;
+        let started = Instant::now();
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        assert_eq!(r.status(), 200, "http2: {http2}");
+        assert_eq!(r.headers()["x-switchyard-backend"], "second");
+        assert!(started.elapsed() < Duration::from_secs(2), "http2: {http2}");
+        // The stream's chunks come 700 ms apart, more than the TTFB timeout, less than the
+        // idle one: it is served whole.
+        let r = post_chat(&p, &chat_body("m", "hi", true), &[]).await;
+        assert_eq!(r.status(), 200, "http2: {http2}");
+        assert_eq!(r.headers()["x-switchyard-backend"], "second");
+        let version = if http2 { "HTTP/2.0" } else { "HTTP/1.1" };
+        assert_eq!(r.headers()["x-mock-http-version"], version);
+        let (text, broken) = read_stream(r).await;
+        assert!(
+            !broken && text.trim_end().ends_with("data: [DONE]"),
+            "http2: {http2}: {text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,8 @@ where
     {
         client_session.read_timeout = peer.options.read_timeout;
         client_session.write_timeout = peer.options.write_timeout;
+        // Switchyard patch: the read timeout for the rest of the response, once its header came.
+        let read_timeout_after_header = self.inner.upstream_read_timeout_after_header(ctx);
 
         // phase 2 send to upstream
 
@@ -159,7 +161,13 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
+            self.proxy_handle_upstream(
+                client_session,
+                tx_upstream,
+                rx_downstream,
+                pipe_state,
+                read_timeout_after_header,
+            ),
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -251,6 +259,7 @@ where
         tx: mpsc::Sender<HttpTask>,
         mut rx: mpsc::Receiver<HttpTask>,
         pipe_state: Arc<AtomicU8>,
+        read_timeout_after_header: Option<Duration>,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -269,6 +278,12 @@ where
                     match res {
                         Ok(task) => {
                             response_done = task.is_end();
+                            // Switchyard patch: the header came; the rest has its own timeout.
+                            if let (Some(t), HttpTask::Header(header, _)) = (read_timeout_after_header, &task) {
+                                if !header.status.is_informational() {
+                                    client_session.read_timeout = Some(t);
+                                }
+                            }
                             if !upgraded && client_session.was_upgraded() {
                                 // upgrade can only happen once
                                 upgraded = true;

@@ -269,6 +269,8 @@ where
         }
 
         client_session.read_timeout = peer.options.read_timeout;
+        // Switchyard patch: the read timeout for the rest of the response, once its header came.
+        let read_timeout_after_header = self.inner.upstream_read_timeout_after_header(ctx);
 
         let mut downstream_custom_message_writer = session
             .downstream_session
@@ -313,7 +315,7 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            pipe_up_to_down_response(client_session, tx, pipe_state)
+            pipe_up_to_down_response(client_session, tx, pipe_state, read_timeout_after_header)
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -1121,11 +1123,16 @@ pub(crate) async fn pipe_up_to_down_response(
     client: &mut Http2Session,
     tx: mpsc::Sender<HttpTask>,
     pipe_state: Arc<AtomicU8>,
+    read_timeout_after_header: Option<Duration>,
 ) -> Result<()> {
     client
         .read_response_header()
         .await
         .map_err(|e| e.into_up())?; // should we send the error as an HttpTask?
+    // Switchyard patch: the header came; the rest has its own timeout.
+    if let Some(t) = read_timeout_after_header {
+        client.read_timeout = Some(t);
+    }
 
     let resp_header = Box::new(client.response_header().expect("just read").clone());
 

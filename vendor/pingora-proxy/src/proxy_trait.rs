@@ -122,6 +122,14 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// Switchyard patch (see SWITCHYARD-PATCH.md): the upstream read timeout once the
+    /// response header has arrived, in place of the peer's `read_timeout`, which then bounds
+    /// only the wait for the header (time to first byte). `None`, the default, keeps the
+    /// peer's `read_timeout` for the whole response.
+    fn upstream_read_timeout_after_header(&self, _ctx: &Self::CTX) -> Option<Duration> {
+        None
+    }
+
     /// Returns whether this session is allowed to spawn subrequests.
     ///
     /// This function is checked after [Self::early_request_filter] to allow that filter to configure
