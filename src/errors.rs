@@ -50,6 +50,16 @@ pub enum ClientError {
     /// The body could not be read (client closed the connection, or bad framing).
     #[error("the request body could not be read")]
     BadBody,
+    /// The request head could not be read (Pingora refused it before any phase ran):
+    /// malformed, or framing headers that conflict. Never quotes the head.
+    #[error("the request head could not be read: it is malformed or its framing headers conflict")]
+    BadHead,
+    /// The request head is over Pingora's limits: too many headers, or over 1 MiB.
+    #[error("the request has too many headers, or headers too large")]
+    HeadTooLarge,
+    /// `CONNECT`: Switchyard does not open tunnels.
+    #[error("the method is not allowed")]
+    MethodNotAllowed,
     /// The client sent the body too slowly.
     #[error("timed out reading the request body")]
     BodyTimeout,
@@ -145,7 +155,10 @@ impl ClientError {
             | MissingModel
             | NotAnObject
             | AmbiguousPath
+            | BadHead
             | BadBody => 400,
+            MethodNotAllowed => 405,
+            HeadTooLarge => 431,
             ModelNotFound(_) | NotInFormat { .. } | NotFound(_) | NotProxied(_) => 404,
             BodyTooLarge { .. } => 413,
             BodyTimeout => 408,
@@ -173,7 +186,10 @@ impl ClientError {
             | MissingModel
             | NotAnObject
             | AmbiguousPath
+            | BadHead
             | BadBody => ("invalid_request_error", "invalid_request"),
+            HeadTooLarge => ("invalid_request_error", "request_header_fields_too_large"),
+            MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
             ModelNotFound(_) | NotInFormat { .. } => ("invalid_request_error", "model_not_found"),
             NotFound(_) | NotProxied(_) => ("invalid_request_error", "not_found"),
             BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
@@ -203,6 +219,11 @@ impl ClientError {
         }
     }
 
+    /// The envelope's `code`.
+    pub fn code(&self) -> &'static str {
+        self.kind().1
+    }
+
     fn param(&self) -> Option<&'static str> {
         match self {
             ClientError::WrongType { field, .. } => Some(field),
@@ -210,6 +231,22 @@ impl ClientError {
             | ClientError::ModelNotFound(_)
             | ClientError::NotInFormat { .. } => Some("model"),
             _ => None,
+        }
+    }
+
+    /// What a request Pingora refused before any phase ran gets: `status` is Pingora's
+    /// (400 for a head it could not read, 405 for `CONNECT`), `error` its reason.
+    pub fn refused_head(status: u16, error: Option<&pingora::Error>) -> ClientError {
+        if status == 405 {
+            return ClientError::MethodNotAllowed;
+        }
+        // Pingora's reasons, as it words them: httparse's "too many headers", and its
+        // own limit on the head's size.
+        let reason = error.map(ToString::to_string).unwrap_or_default();
+        if reason.contains("too many headers") || reason.contains("Request header larger than") {
+            ClientError::HeadTooLarge
+        } else {
+            ClientError::BadHead
         }
     }
 

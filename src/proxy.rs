@@ -26,6 +26,7 @@ use bytes::Bytes;
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
@@ -38,7 +39,7 @@ use crate::metrics::METRICS;
 use crate::outlier::parse_retry_after;
 use crate::plan::{self, Refusal};
 use crate::provider;
-use crate::reply::{reject, request_id, respond, REQUEST_ID, SERVED_BY};
+use crate::reply::{refuse_head, reject, request_id, respond, REQUEST_ID, SERVED_BY};
 use crate::request::{RequestMeta, CREDENTIAL_HEADERS};
 use crate::retry::RetryBudget;
 use crate::runtime::{Runtime, Shared};
@@ -157,6 +158,34 @@ impl ProxyHttp for Switchyard {
         }
         let cur = ctx.current.as_ref().expect("an attempt was just begun");
         Ok(Box::new(peer_for(&cur.backend, &runtime.config.proxy)))
+    }
+
+    /// A request Pingora refused before any phase ran: a head it could not read (400, or
+    /// 431 when over its limits) or `CONNECT` (405). The answer is still Switchyard's: the
+    /// envelope, a request id, an access line and the request counted. (A patch of the
+    /// vendored pingora-proxy: vendor/pingora-proxy/SWITCHYARD-PATCH.md.)
+    async fn refuse_request_head(
+        &self,
+        session: &mut ServerSession,
+        status: u16,
+        error: Option<&Error>,
+    ) {
+        let started = Instant::now();
+        let error = ClientError::refused_head(status, error);
+        let id = uuid::Uuid::new_v4().to_string();
+        refuse_head(session, &id, &error).await;
+        let mut status = itoa::Buffer::new();
+        let status = status.format(error.status());
+        METRICS
+            .requests
+            .with_label_values(&["none", "none", status])
+            .inc();
+        // The head is not quoted: it was not read, and may hold credentials.
+        logging::access(format_args!(
+            "{id} - - status={status} tenant=- model=- policy=- attempts=[] tokens_in=0 tokens_out=0 ms={:.1} error=\"{}\"",
+            started.elapsed().as_secs_f64() * 1e3,
+            error.code(),
+        ));
     }
 
     /// The response head came within `ttfb_timeout_ms` (the peer's read timeout); from then

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use log::info;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::Result;
 
@@ -44,6 +45,27 @@ pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientEr
     }
     let format = ApiFormat::of_path(session.req_header().uri.path());
     respond(session, ctx, status, error.envelope(format), retry_after).await;
+}
+
+/// Answer a request Pingora refused before any phase ran (see `refuse_request_head` in
+/// `proxy`): the error in OpenAI's envelope and the request id; Pingora closes the
+/// connection after it.
+pub async fn refuse_head(session: &mut ServerSession, request_id: &str, error: &ClientError) {
+    let body = error.envelope(ApiFormat::OpenAi);
+    let build = || -> Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(error.status(), Some(4))?;
+        h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        h.insert_header(REQUEST_ID, request_id)?;
+        Ok(h)
+    };
+    let result = match build() {
+        Ok(h) => session.write_error_response(h, body).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        info!("{request_id} could not answer the client: {e}");
+    }
 }
 
 /// Write a complete JSON response from Switchyard itself.

@@ -351,20 +351,64 @@ async fn a_compressed_body_is_415() {
     assert!(received(&m).await.is_empty());
 }
 
+/// A refusal of a request whose head Pingora could not take (the connection is closed:
+/// `exchange` fails otherwise) is still Switchyard's: the envelope with `code`, a request
+/// id, an access line with that id, and the request counted by its status.
+async fn assert_refused_head(p: &Proc, admin: u16, answer: &str, status: u16, code: &str) {
+    assert_eq!(status_of(answer), status, "{answer}");
+    assert_eq!(code_of(answer), code, "{answer}");
+    let lower = answer.to_lowercase();
+    assert!(lower.contains("connection: close"), "{answer}");
+    let id = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no request id: {answer}"))
+        .trim()
+        .to_string();
+    let line = format!("{id} - - status={status} ");
+    let log = p.wait_log(&line).await;
+    assert!(log.contains(&format!("error=\"{code}\"")), "{log}");
+    let series =
+        format!("switchyard_requests_total{{backend=\"none\",model=\"none\",status=\"{status}\"}}");
+    assert!(
+        metric(&metrics_text(admin).await, &series) >= 1.0,
+        "{series}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_many_or_too_large_headers_are_400_and_the_connection_closed() {
-    let (m, p, _) = setup("").await;
+async fn too_many_or_too_large_headers_are_431_and_the_connection_closed() {
+    let (m, p, admin) = setup("").await;
     let many: String = (0..300).map(|i| format!("x-h{i}: v\r\n")).collect();
     let answer = exchange(p.port, head(&many, Some(0)).as_bytes()).await;
-    assert_eq!(status_of(&answer), 400, "{answer}");
+    assert_refused_head(&p, admin, &answer, 431, "request_header_fields_too_large").await;
     assert!(received(&m).await.is_empty());
 
     // A head over Pingora's 1 MiB: refused and the connection closed (`exchange` fails if
-    // it stays open). The 400 may be lost to the reset of a close with unread bytes, so
+    // it stays open). The 431 may be lost to the reset of a close with unread bytes, so
     // either is taken; the proxy serves on.
     let large = format!("x-large: {}\r\n", "v".repeat(1024 * 1024 + 1024));
     let answer = exchange(p.port, head(&large, Some(0)).as_bytes()).await;
-    assert!(answer.is_empty() || status_of(&answer) == 400, "{answer}");
+    assert!(answer.is_empty() || status_of(&answer) == 431, "{answer}");
+    assert!(received(&m).await.is_empty());
+    let (status, _, _) = chat(&p, &chat_body("m", "hi", false)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_head_or_connect_is_refused_in_the_envelope_and_the_connection_closed() {
+    let (m, p, admin) = setup("").await;
+    // A header line with no colon, which may carry a credential: never quoted back.
+    let bad =
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization Bearer sk-secret\r\n\r\n";
+    let answer = exchange(p.port, bad.as_bytes()).await;
+    assert_refused_head(&p, admin, &answer, 400, "invalid_request").await;
+    assert!(!answer.contains("sk-secret"), "{answer}");
+    assert!(!p.output().contains("sk-secret"));
+
+    let connect = "CONNECT 127.0.0.1:443 HTTP/1.1\r\nhost: 127.0.0.1:443\r\n\r\n";
+    let answer = exchange(p.port, connect.as_bytes()).await;
+    assert_refused_head(&p, admin, &answer, 405, "method_not_allowed").await;
     assert!(received(&m).await.is_empty());
     let (status, _, _) = chat(&p, &chat_body("m", "hi", false)).await;
     assert_eq!(status, 200);
@@ -372,10 +416,10 @@ async fn too_many_or_too_large_headers_are_400_and_the_connection_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_framing_is_refused_or_normalised_and_the_connection_closed() {
-    let (m, p, _) = setup("").await;
+    let (m, p, admin) = setup("").await;
     // Two different lengths: refused.
     let answer = exchange(p.port, head("content-length: 5\r\n", Some(3)).as_bytes()).await;
-    assert_eq!(status_of(&answer), 400, "{answer}");
+    assert_refused_head(&p, admin, &answer, 400, "invalid_request").await;
     assert!(received(&m).await.is_empty());
 
     // Both a length and chunked framing: the chunked framing wins (RFC 9112 6.3), and the

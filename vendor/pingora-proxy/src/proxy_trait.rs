@@ -122,6 +122,22 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// Switchyard patch (see SWITCHYARD-PATCH.md): answer a request refused before any
+    /// other phase runs, and before the connection is closed: `status` 400 when its head
+    /// could not be read (`error` says why: malformed, too many or too large headers,
+    /// conflicting framing), 405 for `CONNECT`. By default Pingora's bare error page.
+    async fn refuse_request_head(
+        &self,
+        session: &mut HttpSession,
+        status: u16,
+        _error: Option<&Error>,
+    ) {
+        session
+            .respond_error(status)
+            .await
+            .unwrap_or_else(|e| error!("failed to send error response to downstream: {e}"));
+    }
+
     /// Switchyard patch (see SWITCHYARD-PATCH.md): the upstream read timeout once the
     /// response header has arrived, in place of the peer's `read_timeout`, which then bounds
     /// only the wait for the header (time to first byte). `None`, the default, keeps the
