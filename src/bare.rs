@@ -113,7 +113,8 @@ impl ProxyHttp for BarePolicy {
         Ok(Box::new(plan.backends[0].peer()))
     }
 
-    /// The body read whole goes upstream in place of Pingora's tail of it, as in Switchyard.
+    /// The body read whole goes upstream at its end, as in Switchyard (the patched
+    /// pingora-proxy calls this once for a body read ahead).
     async fn request_body_filter(
         &self,
         _session: &mut Session,

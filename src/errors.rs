@@ -240,10 +240,18 @@ impl ClientError {
         if status == 405 {
             return ClientError::MethodNotAllowed;
         }
-        // Pingora's reasons, as it words them: httparse's "too many headers", and its
-        // own limit on the head's size.
-        let reason = error.map(ToString::to_string).unwrap_or_default();
-        if reason.contains("too many headers") || reason.contains("Request header larger than") {
+        // Pingora's reasons, as it words them: its own limit on the head's size (the
+        // context), and httparse's "too many headers" (the cause). Only those two parts
+        // are looked at: the rest of its message quotes the client's head.
+        let too_large = error.is_some_and(|e| {
+            e.context
+                .as_ref()
+                .is_some_and(|c| c.as_str().starts_with("Request header larger than"))
+                || e.cause
+                    .as_ref()
+                    .is_some_and(|c| c.to_string() == "too many headers")
+        });
+        if too_large {
             ClientError::HeadTooLarge
         } else {
             ClientError::BadHead
@@ -307,6 +315,46 @@ impl ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_head_is_431_only_for_pingoras_own_reasons_never_for_what_the_client_wrote() {
+        use pingora::{Error, ErrorType::InvalidHTTPHeader};
+        #[derive(Debug)]
+        struct TooMany;
+        impl std::fmt::Display for TooMany {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("too many headers") // httparse::Error::TooManyHeaders
+            }
+        }
+        impl std::error::Error for TooMany {}
+
+        let too_many = Error::because(InvalidHTTPHeader, "buf: \"POST / HTTP/1.1 ...\"", TooMany);
+        let too_large = Error::explain(InvalidHTTPHeader, "Request header larger than 1048575");
+        // A malformed head whose bytes say the same words: Pingora quotes it in the context.
+        let quoting = Error::explain(
+            InvalidHTTPHeader,
+            "buf: \"GET / HTTP/1.1\\r\\nx: too many headers Request header larger than\"",
+        );
+        assert_eq!(
+            ClientError::refused_head(400, Some(&too_many)),
+            ClientError::HeadTooLarge
+        );
+        assert_eq!(
+            ClientError::refused_head(400, Some(&too_large)),
+            ClientError::HeadTooLarge
+        );
+        assert_eq!(
+            ClientError::refused_head(400, Some(&quoting)),
+            ClientError::BadHead
+        );
+        assert_eq!(ClientError::refused_head(400, None), ClientError::BadHead);
+        assert_eq!(
+            ClientError::refused_head(405, None),
+            ClientError::MethodNotAllowed
+        );
+        assert_eq!(ClientError::HeadTooLarge.status(), 431);
+        assert_eq!(ClientError::MethodNotAllowed.code(), "method_not_allowed");
+    }
 
     #[test]
     fn envelope_has_the_openai_shape() {

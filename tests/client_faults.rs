@@ -365,9 +365,10 @@ async fn assert_refused_head(p: &Proc, admin: u16, answer: &str, status: u16, co
         .unwrap_or_else(|| panic!("no request id: {answer}"))
         .trim()
         .to_string();
-    let line = format!("{id} - - status={status} ");
-    let log = p.wait_log(&line).await;
-    assert!(log.contains(&format!("error=\"{code}\"")), "{log}");
+    let needle = format!("{id} - - status={status} ");
+    let log = p.wait_log(&needle).await;
+    let line = log.lines().find(|l| l.contains(&needle)).unwrap();
+    assert!(line.ends_with(&format!(" error=\"{code}\"")), "{line}");
     let series =
         format!("switchyard_requests_total{{backend=\"none\",model=\"none\",status=\"{status}\"}}");
     assert!(
