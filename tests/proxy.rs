@@ -175,17 +175,20 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
         reqwest::Body::wrap_stream(futures_util::stream::iter(parts))
     };
     let mut sent_to_failing = Vec::new();
-    for (label, first_port) in [
-        ("first try", good.port),
-        ("after 503", failing.port),
-        ("after connect refused", dead_port),
+    for (label, first_port, http2) in [
+        ("first try", good.port, false),
+        ("after 503", failing.port, false),
+        ("after connect refused", dead_port, false),
+        // Both backends over h2c: the body crosses from chunked HTTP/1.1 to HTTP/2.
+        ("after 503, h2c backends", failing.port, true),
     ] {
-        let config = format!(
-            "{}backends:\n{}{}",
-            routes("fixed_order"),
-            backend("first", first_port, "[m]"),
-            backend("second", good.port, "[m]")
-        );
+        let backends = backend("first", first_port, "[m]") + &backend("second", good.port, "[m]");
+        let backends = if http2 {
+            backends.replace("    models: [m]\n", "    models: [m]\n    http2: true\n")
+        } else {
+            backends
+        };
+        let config = format!("{}backends:\n{backends}", routes("fixed_order"));
         let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
         for kib in [40, 70, 2048] {
             let body = serde_json::to_vec(&chat_body("m", &"x".repeat(kib * 1024), false)).unwrap();
@@ -203,6 +206,8 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
                 "{label}, {kib} KiB: body changed on the way"
             );
             assert_eq!(r.headers()["x-mock-backend"], "good", "{label}, {kib} KiB");
+            let version = if http2 { "HTTP/2.0" } else { "HTTP/1.1" };
+            assert_eq!(r.headers()["x-mock-http-version"], version, "{label}");
             if first_port == failing.port {
                 sent_to_failing.push(sha256_hex(&body));
             }
@@ -215,7 +220,7 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
         .map(|r| r["body_sha256"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(seen, sent_to_failing);
-    assert_eq!(received(&good).await.len(), 9);
+    assert_eq!(received(&good).await.len(), 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
