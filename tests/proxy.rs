@@ -169,11 +169,6 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
     let (_refusing, dead_port) = refusing_port();
     let failing = mock("failing", &["--fail-rate", "1"]).await;
     let good = mock("good", &[]).await;
-    let chunked = |body: &[u8]| {
-        let parts: Vec<Result<Vec<u8>, std::io::Error>> =
-            body.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
-        reqwest::Body::wrap_stream(futures_util::stream::iter(parts))
-    };
     let mut sent_to_failing = Vec::new();
     for (label, first_port, http2) in [
         ("first try", good.port, false),
@@ -195,7 +190,7 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
             let r = client()
                 .post(p.url("/v1/chat/completions"))
                 .header("content-type", "application/json")
-                .body(chunked(&body))
+                .body(body_without_length(&body, 8 * 1024))
                 .send()
                 .await
                 .unwrap();
@@ -214,12 +209,7 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
         }
     }
     // The 503 backend got each body whole too, before the failover.
-    let seen: Vec<String> = received(&failing)
-        .await
-        .iter()
-        .map(|r| r["body_sha256"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(seen, sent_to_failing);
+    assert_eq!(received_body_sha256s(&failing).await, sent_to_failing);
     assert_eq!(received(&good).await.len(), 12);
 }
 

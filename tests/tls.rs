@@ -852,9 +852,7 @@ async fn a_200_kib_prompt_over_http2_reaches_the_backend_byte_for_byte_first_try
         let sent = if with_length {
             reqwest::Body::from(body.clone())
         } else {
-            let parts: Vec<Result<Vec<u8>, std::io::Error>> =
-                body.chunks(16 * 1024).map(|c| Ok(c.to_vec())).collect();
-            reqwest::Body::wrap_stream(futures_util::stream::iter(parts))
+            body_without_length(&body, 16 * 1024)
         };
         let r = https
             .post(p.https("/v1/chat/completions"))
@@ -876,13 +874,9 @@ async fn a_200_kib_prompt_over_http2_reaches_the_backend_byte_for_byte_first_try
             sent_to_failing.push(sha256_hex(&body));
         }
     }
-    let seen: Vec<String> = received(&failing)
-        .await
-        .iter()
-        .map(|r| r["body_sha256"].as_str().unwrap().to_string())
-        .collect();
     assert_eq!(
-        seen, sent_to_failing,
+        received_body_sha256s(&failing).await,
+        sent_to_failing,
         "the failing backend got each body whole"
     );
     assert_eq!(received(&good).await.len(), 4);

@@ -327,6 +327,23 @@ pub async fn received(mock: &Proc) -> Vec<Value> {
     serde_json::from_value(get_json(mock.url("/mock/requests")).await).expect("a JSON array")
 }
 
+/// The SHA-256 (hex) of each body `mock` received, in order.
+pub async fn received_body_sha256s(mock: &Proc) -> Vec<String> {
+    received(mock)
+        .await
+        .iter()
+        .map(|r| r["body_sha256"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `body` sent as a stream of `part_bytes`-byte parts, with no length: chunked over
+/// HTTP/1.1, DATA frames without `content-length` over HTTP/2.
+pub fn body_without_length(body: &[u8], part_bytes: usize) -> reqwest::Body {
+    let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(part_bytes).map(|c| Ok(c.to_vec())).collect();
+    reqwest::Body::wrap_stream(futures_util::stream::iter(parts))
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
