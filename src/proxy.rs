@@ -2,11 +2,15 @@
 //! hands its work to the module that owns it; read top to bottom, it is the story of one
 //! request:
 //!
+//! 0. `refuse_request_head` — a head Pingora could not read (or `CONNECT`) still gets
+//!    Switchyard's error envelope, request id, access line and metric.
 //! 1. `request_filter` — API key → tenant, read and bound the body, extract
 //!    [`RequestMeta`], pick the route, run its policy, apply the guardrails: an ordered
 //!    plan of backends (waiting in the route's queue while all are at capacity).
 //! 2. `upstream_peer` — the next backend of the plan that will take it (an ejected backend
-//!    admits one probe at a time); counts it in flight.
+//!    admits one probe at a time); counts it in flight. Its head must come within the
+//!    TTFB timeout, each read after it within the idle timeout
+//!    (`upstream_read_timeout_after_header`).
 //! 3. `upstream_request_filter` / `request_body_filter` — swap client credentials for the
 //!    backend's, and send the whole body (again, on a retry).
 //! 4. `upstream_response_filter` — a 5xx/429/401 before any byte went to the client moves
@@ -85,6 +89,34 @@ impl ProxyHttp for Switchyard {
         RequestCtx::new()
     }
 
+    /// A request Pingora refused before any phase ran: a head it could not read (400, or
+    /// 431 when over its limits) or `CONNECT` (405). The answer is still Switchyard's: the
+    /// envelope, a request id, an access line and the request counted. (A patch of the
+    /// vendored pingora-proxy: vendor/pingora-proxy/SWITCHYARD-PATCH.md.)
+    async fn refuse_request_head(
+        &self,
+        session: &mut ServerSession,
+        status: u16,
+        error: Option<&Error>,
+    ) {
+        let started = Instant::now();
+        let error = ClientError::refused_head(status, error);
+        let id = uuid::Uuid::new_v4().to_string();
+        refuse_head(session, &id, &error).await;
+        let mut status = itoa::Buffer::new();
+        let status = status.format(error.status());
+        METRICS
+            .requests
+            .with_label_values(&["none", "none", status])
+            .inc();
+        // The head is not quoted: it was not read, and may hold credentials.
+        logging::access(format_args!(
+            "{id} - - status={status} tenant=- model=- policy=- attempts=[] tokens_in=0 tokens_out=0 ms={:.1} error=\"{}\"",
+            started.elapsed().as_secs_f64() * 1e3,
+            error.code(),
+        ));
+    }
+
     /// Decide where the request goes. Answers the client itself (`Ok(true)`) for bad
     /// requests, `GET /v1/models`, and policy rejections.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -158,34 +190,6 @@ impl ProxyHttp for Switchyard {
         }
         let cur = ctx.current.as_ref().expect("an attempt was just begun");
         Ok(Box::new(peer_for(&cur.backend, &runtime.config.proxy)))
-    }
-
-    /// A request Pingora refused before any phase ran: a head it could not read (400, or
-    /// 431 when over its limits) or `CONNECT` (405). The answer is still Switchyard's: the
-    /// envelope, a request id, an access line and the request counted. (A patch of the
-    /// vendored pingora-proxy: vendor/pingora-proxy/SWITCHYARD-PATCH.md.)
-    async fn refuse_request_head(
-        &self,
-        session: &mut ServerSession,
-        status: u16,
-        error: Option<&Error>,
-    ) {
-        let started = Instant::now();
-        let error = ClientError::refused_head(status, error);
-        let id = uuid::Uuid::new_v4().to_string();
-        refuse_head(session, &id, &error).await;
-        let mut status = itoa::Buffer::new();
-        let status = status.format(error.status());
-        METRICS
-            .requests
-            .with_label_values(&["none", "none", status])
-            .inc();
-        // The head is not quoted: it was not read, and may hold credentials.
-        logging::access(format_args!(
-            "{id} - - status={status} tenant=- model=- policy=- attempts=[] tokens_in=0 tokens_out=0 ms={:.1} error=\"{}\"",
-            started.elapsed().as_secs_f64() * 1e3,
-            error.code(),
-        ));
     }
 
     /// The response head came within `ttfb_timeout_ms` (the peer's read timeout); from then
