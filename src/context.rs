@@ -10,6 +10,7 @@ use crate::audit::{AttemptRecord, AuditRecord, AuditTime, Skipped};
 use crate::backends::{Backend, InflightGuard, Outcome};
 use crate::errors::ClientError;
 use crate::limits::Lease;
+use crate::logging::{self, Untrusted};
 use crate::metrics::METRICS;
 use crate::outlier::Pass;
 use crate::plan::Plan;
@@ -392,6 +393,28 @@ impl RequestCtx {
         }
     }
 
+    /// The request's access line: `method` and `path` as the client sent them (`-` when
+    /// its head could not be read), then what this context knows, then `error` (empty, or
+    /// ` error="…"`).
+    pub fn log_access(&self, method: &str, path: &str, error: impl std::fmt::Display) {
+        let meta = self.meta.as_deref();
+        logging::access(format_args!(
+            "{} {} {} status={} tenant={} model={} policy={} attempts=[{}] tokens_in={} tokens_out={} ms={:.1}{}",
+            self.request_id,
+            method,
+            Untrusted(path),
+            self.status,
+            meta.map_or("-", |m| m.tenant.as_str()),
+            Untrusted(meta.and_then(|m| m.model.as_deref()).unwrap_or("-")),
+            self.policy_tag().unwrap_or("-"),
+            AttemptList(&self.attempts),
+            self.usage.map_or(0, |u| u.prompt_tokens),
+            self.usage.map_or(0, |u| u.completion_tokens),
+            self.started.elapsed().as_secs_f64() * 1e3,
+            error,
+        ));
+    }
+
     /// `name@version` of the policy that routed the request, or refused it, or failed.
     pub fn policy_tag(&self) -> Option<&str> {
         match &self.plan {
@@ -452,7 +475,7 @@ fn truncated(s: &str, max_chars: usize) -> String {
 }
 
 /// The attempts of a request as the access log shows them: `a:status 503,b:status 200`.
-pub struct AttemptList<'a>(pub &'a [Attempt]);
+struct AttemptList<'a>(&'a [Attempt]);
 
 impl std::fmt::Display for AttemptList<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

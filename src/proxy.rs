@@ -36,9 +36,8 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::backends::{Backend, Outcome};
 use crate::body;
-use crate::context::{AttemptList, RequestCtx};
+use crate::context::RequestCtx;
 use crate::errors::{ClientError, UpstreamTlsFailure};
-use crate::logging;
 use crate::metrics::METRICS;
 use crate::outlier::parse_retry_after;
 use crate::plan::{self, Refusal};
@@ -99,22 +98,14 @@ impl ProxyHttp for Switchyard {
         status: u16,
         error: Option<&Error>,
     ) {
-        let started = Instant::now();
         let error = ClientError::refused_head(status, error);
-        let id = uuid::Uuid::new_v4().to_string();
-        refuse_head(session, &id, &error).await;
-        let mut status = itoa::Buffer::new();
-        let status = status.format(error.status());
-        METRICS
-            .requests
-            .with_label_values(&["none", "none", status])
-            .inc();
+        let mut ctx = RequestCtx::new();
+        ctx.request_id = uuid::Uuid::new_v4().to_string();
+        ctx.status = error.status();
+        refuse_head(session, &ctx.request_id, &error).await;
+        ctx.count("none", 0.0);
         // The head is not quoted: it was not read, and may hold credentials.
-        logging::access(format_args!(
-            "{id} - - status={status} tenant=- model=- policy=- attempts=[] tokens_in=0 tokens_out=0 ms={:.1} error=\"{}\"",
-            started.elapsed().as_secs_f64() * 1e3,
-            error.code(),
-        ));
+        ctx.log_access("-", "-", format_args!(" error=\"{}\"", error.code()));
     }
 
     /// Decide where the request goes. Answers the client itself (`Ok(true)`) for bad
@@ -596,22 +587,7 @@ impl ProxyHttp for Switchyard {
             ctx.finish_attempt(outcome, what);
         }
         let head = session.req_header();
-        let meta = ctx.meta.as_deref();
-        logging::access(format_args!(
-            "{} {} {} status={} tenant={} model={} policy={} attempts=[{}] tokens_in={} tokens_out={} ms={:.1}{}",
-            ctx.request_id,
-            head.method,
-            logging::Untrusted(head.uri.path()),
-            ctx.status,
-            meta.map_or("-", |m| m.tenant.as_str()),
-            logging::Untrusted(meta.and_then(|m| m.model.as_deref()).unwrap_or("-")),
-            ctx.policy_tag().unwrap_or("-"),
-            AttemptList(&ctx.attempts),
-            ctx.usage.map_or(0, |u| u.prompt_tokens),
-            ctx.usage.map_or(0, |u| u.completion_tokens),
-            ctx.started.elapsed().as_secs_f64() * 1e3,
-            ErrorSuffix(e),
-        ));
+        ctx.log_access(head.method.as_str(), head.uri.path(), ErrorSuffix(e));
         let record = ctx.take_audit_record(head.method.as_str(), head.uri.path(), cost_usd);
         self.shared.audit.record(record);
     }

@@ -52,20 +52,22 @@ pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientEr
 /// connection after it.
 pub async fn refuse_head(session: &mut ServerSession, request_id: &str, error: &ClientError) {
     let body = error.envelope(ApiFormat::OpenAi);
-    let build = || -> Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(error.status(), Some(4))?;
-        h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-        h.insert_header(REQUEST_ID, request_id)?;
-        Ok(h)
-    };
-    let result = match build() {
+    let result = match json_head(error.status(), body.len(), request_id) {
         Ok(h) => session.write_error_response(h, body).await,
         Err(e) => Err(e),
     };
     if let Err(e) = result {
         info!("{request_id} could not answer the client: {e}");
     }
+}
+
+/// The head of a JSON answer of Switchyard's own: `len` bytes, and the request id.
+fn json_head(status: u16, len: usize, request_id: &str) -> Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(4))?;
+    h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    h.insert_header(http::header::CONTENT_LENGTH, len)?;
+    h.insert_header(REQUEST_ID, request_id)?;
+    Ok(h)
 }
 
 /// Write a complete JSON response from Switchyard itself.
@@ -81,10 +83,7 @@ pub async fn respond(
         session.set_keepalive(None);
     }
     let build = || -> Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(status, Some(4))?;
-        h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-        h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        let mut h = json_head(status, body.len(), &ctx.request_id)?;
         if let Some(s) = retry_after {
             h.insert_header(http::header::RETRY_AFTER, s)?;
         }
