@@ -216,12 +216,10 @@ async fn no_headers_within_the_ttfb_timeout_is_504_or_the_next_candidate_if_the_
 
     // Over HTTP/1.1 and HTTP/2 (h2c) to the backends.
     for http2 in [false, true] {
-        let backends = chain_config(hung.port, Some(live.port), "    retry_on_timeout: true\n");
-        let backends = if http2 {
-            backends.replace("    models: [m]\n", "    models: [m]\n    http2: true\n")
-        } else {
-            backends
-        };
+        let backends = backends_over_http2(
+            chain_config(hung.port, Some(live.port), "    retry_on_timeout: true\n"),
+            http2,
+        );
         let p = proxy(&format!("{proxy_conf}{backends}"), &[("chain", CHAIN)]).await;
         let started = Instant::now();
         let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;

@@ -177,12 +177,10 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
         // Both backends over h2c: the body crosses from chunked HTTP/1.1 to HTTP/2.
         ("after 503, h2c backends", failing.port, true),
     ] {
-        let backends = backend("first", first_port, "[m]") + &backend("second", good.port, "[m]");
-        let backends = if http2 {
-            backends.replace("    models: [m]\n", "    models: [m]\n    http2: true\n")
-        } else {
-            backends
-        };
+        let backends = backends_over_http2(
+            backend("first", first_port, "[m]") + &backend("second", good.port, "[m]"),
+            http2,
+        );
         let config = format!("{}backends:\n{backends}", routes("fixed_order"));
         let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
         for kib in [40, 70, 2048] {

@@ -285,6 +285,16 @@ pub fn backend(name: &str, mock_port: u16, models: &str) -> String {
     format!("  - name: {name}\n    url: http://127.0.0.1:{mock_port}\n    models: {models}\n")
 }
 
+/// `config`'s backends (written by [`backend`]) reached over HTTP/2 when `http2`: h2c,
+/// with prior knowledge.
+pub fn backends_over_http2(config: String, http2: bool) -> String {
+    if http2 {
+        config.replace("\n    models: ", "\n    http2: true\n    models: ")
+    } else {
+        config
+    }
+}
+
 pub fn chat_body(model: &str, content: &str, stream: bool) -> Value {
     serde_json::json!({
         "model": model,
