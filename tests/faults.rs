@@ -239,6 +239,28 @@ async fn no_headers_within_the_ttfb_timeout_is_504_or_the_next_candidate_if_the_
             "http2: {http2}: {text}"
         );
     }
+
+    // A plain answer whose head came and whose body then stalls is cut by the idle
+    // timeout (3 s), not the TTFB one (300 ms).
+    let p = proxy(
+        &format!("{proxy_conf}{}", chain_config(live.port, None, "")),
+        &[("chain", CHAIN)],
+    )
+    .await;
+    let started = Instant::now();
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", false),
+        &[("x-mock-fault", "stall-mid-stream")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "the body was cut off");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
