@@ -279,7 +279,9 @@ where
                         Ok(task) => {
                             response_done = task.is_end();
                             // Switchyard patch: the header came; the rest has its own timeout.
-                            if let (Some(t), HttpTask::Header(header, _)) = (read_timeout_after_header, &task) {
+                            if let (Some(t), HttpTask::Header(header, _)) =
+                                (read_timeout_after_header, &task)
+                            {
                                 if !header.status.is_informational() {
                                     client_session.read_timeout = Some(t);
                                 }
