@@ -7,6 +7,8 @@
 #   PARTS=proxy benches/instructions.sh    # or PARTS=decide
 #   REQUESTS=1000 benches/instructions.sh
 #   KEEP=/tmp/cg benches/instructions.sh   # keep the callgrind files there (callgrind_annotate)
+#   PROFILE=release benches/instructions.sh  # the proxy part's cargo profile (default dist,
+#                                            # as the Docker image ships it)
 #
 # proxy: Switchyard (round_robin, access log on, as shipped), the bare Pingora
 # pass-through (`switchyard bare`) of the same binary, and that pass-through with only the
@@ -26,6 +28,7 @@ set -euo pipefail
 PARTS=${PARTS:-"proxy decide"}
 REQUESTS=${REQUESTS:-2000}
 WARMUP=${WARMUP:-400}
+PROFILE=${PROFILE:-dist}
 MOCKS=3
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -88,8 +91,8 @@ dump_total() {
 proxy_part() {
     need_pkg h2load nghttp2-client
     local bin="$TMP/switchyard" mode target i p pp vp out body
-    (cd "$ROOT" && cargo build --release --quiet --bin switchyard) || die "cargo build failed"
-    cp "$ROOT/target/release/switchyard" "$bin"
+    (cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bin switchyard) || die "cargo build failed"
+    cp "$ROOT/target/$PROFILE/switchyard" "$bin"
     local ports=()
     for ((i = 0; i < MOCKS; i++)); do
         p=$(port)

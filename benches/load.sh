@@ -24,8 +24,9 @@
 # target are repeated, the order of the targets reversed on every other round, and each
 # row reports the median of its rounds, with every round's ratios listed; the fixed-rate
 # runs are made in the first round only), SY_LOG (RUST_LOG for the Switchyard
-# row, default "info" = as shipped), NO_BUILD (1 = skip `cargo build --release` and use the
-# binary already in target/release).
+# row, default "info" = as shipped), PROFILE (the cargo profile built and run: "dist", as
+# the Docker image ships it, whole-program LTO; "release" for what the tests run),
+# NO_BUILD (1 = skip `cargo build` and use the binary already in target/$PROFILE).
 #
 # Needs wrk, h2load and nginx (installed with apt-get when missing), curl, ss, awk.
 # Exits non-zero if Switchyard answered anything but 2xx or wrk saw socket errors on it.
@@ -48,7 +49,8 @@ SY_LOG=${SY_LOG:-info}
 MOCKS=3
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN="$ROOT/target/release/switchyard"
+PROFILE=${PROFILE:-dist}
+BIN="$ROOT/target/$PROFILE/switchyard"
 TMP=$(mktemp -d /tmp/switchyard-load.XXXXXX)
 
 # --- processes --------------------------------------------------------------------------
@@ -291,8 +293,9 @@ if [[ ${NO_BUILD:-0} == 1 ]]; then
     [[ -x $BIN ]] || die "NO_BUILD=1 but $BIN does not exist"
     echo "using the existing $BIN (NO_BUILD=1)" >&2
 else
-    echo "building the release binary..." >&2
-    (cd "$ROOT" && cargo build --release --quiet --bin switchyard) || die "cargo build --release failed"
+    echo "building the binary (profile $PROFILE)..." >&2
+    (cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bin switchyard) ||
+        die "cargo build --profile $PROFILE failed"
 fi
 
 write_wrk_script "$TMP/plain.lua" "$PLAIN_BODY"

@@ -363,13 +363,17 @@ fn dockerfile_copies_what_exists_and_the_build_needs() {
             "the build needs {file}, which the build stage does not copy"
         );
     }
+    // The image is built with the `dist` profile (whole-program LTO), which Cargo.toml
+    // must define: what the benchmarks measure is what the image runs.
     let build_runs: Vec<&str> = build.all("RUN").collect();
     assert!(
         build_runs
             .iter()
-            .any(|r| r.contains("cargo build --release --locked")),
+            .any(|r| r.contains("cargo build --profile dist --locked")),
         "{build_runs:?}"
     );
+    let manifest = read("Cargo.toml");
+    assert!(manifest.contains("\n[profile.dist]\n"), "Cargo.toml defines no dist profile");
     assert!(
         build_runs.iter().any(|r| r.contains("cmake")),
         "Pingora's zlib-ng needs cmake (tests/setup.sh)"
@@ -387,7 +391,7 @@ fn dockerfile_copies_what_exists_and_the_build_needs() {
     assert!(
         build_runs
             .iter()
-            .any(|r| r.contains(&format!("target/release/switchyard {}", sources[0]))),
+            .any(|r| r.contains(&format!("target/dist/switchyard {}", sources[0]))),
         "the build stage installs the binary at {}",
         sources[0]
     );
