@@ -99,7 +99,9 @@ impl ProxyHttp for BarePolicy {
         }
         let meta = Arc::new(meta);
         let screened = plan::screen(runtime, tenant, &meta).map_err(refused)?;
-        ctx.plan = Some(plan::decide(runtime, &screened, &meta, "bare").map_err(refused)?);
+        let mut considered = plan::Considered::default();
+        let plan = plan::decide(runtime, &screened, &meta, "bare", &mut considered);
+        ctx.plan = Some(plan.map_err(refused)?);
         ctx.body = body;
         Ok(false)
     }

@@ -13,7 +13,7 @@ use crate::limits::Lease;
 use crate::logging::{self, Untrusted};
 use crate::metrics::METRICS;
 use crate::outlier::Pass;
-use crate::plan::Plan;
+use crate::plan::{Considered, Plan};
 use crate::request::RequestMeta;
 use crate::runtime::Runtime;
 use crate::stream_usage::{self, UsageStripper};
@@ -30,6 +30,8 @@ pub struct RequestCtx {
     pub plan: Option<Plan>,
     /// The policy that refused the request, or failed, when no plan was made.
     pub refused_by: Option<Arc<str>>,
+    /// What the request was offered when no plan was made, for its audit record.
+    pub refused: Considered,
     /// One entry per finished upstream attempt, in order.
     pub attempts: Vec<Attempt>,
     pub current: Option<Current>,
@@ -91,6 +93,7 @@ impl RequestCtx {
             body: None,
             plan: None,
             refused_by: None,
+            refused: Considered::default(),
             attempts: Vec::new(),
             current: None,
             failure: None,
@@ -429,18 +432,26 @@ impl RequestCtx {
     pub fn take_audit_record(&mut self, method: &str, path: &str, cost_usd: f64) -> AuditRecord {
         let meta = self.meta.as_deref();
         let policy = self.policy_tag().map(str::to_string);
-        let plan = self.plan.take();
-        let (candidates, plan_names, skipped) = match plan {
+        let (considered, plan_names) = match self.plan.take() {
             Some(p) => (
-                p.candidates.iter().map(|b| b.name().to_string()).collect(),
+                Considered {
+                    candidates: p.candidates,
+                    skipped: p.skipped,
+                },
                 p.backends.iter().map(|b| b.name().to_string()).collect(),
-                p.skipped
-                    .into_iter()
-                    .map(|(backend, reason)| Skipped { backend, reason })
-                    .collect(),
             ),
-            None => (Vec::new(), Vec::new(), Vec::new()),
+            None => (std::mem::take(&mut self.refused), Vec::new()),
         };
+        let candidates = considered
+            .candidates
+            .iter()
+            .map(|b| b.name().to_string())
+            .collect();
+        let skipped = considered
+            .skipped
+            .into_iter()
+            .map(|(backend, reason)| Skipped { backend, reason })
+            .collect();
         AuditRecord {
             time: AuditTime::now(),
             request_id: std::mem::take(&mut self.request_id),

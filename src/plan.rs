@@ -40,6 +40,14 @@ pub struct Plan {
     pub panic: bool,
 }
 
+/// What a request that got no plan was offered, for its audit record: the backends its
+/// policy was offered (none when none was eligible) and those left out, and why.
+#[derive(Debug, Default)]
+pub struct Considered {
+    pub candidates: Vec<Arc<Backend>>,
+    pub skipped: Vec<(String, &'static str)>,
+}
+
 /// Why no plan could be made.
 #[derive(Debug)]
 pub enum Refusal {
@@ -129,22 +137,69 @@ pub fn screen<'r>(
 }
 
 /// Run the policy of a screened request over the backends that may take it now, within
-/// the guardrails it cannot override.
+/// the guardrails it cannot override. A request refused here leaves what it was offered
+/// in `refused`.
 pub fn decide(
     runtime: &Runtime,
     screened: &Screened,
     meta: &Arc<RequestMeta>,
     request_id: &str,
+    refused: &mut Considered,
 ) -> Result<Plan, Refusal> {
-    let (route, model) = (screened.route, meta.model.as_deref());
     let mut skipped = screened.skipped.clone();
     let (candidates, panic) = match eligible(&screened.allowed, request_id, &mut skipped) {
         Ok(c) => c,
-        Err(Unavailable { full: true }) => return Err(Refusal::AtCapacity),
-        Err(_) => return Err(unavailable_now(&screened.allowed, model).into()),
+        Err(Unavailable { full }) => {
+            *refused = Considered {
+                candidates: Vec::new(),
+                skipped,
+            };
+            return Err(match full {
+                true => Refusal::AtCapacity,
+                false => unavailable_now(&screened.allowed, meta.model.as_deref()).into(),
+            });
+        }
     };
+    match choose(
+        runtime,
+        screened,
+        meta,
+        request_id,
+        &candidates,
+        &mut skipped,
+    ) {
+        Ok(chosen) => Ok(Plan {
+            backends: chosen.backends,
+            max_attempts: screened.route.max_attempts,
+            retry_on_timeout: screened.route.retry_on_timeout,
+            reserved: Some(chosen.reserved),
+            candidates,
+            skipped,
+            policy: chosen.policy,
+            panic,
+        }),
+        Err(why) => {
+            *refused = Considered {
+                candidates,
+                skipped,
+            };
+            Err(why)
+        }
+    }
+}
 
-    let (decision, policy) = run_policy(runtime, route, meta, &candidates, request_id)?;
+/// The policy's order of `candidates` after the guardrails, with a slot taken on the one
+/// that leads, and the policy's tag. Backends the policy named but may not have are added
+/// to `skipped`.
+fn choose(
+    runtime: &Runtime,
+    screened: &Screened,
+    meta: &Arc<RequestMeta>,
+    request_id: &str,
+    candidates: &[Arc<Backend>],
+    skipped: &mut Vec<(String, &'static str)>,
+) -> Result<Chosen, Refusal> {
+    let (decision, policy) = run_policy(runtime, screened.route, meta, candidates, request_id)?;
     let chosen = match decision {
         Decision::Reject { status, message } => {
             return Err(ClientError::PolicyRejected {
@@ -164,7 +219,8 @@ pub fn decide(
             ));
         }
     }
-    let mut backends = guard(&chosen, &candidates, &screened.allowed, model)?;
+    let model = meta.model.as_deref();
+    let mut backends = guard(&chosen, candidates, &screened.allowed, model)?;
     // Take a slot now: the first backend of the policy's order that has one leads.
     let Some((first, reserved)) = backends
         .iter()
@@ -177,16 +233,18 @@ pub fn decide(
         let b = backends.remove(first);
         backends.insert(0, b);
     }
-    Ok(Plan {
+    Ok(Chosen {
         backends,
-        max_attempts: route.max_attempts,
-        retry_on_timeout: route.retry_on_timeout,
-        reserved: Some(reserved),
-        candidates,
-        skipped,
+        reserved,
         policy: policy.tag.clone(),
-        panic,
     })
+}
+
+/// What [`choose`] made of a policy's answer.
+struct Chosen {
+    backends: Vec<Arc<Backend>>,
+    reserved: InflightGuard,
+    policy: Arc<str>,
 }
 
 /// The backends that may take a request now. When every one is out only because it is
@@ -248,6 +306,7 @@ pub async fn wait_for_capacity(
     screened: &Screened<'_>,
     meta: &Arc<RequestMeta>,
     request_id: &str,
+    refused: &mut Considered,
 ) -> Result<Plan, ClientError> {
     let unavailable = || ClientError::no_backend(meta.model.as_deref().unwrap_or("-"));
     let route = screened.route;
@@ -267,7 +326,7 @@ pub async fn wait_for_capacity(
     loop {
         // Registered before planning again, so a wake-up in between is not lost.
         let freed = CAPACITY_FREED.notified();
-        match decide(runtime, screened, meta, request_id) {
+        match decide(runtime, screened, meta, request_id, refused) {
             Ok(plan) => return Ok(plan),
             Err(Refusal::Client(e)) => return Err(e),
             Err(Refusal::AtCapacity) => {}

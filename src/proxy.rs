@@ -762,11 +762,17 @@ async fn admit(
         ctx.lease = Some(lease);
     }
     ctx.plan = Some(
-        match plan::decide(runtime, &screened, &meta, &ctx.request_id) {
+        match plan::decide(runtime, &screened, &meta, &ctx.request_id, &mut ctx.refused) {
             Ok(p) => p,
             Err(Refusal::Client(e)) => return Err(e),
             Err(Refusal::AtCapacity) => {
-                let waiting = plan::wait_for_capacity(runtime, &screened, &meta, &ctx.request_id);
+                let waiting = plan::wait_for_capacity(
+                    runtime,
+                    &screened,
+                    &meta,
+                    &ctx.request_id,
+                    &mut ctx.refused,
+                );
                 tokio::select! {
                     plan = waiting => plan?,
                     // The body is read: a read that ends now means the client went away,

@@ -44,6 +44,20 @@ return P
     let shed = post_chat(&p, &chat_body("m", "hi", false), &[("x-shed", "1")]).await;
     assert_eq!(shed.status(), 429);
     let shed_id = shed.headers()["x-request-id"].to_str().unwrap().to_string();
+    // With both backends drained, nothing may take a request: the 503's record says why.
+    for name in ["dead", "live"] {
+        let drained = client()
+            .post(format!(
+                "http://127.0.0.1:{admin}/admin/backends/{name}/drain"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(drained.status(), 200);
+    }
+    let none = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(none.status(), 503);
+    let none_id = none.headers()["x-request-id"].to_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let text = std::fs::read_to_string(&log).unwrap();
@@ -63,6 +77,29 @@ return P
     let refused: serde_json::Value = serde_json::from_str(refused).unwrap();
     assert_eq!(refused["status"], 429);
     assert_eq!(refused["policy"], v["policy"]);
+    // ... and what it was offered: each backend a candidate or skipped with its reason
+    // (`dead` may be ejected by now).
+    let offered = refused["candidates"].as_array().unwrap();
+    assert!(offered.contains(&"live".into()), "{refused}");
+    if !offered.contains(&"dead".into()) {
+        assert_eq!(
+            refused["skipped"],
+            serde_json::json!([{ "backend": "dead", "reason": "ejected" }]),
+            "{refused}"
+        );
+    }
+    let none = text.lines().find(|l| l.contains(&none_id)).unwrap();
+    let none: serde_json::Value = serde_json::from_str(none).unwrap();
+    assert_eq!(none["status"], 503);
+    assert_eq!(none["candidates"], serde_json::json!([]));
+    assert_eq!(
+        none["skipped"],
+        serde_json::json!([
+            { "backend": "dead", "reason": "draining" },
+            { "backend": "live", "reason": "draining" },
+        ]),
+        "{none}"
+    );
     let attempts = v["attempts"].as_array().unwrap();
     assert_eq!(attempts[0]["backend"], "dead");
     assert!(
@@ -92,12 +129,13 @@ return P
     // The same decisions are on the admin API, newest first.
     let d: serde_json::Value =
         get_json(format!("http://127.0.0.1:{admin}/admin/decisions?limit=10")).await;
-    // Five chat requests (the last refused), and the harness's readiness probe
+    // Six chat requests (the last two refused), and the harness's readiness probe
     // (GET /v1/models) before them.
     let decisions = d["decisions"].as_array().unwrap();
-    assert_eq!(decisions.len(), 6);
-    assert_eq!(decisions[0]["request_id"], shed_id.as_str(), "newest first");
-    assert_eq!(decisions[4]["request_id"], id.as_str());
+    assert_eq!(decisions.len(), 7);
+    assert_eq!(decisions[0]["request_id"], none_id.as_str(), "newest first");
+    assert_eq!(decisions[1]["request_id"], shed_id.as_str());
+    assert_eq!(decisions[5]["request_id"], id.as_str());
 
     let verify = |path: &std::path::Path| {
         std::process::Command::new(BIN)

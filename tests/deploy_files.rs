@@ -373,7 +373,10 @@ fn dockerfile_copies_what_exists_and_the_build_needs() {
         "{build_runs:?}"
     );
     let manifest = read("Cargo.toml");
-    assert!(manifest.contains("\n[profile.dist]\n"), "Cargo.toml defines no dist profile");
+    assert!(
+        manifest.contains("\n[profile.dist]\n"),
+        "Cargo.toml defines no dist profile"
+    );
     assert!(
         build_runs.iter().any(|r| r.contains("cmake")),
         "Pingora's zlib-ng needs cmake (tests/setup.sh)"
