@@ -46,14 +46,7 @@ return P
     let shed_id = shed.headers()["x-request-id"].to_str().unwrap().to_string();
     // With both backends drained, nothing may take a request: the 503's record says why.
     for name in ["dead", "live"] {
-        let drained = client()
-            .post(format!(
-                "http://127.0.0.1:{admin}/admin/backends/{name}/drain"
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(drained.status(), 200);
+        set_draining(admin, name, true).await;
     }
     let none = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
     assert_eq!(none.status(), 503);

@@ -112,12 +112,7 @@ async fn draining_stops_new_traffic_while_in_flight_requests_finish() {
         assert_eq!(t.await.unwrap().status(), 200);
     }
     let slow = slow.expect("one request went to a");
-    let r = client()
-        .post(format!("http://127.0.0.1:{admin}/admin/backends/a/drain"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    set_draining(admin, "a", true).await;
     for _ in 0..10 {
         let (status, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
         assert_eq!(status, 200);
@@ -126,11 +121,7 @@ async fn draining_stops_new_traffic_while_in_flight_requests_finish() {
     let r = slow.await.unwrap();
     assert_eq!(r.status(), 200, "the in-flight request finished");
     assert_eq!(r.headers()["x-switchyard-backend"], "a");
-    client()
-        .post(format!("http://127.0.0.1:{admin}/admin/backends/a/undrain"))
-        .send()
-        .await
-        .unwrap();
+    set_draining(admin, "a", false).await;
     let mut served = std::collections::HashSet::new();
     for _ in 0..4 {
         let (_, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;

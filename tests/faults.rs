@@ -479,14 +479,7 @@ async fn a_drained_backend_does_not_keep_the_others_out_of_panic_mode() {
         Some(two.port),
     )
     .await;
-    let drain = client()
-        .post(format!(
-            "http://127.0.0.1:{admin}/admin/backends/second/drain"
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(drain.status(), 200);
+    set_draining(admin, "second", true).await;
     for _ in 0..2 {
         let r = post_chat(
             &p,

@@ -514,6 +514,20 @@ impl Load {
 }
 
 /// GET a URL and parse its JSON body.
+/// Through the admin API on port `admin`: drain backend `name` (no new requests), or
+/// put it back in rotation; the call must succeed.
+pub async fn set_draining(admin: u16, name: &str, draining: bool) {
+    let action = if draining { "drain" } else { "undrain" };
+    let r = client()
+        .post(format!(
+            "http://127.0.0.1:{admin}/admin/backends/{name}/{action}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{action} {name}");
+}
+
 pub async fn get_json(url: impl reqwest::IntoUrl) -> Value {
     client()
         .get(url)
