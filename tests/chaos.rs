@@ -133,8 +133,13 @@ async fn draining_stops_new_traffic_while_in_flight_requests_finish() {
 /// One backend `a` that takes one request at a time, behind a route whose queue holds 4
 /// for `queue_timeout_ms`.
 async fn one_at_a_time(a: &Proc, queue_timeout_ms: u64) -> Proc {
+    one_at_a_time_with(a, queue_timeout_ms, "").await
+}
+
+/// [`one_at_a_time`], with `extra` config lines first.
+async fn one_at_a_time_with(a: &Proc, queue_timeout_ms: u64, extra: &str) -> Proc {
     let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: {queue_timeout_ms}\nbackends:\n{}    max_inflight: 1\n",
+        "{extra}routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\n    queue_max: 4\n    queue_timeout_ms: {queue_timeout_ms}\nbackends:\n{}    max_inflight: 1\n",
         backend("a", a.port, "[m]")
     );
     proxy(&config, &[]).await
@@ -155,8 +160,15 @@ async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
         "served one at a time"
     );
 
-    // With a short queue timeout, the waiting request gives up with 503 and Retry-After.
-    let p = one_at_a_time(&a, 100).await;
+    // With a short queue timeout, the waiting request gives up with 503 and Retry-After,
+    // and its audit record says why: its one backend was full.
+    let admin = free_port();
+    let p = one_at_a_time_with(
+        &a,
+        100,
+        &format!("admin: {{ addr: \"127.0.0.1:{admin}\" }}\n"),
+    )
+    .await;
     let first = chat_in_background(&p);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let r = client()
@@ -167,7 +179,22 @@ async fn requests_wait_for_capacity_then_get_503_with_retry_after() {
         .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(first.await.unwrap().status(), 200);
+    let d = get_json(format!("http://127.0.0.1:{admin}/admin/decisions")).await;
+    let record = d["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["request_id"] == id.as_str())
+        .expect("the refused request has a record")
+        .clone();
+    assert_eq!(record["status"], 503);
+    assert_eq!(
+        record["skipped"],
+        serde_json::json!([{ "backend": "a", "reason": "at max_inflight" }]),
+        "{record}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
