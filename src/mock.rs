@@ -18,8 +18,12 @@
 //! Per-request headers (each wins over the matching [`MockOptions`] field):
 //! `x-mock-latency-ms`, `x-mock-chunks`, `x-mock-chunk-delay-ms`, `x-mock-status`
 //! (300..=599 injects that status; 2xx answers normally), `x-mock-retry-after`,
-//! `x-mock-fault` (`hang`, `close`, `reset-mid-stream`, `stall-mid-stream`, `drip`), and
-//! `x-mock-cached-tokens` (prompt tokens reported as read from a prompt cache; default 0).
+//! `x-mock-fault` (`hang`, `close`, `reset-mid-stream`, `stall-mid-stream`, `drip`,
+//! `early`), and `x-mock-cached-tokens` (prompt tokens reported as read from a prompt
+//! cache; default 0). `early` answers the injected status (413 without `x-mock-status`)
+//! at once, without reading the request body, as a server that refuses a body by its head
+//! does; over HTTP/2 the stream is then reset with `NO_ERROR` (RFC 9113 §8.1), over
+//! HTTP/1.1 the connection closed. Such a request is recorded with no body.
 //! Errors of `/v1/messages` use Anthropic's envelope, all others OpenAI's.
 //! An unusable value is answered 400 naming the header, so a typo in a test is loud.
 
@@ -324,6 +328,7 @@ enum Fault {
     ResetMidStream,
     StallMidStream,
     Drip,
+    Early,
 }
 
 impl Fault {
@@ -334,6 +339,7 @@ impl Fault {
             "reset-mid-stream" => Some(Fault::ResetMidStream),
             "stall-mid-stream" => Some(Fault::StallMidStream),
             "drip" => Some(Fault::Drip),
+            "early" => Some(Fault::Early),
             _ => None,
         }
     }
@@ -460,6 +466,12 @@ async fn handle_counted(
 ) -> Result<Response<MockBody>, MockError> {
     let (seq, guard) = shared.begin();
     let (parts, body) = req.into_parts();
+    if let Some(mut response) = answer_early(&shared, &parts) {
+        // `body` is dropped unread.
+        shared.record(record_of(&parts, &[], "", None));
+        response.body_mut().inflight = Some(guard);
+        return Ok(response);
+    }
     let body = body.collect().await?.to_bytes();
     let body_sha256 = hex::encode(Sha256::digest(&body));
     let parsed = ParsedBody::parse(&body);
@@ -477,6 +489,25 @@ async fn handle_counted(
     headers.insert("x-mock-body-bytes", HeaderValue::from(body.len()));
     response.body_mut().inflight = Some(guard);
     Ok(response)
+}
+
+/// `x-mock-fault: early`: the injected status (413 by default), before the body is read.
+/// Unusable `x-mock-*` values are left to [`answer`], which reads the body first.
+fn answer_early(shared: &Shared, parts: &Parts) -> Option<Response<MockBody>> {
+    if header_fault(&parts.headers).ok()?? != Fault::Early {
+        return None;
+    }
+    let status = header_status(&parts.headers)
+        .ok()?
+        .unwrap_or(StatusCode::PAYLOAD_TOO_LARGE);
+    let retry_after_s = header_or(
+        &parts.headers,
+        "x-mock-retry-after",
+        shared.opts.retry_after_s,
+    )
+    .ok()?;
+    let format = ApiFormat::of_path(parts.uri.path());
+    Some(injected_error(shared, status, retry_after_s, format))
 }
 
 /// What `answer` needs to know about the request.
@@ -1977,6 +2008,32 @@ mod tests {
             1,
             "recorded before the fault"
         );
+    }
+
+    #[tokio::test]
+    async fn early_fault_answers_before_the_body_is_sent() {
+        let addr = start(MockOptions::default()).await;
+        for (status, want) in [(None, 413), (Some("401"), 401)] {
+            // The head announces 10 MB that never come: only an answer that does not wait
+            // for the body can arrive.
+            let mut head = raw_request("POST", "/v1/chat/completions", &[], "");
+            head = head.replace("content-length: 0", "content-length: 10000000");
+            let mut headers = vec![("x-mock-fault", "early")];
+            headers.extend(status.map(|s| ("x-mock-status", s)));
+            for (name, value) in headers {
+                head = head.replacen("\r\n\r\n", &format!("\r\n{name}: {value}\r\n\r\n"), 1);
+            }
+            let raw = tokio::time::timeout(Duration::from_secs(5), exchange(addr, &head))
+                .await
+                .expect("answered without the body");
+            let reply = parse_reply(&raw);
+            assert_eq!(reply.status, want);
+            assert!(reply.json()["error"]["message"].is_string());
+        }
+        let log = call(addr, "GET", "/mock/requests", &[], "").await.json();
+        let log = log.as_array().unwrap();
+        assert_eq!(log.len(), 2);
+        assert!(log.iter().all(|r| r["body_bytes"] == 0), "{log:?}");
     }
 
     #[tokio::test]

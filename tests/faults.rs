@@ -729,6 +729,63 @@ async fn a_400_from_the_backend_is_relayed_unchanged_and_is_no_failure() {
     );
 }
 
+/// A backend may answer before it has read the body (a 413 by the head's length, say) and
+/// then stop reading: HTTP/1.1 closes the connection, HTTP/2 resets the stream with
+/// `NO_ERROR` (RFC 9113 §8.1). The answer is the backend's, relayed as any other; sending
+/// the rest of the body fails, and that is no failure of the attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_before_the_body_was_read_is_relayed_over_http1_and_http2() {
+    let a = mock("a", &[]).await;
+    let b = mock("b", &[]).await;
+    // Far over HTTP/2's initial 64 KiB window and the sockets' buffers: the backend stops
+    // reading long before the body is sent.
+    let prompt = "lorem ipsum dolor sit amet ".repeat(4 * 1024 * 1024 / 27);
+    let body = serde_json::to_vec(&chat_body("m", &prompt, false)).unwrap();
+    // Asked directly with a small body: a client that does not read the answer while it
+    // sends (reqwest) may fail on the closed connection before it sees it.
+    let direct = client()
+        .post(a.url("/v1/chat/completions"))
+        .header("x-mock-fault", "early")
+        .json(&chat_body("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 413);
+    let direct = direct.bytes().await.unwrap();
+    for http2 in [false, true] {
+        let admin = free_port();
+        let config = backends_over_http2(
+            format!(
+                "{}{}",
+                admin_config(admin),
+                chain_config(a.port, Some(b.port), "")
+            ),
+            http2,
+        );
+        let p = proxy(&config, &[("chain", CHAIN)]).await;
+        for _ in 0..3 {
+            let r = client()
+                .post(p.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .header("x-mock-fault", "early")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 413, "http2: {http2}");
+            assert_eq!(r.headers()["x-mock-backend"], "a", "http2: {http2}");
+            assert_eq!(r.bytes().await.unwrap(), direct, "http2: {http2}");
+        }
+        assert!(received(&b).await.is_empty(), "http2: {http2}: not retried");
+        let first = admin_backend(admin, "first").await;
+        assert_eq!(
+            first["error_rate"].as_f64(),
+            Some(0.0),
+            "http2: {http2}: {first}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_or_403_from_the_backend_becomes_502_and_its_body_is_never_shown() {
     let a = mock("a", &[]).await;

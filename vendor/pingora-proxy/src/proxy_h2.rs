@@ -536,15 +536,28 @@ where
         let buffer = session.as_mut().get_retry_buffer();
         let read_ahead = downstream_state.is_done() && !session.as_mut().is_body_empty();
         if buffer.is_some() || read_ahead {
-            self.send_body_to2(
-                session,
-                buffer,
-                downstream_state.is_done(),
-                client_body,
-                ctx,
-                write_timeout,
-            )
-            .await?;
+            let sent = self
+                .send_body_to2(
+                    session,
+                    buffer,
+                    downstream_state.is_done(),
+                    client_body,
+                    ctx,
+                    write_timeout,
+                )
+                .await;
+            match sent {
+                Ok(_) => {}
+                // Switchyard patch: an upstream may answer before it has read the body and
+                // reset the stream (RFC 9113 §8.1), which fails this send. As for a failed
+                // send in the loop below, the sending stops and the answer is still read;
+                // if none comes, reading it fails the attempt.
+                Err(e) if e.esource == ErrorSource::Upstream => {
+                    warn!("Upstream h2 body send error: {e}");
+                    downstream_state.to_errored();
+                }
+                Err(e) => return Err(e),
+            }
         }
 
         let mut response_state = ResponseStateMachine::new();
