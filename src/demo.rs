@@ -43,7 +43,8 @@ const MOCKS: [(u16, &str, u64, u64); 3] = [
 
 pub fn run() -> anyhow::Result<()> {
     let mut config = Config::parse(DEMO_CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
-    config.policies_dir = policies_dir()?;
+    let (dir, scratch) = policies_dir()?;
+    config.policies_dir = dir;
     start_mocks()?;
     let addr = config.listen[0].addr.clone();
     println!("Switchyard demo: 3 mock backends on 127.0.0.1:18101-18103, proxy on http://{addr}");
@@ -68,25 +69,32 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     println!();
-    server::run(config, None, RunOptions::default())
+    let opts = RunOptions {
+        upgrade: false,
+        scratch,
+    };
+    server::run(config, None, opts)
 }
 
-/// `./policies` when run from a checkout, else the built-in policies written to a
-/// temporary directory.
-fn policies_dir() -> anyhow::Result<PathBuf> {
+/// `./policies` when run from a checkout, else the built-in policies written to a new
+/// temporary directory, returned too: the server removes it when it stops.
+fn policies_dir() -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     let local = Path::new("policies");
     if BUILTIN_POLICIES
         .iter()
         .all(|(name, _)| local.join(format!("{name}.lua")).is_file())
     {
-        return Ok(local.to_path_buf());
+        return Ok((local.to_path_buf(), None));
     }
-    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("switchyard-demo-")
+        .tempdir()
+        .context("creating a temporary directory for the demo's policies")?;
     for (name, source) in BUILTIN_POLICIES {
-        std::fs::write(dir.join(format!("{name}.lua")), source)?;
+        let file = scratch.path().join(format!("{name}.lua"));
+        std::fs::write(&file, source).with_context(|| format!("writing {}", file.display()))?;
     }
-    Ok(dir)
+    Ok((scratch.path().to_path_buf(), Some(scratch)))
 }
 
 /// Bind the mocks' ports now (so a busy port is reported before anything starts) and

@@ -131,7 +131,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             switchyard::server::run(
                 loaded,
                 Some((config, text)),
-                switchyard::server::RunOptions { upgrade },
+                switchyard::server::RunOptions {
+                    upgrade,
+                    scratch: None,
+                },
             )?;
             Ok(ExitCode::SUCCESS)
         }

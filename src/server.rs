@@ -45,10 +45,13 @@ fn ignore_hangup() {
 }
 
 /// How the process was started.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct RunOptions {
     /// Take the listening sockets over from a running instance (Pingora graceful upgrade).
     pub upgrade: bool,
+    /// A directory of this run's own (the demo's policies outside a checkout), removed when
+    /// the server stops.
+    pub scratch: Option<tempfile::TempDir>,
 }
 
 /// Build the runtime snapshot (policies compiled, tests run) and serve until signalled.
@@ -155,6 +158,8 @@ pub fn run(
     );
     watch_for_shutdown(&server);
     server.run(RunArgs::default());
+    // `exit` runs no destructors.
+    drop(opts.scratch);
     // The access log's last lines may still be queued (see `logging`).
     crate::logging::flush();
     std::process::exit(0)

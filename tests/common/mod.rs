@@ -5,19 +5,47 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
-/// A free loopback port (bound then released; good enough for tests).
+/// A free loopback port for a server a test starts, which binds it later.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`, 32768–60999 unless
+/// changed), where the outgoing connections of every test take their local ports: a port
+/// from that range (what binding port 0 gives) could be taken by one of them between this
+/// check and the server's bind; one full run failed so. Each call in a test binary tries
+/// a port no earlier call returned, starting at an offset of the process id, so parallel
+/// tests never pick the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Above the fixed ports of `switchyard demo` (8080, 9090, 18101-18103).
+    const LOWEST: u32 = 20_000;
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_from < LOWEST + 1_000 {
+        // No room below the range: what the kernel gives.
+        return TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = ephemeral_from - LOWEST;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free port left below the ephemeral range");
+        let port = (LOWEST + (start + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A loopback port that refuses connections for as long as the returned socket lives:
@@ -134,10 +162,26 @@ pub fn spawn(
     dir: Option<tempfile::TempDir>,
     env: &[(&str, &str)],
 ) -> Proc {
+    spawn_with(Command::new(BIN), args, port, dir, env)
+}
+
+/// [`spawn`] in the working directory `cwd`.
+pub fn spawn_in(cwd: &Path, args: &[&str], port: u16, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(cwd);
+    spawn_with(cmd, args, port, None, env)
+}
+
+fn spawn_with(
+    mut cmd: Command,
+    args: &[&str],
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+    env: &[(&str, &str)],
+) -> Proc {
     let log =
         std::env::temp_dir().join(format!("switchyard-test-{port}-{}.log", std::process::id()));
     let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(BIN);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
