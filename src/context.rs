@@ -25,6 +25,9 @@ pub struct RequestCtx {
     pub started: Instant,
     pub runtime: Option<Arc<Runtime>>,
     pub meta: Option<Arc<RequestMeta>>,
+    /// The tenant of a request answered or refused after it was authenticated but before
+    /// its metadata was read (a body too large, not JSON, no model); else `meta` has it.
+    pub tenant: Option<String>,
     /// The client's body, whole; replayed on every attempt.
     pub body: Option<Bytes>,
     pub plan: Option<Plan>,
@@ -90,6 +93,7 @@ impl RequestCtx {
             started: Instant::now(),
             runtime: None,
             meta: None,
+            tenant: None,
             body: None,
             plan: None,
             refused_by: None,
@@ -407,7 +411,7 @@ impl RequestCtx {
             method,
             Untrusted(path),
             self.status,
-            meta.map_or("-", |m| m.tenant.as_str()),
+            self.tenant_name(),
             Untrusted(meta.and_then(|m| m.model.as_deref()).unwrap_or("-")),
             self.policy_tag().unwrap_or("-"),
             AttemptList(&self.attempts),
@@ -416,6 +420,15 @@ impl RequestCtx {
             self.started.elapsed().as_secs_f64() * 1e3,
             error,
         ));
+    }
+
+    /// The request's tenant, `-` when it was refused before it was authenticated.
+    pub fn tenant_name(&self) -> &str {
+        match (&self.meta, &self.tenant) {
+            (Some(meta), _) => &meta.tenant,
+            (None, Some(tenant)) => tenant,
+            (None, None) => "-",
+        }
     }
 
     /// `name@version` of the policy that routed the request, or refused it, or failed.
@@ -455,7 +468,7 @@ impl RequestCtx {
         AuditRecord {
             time: AuditTime::now(),
             request_id: std::mem::take(&mut self.request_id),
-            tenant: meta.map_or_else(|| "-".to_string(), |m| m.tenant.clone()),
+            tenant: self.tenant_name().to_string(),
             method: method.to_string(),
             path: truncated(path, 256),
             model: meta

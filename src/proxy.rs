@@ -46,6 +46,7 @@ use crate::reply::{refuse_head, reject, request_id, respond, REQUEST_ID, SERVED_
 use crate::request::{RequestMeta, CREDENTIAL_HEADERS};
 use crate::retry::RetryBudget;
 use crate::runtime::{Runtime, Shared};
+use crate::tenants::Tenant;
 use crate::usage::{BodyKind, UsageReader};
 
 /// The Switchyard proxy service.
@@ -709,6 +710,24 @@ async fn admit(
         info!(target: "switchyard::auth", "{} refused: {why:?} API key", ctx.request_id);
         ClientError::Unauthorized
     })?;
+    let admitted = admit_tenant(session, ctx, runtime, shared, tenant, path).await;
+    if ctx.meta.is_none() {
+        // Answered or refused before its metadata (which names the tenant) was read.
+        ctx.tenant = Some(tenant.name.clone());
+    }
+    admitted
+}
+
+/// The rest of [`admit`], for a request of `tenant`.
+async fn admit_tenant(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    runtime: &Arc<Runtime>,
+    shared: &Shared,
+    tenant: &Tenant,
+    path: String,
+) -> Result<Admitted, ClientError> {
+    let head = session.req_header();
     if head.method == http::Method::GET {
         match path.strip_prefix("/v1/models") {
             Some("" | "/") => return Ok(Admitted::Answer(plan::visible_models(runtime, tenant))),

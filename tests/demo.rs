@@ -33,7 +33,10 @@ fn printed_commands(output: &str) -> Vec<String> {
 /// curl, which the printed commands use (`tests/apt-install.sh` installs it if missing).
 fn need_curl() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apt-install.sh");
-    let status = Command::new("bash").args([script, "curl"]).status().unwrap();
+    let status = Command::new("bash")
+        .args([script, "curl"])
+        .status()
+        .unwrap();
     assert!(status.success(), "installing curl failed: {status}");
 }
 

@@ -71,6 +71,40 @@ async fn a_missing_or_wrong_key_gets_a_generic_401() {
     assert_eq!(r.status(), 401);
 }
 
+/// Refused after its key was checked but before its metadata was read (the body is not
+/// JSON, or names no model, or it asks for a path that is not proxied), a request's access
+/// line still names its tenant; a refused key names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_before_its_metadata_is_logged_with_its_tenant() {
+    let (_eu, _us, p) = setup().await;
+    let cases: [(&str, &str, &str, u16, &str); 4] = [
+        (
+            "sk-acme-1",
+            "/v1/chat/completions",
+            "{not json",
+            400,
+            "acme",
+        ),
+        ("sk-globex-2", "/v1/chat/completions", "{}", 400, "globex"),
+        ("sk-acme-1", "/v1/files", "{}", 404, "acme"),
+        ("sk-wrong", "/v1/chat/completions", "{}", 401, "-"),
+    ];
+    for (i, (key, path, body, status, tenant)) in cases.into_iter().enumerate() {
+        let id = format!("before-metadata-{i}");
+        let r = client()
+            .post(p.url(path))
+            .header("authorization", format!("Bearer {key}"))
+            .header("x-request-id", &id)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{path} {body}");
+        let line = p.access_line(&id).await;
+        assert!(line.contains(&format!(" tenant={tenant} ")), "{line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_policy_sees_the_tenant_and_cannot_leave_its_regions() {
     let (eu, us, p) = setup().await;
