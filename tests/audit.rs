@@ -18,6 +18,7 @@ async fn the_audit_names_every_attempt_and_the_chain_catches_an_edit() {
 local P = {}
 function P.route(req, backends)
   if req.header("x-shed") then return nil, 429, "shed" end
+  if req.header("x-fail") then error("boom") end
   return { "dead", "live" }
 end
 return P
@@ -44,6 +45,12 @@ return P
     let shed = post_chat(&p, &chat_body("m", "hi", false), &[("x-shed", "1")]).await;
     assert_eq!(shed.status(), 429);
     let shed_id = shed.headers()["x-request-id"].to_str().unwrap().to_string();
+    let failed = post_chat(&p, &chat_body("m", "hi", false), &[("x-fail", "1")]).await;
+    assert_eq!(failed.status(), 500);
+    let failed_id = failed.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     // With both backends drained, nothing may take a request: the 503's record says why.
     for name in ["dead", "live"] {
         set_draining(admin, name, true).await;
@@ -81,6 +88,18 @@ return P
             "{refused}"
         );
     }
+    // So does a request whose policy failed.
+    let failed = text.lines().find(|l| l.contains(&failed_id)).unwrap();
+    let failed: serde_json::Value = serde_json::from_str(failed).unwrap();
+    assert_eq!(failed["status"], 500);
+    assert_eq!(failed["policy"], v["policy"]);
+    assert!(
+        failed["candidates"]
+            .as_array()
+            .unwrap()
+            .contains(&"live".into()),
+        "{failed}"
+    );
     let none = text.lines().find(|l| l.contains(&none_id)).unwrap();
     let none: serde_json::Value = serde_json::from_str(none).unwrap();
     assert_eq!(none["status"], 503);
@@ -122,13 +141,14 @@ return P
     // The same decisions are on the admin API, newest first.
     let d: serde_json::Value =
         get_json(format!("http://127.0.0.1:{admin}/admin/decisions?limit=10")).await;
-    // Six chat requests (the last two refused), and the harness's readiness probe
+    // Seven chat requests (the last three refused), and the harness's readiness probe
     // (GET /v1/models) before them.
     let decisions = d["decisions"].as_array().unwrap();
-    assert_eq!(decisions.len(), 7);
+    assert_eq!(decisions.len(), 8);
     assert_eq!(decisions[0]["request_id"], none_id.as_str(), "newest first");
-    assert_eq!(decisions[1]["request_id"], shed_id.as_str());
-    assert_eq!(decisions[5]["request_id"], id.as_str());
+    assert_eq!(decisions[1]["request_id"], failed_id.as_str());
+    assert_eq!(decisions[2]["request_id"], shed_id.as_str());
+    assert_eq!(decisions[6]["request_id"], id.as_str());
 
     let verify = |path: &std::path::Path| {
         std::process::Command::new(BIN)
