@@ -68,6 +68,10 @@ enum Command {
         /// Retry-After seconds on a 429.
         #[arg(long, default_value_t = 1)]
         retry_after_s: u64,
+        /// Answer every request at once, without reading its body: 503 or 429 as the rates
+        /// draw, else 413 (as a server that refuses a body by its head).
+        #[arg(long)]
+        early: bool,
         /// Serve TLS with this PEM certificate chain (needs --tls-key).
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -152,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fail_rate,
             rate_limit_rate,
             retry_after_s,
+            early,
             tls_cert,
             tls_key,
         } => {
@@ -163,6 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fail_rate,
                 rate_limit_rate,
                 retry_after_s,
+                early,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

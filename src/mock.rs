@@ -20,10 +20,11 @@
 //! (300..=599 injects that status; 2xx answers normally), `x-mock-retry-after`,
 //! `x-mock-fault` (`hang`, `close`, `reset-mid-stream`, `stall-mid-stream`, `drip`,
 //! `early`), and `x-mock-cached-tokens` (prompt tokens reported as read from a prompt
-//! cache; default 0). `early` answers the injected status (413 without `x-mock-status`)
-//! at once, without reading the request body, as a server that refuses a body by its head
-//! does; over HTTP/2 the stream is then reset with `NO_ERROR` (RFC 9113 §8.1), over
-//! HTTP/1.1 the connection closed. Such a request is recorded with no body.
+//! cache; default 0). `early` (or [`MockOptions::early`] for every request) answers at
+//! once, without reading the request body, as a server that refuses a body by its head
+//! does: `x-mock-status`, else what `fail_rate` and `rate_limit_rate` draw, else 413. Over
+//! HTTP/2 the stream is then reset with `NO_ERROR` (RFC 9113 §8.1), over HTTP/1.1 the
+//! connection closed. Such a request is recorded with no body.
 //! Errors of `/v1/messages` use Anthropic's envelope, all others OpenAI's.
 //! An unusable value is answered 400 naming the header, so a typo in a test is loud.
 
@@ -88,6 +89,9 @@ pub struct MockOptions {
     pub rate_limit_rate: f64,
     /// `Retry-After` seconds on a 429 (`x-mock-retry-after`). Default 1.
     pub retry_after_s: u64,
+    /// Answer every request before reading its body, as `x-mock-fault: early` does for one
+    /// (a request with another `x-mock-fault` gets that instead). Default false.
+    pub early: bool,
 }
 
 impl Default for MockOptions {
@@ -100,6 +104,7 @@ impl Default for MockOptions {
             fail_rate: 0.0,
             rate_limit_rate: 0.0,
             retry_after_s: 1,
+            early: false,
         }
     }
 }
@@ -491,14 +496,19 @@ async fn handle_counted(
     Ok(response)
 }
 
-/// `x-mock-fault: early`: the injected status (413 by default), before the body is read.
+/// `x-mock-fault: early` (or `--early`): an error answer before the body is read.
 /// Unusable `x-mock-*` values are left to [`answer`], which reads the body first.
 fn answer_early(shared: &Shared, parts: &Parts) -> Option<Response<MockBody>> {
-    if header_fault(&parts.headers).ok()?? != Fault::Early {
+    let early = match header_fault(&parts.headers).ok()? {
+        Some(fault) => fault == Fault::Early,
+        None => shared.opts.early,
+    };
+    if !early {
         return None;
     }
     let status = header_status(&parts.headers)
         .ok()?
+        .or_else(|| shared.random_status())
         .unwrap_or(StatusCode::PAYLOAD_TOO_LARGE);
     let retry_after_s = header_or(
         &parts.headers,

@@ -786,6 +786,42 @@ async fn an_answer_given_before_the_body_was_read_is_relayed_over_http1_and_http
     }
 }
 
+/// The same with a 503 given before the body was read: the next candidate gets the whole
+/// body, first try over HTTP/1.1 and over HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_503_moves_on_with_the_whole_body_over_http1_and_http2() {
+    let a = mock("a", &["--early", "--fail-rate", "1"]).await;
+    let b = mock("b", &[]).await;
+    let prompt = "lorem ipsum dolor sit amet ".repeat(4 * 1024 * 1024 / 27);
+    let body = serde_json::to_vec(&chat_body("m", &prompt, false)).unwrap();
+    let want = sha256_hex(&body);
+    for http2 in [false, true] {
+        let config = backends_over_http2(chain_config(a.port, Some(b.port), ""), http2);
+        let p = proxy(&config, &[("chain", CHAIN)]).await;
+        let r = client()
+            .post(p.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "http2: {http2}");
+        assert_eq!(r.headers()["x-mock-backend"], "b", "http2: {http2}");
+        assert_eq!(
+            r.headers()["x-mock-body-sha256"],
+            want.as_str(),
+            "http2: {http2}"
+        );
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let line = p.access_line(&id).await;
+        assert!(line.contains("attempts=[first:status 503"), "{line}");
+    }
+    // `a` answered both without reading either body.
+    let seen = received(&a).await;
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|r| r["body_bytes"] == 0), "{seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_or_403_from_the_backend_becomes_502_and_its_body_is_never_shown() {
     let a = mock("a", &[]).await;
