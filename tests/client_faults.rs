@@ -448,13 +448,7 @@ async fn json_nested_100_000_deep_is_400_and_the_proxy_serves_on() {
         "]".repeat(100_000)
     );
     let (status, _, text) = {
-        let r = client()
-            .post(p.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = post_chat_bytes(&p, body, &[]).await;
         (r.status().as_u16(), (), r.text().await.unwrap())
     };
     assert_eq!(status, 400, "{text}");

@@ -743,13 +743,12 @@ async fn an_answer_given_before_the_body_was_read_is_relayed_over_http1_and_http
     let body = serde_json::to_vec(&chat_body("m", &prompt, false)).unwrap();
     // Asked directly with a small body: a client that does not read the answer while it
     // sends (reqwest) may fail on the closed connection before it sees it.
-    let direct = client()
-        .post(a.url("/v1/chat/completions"))
-        .header("x-mock-fault", "early")
-        .json(&chat_body("m", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let direct = post_chat(
+        &a,
+        &chat_body("m", "hi", false),
+        &[("x-mock-fault", "early")],
+    )
+    .await;
     assert_eq!(direct.status(), 413);
     let direct = direct.bytes().await.unwrap();
     for http2 in [false, true] {
@@ -764,14 +763,7 @@ async fn an_answer_given_before_the_body_was_read_is_relayed_over_http1_and_http
         );
         let p = proxy(&config, &[("chain", CHAIN)]).await;
         for _ in 0..3 {
-            let r = client()
-                .post(p.url("/v1/chat/completions"))
-                .header("content-type", "application/json")
-                .header("x-mock-fault", "early")
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap();
+            let r = post_chat_bytes(&p, body.clone(), &[("x-mock-fault", "early")]).await;
             assert_eq!(r.status(), 413, "http2: {http2}");
             assert_eq!(r.headers()["x-mock-backend"], "a", "http2: {http2}");
             assert_eq!(r.bytes().await.unwrap(), direct, "http2: {http2}");
@@ -798,13 +790,7 @@ async fn an_early_503_moves_on_with_the_whole_body_over_http1_and_http2() {
     for http2 in [false, true] {
         let config = backends_over_http2(chain_config(a.port, Some(b.port), ""), http2);
         let p = proxy(&config, &[("chain", CHAIN)]).await;
-        let r = client()
-            .post(p.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
+        let r = post_chat_bytes(&p, body.clone(), &[]).await;
         assert_eq!(r.status(), 200, "http2: {http2}");
         assert_eq!(r.headers()["x-mock-backend"], "b", "http2: {http2}");
         assert_eq!(

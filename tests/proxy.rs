@@ -136,13 +136,7 @@ async fn a_200_kib_prompt_reaches_the_backend_byte_for_byte_first_try_and_on_fai
             backend("second", good.port, "[m]")
         );
         let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
-        let r = client()
-            .post(p.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
+        let r = post_chat_bytes(&p, body.clone(), &[]).await;
         assert_eq!(r.status(), 200, "{label}");
         assert_eq!(
             r.headers()["x-mock-body-sha256"],
@@ -185,13 +179,7 @@ async fn chunked_bodies_of_any_size_reach_the_backend_byte_for_byte_first_try_an
         let p = proxy(&config, &[("fixed_order", FIXED_ORDER)]).await;
         for kib in [40, 70, 2048] {
             let body = serde_json::to_vec(&chat_body("m", &"x".repeat(kib * 1024), false)).unwrap();
-            let r = client()
-                .post(p.url("/v1/chat/completions"))
-                .header("content-type", "application/json")
-                .body(body_without_length(&body, 8 * 1024))
-                .send()
-                .await
-                .unwrap();
+            let r = post_chat_bytes(&p, body_without_length(&body, 8 * 1024), &[]).await;
             assert_eq!(r.status(), 200, "{label}, {kib} KiB");
             assert_eq!(
                 r.headers()["x-mock-body-sha256"],
@@ -227,13 +215,7 @@ async fn a_streamed_200_kib_prompt_fails_over_and_streams_incrementally() {
     body["stream_options"] = serde_json::json!({ "include_usage": true });
     let body = serde_json::to_vec(&body).unwrap();
     let started = Instant::now();
-    let r = client()
-        .post(p.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat_bytes(&p, body.clone(), &[]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["x-mock-body-sha256"],

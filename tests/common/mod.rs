@@ -363,6 +363,23 @@ pub async fn post_chat(proxy: &Proc, body: &Value, headers: &[(&str, &str)]) -> 
     req.send().await.expect("request reaches the proxy")
 }
 
+/// POST an already encoded chat body (bytes, or a streamed body without a length) as JSON,
+/// with `headers` added.
+pub async fn post_chat_bytes(
+    proxy: &Proc,
+    body: impl Into<reqwest::Body>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("request reaches the proxy")
+}
+
 /// POST a chat body; returns (status, headers, body text).
 pub async fn chat(proxy: &Proc, body: &Value) -> (u16, reqwest::header::HeaderMap, String) {
     let r = client()
