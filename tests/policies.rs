@@ -181,7 +181,8 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         "exceeded its instruction budget of 1000000 instructions at loops.lua:4",
         "instructions at loops_under_pcall.lua:4",
         "instructions at backtracks.lua:5",
-        "memory limit",
+        // The memory cap names where the policy was last seen growing.
+        "exceeded the Lua memory limit of 8388608 bytes at allocates.lua:6",
         "unknown backend `no-such-backend`",
         "returned a number (42)",
         "returned nil",

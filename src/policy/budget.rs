@@ -316,6 +316,40 @@ pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, mut level: libc::c_int)
     }
 }
 
+/// Where the call in progress on this thread is in its policy's own code: the innermost
+/// of the first [`PLACE_LEVELS`] stack levels whose chunk is a policy file (named
+/// `=FILE.lua`), as `FILE.lua:LINE`. None between calls.
+pub fn place_in_call() -> Option<String> {
+    let state = ACTIVE.with(|a| a.in_call.load(Relaxed).then(|| a.state.load(Relaxed)))?;
+    for level in 0..PLACE_LEVELS {
+        // SAFETY: the state is alive (its VM is making this call) and on this thread;
+        // `lua_getstack` and `lua_getinfo` with "Sl" only read its call stack and the
+        // functions' prototypes, and Lua keeps the current line saved wherever it can
+        // allocate, which is where this is called from.
+        unsafe {
+            let mut ar: ffi::lua_Debug = std::mem::zeroed();
+            if ffi::lua_getstack(state, level, &mut ar) == 0 {
+                return None;
+            }
+            if ffi::lua_getinfo(state, c"Sl".as_ptr(), &mut ar) == 0
+                || ar.source.is_null()
+                || ar.currentline <= 0
+            {
+                continue;
+            }
+            let source = std::ffi::CStr::from_ptr(ar.source).to_bytes();
+            if let Some(file) = source.strip_prefix(b"=").filter(|f| f.ends_with(b".lua")) {
+                let file = String::from_utf8_lossy(file);
+                return Some(format!("{file}:{}", ar.currentline));
+            }
+        }
+    }
+    None
+}
+
+/// How deep [`place_in_call`] looks.
+const PLACE_LEVELS: i32 = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;

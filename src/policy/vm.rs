@@ -7,6 +7,7 @@
 //! policy keeps is in the locals of its file (one copy per worker thread).
 
 use foldhash::HashMap;
+use std::cell::Cell;
 use std::sync::Arc;
 
 use mlua::{chunk::ChunkMode, ffi, Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
@@ -47,6 +48,16 @@ do
 end
 local function deny(_, k)
   error("attempt to modify a read-only table (key '" .. tostring(k) .. "')", 2)
+end
+-- Calls `sample` after every garbage collection cycle for as long as the VM lives: each
+-- object's finalizer makes the next. (Lua makes none while the VM closes.) `sample`, a
+-- Rust function, is kept in `H` so that it is never garbage itself: finalized in the same
+-- cycle as the object, it would be gone when the next one calls it.
+function H.after_every_gc(sample)
+  H.gc_sample = sample
+  local mt = {}
+  mt.__gc = function() H.gc_sample(); setmetatable({}, mt) end
+  setmetatable({}, mt)
 end
 -- Calls `route` with a copy of the VM's array of candidate views.
 function H.invoke(route, req, views, n)
@@ -230,6 +241,9 @@ impl PolicyVm {
         lua.set_app_data(sy::LogLimiter::default());
         lua.set_app_data(CallContext::default());
         let invoke: Function = helpers.get("invoke")?;
+        helpers
+            .get::<Function>("after_every_gc")?
+            .call::<()>(memory_sampler(&lua, limits.memory_limit_bytes)?)?;
         // Set last: building the sandbox must never count against the policies' memory.
         lua.set_memory_limit(limits.memory_limit_bytes)?;
 
@@ -276,7 +290,7 @@ impl PolicyVm {
             ctx.all = Some(all.clone());
             ctx.policy = loaded.tag.clone();
         }
-        let result = budget::run(self.state, self.limits.instruction_budget, || {
+        let result = budgeted(self.state, self.limits.instruction_budget, || {
             self.invoke
                 .call::<MultiValue>((&loaded.route, args.req, args.views, args.count))
         });
@@ -298,7 +312,7 @@ impl PolicyVm {
         backends: Table,
         max_names: usize,
     ) -> Result<Decision, PolicyError> {
-        let values = budget::run(self.state, self.limits.instruction_budget, || {
+        let values = budgeted(self.state, self.limits.instruction_budget, || {
             route.call::<MultiValue>((req, backends))
         })
         .map_err(|e| self.classify(e))?;
@@ -334,7 +348,7 @@ impl PolicyVm {
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.policy = tag.clone();
         }
-        let value = budget::run(self.state, self.limits.instruction_budget, || {
+        let value = budgeted(self.state, self.limits.instruction_budget, || {
             chunk.call::<Value>(())
         });
         let module = match value.map_err(|e| self.classify(e)) {
@@ -385,7 +399,10 @@ impl PolicyVm {
                 place.trim_end_matches([':', ' ']).to_string(),
             )
         } else if is_memory_error(&e) {
-            PolicyError::Memory(self.limits.memory_limit_bytes)
+            PolicyError::Memory(
+                self.limits.memory_limit_bytes,
+                MEMORY_PLACE.take().unwrap_or_default(),
+            )
         } else {
             PolicyError::Runtime(error_message(&e))
         }
@@ -420,6 +437,33 @@ fn protected_call(lua: &Lua, helpers: &Table, memory_cap: usize) -> mlua::Result
         Ok(())
     })?;
     helpers.get::<Function>("pcall")?.call(fatal)
+}
+
+/// A call into Lua on `state` under a budget of `instructions`, with no memory sample yet.
+fn budgeted<R>(state: *mut ffi::lua_State, instructions: u64, f: impl FnOnce() -> R) -> R {
+    MEMORY_PLACE.take();
+    budget::run(state, instructions, f)
+}
+
+thread_local! {
+    /// Where the call in progress was (`file.lua:LINE`) at the last garbage collection that
+    /// found the VM past half its memory cap. Lua raises its memory error without running
+    /// the message handler, so the error itself has no place; a call that allocates
+    /// without bound goes through many collections on its way to the cap, and this is the
+    /// last place one of them saw. A single allocation far past the cap may leave none.
+    static MEMORY_PLACE: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// The function [`MEMORY_PLACE`]'s samples come from, called after each collection.
+fn memory_sampler(lua: &Lua, cap: usize) -> mlua::Result<Function> {
+    lua.create_function(move |lua, ()| {
+        if lua.used_memory() >= cap / 2 {
+            if let Some(place) = budget::place_in_call() {
+                MEMORY_PLACE.set(Some(place));
+            }
+        }
+        Ok(())
+    })
 }
 
 fn is_memory_error(e: &mlua::Error) -> bool {
