@@ -499,25 +499,20 @@ async fn handle_counted(
 /// `x-mock-fault: early` (or `--early`): an error answer before the body is read.
 /// Unusable `x-mock-*` values are left to [`answer`], which reads the body first.
 fn answer_early(shared: &Shared, parts: &Parts) -> Option<Response<MockBody>> {
-    let early = match header_fault(&parts.headers).ok()? {
+    let plan = Plan::new(&shared.opts, &parts.headers).ok()?;
+    let early = match plan.fault {
         Some(fault) => fault == Fault::Early,
         None => shared.opts.early,
     };
     if !early {
         return None;
     }
-    let status = header_status(&parts.headers)
-        .ok()?
+    let status = plan
+        .status
         .or_else(|| shared.random_status())
         .unwrap_or(StatusCode::PAYLOAD_TOO_LARGE);
-    let retry_after_s = header_or(
-        &parts.headers,
-        "x-mock-retry-after",
-        shared.opts.retry_after_s,
-    )
-    .ok()?;
     let format = ApiFormat::of_path(parts.uri.path());
-    Some(injected_error(shared, status, retry_after_s, format))
+    Some(injected_error(shared, status, plan.retry_after_s, format))
 }
 
 /// What `answer` needs to know about the request.
@@ -2044,6 +2039,18 @@ mod tests {
         let log = log.as_array().unwrap();
         assert_eq!(log.len(), 2);
         assert!(log.iter().all(|r| r["body_bytes"] == 0), "{log:?}");
+
+        // An unusable value among the other headers is a 400 naming it, as without `early`.
+        let reply = call(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("x-mock-fault", "early"), ("x-mock-latency-ms", "soon")],
+            CHAT,
+        )
+        .await;
+        assert_eq!(reply.status, 400);
+        assert_eq!(reply.json()["error"]["param"], "x-mock-latency-ms");
     }
 
     #[tokio::test]

@@ -49,14 +49,17 @@ end
 local function deny(_, k)
   error("attempt to modify a read-only table (key '" .. tostring(k) .. "')", 2)
 end
--- Calls `sample` after every garbage collection cycle for as long as the VM lives: each
--- object's finalizer makes the next. (Lua makes none while the VM closes.) `sample`, a
--- Rust function, is kept in `H` so that it is never garbage itself: finalized in the same
--- cycle as the object, it would be gone when the next one calls it.
+-- Calls `sample` after every garbage collection cycle: each object's finalizer makes the
+-- next first, so an error in `sample` (Lua turns errors in finalizers into warnings, and
+-- drops them) cannot end the chain; only failing to allocate the next object at the
+-- memory cap can (when the policy's own next allocation almost always fails too, and a
+-- VM that hits its cap is rebuilt). (Lua makes none while the VM
+-- closes.) `sample`, a Rust function, is kept in `H` so that it is never garbage itself:
+-- finalized in the same cycle as the object, it would be gone when the next one calls it.
 function H.after_every_gc(sample)
   H.gc_sample = sample
   local mt = {}
-  mt.__gc = function() H.gc_sample(); setmetatable({}, mt) end
+  mt.__gc = function() setmetatable({}, mt); H.gc_sample() end
   setmetatable({}, mt)
 end
 -- Calls `route` with a copy of the VM's array of candidate views.
