@@ -34,20 +34,46 @@ pub const BUILTIN_POLICIES: &[(&str, &str)] = &[
     ("failover", include_str!("../policies/failover.lua")),
 ];
 
-/// The demo's mock backends: port, name, latency before the answer, gap between chunks.
-const MOCKS: [(u16, &str, u64, u64); 3] = [
-    (18101, "mock-eu-1", 20, 80),
-    (18102, "mock-eu-2", 40, 80),
-    (18103, "mock-us-1", 120, 150),
+/// The demo's mock backends, in the order of the config's `backends`: name, latency
+/// before the answer, gap between chunks. They listen on consecutive ports.
+const MOCKS: [(&str, u64, u64); 3] = [
+    ("mock-eu-1", 20, 80),
+    ("mock-eu-2", 40, 80),
+    ("mock-us-1", 120, 150),
 ];
 
-pub fn run() -> anyhow::Result<()> {
-    let mut config = Config::parse(DEMO_CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
+/// Where the demo listens, all on 127.0.0.1.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// The proxy (the config's 8080).
+    pub proxy: u16,
+    /// The dashboard, metrics and admin API (9090).
+    pub admin: u16,
+    /// The first mock backend; the others take the next two ports (18101).
+    pub mocks: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            proxy: 8080,
+            admin: 9090,
+            mocks: 18101,
+        }
+    }
+}
+
+pub fn run(ports: Ports) -> anyhow::Result<()> {
+    let mut config = Config::parse(&demo_config(ports)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (dir, scratch) = policies_dir()?;
     config.policies_dir = dir;
-    start_mocks()?;
+    start_mocks(ports.mocks)?;
     let addr = config.listen[0].addr.clone();
-    println!("Switchyard demo: 3 mock backends on 127.0.0.1:18101-18103, proxy on http://{addr}");
+    println!(
+        "Switchyard demo: 3 mock backends on 127.0.0.1:{}-{}, proxy on http://{addr}",
+        ports.mocks,
+        mock_port(ports.mocks, MOCKS.len() - 1)?
+    );
     println!(
         "Policies from {}; routes in the embedded conf/demo.yaml.",
         config.policies_dir.display()
@@ -76,6 +102,36 @@ pub fn run() -> anyhow::Result<()> {
     server::run(config, None, opts)
 }
 
+/// `conf/demo.yaml` with its addresses moved to `ports`.
+fn demo_config(ports: Ports) -> anyhow::Result<String> {
+    let mut yaml: serde_yaml::Value = serde_yaml::from_str(DEMO_CONFIG)?;
+    let local = |port: u16| serde_yaml::Value::from(format!("127.0.0.1:{port}"));
+    yaml["listen"][0]["addr"] = local(ports.proxy);
+    yaml["admin"]["addr"] = local(ports.admin);
+    let backends = yaml["backends"]
+        .as_sequence_mut()
+        .context("the demo config lists backends")?;
+    anyhow::ensure!(backends.len() == MOCKS.len(), "one demo backend per mock");
+    for (i, backend) in backends.iter_mut().enumerate() {
+        let port = mock_port(ports.mocks, i)?;
+        backend["url"] = serde_yaml::Value::from(format!("http://127.0.0.1:{port}"));
+    }
+    Ok(serde_yaml::to_string(&yaml)?)
+}
+
+/// The port of the `i`th mock when the first has `first`.
+fn mock_port(first: u16, i: usize) -> anyhow::Result<u16> {
+    u16::try_from(i)
+        .ok()
+        .and_then(|i| first.checked_add(i))
+        .with_context(|| {
+            format!(
+                "--mock-port {first} leaves no room for {} mocks",
+                MOCKS.len()
+            )
+        })
+}
+
 /// `./policies` when run from a checkout, else the built-in policies written to a new
 /// temporary directory, returned too: the server removes it when it stops.
 fn policies_dir() -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
@@ -99,9 +155,10 @@ fn policies_dir() -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
 
 /// Bind the mocks' ports now (so a busy port is reported before anything starts) and
 /// serve them on a runtime of their own.
-fn start_mocks() -> anyhow::Result<()> {
+fn start_mocks(first_port: u16) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
-    for (port, name, latency_ms, chunk_delay_ms) in MOCKS {
+    for (i, (name, latency_ms, chunk_delay_ms)) in MOCKS.into_iter().enumerate() {
+        let port = mock_port(first_port, i)?;
         let l = std::net::TcpListener::bind(("127.0.0.1", port))
             .with_context(|| format!("demo mock {name} cannot listen on 127.0.0.1:{port}"))?;
         l.set_nonblocking(true)?;
@@ -135,4 +192,61 @@ fn start_mocks() -> anyhow::Result<()> {
             })
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addresses(config: &Config) -> (String, String, Vec<String>) {
+        (
+            config.listen[0].addr.clone(),
+            config
+                .admin
+                .as_ref()
+                .expect("an admin listener")
+                .addr
+                .clone(),
+            config.backends.iter().map(|b| b.url.clone()).collect(),
+        )
+    }
+
+    #[test]
+    fn the_ports_move_every_address_and_nothing_else() {
+        let embedded = Config::parse(DEMO_CONFIG).unwrap();
+        let default = Config::parse(&demo_config(Ports::default()).unwrap()).unwrap();
+        assert_eq!(addresses(&default), addresses(&embedded));
+
+        let moved = Ports {
+            proxy: 28080,
+            admin: 29090,
+            mocks: 28101,
+        };
+        let config = Config::parse(&demo_config(moved).unwrap()).unwrap();
+        assert_eq!(
+            addresses(&config),
+            (
+                "127.0.0.1:28080".to_string(),
+                "127.0.0.1:29090".to_string(),
+                ["28101", "28102", "28103"]
+                    .map(|p| format!("http://127.0.0.1:{p}"))
+                    .to_vec()
+            )
+        );
+        // The rest is the embedded config's.
+        assert_eq!(config.routes.len(), embedded.routes.len());
+        let names = |c: &Config| {
+            c.backends
+                .iter()
+                .map(|b| b.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&config), names(&embedded));
+
+        let no_room = Ports {
+            mocks: u16::MAX - 1,
+            ..Ports::default()
+        };
+        assert!(demo_config(no_room).is_err());
+    }
 }

@@ -40,7 +40,17 @@ enum Command {
         upgrade: bool,
     },
     /// Serve the embedded demo config with three mock backends started in-process.
-    Demo,
+    Demo {
+        /// The proxy's port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// The port of the dashboard, metrics and admin API.
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
+        /// The first mock backend's port; the other two take the next ports.
+        #[arg(long, default_value_t = 18101)]
+        mock_port: u16,
+    },
     /// Serve the mock backend, OpenAI- and Anthropic-compatible (for tests, benchmarks and
     /// trying things).
     Mock {
@@ -142,8 +152,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
-            switchyard::demo::run()?;
+        Command::Demo {
+            port,
+            admin_port,
+            mock_port,
+        } => {
+            switchyard::demo::run(switchyard::demo::Ports {
+                proxy: port,
+                admin: admin_port,
+                mocks: mock_port,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Mock {

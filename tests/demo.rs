@@ -1,7 +1,8 @@
 //! `switchyard demo`, the README's first command. Run outside a checkout, as a new user
 //! who only has the binary would: it serves the embedded config over its three in-process
-//! mock backends on fixed ports (8080, 9090, 18101-18103, which must be free), the commands
-//! it prints work as printed, and the policies it wrote are gone once it stops.
+//! mock backends (on ports of the test's choosing, `--port` and the like: the defaults,
+//! 8080, 9090 and 18101-18103, may be taken on a test machine), the commands it prints
+//! work as printed, and the policies it wrote are gone once it stops.
 
 mod common;
 
@@ -52,7 +53,24 @@ async fn the_demo_serves_what_it_prints_and_leaves_nothing_behind() {
     let cwd = tempfile::tempdir().unwrap(); // no ./policies here
     let tmp = tempfile::tempdir().unwrap(); // the demo's TMPDIR
     let tmp_path = tmp.path().to_str().unwrap();
-    let mut demo = spawn_in(cwd.path(), &["demo"], 8080, &[("TMPDIR", tmp_path)]);
+    // Its own ports, so that nothing else on the machine (or the 8080 every web framework
+    // defaults to) is in the way; the commands it prints follow them.
+    let (port, admin, mocks) = (free_port(), free_port(), free_ports(3));
+    let ports = [port, admin, mocks].map(|p| p.to_string());
+    let mut demo = spawn_in(
+        cwd.path(),
+        &[
+            "demo",
+            "--port",
+            &ports[0],
+            "--admin-port",
+            &ports[1],
+            "--mock-port",
+            &ports[2],
+        ],
+        port,
+        &[("TMPDIR", tmp_path)],
+    );
     wait_ready(&demo.url("/v1/models")).await;
     // Ready means this demo, not something else already on its port.
     assert!(
@@ -105,11 +123,12 @@ async fn the_demo_serves_what_it_prints_and_leaves_nothing_behind() {
     }
 
     // The dashboard and the metrics it prints the address of.
-    assert!(demo.output().contains("http://127.0.0.1:9090/"));
-    let page = client().get("http://127.0.0.1:9090/").send().await.unwrap();
+    let dashboard = format!("http://127.0.0.1:{admin}/");
+    assert!(demo.output().contains(&dashboard));
+    let page = client().get(&dashboard).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("<html"));
-    let metrics = metrics_text(9090).await;
+    let metrics = metrics_text(admin).await;
     assert!(
         metrics.contains("switchyard_requests_total{backend=\"mock-eu-2\""),
         "{metrics}"

@@ -21,29 +21,45 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 /// a port no earlier call returned, starting at an offset of the process id, so parallel
 /// tests never pick the same one.
 pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
+/// The first of `count` consecutive free loopback ports, found as [`free_port`] finds one.
+pub fn free_ports(count: u32) -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Above the fixed ports of `switchyard demo` (8080, 9090, 18101-18103).
+    // Above the default ports of `switchyard demo` (8080, 9090, 18101-18103).
     const LOWEST: u32 = 20_000;
+    let all_free = |base: u32| {
+        (base..base + count).all(|p| TcpListener::bind(("127.0.0.1", p as u16)).is_ok())
+    };
     let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32_768);
     if ephemeral_from < LOWEST + 1_000 {
-        // No room below the range: what the kernel gives.
-        return TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // No room below the range: what the kernel gives, if the ports after it are free.
+        for _ in 0..100 {
+            let base = u32::from(
+                TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port(),
+            );
+            if base + count <= 65_536 && all_free(base) {
+                return base as u16;
+            }
+        }
+        panic!("no {count} consecutive free ports");
     }
     let span = ephemeral_from - LOWEST;
     let start = std::process::id().wrapping_mul(7919) % span;
     loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT.fetch_add(count, Ordering::Relaxed);
         assert!(n < span, "no free port left below the ephemeral range");
-        let port = (LOWEST + (start + n) % span) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        let base = LOWEST + (start + n) % span;
+        if base + count <= ephemeral_from && all_free(base) {
+            return base as u16;
         }
     }
 }
