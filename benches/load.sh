@@ -26,7 +26,10 @@
 # runs are made in the first round only), SY_LOG (RUST_LOG for the Switchyard
 # row, default "info" = as shipped), PROFILE (the cargo profile built and run: "dist", as
 # the Docker image ships it, whole-program LTO; "release" for what the tests run),
-# NO_BUILD (1 = skip `cargo build` and use the binary already in target/$PROFILE).
+# NO_BUILD (1 = skip `cargo build` and use the binary already in target/$PROFILE),
+# PIN (1 = the proxy under test alone on CPU 0, the mocks, wrk and h2load on the other
+# CPUs, as a gateway on cores of its own would run; PROXY_THREADS then defaults to 1.
+# Needs 2 CPUs or more. The default, 0, lets everything share every CPU).
 #
 # Needs wrk, h2load and nginx (installed with apt-get when missing), curl, ss, awk.
 # Exits non-zero if Switchyard answered anything but 2xx or wrk saw socket errors on it.
@@ -37,7 +40,8 @@ DURATION=${DURATION:-8}
 WARMUP=${WARMUP:-1}
 CONNS=${CONNS:-32}
 WRK_THREADS=${WRK_THREADS:-2}
-PROXY_THREADS=${PROXY_THREADS:-2}
+PIN=${PIN:-0}
+if [[ $PIN == 1 ]]; then PROXY_THREADS=${PROXY_THREADS:-1}; else PROXY_THREADS=${PROXY_THREADS:-2}; fi
 BODY_BYTES=${BODY_BYTES:-1024}
 CHUNKS=${CHUNKS:-8}
 RATE=${RATE:-500}
@@ -54,6 +58,14 @@ BIN="$ROOT/target/$PROFILE/switchyard"
 TMP=$(mktemp -d /tmp/switchyard-load.XXXXXX)
 
 # --- processes --------------------------------------------------------------------------
+
+# With PIN=1: the command prefix for the proxy under test (CPU 0) and for the rest.
+PROXY_PIN=() REST_PIN=()
+if [[ $PIN == 1 ]]; then
+    (($(nproc) >= 2)) || { echo "load.sh: PIN=1 needs 2 CPUs or more" >&2; exit 1; }
+    PROXY_PIN=(taskset -c 0)
+    REST_PIN=(taskset -c "1-$(($(nproc) - 1))")
+fi
 
 # pid -> signal that stops it promptly (Pingora treats SIGTERM as a graceful shutdown that
 # waits for its grace period; SIGINT is its fast shutdown).
@@ -193,7 +205,7 @@ measure() { # measure TARGET MODE PORT
     local cpu_before cpu_after line reqs dur_us p50_us p99_us e_status e_conn e_read e_write e_timeout
     url="http://127.0.0.1:$port"
     script="$TMP/$mode.lua"
-    [[ $WARMUP -gt 0 ]] && wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$script" "$url" >/dev/null 2>&1
+    [[ $WARMUP -gt 0 ]] && "${REST_PIN[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$script" "$url" >/dev/null 2>&1
 
     # Upstream connections held open mid-run (ss), sampled in the background.
     (sleep "$(awk -v d="$DURATION" 'BEGIN { print d / 2 }')"
@@ -201,7 +213,7 @@ measure() { # measure TARGET MODE PORT
     sampler=$!
     opens_before=$(active_opens)
     cpu_before=$(cpu_ticks)
-    out=$(wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$script" "$url" 2>&1) ||
+    out=$("${REST_PIN[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$script" "$url" 2>&1) ||
         die "wrk failed against $target ($mode):
 $out"
     opens_after=$(active_opens)
@@ -235,7 +247,7 @@ measure_at_rate() { # measure_at_rate KEY URL MODE: latency at RATE requests/s (
     local key=$1 url=$2 mode=$3 log="$TMP/rate-${1/\//-}.tsv" per_conn stats
     per_conn=$(awk -v r="$RATE" -v c="$RATE_CONNS" 'BEGIN { v = r / c; printf "%d", v < 1 ? 1 : v }')
     rm -f "$log"
-    h2load --h1 -c "$RATE_CONNS" --rps "$per_conn" -D "$RATE_SECONDS" -d "$TMP/$mode.json" \
+    "${REST_PIN[@]}" h2load --h1 -c "$RATE_CONNS" --rps "$per_conn" -D "$RATE_SECONDS" -d "$TMP/$mode.json" \
         -H 'content-type: application/json' --log-file "$log" "$url/v1/chat/completions" \
         >"$TMP/h2load-${1/\//-}.txt" 2>&1 || die "h2load failed against $key:
 $(tail -n 5 "$TMP/h2load-${1/\//-}.txt")"
@@ -281,6 +293,7 @@ run_target() { # run_target NAME PORT PID: both modes, then stop PID (if any)
 
 need_pkg wrk wrk
 need_pkg h2load nghttp2-client
+if [[ $PIN == 1 ]]; then need_pkg taskset util-linux; fi
 for t in $TARGETS; do
     case $t in
     direct | switchyard | switchyard-quiet | bare | bare-policy) ;;
@@ -309,7 +322,7 @@ MOCK_PIDS=()
 for ((i = 0; i < MOCKS; i++)); do
     free_port
     MOCK_PORTS+=("$PORT")
-    start "mock$i" TERM "$BIN" mock --port "${MOCK_PORTS[$i]}" --name "m$i" --chunks "$CHUNKS"
+    start "mock$i" TERM "${REST_PIN[@]}" "$BIN" mock --port "${MOCK_PORTS[$i]}" --name "m$i" --chunks "$CHUNKS"
     MOCK_PIDS+=("$LAST_PID")
 done
 for ((i = 0; i < MOCKS; i++)); do
@@ -325,7 +338,7 @@ start_switchyard() { # start_switchyard NAME RUST_LOG: prints "PORT PID"
     mkdir -p "$TMP/conf-$name"
     cfg="$TMP/conf-$name/switchyard.yaml"
     write_config "$cfg" "$port"
-    RUST_LOG=$level start "$name" INT "$BIN" run --config "$cfg"
+    RUST_LOG=$level start "$name" INT "${PROXY_PIN[@]}" "$BIN" run --config "$cfg"
     wait_ready "http://127.0.0.1:$port/health" "$name"
     SY_PORT=$port
 }
@@ -377,7 +390,7 @@ for ((ROUND = 1; ROUND <= REPEATS; ROUND++)); do
                 { print }' "$ROOT/benches/nginx.conf.tmpl" >"$TMP/nginx/nginx.conf"
             nginx -t -q -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.log" 2>&1 ||
                 die "nginx rejects the generated config: $(cat "$TMP/nginx.log")"
-            start nginx TERM nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx"
+            start nginx TERM "${PROXY_PIN[@]}" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx"
             pid=$LAST_PID
             wait_ready "http://127.0.0.1:$port/health" nginx
             run_target nginx "$port" "$pid"
@@ -387,7 +400,7 @@ for ((ROUND = 1; ROUND <= REPEATS; ROUND++)); do
             port=$PORT
             ups=()
             for p in "${MOCK_PORTS[@]}"; do ups+=(--upstream "127.0.0.1:$p"); done
-            start bare INT "$BIN" bare --listen "127.0.0.1:$port" "${ups[@]}" --threads "$PROXY_THREADS"
+            start bare INT "${PROXY_PIN[@]}" "$BIN" bare --listen "127.0.0.1:$port" "${ups[@]}" --threads "$PROXY_THREADS"
             pid=$LAST_PID
             wait_ready "http://127.0.0.1:$port/health" bare
             run_target bare "$port" "$pid"
@@ -397,7 +410,7 @@ for ((ROUND = 1; ROUND <= REPEATS; ROUND++)); do
             port=$PORT
             mkdir -p "$TMP/conf-bare-policy"
             write_config "$TMP/conf-bare-policy/switchyard.yaml" "$port"
-            start bare-policy INT "$BIN" bare --listen "127.0.0.1:$port" \
+            start bare-policy INT "${PROXY_PIN[@]}" "$BIN" bare --listen "127.0.0.1:$port" \
                 --config "$TMP/conf-bare-policy/switchyard.yaml" --threads "$PROXY_THREADS"
             pid=$LAST_PID
             wait_ready "http://127.0.0.1:$port/health" bare-policy
@@ -426,8 +439,13 @@ fi
 
 echo
 echo "Switchyard load test — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPU(s): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-echo "NOTE: wrk, the proxy under test and the $MOCKS mocks all share these $(nproc) CPUs, so every"
-echo "      number is CPU-bound and relative; compare rows, not absolute values."
+if [[ $PIN == 1 ]]; then
+    echo "PIN=1: the proxy under test alone on CPU 0; wrk, h2load and the $MOCKS mocks on CPUs 1-$(($(nproc) - 1))."
+    echo "      The direct row is mock 0 on those CPUs. Compare CPU per request between proxies."
+else
+    echo "NOTE: wrk, the proxy under test and the $MOCKS mocks all share these $(nproc) CPUs, so every"
+    echo "      number is CPU-bound and relative; compare rows, not absolute values."
+fi
 echo "wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s (+${WARMUP}s warm-up), POST /v1/chat/completions, ${#PLAIN_BODY}-byte body;"
 echo "stream = \"stream\": true, $CHUNKS SSE chunks per answer; proxies run $PROXY_THREADS worker threads/processes;"
 echo "switchyard: policy round_robin, RUST_LOG=$SY_LOG (per-request access log to a file); nginx: access_log off."
