@@ -58,6 +58,9 @@ thread_local! {
     };
     /// Steps of work done outside the VM (pattern matching) that make no whole tick yet.
     static STEPS: Cell<u64> = const { Cell::new(0) };
+    /// A place of the call in progress noted by [`note_place`], for an error that carries
+    /// none (Lua raises running out of memory without running the message handler).
+    static NOTED_PLACE: Cell<Option<String>> = const { Cell::new(None) };
     /// This thread's entry in the watchdog's list, made on its first call.
     static SLOT: Cell<Option<Registration>> = const { Cell::new(None) };
 }
@@ -123,6 +126,7 @@ fn enter(state: *mut ffi::lua_State, instructions: u64) -> Call {
         a.in_call.store(true, Relaxed);
     });
     STEPS.set(0);
+    NOTED_PLACE.take();
     let number = slot.calls.fetch_add(1, Relaxed) + 1;
     slot.call.store(number, Relaxed);
     Call { slot }
@@ -287,68 +291,72 @@ unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::
 /// # Safety
 /// `state` is running a call, and the caller holds nothing that needs dropping: the error
 /// is a `longjmp`.
-pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, mut level: libc::c_int) -> ! {
+pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, level: libc::c_int) -> ! {
     unsafe {
-        // SAFETY: all zeros is a valid `lua_Debug` (null pointers, zero numbers).
-        let mut ar: ffi::lua_Debug = std::mem::zeroed();
-        let mut placed = false;
-        while ffi::lua_getstack(state, level, &mut ar) != 0 {
-            ffi::lua_getinfo(state, c"Sl".as_ptr(), &mut ar);
-            // Switchyard's own helpers (`pcall`, the `req` view) are not the place.
-            let ours = std::ffi::CStr::from_ptr(ar.short_src.as_ptr()) == c"switchyard";
-            if ar.currentline > 0 && !ours {
-                ffi::lua_pushfstring(
-                    state,
-                    c"%s:%d: %s".as_ptr(),
-                    ar.short_src.as_ptr(),
-                    ar.currentline,
-                    EXCEEDED.as_ptr(),
-                );
-                placed = true;
-                break;
-            }
-            level += 1;
-        }
-        if !placed {
-            ffi::lua_pushstring(state, EXCEEDED.as_ptr());
-        }
+        match policy_frame(state, level) {
+            Some(ar) => ffi::lua_pushfstring(
+                state,
+                c"%s:%d: %s".as_ptr(),
+                ar.short_src.as_ptr(),
+                ar.currentline,
+                EXCEEDED.as_ptr(),
+            ),
+            None => ffi::lua_pushstring(state, EXCEEDED.as_ptr()),
+        };
         ffi::lua_error(state)
     }
 }
 
-/// Where the call in progress on this thread is in its policy's own code: the innermost
-/// of the first [`PLACE_LEVELS`] stack levels whose chunk is a policy file (named
-/// `=FILE.lua`), as `FILE.lua:LINE`. None between calls.
-pub fn place_in_call() -> Option<String> {
-    let state = ACTIVE.with(|a| a.in_call.load(Relaxed).then(|| a.state.load(Relaxed)))?;
-    for level in 0..PLACE_LEVELS {
-        // SAFETY: the state is alive (its VM is making this call) and on this thread;
-        // `lua_getstack` and `lua_getinfo` with "Sl" only read its call stack and the
-        // functions' prototypes, and Lua keeps the current line saved wherever it can
-        // allocate, which is where this is called from.
-        unsafe {
-            let mut ar: ffi::lua_Debug = std::mem::zeroed();
-            if ffi::lua_getstack(state, level, &mut ar) == 0 {
-                return None;
+/// The innermost stack level from `level` out that runs a policy's own code: one with a
+/// current line (a C function, such as a pattern function, has none) that is not one of
+/// Switchyard's own Lua helpers (`pcall`, the `req` view, the collection sampler).
+///
+/// # Safety
+/// `state` is running a call on this thread. `lua_getstack` and `lua_getinfo` with "Sl"
+/// only read its call stack and the functions' prototypes; Lua keeps the current line
+/// saved wherever it can raise an error or allocate.
+unsafe fn policy_frame(
+    state: *mut ffi::lua_State,
+    mut level: libc::c_int,
+) -> Option<ffi::lua_Debug> {
+    unsafe {
+        // SAFETY: all zeros is a valid `lua_Debug` (null pointers, zero numbers).
+        let mut ar: ffi::lua_Debug = std::mem::zeroed();
+        while ffi::lua_getstack(state, level, &mut ar) != 0 {
+            ffi::lua_getinfo(state, c"Sl".as_ptr(), &mut ar);
+            let ours = std::ffi::CStr::from_ptr(ar.short_src.as_ptr()) == c"switchyard";
+            if ar.currentline > 0 && !ours {
+                return Some(ar);
             }
-            if ffi::lua_getinfo(state, c"Sl".as_ptr(), &mut ar) == 0
-                || ar.source.is_null()
-                || ar.currentline <= 0
-            {
-                continue;
-            }
-            let source = std::ffi::CStr::from_ptr(ar.source).to_bytes();
-            if let Some(file) = source.strip_prefix(b"=").filter(|f| f.ends_with(b".lua")) {
-                let file = String::from_utf8_lossy(file);
-                return Some(format!("{file}:{}", ar.currentline));
-            }
+            level += 1;
         }
+        None
     }
-    None
 }
 
-/// How deep [`place_in_call`] looks.
-const PLACE_LEVELS: i32 = 64;
+/// Note where the call in progress on this thread is in its policy's own code
+/// (`file.lua:LINE`), for [`take_noted_place`]; nothing between calls. Called from inside
+/// the call (a garbage collector's finalizer), so the place is the call's current one.
+pub fn note_place() {
+    let Some(state) = ACTIVE.with(|a| a.in_call.load(Relaxed).then(|| a.state.load(Relaxed)))
+    else {
+        return;
+    };
+    // SAFETY: the state is alive (its VM is making this call) and on this thread.
+    let place = unsafe { policy_frame(state, 0) }.map(|ar| {
+        // SAFETY: `short_src` is a NUL-terminated buffer that `lua_getinfo` filled.
+        let file = unsafe { std::ffi::CStr::from_ptr(ar.short_src.as_ptr()) };
+        format!("{}:{}", file.to_string_lossy(), ar.currentline)
+    });
+    if place.is_some() {
+        NOTED_PLACE.set(place);
+    }
+}
+
+/// The last place [`note_place`] noted in the call in progress (or the last call), if any.
+pub fn take_noted_place() -> Option<String> {
+    NOTED_PLACE.take()
+}
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,6 @@
 //! policy keeps is in the locals of its file (one copy per worker thread).
 
 use foldhash::HashMap;
-use std::cell::Cell;
 use std::sync::Arc;
 
 use mlua::{chunk::ChunkMode, ffi, Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
@@ -293,7 +292,7 @@ impl PolicyVm {
             ctx.all = Some(all.clone());
             ctx.policy = loaded.tag.clone();
         }
-        let result = budgeted(self.state, self.limits.instruction_budget, || {
+        let result = budget::run(self.state, self.limits.instruction_budget, || {
             self.invoke
                 .call::<MultiValue>((&loaded.route, args.req, args.views, args.count))
         });
@@ -315,7 +314,7 @@ impl PolicyVm {
         backends: Table,
         max_names: usize,
     ) -> Result<Decision, PolicyError> {
-        let values = budgeted(self.state, self.limits.instruction_budget, || {
+        let values = budget::run(self.state, self.limits.instruction_budget, || {
             route.call::<MultiValue>((req, backends))
         })
         .map_err(|e| self.classify(e))?;
@@ -351,7 +350,7 @@ impl PolicyVm {
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.policy = tag.clone();
         }
-        let value = budgeted(self.state, self.limits.instruction_budget, || {
+        let value = budget::run(self.state, self.limits.instruction_budget, || {
             chunk.call::<Value>(())
         });
         let module = match value.map_err(|e| self.classify(e)) {
@@ -404,7 +403,7 @@ impl PolicyVm {
         } else if is_memory_error(&e) {
             PolicyError::Memory(
                 self.limits.memory_limit_bytes,
-                MEMORY_PLACE.take().unwrap_or_default(),
+                budget::take_noted_place().unwrap_or_default(),
             )
         } else {
             PolicyError::Runtime(error_message(&e))
@@ -442,28 +441,15 @@ fn protected_call(lua: &Lua, helpers: &Table, memory_cap: usize) -> mlua::Result
     helpers.get::<Function>("pcall")?.call(fatal)
 }
 
-/// A call into Lua on `state` under a budget of `instructions`, with no memory sample yet.
-fn budgeted<R>(state: *mut ffi::lua_State, instructions: u64, f: impl FnOnce() -> R) -> R {
-    MEMORY_PLACE.take();
-    budget::run(state, instructions, f)
-}
-
-thread_local! {
-    /// Where the call in progress was (`file.lua:LINE`) at the last garbage collection that
-    /// found the VM past half its memory cap. Lua raises its memory error without running
-    /// the message handler, so the error itself has no place; a call that allocates
-    /// without bound goes through many collections on its way to the cap, and this is the
-    /// last place one of them saw. A single allocation far past the cap may leave none.
-    static MEMORY_PLACE: Cell<Option<String>> = const { Cell::new(None) };
-}
-
-/// The function [`MEMORY_PLACE`]'s samples come from, called after each collection.
+/// Called after each garbage collection: while the VM is past half its memory `cap`, notes
+/// where the call in progress is. Lua raises running out of memory without running the
+/// message handler, so that error has no place of its own; a call that allocates without
+/// bound goes through many collections on its way to the cap, and the last place one of
+/// them saw is where it grew. A single allocation far past the cap may leave none.
 fn memory_sampler(lua: &Lua, cap: usize) -> mlua::Result<Function> {
     lua.create_function(move |lua, ()| {
         if lua.used_memory() >= cap / 2 {
-            if let Some(place) = budget::place_in_call() {
-                MEMORY_PLACE.set(Some(place));
-            }
+            budget::note_place();
         }
         Ok(())
     })
