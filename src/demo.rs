@@ -34,45 +34,36 @@ pub const BUILTIN_POLICIES: &[(&str, &str)] = &[
     ("failover", include_str!("../policies/failover.lua")),
 ];
 
-/// The demo's mock backends, in the order of the config's `backends`: name, latency
-/// before the answer, gap between chunks. They listen on consecutive ports.
+/// The demo's mock backends: the name of the config's backend each serves (on its URL's
+/// port), latency before the answer, gap between chunks.
 const MOCKS: [(&str, u64, u64); 3] = [
     ("mock-eu-1", 20, 80),
     ("mock-eu-2", 40, 80),
     ("mock-us-1", 120, 150),
 ];
 
-/// Where the demo listens, all on 127.0.0.1.
-#[derive(Debug, Clone, Copy)]
+/// Ports to move the demo to, all on 127.0.0.1; `None` keeps `conf/demo.yaml`'s.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Ports {
-    /// The proxy (the config's 8080).
-    pub proxy: u16,
-    /// The dashboard, metrics and admin API (9090).
-    pub admin: u16,
-    /// The first mock backend; the others take the next two ports (18101).
-    pub mocks: u16,
-}
-
-impl Default for Ports {
-    fn default() -> Self {
-        Ports {
-            proxy: 8080,
-            admin: 9090,
-            mocks: 18101,
-        }
-    }
+    /// The proxy.
+    pub proxy: Option<u16>,
+    /// The dashboard, metrics and admin API.
+    pub admin: Option<u16>,
+    /// The first mock backend; the others take the next ports, in [`MOCKS`]' order.
+    pub mocks: Option<u16>,
 }
 
 pub fn run(ports: Ports) -> anyhow::Result<()> {
     let mut config = Config::parse(&demo_config(ports)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (dir, scratch) = policies_dir()?;
     config.policies_dir = dir;
-    start_mocks(ports.mocks)?;
+    let mock_ports = start_mocks(&config)?;
     let addr = config.listen[0].addr.clone();
+    let mock_ports: Vec<String> = mock_ports.iter().map(u16::to_string).collect();
     println!(
-        "Switchyard demo: 3 mock backends on 127.0.0.1:{}-{}, proxy on http://{addr}",
-        ports.mocks,
-        mock_port(ports.mocks, MOCKS.len() - 1)?
+        "Switchyard demo: {} mock backends on 127.0.0.1 ports {}, proxy on http://{addr}",
+        MOCKS.len(),
+        mock_ports.join(", ")
     );
     println!(
         "Policies from {}; routes in the embedded conf/demo.yaml.",
@@ -106,30 +97,49 @@ pub fn run(ports: Ports) -> anyhow::Result<()> {
 fn demo_config(ports: Ports) -> anyhow::Result<String> {
     let mut yaml: serde_yaml::Value = serde_yaml::from_str(DEMO_CONFIG)?;
     let local = |port: u16| serde_yaml::Value::from(format!("127.0.0.1:{port}"));
-    yaml["listen"][0]["addr"] = local(ports.proxy);
-    yaml["admin"]["addr"] = local(ports.admin);
-    let backends = yaml["backends"]
-        .as_sequence_mut()
-        .context("the demo config lists backends")?;
-    anyhow::ensure!(backends.len() == MOCKS.len(), "one demo backend per mock");
-    for (i, backend) in backends.iter_mut().enumerate() {
-        let port = mock_port(ports.mocks, i)?;
-        backend["url"] = serde_yaml::Value::from(format!("http://127.0.0.1:{port}"));
+    if let Some(port) = ports.proxy {
+        yaml["listen"][0]["addr"] = local(port);
+    }
+    if let Some(port) = ports.admin {
+        yaml["admin"]["addr"] = local(port);
+    }
+    if let Some(first) = ports.mocks {
+        let backends = yaml["backends"]
+            .as_sequence_mut()
+            .context("the demo config lists backends")?;
+        for (i, (name, ..)) in MOCKS.into_iter().enumerate() {
+            let port = u16::try_from(i)
+                .ok()
+                .and_then(|i| first.checked_add(i))
+                .with_context(|| {
+                    format!(
+                        "--mock-port {first} leaves no room for {} mocks",
+                        MOCKS.len()
+                    )
+                })?;
+            let backend = backends
+                .iter_mut()
+                .find(|b| b["name"].as_str() == Some(name))
+                .with_context(|| format!("the demo config has no backend {name}"))?;
+            backend["url"] = serde_yaml::Value::from(format!("http://127.0.0.1:{port}"));
+        }
     }
     Ok(serde_yaml::to_string(&yaml)?)
 }
 
-/// The port of the `i`th mock when the first has `first`.
-fn mock_port(first: u16, i: usize) -> anyhow::Result<u16> {
-    u16::try_from(i)
+/// The port of the configured backend named `name`, which a demo mock serves.
+fn mock_port(config: &Config, name: &str) -> anyhow::Result<u16> {
+    let backend = config
+        .backends
+        .iter()
+        .find(|b| b.name == name)
+        .with_context(|| format!("the demo config has no backend {name}"))?;
+    backend
+        .url
+        .parse::<http::Uri>()
         .ok()
-        .and_then(|i| first.checked_add(i))
-        .with_context(|| {
-            format!(
-                "--mock-port {first} leaves no room for {} mocks",
-                MOCKS.len()
-            )
-        })
+        .and_then(|u| u.port_u16())
+        .with_context(|| format!("the demo backend {name} has no port in {}", backend.url))
 }
 
 /// `./policies` when run from a checkout, else the built-in policies written to a new
@@ -153,12 +163,14 @@ fn policies_dir() -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     Ok((scratch.path().to_path_buf(), Some(scratch)))
 }
 
-/// Bind the mocks' ports now (so a busy port is reported before anything starts) and
-/// serve them on a runtime of their own.
-fn start_mocks(first_port: u16) -> anyhow::Result<()> {
+/// Bind the mocks' ports, those of `config`'s backends they serve, now (so a busy port is
+/// reported before anything starts) and serve them on a runtime of their own; the ports.
+fn start_mocks(config: &Config) -> anyhow::Result<Vec<u16>> {
     let mut listeners = Vec::new();
-    for (i, (name, latency_ms, chunk_delay_ms)) in MOCKS.into_iter().enumerate() {
-        let port = mock_port(first_port, i)?;
+    let mut ports = Vec::new();
+    for (name, latency_ms, chunk_delay_ms) in MOCKS {
+        let port = mock_port(config, name)?;
+        ports.push(port);
         let l = std::net::TcpListener::bind(("127.0.0.1", port))
             .with_context(|| format!("demo mock {name} cannot listen on 127.0.0.1:{port}"))?;
         l.set_nonblocking(true)?;
@@ -191,7 +203,7 @@ fn start_mocks(first_port: u16) -> anyhow::Result<()> {
                 }
             })
         })?;
-    Ok(())
+    Ok(ports)
 }
 
 #[cfg(test)]
@@ -214,13 +226,20 @@ mod tests {
     #[test]
     fn the_ports_move_every_address_and_nothing_else() {
         let embedded = Config::parse(DEMO_CONFIG).unwrap();
-        let default = Config::parse(&demo_config(Ports::default()).unwrap()).unwrap();
-        assert_eq!(addresses(&default), addresses(&embedded));
+        let unmoved = Config::parse(&demo_config(Ports::default()).unwrap()).unwrap();
+        assert_eq!(addresses(&unmoved), addresses(&embedded));
+        let mocks = |c: &Config| {
+            MOCKS
+                .iter()
+                .map(|(name, ..)| mock_port(c, name).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(mocks(&embedded), [18101, 18102, 18103]);
 
         let moved = Ports {
-            proxy: 28080,
-            admin: 29090,
-            mocks: 28101,
+            proxy: Some(28080),
+            admin: Some(29090),
+            mocks: Some(28101),
         };
         let config = Config::parse(&demo_config(moved).unwrap()).unwrap();
         assert_eq!(
@@ -233,6 +252,7 @@ mod tests {
                     .to_vec()
             )
         );
+        assert_eq!(mocks(&config), [28101, 28102, 28103]);
         // The rest is the embedded config's.
         assert_eq!(config.routes.len(), embedded.routes.len());
         let names = |c: &Config| {
@@ -244,7 +264,7 @@ mod tests {
         assert_eq!(names(&config), names(&embedded));
 
         let no_room = Ports {
-            mocks: u16::MAX - 1,
+            mocks: Some(u16::MAX - 1),
             ..Ports::default()
         };
         assert!(demo_config(no_room).is_err());

@@ -41,15 +41,15 @@ enum Command {
     },
     /// Serve the embedded demo config with three mock backends started in-process.
     Demo {
-        /// The proxy's port.
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// The port of the dashboard, metrics and admin API.
-        #[arg(long, default_value_t = 9090)]
-        admin_port: u16,
-        /// The first mock backend's port; the other two take the next ports.
-        #[arg(long, default_value_t = 18101)]
-        mock_port: u16,
+        /// The proxy's port (conf/demo.yaml's: 8080).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The port of the dashboard, metrics and admin API (9090).
+        #[arg(long)]
+        admin_port: Option<u16>,
+        /// The first mock backend's port; the other two take the next ports (18101).
+        #[arg(long)]
+        mock_port: Option<u16>,
     },
     /// Serve the mock backend, OpenAI- and Anthropic-compatible (for tests, benchmarks and
     /// trying things).
