@@ -372,11 +372,7 @@ pub fn client() -> reqwest::Client {
 
 /// POST a chat body with `headers` added.
 pub async fn post_chat(proxy: &Proc, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut req = client().post(proxy.url("/v1/chat/completions")).json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.expect("request reaches the proxy")
+    post_chat_bytes(proxy, serde_json::to_vec(body).unwrap(), headers).await
 }
 
 /// POST an already encoded chat body (bytes, or a streamed body without a length) as JSON,
