@@ -107,6 +107,8 @@ impl ProxyHttp for Switchyard {
         ctx.count("none", 0.0);
         // The head is not quoted: it was not read, and may hold credentials.
         ctx.log_access("-", "-", format_args!(" error=\"{}\"", error.code()));
+        let record = ctx.take_audit_record("-", "-", 0.0);
+        self.shared.audit.record(record);
     }
 
     /// Decide where the request goes. Answers the client itself (`Ok(true)`) for bad

@@ -40,25 +40,6 @@ fn messages_body(stream: bool) -> Value {
     })
 }
 
-/// The latest routing decision for a request id, once its audit record exists.
-async fn decision(admin: u16, request_id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let d = get_json(format!("http://127.0.0.1:{admin}/admin/decisions?limit=50")).await;
-        let found = d["decisions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["request_id"] == request_id)
-            .cloned();
-        if let Some(r) = found {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "no decision for {request_id}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `/metrics` once `series` has reached `want` (logging runs just after a response ends).
 async fn metrics_when(admin: u16, series: &str, want: f64) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);

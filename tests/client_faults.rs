@@ -375,6 +375,12 @@ async fn assert_refused_head(p: &Proc, admin: u16, answer: &str, status: u16, co
         metric(&metrics_text(admin).await, &series) >= 1.0,
         "{series}"
     );
+    // Its audit record: refused before anything was read, so nothing about the request.
+    let record = decision(admin, &id).await;
+    assert_eq!(record["status"], status, "{record}");
+    assert_eq!(record["tenant"], "-", "{record}");
+    assert_eq!(record["backend"], serde_json::Value::Null, "{record}");
+    assert_eq!(record["attempts"], serde_json::json!([]), "{record}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

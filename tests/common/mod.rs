@@ -612,6 +612,25 @@ pub async fn get_json(url: impl reqwest::IntoUrl) -> Value {
         .unwrap()
 }
 
+/// The latest routing decision for a request id, once its audit record exists.
+pub async fn decision(admin: u16, request_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = get_json(format!("http://127.0.0.1:{admin}/admin/decisions?limit=50")).await;
+        let found = d["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["request_id"] == request_id)
+            .cloned();
+        if let Some(r) = found {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no decision for {request_id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The backend that served a response (`x-switchyard-backend`).
 pub fn served_by(headers: &reqwest::header::HeaderMap) -> String {
     headers["x-switchyard-backend"]
