@@ -58,9 +58,11 @@ pub struct RequestMeta {
     /// The API format, from the path: Anthropic's Messages API or OpenAI's.
     pub format: ApiFormat,
     pub priority: i64,
-    /// Request headers, credentials removed: a copy of the head's map, whose values share
-    /// the head's buffer rather than being copied out.
-    headers: http::HeaderMap,
+    /// Request headers in the order they came, credentials removed; the values share the
+    /// head's buffer rather than being copied out. A list, not a map: it is made for
+    /// every request and looked into only when a policy calls `req.header`, so a map's
+    /// hashing would cost more than the few names a lookup compares.
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Byte range of the `model` value (with its quotes) in the body, for renaming it.
     pub model_span: Option<(usize, usize)>,
 }
@@ -68,18 +70,19 @@ pub struct RequestMeta {
 impl RequestMeta {
     /// Fill the head-derived fields from the HTTP request head.
     pub fn from_head(method: &str, path: &str, headers: &http::HeaderMap) -> RequestMeta {
-        let mut kept = headers.clone();
-        for name in &CREDENTIAL_HEADERS {
-            kept.remove(name);
-        }
+        let kept: Vec<_> = headers
+            .iter()
+            .filter(|(name, _)| !CREDENTIAL_HEADERS.contains(name))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         // Names made once: looking a `&str` name up parses it first, on every request.
         static REGION: http::HeaderName = http::HeaderName::from_static("x-switchyard-region");
         static SESSION: http::HeaderName = http::HeaderName::from_static("x-session-id");
         static PRIORITY: http::HeaderName = http::HeaderName::from_static("x-priority");
         let get = |n: &http::HeaderName| {
-            headers
-                .get(n)
-                .and_then(|v| v.to_str().ok())
+            kept.iter()
+                .find(|(name, _)| name == n)
+                .and_then(|(_, v)| v.to_str().ok())
                 .map(str::to_string)
         };
         RequestMeta {
@@ -146,8 +149,11 @@ impl RequestMeta {
 
     /// A request header by (case-insensitive) name; credentials are never present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        // `HeaderMap` looks a `&str` name up case-insensitively; an invalid name is absent.
-        self.headers.get(name).and_then(|v| v.to_str().ok())
+        // Header names are kept in lower case, so a name that cannot be one is absent.
+        self.headers
+            .iter()
+            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.to_str().ok())
     }
 
     /// Read `model`, `stream`, `max_tokens`, where the prompt's text is (for the estimate,
