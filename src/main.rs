@@ -33,6 +33,7 @@ struct Cli {
 enum Command {
     /// Serve a config file.
     Run {
+        /// The YAML config file (re-read on SIGHUP, `POST /admin/reload`, or when it changes).
         #[arg(long, short)]
         config: PathBuf,
         /// Take over the listening sockets of a running instance (graceful upgrade).
@@ -54,10 +55,13 @@ enum Command {
     /// Serve the mock backend, OpenAI- and Anthropic-compatible (for tests, benchmarks and
     /// trying things).
     Mock {
+        /// Port to listen on.
         #[arg(long)]
         port: u16,
+        /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
+        /// Its name: in `x-mock-backend`, `/health`, the models' `owned_by` and its answers.
         #[arg(long, default_value = "mock")]
         name: String,
         /// Delay before the response headers.
