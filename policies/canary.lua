@@ -1,7 +1,8 @@
 -- canary: send params.percent (default 10) percent of traffic to the backends tagged
 -- `track = "canary"`, the rest to the others: for model version roll-outs and A/B tests.
 -- The split is sticky: a session (req.session), else a tenant, always lands on the same
--- side. A canary request fails over to the stable pool; a stable one never to the canary,
+-- side. Anonymous requests without a session share one tenant name, so they are split at
+-- random instead (one key would send them all to the same side). A canary request fails over to the stable pool; a stable one never to the canary,
 -- unless no stable backend is offered at all (then the canary serves rather than none).
 -- params.key = "tenant" makes the tenant the sticky key even when a session exists.
 

@@ -1,6 +1,7 @@
 -- cost: the cheapest backend for this request that is behaving, then the next cheapest.
 --
--- Price of a request = tokens * cost_in + (max_tokens or params.output_tokens) * cost_out.
+-- Price of a request = tokens * cost_in + (max_tokens or params.output_tokens, default 256)
+-- * cost_out.
 -- A backend is behaving when error_rate <= params.max_error_rate (default 0.05) and, if
 -- params.max_latency_ms is set, latency_ms <= it. Behaving backends come first, cheapest
 -- first; the others follow (cheapest first) as a last resort.

@@ -2,7 +2,8 @@
 -- spreads and no backend is starved of the samples that would show it has recovered.
 --
 -- Score = EWMA latency (ttft_ms for streams, where the first token is what users feel)
--- times (inflight + 1). A backend with no samples yet scores 0 and is tried first.
+-- times (inflight + 1). A backend with no samples yet scores 0, so it wins whenever it is
+-- one of the two drawn.
 -- params.explore (default 0.02): share of requests sent to a random backend, so a slow
 -- backend is still probed and its EWMA can fall when it recovers.
 
