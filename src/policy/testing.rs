@@ -219,6 +219,9 @@ impl Expectation {
     fn read(case: &Table) -> Result<Expectation, String> {
         let err = |e: mlua::Error| e.to_string();
         if let Some(first) = case.get::<Option<String>>("expect_first").map_err(err)? {
+            if !case.get::<Value>("expect").map_err(err)?.is_nil() {
+                return Err("has both `expect` and `expect_first`: give one".into());
+            }
             return Ok(Expectation::First(first));
         }
         match case.get::<Value>("expect").map_err(err)? {
@@ -308,6 +311,41 @@ mod tests {
                       function P.route(req, b) return 'ghost' end\nreturn P";
         let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
         assert!(run(&policy, &LuaConfig::default(), None).passed());
+    }
+
+    #[test]
+    fn a_case_sees_params_as_a_request_in_service_does() {
+        // Without `params`, an empty table; with them, a copy no call can write to.
+        let source = "local P = { tests = {\n\
+            { backends = { { name = 'a' } }, expect = 'a' },\n\
+            { req = { params = { chain = { 'x' } } }, backends = { { name = 'a' } }, expect = 'a' } } }\n\
+            function P.route(req, b)\n\
+              assert(type(req.params) == 'table', 'params is ' .. type(req.params))\n\
+              assert(not pcall(function() req.params.k = 1 end), 'params written')\n\
+              local chain = req.params.chain\n\
+              assert(not chain or not pcall(function() chain[2] = 'y' end), 'chain written')\n\
+              return 'a'\n\
+            end\nreturn P";
+        let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
+        let report = run(&policy, &LuaConfig::default(), None);
+        assert!(
+            report.passed(),
+            "{:?} {:?}",
+            report.load_error,
+            report.cases.iter().map(|c| &c.actual).collect::<Vec<_>>()
+        );
+        assert_eq!(report.cases.len(), 2);
+    }
+
+    #[test]
+    fn a_case_expects_one_way() {
+        let report =
+            with_tests("{ { backends = { { name = 'a' } }, expect = 'a', expect_first = 'a' } }");
+        let error = report.load_error.unwrap();
+        assert!(
+            error.contains("tests[1]: has both `expect` and `expect_first`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -125,6 +125,12 @@ local function copy(t)
   for k, v in next, t do r[k] = v end
   return r
 end
+-- A read-only copy of `t` and of the tables in it, as a route's `params` are in service.
+local function frozen(t)
+  local r = {}
+  for k, v in next, t do r[k] = type(v) == "table" and frozen(v) or v end
+  return H.readonly(r)
+end
 -- A `req` for a policy test case: the case's fields over the defaults a real request has.
 function H.test_request(t)
   local r = copy(t or {})
@@ -141,6 +147,8 @@ function H.test_request(t)
   end
   r.method = r.method or "POST"
   r.priority = r.priority or 0
+  -- In service `params` is always a table, empty when the route gives none.
+  r.params = frozen(r.params or {})
   r.header = function(name) return headers[lower(name)] end
   return H.readonly(r)
 end
