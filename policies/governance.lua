@@ -69,6 +69,15 @@ P.tests = {
     backends = { { name = "a", inflight = 2 }, { name = "b" } }, expect = { "b", "a" } },
   { name = "region required", req = { model = "m", params = { require_region = true } },
     backends = { { name = "a" } }, expect = { status = 400 } },
+  { name = "the region's backends are all down: 503, not another region",
+    req = { model = "m", region = "eu" },
+    backends = { { name = "us-1", region = "us-east" } },
+    unavailable = { { name = "eu-1", region = "eu-west", why_not = "ejected" } },
+    expect = { status = 503 } },
+  { name = "no backend in the region at all: 403", req = { model = "m", region = "eu" },
+    backends = { { name = "us-1", region = "us-east" } },
+    unavailable = { { name = "ap-1", region = "ap-south" } },
+    expect = { status = 403 } },
 }
 
 return P

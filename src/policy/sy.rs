@@ -182,13 +182,17 @@ fn all_backends(lua: &Lua, opts: Option<Table>) -> mlua::Result<Table> {
         ),
         None => (None, false),
     };
-    let set = lua
-        .app_data_ref::<CallContext>()
-        .and_then(|c| c.all.clone());
-    let out = lua.create_table()?;
-    let Some(set) = set else {
-        return Ok(out);
+    let (set, test_listing) = match lua.app_data_ref::<CallContext>() {
+        Some(c) => (c.all.clone(), c.test_listing.clone()),
+        None => (None, None),
     };
+    let Some(set) = set else {
+        return match test_listing {
+            Some(listing) => listing.call(opts),
+            None => lua.create_table(),
+        };
+    };
+    let out = lua.create_table()?;
     let readonly: Function = lua.named_registry_value("switchyard.readonly")?;
     let now = tokio::time::Instant::now();
     for b in set.each_serving(model.as_deref()) {

@@ -6,7 +6,7 @@
 //! `expect_first = "name"` checks only the first choice. Missing request and backend fields
 //! get the values of an idle backend and a plain chat request.
 
-use mlua::{Table, Value};
+use mlua::{Function, Table, Value};
 
 use super::vm::{describe_value, PolicyVm};
 use super::{Decision, Policy, PolicyError};
@@ -113,6 +113,7 @@ fn run_cases(
     };
     let make_req = vm.helper("test_request").map_err(|e| e.to_string())?;
     let make_backend = vm.helper("test_backend").map_err(|e| e.to_string())?;
+    let make_listing = vm.helper("test_listing").map_err(|e| e.to_string())?;
     if tests.raw_len() > MAX_CASES {
         return Err(format!(
             "`tests` has {} cases; at most {MAX_CASES} are run",
@@ -164,19 +165,28 @@ fn run_cases(
         let case = case.map_err(|_| format!("tests[{index}] is not a table"))?;
         let name = case.get::<Option<String>>("name").ok().flatten();
         let mut names = Vec::new();
-        let prepared = (|| -> mlua::Result<(Table, Table)> {
+        let prepared = (|| -> mlua::Result<(Table, Table, Function)> {
             let req: Table = make_req.call(case.get::<Value>("req")?)?;
             let backends = vm.lua().create_table()?;
-            if let Some(list) = case.get::<Option<Table>>("backends")? {
+            let offered = case.get::<Option<Table>>("backends")?;
+            if let Some(list) = &offered {
                 for b in list.sequence_values::<Table>() {
                     let b = make_backend.call::<Table>(b?)?;
                     names.extend(b.get::<Option<String>>("name")?);
                     backends.raw_push(b)?;
                 }
             }
-            Ok((req, backends))
+            // Configured backends that are not offered: `sy.backends` lists them.
+            let unavailable = case.get::<Option<Table>>("unavailable")?;
+            if let Some(list) = &unavailable {
+                for b in list.sequence_values::<Table>() {
+                    names.extend(b?.get::<Option<String>>("name")?);
+                }
+            }
+            let listing = make_listing.call((offered, unavailable))?;
+            Ok((req, backends, listing))
         })();
-        let (req, backends) = match prepared {
+        let (req, backends, listing) = match prepared {
             Ok(v) => v,
             Err(e) => return Err(format!("tests[{index}]: {e}")),
         };
@@ -185,7 +195,7 @@ fn run_cases(
         // whatever the case expected.
         let unknown = |n: &String| !names.contains(n) && configured.is_some_and(|c| !c.contains(n));
         let actual = vm
-            .call(&route, req, backends, usize::MAX)
+            .call_test_case(&route, req, backends, listing)
             .and_then(|d| match &d {
                 Decision::Candidates(chosen) => match chosen.iter().find(|n| unknown(n)) {
                     Some(unknown) => Err(PolicyError::UnknownBackend(unknown.clone())),
@@ -335,6 +345,35 @@ mod tests {
             report.cases.iter().map(|c| &c.actual).collect::<Vec<_>>()
         );
         assert_eq!(report.cases.len(), 2);
+    }
+
+    #[test]
+    fn sy_backends_lists_a_cases_backends_and_its_unavailable_ones() {
+        let source = r#"local P = {}
+function P.route(req, b)
+  local out = {}
+  local listed = sy.backends({ model = req.model, all = req.params.all })
+  table.sort(listed, function(x, y) return x.name > y.name end) -- a fresh list
+  for _, e in ipairs(listed) do
+    out[#out + 1] = table.concat({ e.name, tostring(e.eligible), tostring(e.why_not), tostring(e.healthy) }, ":")
+  end
+  return out
+end
+local backends = { { name = "a", models = { "m" } }, { name = "b", models = { "x" } } }
+local unavailable = { { name = "c" }, { name = "d", why_not = "draining" } }
+P.tests = {
+  { req = { model = "m", params = { all = true } }, backends = backends, unavailable = unavailable,
+    expect = { "d:false:draining:true", "c:false:unhealthy:false", "a:true:nil:true" } },
+  { req = { model = "m" }, backends = backends, unavailable = unavailable,
+    expect = { "a:true:nil:true" } },
+  { req = { model = "x" }, backends = backends, expect = { "b:true:nil:true" } },
+}
+return P"#;
+        let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
+        let report = run(&policy, &LuaConfig::default(), None);
+        let actual: Vec<_> = report.cases.iter().map(|c| &c.actual).collect();
+        assert!(report.passed(), "{:?} {actual:?}", report.load_error);
+        assert_eq!(report.cases.len(), 3);
     }
 
     #[test]

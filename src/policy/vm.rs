@@ -152,9 +152,17 @@ function H.test_request(t)
   r.header = function(name) return headers[lower(name)] end
   return H.readonly(r)
 end
--- A backend entry for a policy test case, with the defaults of an idle backend.
-function H.test_backend(t)
+-- A backend entry for a policy test case, with the defaults of an idle backend; with
+-- `listed`, as `sy.backends` lists it: "eligible" (one of the case's `backends`), or
+-- "unavailable" (one of its `unavailable`: why not, "unhealthy" unless it says).
+function H.test_backend(t, listed)
   local b = copy(t)
+  if listed == "eligible" then
+    b.eligible, b.why_not = true, nil
+  elseif listed == "unavailable" then
+    b.eligible, b.why_not = false, b.why_not or "unhealthy"
+    if b.healthy == nil then b.healthy = b.why_not ~= "unhealthy" end
+  end
   b.provider = b.provider or "openai"
   b.weight = b.weight or 1
   b.tags = H.readonly(b.tags or {})
@@ -168,6 +176,30 @@ function H.test_backend(t)
   end
   if b.healthy == nil then b.healthy = true end
   return H.readonly(b)
+end
+-- `sy.backends` in a policy test case: the case's `backends` and `unavailable` ones, as a
+-- function of `sy.backends`' options. A backend without `models` serves every model.
+function H.test_listing(offered, unavailable)
+  local entries, models = {}, {}
+  for _, group in ipairs({ { "eligible", offered or {} }, { "unavailable", unavailable or {} } }) do
+    local listed, list = group[1], group[2]
+    for _, t in ipairs(list) do
+      local m = {}
+      for k, v in next, (t.models or {}) do m[type(k) == "number" and v or k] = true end
+      entries[#entries + 1] = H.test_backend(t, listed)
+      models[#entries] = m
+    end
+  end
+  return function(opts)
+    local model, all = opts and opts.model, opts and opts.all
+    local out = {}
+    for i, e in ipairs(entries) do
+      if (all or e.eligible) and (model == nil or next(models[i]) == nil or models[i][model]) then
+        out[#out + 1] = e
+      end
+    end
+    return out
+  end
 end
 return H
 "#;
@@ -185,6 +217,8 @@ const SAFE_LIBS: [&str; 4] = ["table", "string", "math", "utf8"];
 pub(super) struct CallContext {
     pub req: Option<Arc<RequestMeta>>,
     pub all: Option<Arc<BackendSet>>,
+    /// In a policy test case, what `sy.backends` lists instead (`H.test_listing`).
+    pub test_listing: Option<Function>,
     /// `name@version` of the policy running.
     pub policy: Arc<str>,
 }
@@ -314,19 +348,25 @@ impl PolicyVm {
         }
     }
 
-    /// Call a `route` function under the instruction budget and read its decision.
-    pub(super) fn call(
+    /// Call a `route` function for a policy test case under the instruction budget, with
+    /// `sy.backends` answered by `listing` (`H.test_listing`), and read its whole decision.
+    pub(super) fn call_test_case(
         &self,
         route: &Function,
         req: Table,
         backends: Table,
-        max_names: usize,
+        listing: Function,
     ) -> Result<Decision, PolicyError> {
+        if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
+            ctx.test_listing = Some(listing);
+        }
         let values = budget::run(self.state, self.limits.instruction_budget, || {
             route.call::<MultiValue>((req, backends))
-        })
-        .map_err(|e| self.classify(e))?;
-        decision_from(values, max_names)
+        });
+        if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
+            ctx.test_listing = None;
+        }
+        decision_from(values.map_err(|e| self.classify(e))?, usize::MAX)
     }
 
     /// Load a version of a policy unless this VM already has it; returns its module table.
