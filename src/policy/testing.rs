@@ -4,7 +4,8 @@
 //! A case is `{ req = {...}, backends = {...}, expect = ... }` where `expect` is a name, a
 //! list of names (the whole answer, in order), or `{ status = 429 }` for a rejection.
 //! `expect_first = "name"` checks only the first choice. Missing request and backend fields
-//! get the values of an idle backend and a plain chat request.
+//! get the values of an idle backend and a plain chat request. `unavailable = {...}` lists
+//! configured backends that were not offered, for `sy.backends` to show.
 
 use mlua::{Function, Table, Value};
 
