@@ -62,6 +62,21 @@ const METRICS: &[(&str, Kind, &[&str])] = &[
         &["tenant", "limit"],
     ),
     ("switchyard_redis_up", Kind::Gauge, &[]),
+    (
+        "switchyard_upstream_attempts_total",
+        Kind::Counter,
+        &["backend", "outcome"],
+    ),
+    (
+        "switchyard_tls_certificate_reloads_total",
+        Kind::Counter,
+        &["listener", "result"],
+    ),
+    (
+        "switchyard_client_connections_closed_total",
+        Kind::Counter,
+        &["reason"],
+    ),
 ];
 
 /// Labels whose values are a closed set: an `=`/`!=` matcher must use one of them.
@@ -69,6 +84,8 @@ const CLOSED_VALUES: &[(&str, &[&str])] = &[
     ("direction", &["in", "out"]),
     ("result", &["loaded", "rejected"]),
     ("limit", &["requests", "tokens", "concurrent", "usd"]),
+    ("outcome", &["success", "failure", "neutral"]),
+    ("reason", &["header_timeout"]),
 ];
 
 /// Metrics from outside Switchyard an expression may use (Prometheus's own `up`).
@@ -638,6 +655,14 @@ fn the_metric_table_matches_what_src_metrics_rs_registers() {
                 "{name}: src/metrics.rs has labels {got:?}, conf/ assumes {want:?}"
             )),
             Some(_) => {}
+        }
+    }
+    // And every metric registered is in the table (so the dashboard must show it).
+    for (name, _) in &registered {
+        if !METRICS.iter().any(|(n, _, _)| n == name) {
+            problems.push(format!(
+                "{name}: registered in src/metrics.rs but missing from this file's METRICS"
+            ));
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
