@@ -277,6 +277,8 @@ async fn after_100_continue_a_failing_backend_is_still_skipped_for_the_next() {
         assert_eq!(status_of(&answer), 200, "{answer}");
         assert!(answer.contains("x-switchyard-backend: live"), "{answer}");
     }
+    // The failing backend was tried (and answered 503) before the one that served.
+    assert!(!received(&failing).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

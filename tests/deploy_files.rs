@@ -649,7 +649,12 @@ fn compose_mounts_ports_and_commands_agree_with_its_configs() {
         alerts.contains(&format!("job=\"{}\"", text(&job["job_name"]))),
         "alerts.yml's `up` alert uses the scrape job's name"
     );
-    for rules in texts(&prom_config["rule_files"]) {
+    let rule_files = texts(&prom_config["rule_files"]);
+    assert!(
+        !rule_files.is_empty(),
+        "the Prometheus config loads no rule file"
+    );
+    for rules in rule_files {
         let at = Path::new(prom_config_at).parent().unwrap().join(rules);
         let host = prom.host_path(at.to_str().unwrap());
         assert_eq!(
@@ -976,14 +981,17 @@ fn kubernetes_manifests_agree_with_the_configmap_config() {
     }
     // The admin token's variable is provided (from a Secret, optional: without it the admin
     // API stays locked).
+    // The admin port is reachable from the cluster network: it must have a token.
     let env = c["env"].as_sequence().unwrap();
-    if let Some(var) = &admin.token_env {
-        let e = env
-            .iter()
-            .find(|e| e["name"] == var.as_str())
-            .unwrap_or_else(|| panic!("{var} is not in the container's env"));
-        assert_eq!(e["valueFrom"]["secretKeyRef"]["optional"], true);
-    }
+    let var = admin
+        .token_env
+        .as_ref()
+        .expect("docker/k8s/config.yaml: the admin API needs `admin.token_env`");
+    let e = env
+        .iter()
+        .find(|e| e["name"] == var.as_str())
+        .unwrap_or_else(|| panic!("{var} is not in the container's env"));
+    assert_eq!(e["valueFrom"]["secretKeyRef"]["optional"], true);
 
     // Non-root, as the image's user; a read-only root file system with /tmp writable for
     // Pingora's pid file (/tmp/switchyard-PORT.pid, src/server.rs).

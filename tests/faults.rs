@@ -599,7 +599,12 @@ async fn a_policy_naming_only_a_backend_out_for_now_gets_a_503_to_retry_or_a_wai
     );
     let p = proxy(&config, &[("pinned", pinned)]).await;
     let slow = in_background(&p, "500");
+    let deadline = Instant::now() + Duration::from_secs(10);
     while received(&two).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached `second`"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
@@ -1180,7 +1185,9 @@ async fn a_client_that_stops_reading_a_stream_is_let_go_after_the_write_timeout(
     );
     // The client's connection is closed, without a `[DONE]` it never got.
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    // Ended (a reset as well as a clean close), not still open.
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the client's connection is still open");
     assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
 }
 
@@ -1511,7 +1518,12 @@ async fn sigterm_lets_in_flight_streams_finish_and_stops_accepting() {
             })
         })
         .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
     while received(&a).await.len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "not every stream reached the backend"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     p.signal("TERM");
