@@ -471,7 +471,8 @@ async fn handle_counted(
 ) -> Result<Response<MockBody>, MockError> {
     let (seq, guard) = shared.begin();
     let (parts, body) = req.into_parts();
-    if let Some(mut response) = answer_early(&shared, &parts) {
+    let plan = Plan::new(&shared.opts, &parts.headers);
+    if let Some(mut response) = answer_early(&shared, &parts, &plan) {
         // `body` is dropped unread.
         shared.record(record_of(&parts, &[], "", None));
         response.body_mut().inflight = Some(guard);
@@ -488,7 +489,7 @@ async fn handle_counted(
         parsed: &parsed,
         seq,
     };
-    let mut response = answer(&shared, &call).await?;
+    let mut response = answer(&shared, &call, plan).await?;
     let headers = response.headers_mut();
     headers.insert("x-mock-body-sha256", header_value(&body_sha256));
     headers.insert("x-mock-body-bytes", HeaderValue::from(body.len()));
@@ -498,8 +499,12 @@ async fn handle_counted(
 
 /// `x-mock-fault: early` (or `--early`): an error answer before the body is read.
 /// Unusable `x-mock-*` values are left to [`answer`], which reads the body first.
-fn answer_early(shared: &Shared, parts: &Parts) -> Option<Response<MockBody>> {
-    let plan = Plan::new(&shared.opts, &parts.headers).ok()?;
+fn answer_early(
+    shared: &Shared,
+    parts: &Parts,
+    plan: &Result<Plan, InvalidHeader>,
+) -> Option<Response<MockBody>> {
+    let plan = plan.as_ref().ok()?;
     let early = match plan.fault {
         Some(fault) => fault == Fault::Early,
         None => shared.opts.early,
@@ -524,9 +529,13 @@ struct Call<'a> {
 }
 
 /// Applies the plan (latency, faults, injected status), then answers the endpoint.
-async fn answer(shared: &Shared, call: &Call<'_>) -> Result<Response<MockBody>, MockError> {
+async fn answer(
+    shared: &Shared,
+    call: &Call<'_>,
+    plan: Result<Plan, InvalidHeader>,
+) -> Result<Response<MockBody>, MockError> {
     let format = ApiFormat::of_path(call.parts.uri.path());
-    let plan = match Plan::new(&shared.opts, &call.parts.headers) {
+    let plan = match plan {
         Ok(plan) => plan,
         Err(e) => {
             return Ok(ApiError::invalid_request(e.to_string())
