@@ -134,12 +134,9 @@ fn mock_port(config: &Config, name: &str) -> anyhow::Result<u16> {
         .iter()
         .find(|b| b.name == name)
         .with_context(|| format!("the demo config has no backend {name}"))?;
-    backend
-        .url
-        .parse::<http::Uri>()
-        .ok()
-        .and_then(|u| u.port_u16())
-        .with_context(|| format!("the demo backend {name} has no port in {}", backend.url))
+    crate::backends::Upstream::parse(&backend.url)
+        .map(|u| u.port)
+        .map_err(|e| anyhow::anyhow!("the demo backend {name}: {e}"))
 }
 
 /// `./policies` when run from a checkout, else the built-in policies written to a new
