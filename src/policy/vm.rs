@@ -180,22 +180,21 @@ end
 -- `sy.backends` in a policy test case: the case's `backends` and `unavailable` ones, as a
 -- function of `sy.backends`' options. A backend without `models` serves every model.
 function H.test_listing(offered, unavailable)
-  local entries, models = {}, {}
-  for _, group in ipairs({ { "eligible", offered or {} }, { "unavailable", unavailable or {} } }) do
-    local listed, list = group[1], group[2]
-    for _, t in ipairs(list) do
-      local m = {}
-      for k, v in next, (t.models or {}) do m[type(k) == "number" and v or k] = true end
-      entries[#entries + 1] = H.test_backend(t, listed)
-      models[#entries] = m
+  local entries = {} -- { entry, serves every model }
+  local function add(list, listed)
+    for _, t in ipairs(list or {}) do
+      entries[#entries + 1] = { H.test_backend(t, listed), t.models == nil }
     end
   end
+  add(offered, "eligible")
+  add(unavailable, "unavailable")
   return function(opts)
     local model, all = opts and opts.model, opts and opts.all
     local out = {}
-    for i, e in ipairs(entries) do
-      if (all or e.eligible) and (model == nil or next(models[i]) == nil or models[i][model]) then
-        out[#out + 1] = e
+    for _, e in ipairs(entries) do
+      local b, any_model = e[1], e[2]
+      if (all or b.eligible) and (model == nil or any_model or b.models[model] ~= nil) then
+        out[#out + 1] = b
       end
     end
     return out
