@@ -1148,7 +1148,11 @@ mod tests {
         );
         let mut failures = Vec::new();
         for (class, total, _) in TOLERANCE {
-            let a = accuracy(&of_class(&odd, class), |s| dot(&s.counts, &half), |s| s.o200k);
+            let a = accuracy(
+                &of_class(&odd, class),
+                |s| dot(&s.counts, &half),
+                |s| s.o200k,
+            );
             if (a.total - 1.0).abs() > total {
                 failures.push(format!("held out, {class}: whole class at {:.3}", a.total));
             }
