@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod alloc;
 pub mod audit;
 pub mod backends;
 pub mod bare;

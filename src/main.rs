@@ -14,9 +14,9 @@ use switchyard::policy::{testing, Policy};
 
 /// mimalloc rather than glibc's allocator: a request allocates and frees many small
 /// buffers, often on different threads (measured with callgrind: malloc and free were ~20%
-/// of the instructions per request with glibc).
+/// of the instructions per request with glibc). See `switchyard::alloc`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: switchyard::alloc::MiMalloc = switchyard::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
