@@ -348,8 +348,15 @@ where
             Err(mut e) => {
                 e.as_down();
                 if matches!(e.etype, InvalidHTTPHeader) {
+                    // Switchyard patch: not `{e}`, whose context quotes the client's head,
+                    // credentials included, when there is a cause (see SWITCHYARD-PATCH.md).
+                    let reason = match (&e.cause, &e.context) {
+                        (Some(cause), _) => cause.to_string(),
+                        (None, Some(context)) => context.as_str().to_string(),
+                        (None, None) => String::new(),
+                    };
                     debug!(
-                        "Fail to proxy: {e}, downstream session type: {}",
+                        "Fail to proxy: invalid request head ({reason}), downstream session type: {}",
                         downstream_session.session_type()
                     );
                     // Switchyard patch: the application answers (see SWITCHYARD-PATCH.md).
