@@ -23,6 +23,8 @@ use std::io::Write;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use log::LevelFilter;
+
 /// Bytes of lines waiting for the writer before new ones are dropped.
 const QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// A batch buffer that grew past this (a burst) is given back after its write.
@@ -36,10 +38,15 @@ pub const ACCESS_TARGET: &str = "switchyard::access";
 /// Set once the writer thread runs: lines are queued only when something writes them out.
 static QUEUE: OnceLock<&'static Queue> = OnceLock::new();
 
-/// Install the logger: `RUST_LOG` sets the filter (default `info`).
+/// Install the logger: `RUST_LOG` sets the filter (default `info`), with Pingora's crates
+/// held at `info` unless it names them (see [`pingora_cap`]).
 pub fn init() {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    let mut builder = env_logger::Builder::new();
+    builder.parse_filters(&spec);
+    if let Some(cap) = pingora_cap(&spec) {
+        builder.filter_module(PINGORA, cap);
+    }
     // Lives as long as the process, like the writer thread that drains it.
     let queue: &'static Queue = Box::leak(Box::new(Queue::new()));
     let spawned = std::thread::Builder::new()
@@ -53,6 +60,35 @@ pub fn init() {
         })));
     }
     builder.init();
+}
+
+/// The prefix of Pingora's crates' log targets (`pingora_core`, `pingora_proxy`, ...).
+const PINGORA: &str = "pingora";
+
+/// The level Pingora's crates log at under the filter `spec`: at most `info`, unless `spec`
+/// names them. Their debug and trace lines quote request heads (a client's credentials,
+/// the backend key Switchyard puts in `Authorization`) and body chunks (prompts), which a
+/// `RUST_LOG=debug` meant for Switchyard must not write to its log; `None` when `spec`
+/// names them (`RUST_LOG=debug,pingora=debug` asks for them knowingly).
+pub fn pingora_cap(spec: &str) -> Option<LevelFilter> {
+    // Directives are comma-separated; a `/regex` after them filters messages.
+    let directives = spec.split('/').next().unwrap_or_default();
+    if directives.contains(PINGORA) {
+        return None;
+    }
+    // The last bare level is the default for every target no directive names; without
+    // one, env_logger logs nothing else, or errors when there are no directives at all.
+    let directives: Vec<&str> = directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let default = match directives.iter().filter_map(|d| d.parse().ok()).next_back() {
+        Some(level) => level,
+        None if directives.is_empty() => LevelFilter::Error,
+        None => LevelFilter::Off,
+    };
+    Some(default.min(LevelFilter::Info))
 }
 
 /// Longest client-supplied text (a model name) written into a log line, in characters.
@@ -323,6 +359,25 @@ fn with_timestamp(f: impl FnOnce(&[u8])) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pingora_logs_at_most_info_unless_named() {
+        use LevelFilter::*;
+        for (spec, cap) in [
+            ("info", Some(Info)),
+            ("debug", Some(Info)),
+            ("trace,switchyard=trace", Some(Info)),
+            ("warn", Some(Warn)),
+            ("switchyard=debug,error", Some(Error)),
+            ("switchyard=debug", Some(Off)),
+            ("", Some(Error)),
+            ("debug/access", Some(Info)),
+            ("debug,pingora=debug", None),
+            ("pingora_proxy=trace", None),
+        ] {
+            assert_eq!(pingora_cap(spec), cap, "RUST_LOG={spec:?}");
+        }
+    }
 
     #[test]
     fn untrusted_text_is_one_short_line() {

@@ -411,8 +411,9 @@ async fn too_many_or_too_large_headers_are_431_and_the_connection_closed() {
 async fn a_malformed_head_or_connect_is_refused_in_the_envelope_and_the_connection_closed() {
     let m = mock("b", &[]).await;
     let admin = free_port();
-    // At debug level, where Pingora logged the refused head's first 2 KiB.
-    let p = proxy_with_env(&config(m.port, admin, ""), &[], &[("RUST_LOG", "debug")]).await;
+    // With Pingora's debug lines asked for, where it logged the refused head's first 2 KiB.
+    let env = [("RUST_LOG", "debug,pingora=debug")];
+    let p = proxy_with_env(&config(m.port, admin, ""), &[], &env).await;
     // A header line with no colon, which may carry a credential: never quoted back, nor
     // written to the log.
     let bad =

@@ -318,10 +318,15 @@ async fn credentials_are_swapped_and_the_model_renamed_for_the_backend() {
         routes("round_robin"),
         m.port
     );
+    // At debug level, where Pingora's own lines quote heads and bodies: neither key nor
+    // the answer may be written to the log.
     let p = proxy_with_env(
         &config,
         &[],
-        &[("SWITCHYARD_TEST_BACKEND_KEY", "sk-backend-123")],
+        &[
+            ("SWITCHYARD_TEST_BACKEND_KEY", "sk-backend-123"),
+            ("RUST_LOG", "debug"),
+        ],
     )
     .await;
     let r = client()
@@ -346,6 +351,12 @@ async fn credentials_are_swapped_and_the_model_renamed_for_the_backend() {
         headers["x-request-id"],
         r.headers()["x-request-id"].to_str().unwrap()
     );
+    let answer: serde_json::Value = r.json().await.unwrap();
+    let id = answer["id"].as_str().unwrap();
+    let log = p.output();
+    for secret in ["sk-backend-123", "sk-client-secret", "client-key", id] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
