@@ -46,7 +46,7 @@ async fn no_configured_secret_appears_in_logs_metrics_audit_or_answers() {
             ("SY_REDIS_URL", redis_url.as_str()),
             ("SY_OPENAI_KEY", UPSTREAM_OPENAI),
             ("SY_ANTHROPIC_KEY", UPSTREAM_ANTHROPIC),
-            ("RUST_LOG", "debug"),
+            ("RUST_LOG", "trace,pingora=trace"),
         ],
     )
     .await;
