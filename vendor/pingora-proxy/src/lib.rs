@@ -175,6 +175,41 @@ impl ShardedNotify {
     }
 }
 
+/// Switchyard patch: how long, and how many bytes at most, a connection whose request head
+/// was refused is read and dropped after the answer (see [`close_refused`]).
+const REFUSED_LINGER: Duration = Duration::from_secs(2);
+const REFUSED_LINGER_BYTES: usize = 64 * 1024 * 1024;
+
+/// Switchyard patch: close a connection whose request head was refused and answered, in
+/// order. Closing a socket with bytes the client sent still unread makes the kernel reset
+/// the connection, and a client that was still sending (a head past the size limit) may
+/// then lose the answer before it reads it. So the HTTP/1 side is shut down for writing (a
+/// FIN after the answer) and read until the client closes too, for at most
+/// [`REFUSED_LINGER`] and [`REFUSED_LINGER_BYTES`], as nginx's lingering close does.
+async fn close_refused(session: Box<HttpSession>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    match *session {
+        HttpSession::H1(h1) => {
+            let mut stream = h1.into_inner();
+            if stream.shutdown().await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = REFUSED_LINGER_BYTES;
+            let drain = async {
+                while left > 0 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            };
+            let _ = time::timeout(REFUSED_LINGER, drain).await;
+        }
+        mut other => other.shutdown().await,
+    }
+}
+
 /// The concrete type that holds the user defined HTTP proxy.
 ///
 /// Users don't need to interact with this object directly.
@@ -363,6 +398,8 @@ where
                     self.inner
                         .refuse_request_head(&mut downstream_session, 400, Some(&e))
                         .await;
+                    close_refused(downstream_session).await;
+                    return None;
                 } else {
                     // otherwise the connection must be broken, no need to send anything
                     error!(
@@ -394,7 +431,7 @@ where
             self.inner
                 .refuse_request_head(&mut downstream_session, 405, None)
                 .await;
-            downstream_session.shutdown().await;
+            close_refused(downstream_session).await;
             return None;
         }
         Some(downstream_session)
