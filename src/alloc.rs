@@ -72,42 +72,49 @@ mod tests {
     use super::*;
 
     /// Every alignment Rust may ask for, with sizes around mimalloc's size classes and its
-    /// 1 KiB small-block limit: each block is aligned as asked, writable, and survives a
-    /// reallocation with its contents.
+    /// 1 KiB small-block limit: each block is aligned as asked, writable, and keeps its
+    /// contents when it grows, shrinks or stays in place. Several blocks of each layout, so
+    /// that blocks at odd places in their page (of a 24-, 40- or 56-byte class) are met.
     #[test]
     fn blocks_are_aligned_as_asked_and_keep_their_contents() {
         let a = MiMalloc;
         for align in [1, 2, 4, 8, 16, 32, 64, 128, 4096] {
             for size in [
-                1, 3, 8, 15, 16, 24, 40, 100, 1000, 1025, 4000, 13_000, 70_000,
+                1, 3, 8, 15, 16, 24, 40, 56, 100, 1000, 1025, 4000, 13_000, 70_000,
             ] {
                 let layout = Layout::from_size_align(size, align).expect("layout");
-                // SAFETY: a non-zero size; the block is freed with the layout it has.
-                unsafe {
-                    for zeroed in [false, true] {
-                        let p = if zeroed {
-                            a.alloc_zeroed(layout)
-                        } else {
-                            a.alloc(layout)
-                        };
-                        assert!(!p.is_null());
-                        assert_eq!(p as usize % align, 0, "size {size} align {align}");
-                        if zeroed {
-                            assert!(std::slice::from_raw_parts(p, size).iter().all(|&b| b == 0));
+                for zeroed in [false, true] {
+                    // SAFETY: non-zero sizes; each block is freed once, with the layout it
+                    // has then, and read only within its size.
+                    unsafe {
+                        let blocks: Vec<*mut u8> = (0..8)
+                            .map(|_| {
+                                if zeroed {
+                                    a.alloc_zeroed(layout)
+                                } else {
+                                    a.alloc(layout)
+                                }
+                            })
+                            .collect();
+                        for (i, &p) in blocks.iter().enumerate() {
+                            assert!(!p.is_null());
+                            assert_eq!(p as usize % align, 0, "size {size} align {align}");
+                            if zeroed {
+                                let block = std::slice::from_raw_parts(p, size);
+                                assert!(block.iter().all(|&b| b == 0));
+                            }
+                            std::ptr::write_bytes(p, i as u8, size);
                         }
-                        std::ptr::write_bytes(p, 0xA5, size);
-                        let bigger = size * 3 + 7;
-                        let q = a.realloc(p, layout, bigger);
-                        assert!(!q.is_null());
-                        assert_eq!(
-                            q as usize % align,
-                            0,
-                            "realloc {size}→{bigger} align {align}"
-                        );
-                        assert!(std::slice::from_raw_parts(q, size)
-                            .iter()
-                            .all(|&b| b == 0xA5));
-                        a.dealloc(q, Layout::from_size_align(bigger, align).expect("layout"));
+                        for (i, &p) in blocks.iter().enumerate() {
+                            // Grow past the block, shrink, and stay within it.
+                            let new_size = [size * 3 + 7, size.div_ceil(2), size][i % 3];
+                            let q = a.realloc(p, layout, new_size);
+                            assert!(!q.is_null());
+                            assert_eq!(q as usize % align, 0, "{size}→{new_size} align {align}");
+                            let kept = std::slice::from_raw_parts(q, size.min(new_size));
+                            assert!(kept.iter().all(|&b| b == i as u8), "{size}→{new_size}");
+                            a.dealloc(q, Layout::from_size_align(new_size, align).expect("layout"));
+                        }
                     }
                 }
             }

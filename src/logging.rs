@@ -23,8 +23,6 @@ use std::io::Write;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use log::LevelFilter;
-
 /// Bytes of lines waiting for the writer before new ones are dropped.
 const QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// A batch buffer that grew past this (a burst) is given back after its write.
@@ -38,15 +36,12 @@ pub const ACCESS_TARGET: &str = "switchyard::access";
 /// Set once the writer thread runs: lines are queued only when something writes them out.
 static QUEUE: OnceLock<&'static Queue> = OnceLock::new();
 
-/// Install the logger: `RUST_LOG` sets the filter (default `info`), with Pingora's crates
-/// held at `info` unless it names them (see [`pingora_cap`]).
+/// Install the logger: `RUST_LOG` sets the filter (default `info`), as env_logger reads
+/// it, except that Pingora's crates log at most at `info` unless it names them (see
+/// [`PingoraCap`]).
 pub fn init() {
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    let mut builder = env_logger::Builder::new();
-    builder.parse_filters(&spec);
-    if let Some(cap) = pingora_cap(&spec) {
-        builder.filter_module(PINGORA, cap);
-    }
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     // Lives as long as the process, like the writer thread that drains it.
     let queue: &'static Queue = Box::leak(Box::new(Queue::new()));
     let spawned = std::thread::Builder::new()
@@ -59,36 +54,72 @@ pub fn init() {
             queue,
         })));
     }
-    builder.init();
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    let logger = PingoraCap::new(builder.build(), &spec);
+    let max = logger.inner.filter();
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(max);
+    }
 }
 
 /// The prefix of Pingora's crates' log targets (`pingora_core`, `pingora_proxy`, ...).
 const PINGORA: &str = "pingora";
 
-/// The level Pingora's crates log at under the filter `spec`: at most `info`, unless `spec`
-/// names them. Their debug and trace lines quote request heads (a client's credentials,
-/// the backend key Switchyard puts in `Authorization`) and body chunks (prompts), which a
-/// `RUST_LOG=debug` meant for Switchyard must not write to its log; `None` when `spec`
-/// names them (`RUST_LOG=debug,pingora=debug` asks for them knowingly).
-pub fn pingora_cap(spec: &str) -> Option<LevelFilter> {
-    // Directives are comma-separated; a `/regex` after them filters messages.
-    let directives = spec.split('/').next().unwrap_or_default();
-    if directives.contains(PINGORA) {
-        return None;
+/// env_logger's logger, with Pingora's debug and trace lines dropped unless `RUST_LOG`
+/// names their crate (`pingora`, or `pingora_proxy`, ...). Those lines quote request and
+/// response heads and bodies (prompts and completions): a `RUST_LOG=debug` meant for
+/// Switchyard must not write them to its log; `RUST_LOG=debug,pingora=debug` asks for them
+/// knowingly. Everything else is env_logger's filter, unchanged.
+struct PingoraCap {
+    inner: env_logger::Logger,
+    /// The directives' names that start with `pingora`.
+    named: Vec<String>,
+}
+
+impl PingoraCap {
+    fn new(inner: env_logger::Logger, spec: &str) -> PingoraCap {
+        PingoraCap {
+            inner,
+            named: pingora_names(spec),
+        }
     }
-    // The last bare level is the default for every target no directive names; without
-    // one, env_logger logs nothing else, or errors when there are no directives at all.
-    let directives: Vec<&str> = directives
+
+    fn allows(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info
+            || !m.target().starts_with(PINGORA)
+            || self
+                .named
+                .iter()
+                .any(|n| m.target().starts_with(n.as_str()))
+    }
+}
+
+impl log::Log for PingoraCap {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        self.allows(m) && self.inner.enabled(m)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.allows(record.metadata()) {
+            self.inner.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// The module names in a `RUST_LOG` filter that start with `pingora`: directives are
+/// comma-separated `name=level`, `level` or `name`, and a `/regex` may follow them.
+fn pingora_names(spec: &str) -> Vec<String> {
+    let directives = spec.split('/').next().unwrap_or_default();
+    directives
         .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .collect();
-    let default = match directives.iter().filter_map(|d| d.parse().ok()).next_back() {
-        Some(level) => level,
-        None if directives.is_empty() => LevelFilter::Error,
-        None => LevelFilter::Off,
-    };
-    Some(default.min(LevelFilter::Info))
+        .map(|d| d.split('=').next().unwrap_or_default().trim())
+        .filter(|name| name.starts_with(PINGORA))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Longest client-supplied text (a model name) written into a log line, in characters.
@@ -362,20 +393,51 @@ mod tests {
 
     #[test]
     fn pingora_logs_at_most_info_unless_named() {
-        use LevelFilter::*;
-        for (spec, cap) in [
-            ("info", Some(Info)),
-            ("debug", Some(Info)),
-            ("trace,switchyard=trace", Some(Info)),
-            ("warn", Some(Warn)),
-            ("switchyard=debug,error", Some(Error)),
-            ("switchyard=debug", Some(Off)),
-            ("", Some(Error)),
-            ("debug/access", Some(Info)),
-            ("debug,pingora=debug", None),
-            ("pingora_proxy=trace", None),
-        ] {
-            assert_eq!(pingora_cap(spec), cap, "RUST_LOG={spec:?}");
+        use log::Level::*;
+        // (RUST_LOG, target, level, written)
+        let cases = [
+            ("debug", "pingora_core::protocols", Debug, false),
+            ("debug", "pingora_proxy", Info, true),
+            ("debug", "switchyard::reload", Debug, true),
+            (
+                "trace,switchyard=trace",
+                "pingora_proxy::proxy_h1",
+                Trace,
+                false,
+            ),
+            ("warn", "pingora_proxy", Info, false),
+            ("warn", "pingora_proxy", Warn, true),
+            (
+                "debug,pingora=debug",
+                "pingora_core::connectors",
+                Debug,
+                true,
+            ),
+            ("debug,pingora=debug", "pingora_proxy", Trace, false),
+            (
+                "debug, pingora_proxy=trace",
+                "pingora_proxy::proxy_h1",
+                Trace,
+                true,
+            ),
+            // Naming one crate leaves the others capped, even when it asks for less.
+            ("debug,pingora_core=warn", "pingora_proxy", Debug, false),
+            ("debug,pingora_core=warn", "pingora_core", Info, false),
+            ("debug/access", "pingora_proxy", Debug, false),
+            // What env_logger makes of an empty or unparsable filter is kept: errors only.
+            ("", "switchyard", Error, true),
+            ("", "switchyard", Warn, false),
+            ("foo=bar", "switchyard", Error, true),
+        ];
+        for (spec, target, level, written) in cases {
+            let inner = env_logger::Builder::new().parse_filters(spec).build();
+            let logger = PingoraCap::new(inner, spec);
+            let m = log::Metadata::builder().target(target).level(level).build();
+            assert_eq!(
+                log::Log::enabled(&logger, &m),
+                written,
+                "RUST_LOG={spec:?}: {target} at {level}"
+            );
         }
     }
 

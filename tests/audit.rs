@@ -39,18 +39,25 @@ return P
     .await;
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    // A record is made after the answer is sent, so the next request could be recorded
+    // first: each is waited for, to check the order below.
+    decision(admin, &id).await;
     for _ in 0..3 {
-        assert_eq!(chat(&p, &chat_body("m", "hi", false)).await.0, 200);
+        let (status, headers, _) = chat(&p, &chat_body("m", "hi", false)).await;
+        assert_eq!(status, 200);
+        decision(admin, headers["x-request-id"].to_str().unwrap()).await;
     }
     let shed = post_chat(&p, &chat_body("m", "hi", false), &[("x-shed", "1")]).await;
     assert_eq!(shed.status(), 429);
     let shed_id = shed.headers()["x-request-id"].to_str().unwrap().to_string();
+    decision(admin, &shed_id).await;
     let failed = post_chat(&p, &chat_body("m", "hi", false), &[("x-fail", "1")]).await;
     assert_eq!(failed.status(), 500);
     let failed_id = failed.headers()["x-request-id"]
         .to_str()
         .unwrap()
         .to_string();
+    decision(admin, &failed_id).await;
     // With both backends drained, nothing may take a request: the 503's record says why.
     for name in ["dead", "live"] {
         set_draining(admin, name, true).await;

@@ -351,8 +351,11 @@ async fn credentials_are_swapped_and_the_model_renamed_for_the_backend() {
         headers["x-request-id"],
         r.headers()["x-request-id"].to_str().unwrap()
     );
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let answer: serde_json::Value = r.json().await.unwrap();
     let id = answer["id"].as_str().unwrap();
+    // The access line is written after every line the request made (one queue, in order).
+    p.access_line(&request_id).await;
     let log = p.output();
     for secret in ["sk-backend-123", "sk-client-secret", "client-key", id] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");

@@ -194,7 +194,7 @@ async fn close_refused(session: Box<HttpSession>) {
             if stream.shutdown().await.is_err() {
                 return;
             }
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut buf = vec![0u8; 8 * 1024];
             let mut left = REFUSED_LINGER_BYTES;
             let drain = async {
                 while left > 0 {
