@@ -466,6 +466,10 @@ pub struct OutlierConfig {
     pub default_cooldown_ms: u64,
     /// Longest cool-down whatever `Retry-After` says. Default 60 000 ms.
     pub max_cooldown_ms: u64,
+    /// When every backend for a request is out only because it is unhealthy or ejected,
+    /// try them all anyway ("panic mode") instead of answering a fast 503 with
+    /// `Retry-After`. Default false.
+    pub panic_mode: bool,
 }
 
 impl Default for OutlierConfig {
@@ -477,6 +481,7 @@ impl Default for OutlierConfig {
             max_ejected_percent: 50,
             default_cooldown_ms: 1_000,
             max_cooldown_ms: 60_000,
+            panic_mode: false,
         }
     }
 }

@@ -266,6 +266,7 @@ mod tests {
             max_ejected_percent: 50,
             default_cooldown_ms: 1_000,
             max_cooldown_ms: 30_000,
+            panic_mode: false,
         }
     }
 

@@ -147,7 +147,9 @@ pub fn decide(
     refused: &mut Considered,
 ) -> Result<Plan, Refusal> {
     let mut skipped = screened.skipped.clone();
-    let (candidates, panic) = match eligible(&screened.allowed, request_id, &mut skipped) {
+    let panic_mode = runtime.config.outlier.panic_mode;
+    let eligible = eligible(&screened.allowed, panic_mode, request_id, &mut skipped);
+    let (candidates, panic) = match eligible {
         Ok(c) => c,
         Err(Unavailable { full }) => {
             *refused = Considered {
@@ -248,10 +250,13 @@ struct Chosen {
 }
 
 /// The backends that may take a request now. When every one is out only because it is
-/// unhealthy or ejected, "panic mode" returns them all (minus drained and full ones), and
-/// says so: routing to possibly-bad backends beats failing every request outright.
+/// unhealthy or ejected, none (a fast 503 with `Retry-After`, as the health checks keep
+/// probing), or with `panic_mode` ("panic mode") all of them, minus drained and full ones,
+/// with a warning: for a fleet where routing to possibly-bad backends beats failing every
+/// request outright.
 fn eligible(
     allowed: &[Arc<Backend>],
+    panic_mode: bool,
     request_id: &str,
     skipped: &mut Vec<(String, &'static str)>,
 ) -> Result<(Vec<Arc<Backend>>, bool), Unavailable> {
@@ -278,7 +283,7 @@ fn eligible(
             Err(_) => only_health = false,
         }
     }
-    let panic = candidates.is_empty() && only_health && any_health;
+    let panic = panic_mode && candidates.is_empty() && only_health && any_health;
     if panic {
         warn!(target: "switchyard::health", "{request_id} panic mode: every backend for this request is unhealthy or ejected; trying them all");
         candidates = allowed

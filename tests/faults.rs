@@ -403,12 +403,12 @@ async fn repeated_5xx_eject_the_backend_and_it_is_tried_no_more() {
 }
 
 /// Both backends fail while the client asks the mocks for 503s, then recover.
-async fn eject_both(max_ejected_percent: u32) -> (Proc, u16, Proc, Proc) {
+async fn eject_both(max_ejected_percent: u32, panic_mode: bool) -> (Proc, u16, Proc, Proc) {
     let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
     let (p, admin) = chain_proxy(
         &format!(
             "outlier: {{ consecutive_failures: 2, base_ejection_ms: 60000, \
-             max_ejected_percent: {max_ejected_percent} }}\n"
+             max_ejected_percent: {max_ejected_percent}, panic_mode: {panic_mode} }}\n"
         ),
         one.port,
         Some(two.port),
@@ -433,7 +433,7 @@ async fn eject_both(max_ejected_percent: u32) -> (Proc, u16, Proc, Proc) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_more_than_max_ejected_percent_of_the_backends_are_ejected() {
-    let (p, admin, _one, two) = eject_both(50).await;
+    let (p, admin, _one, two) = eject_both(50, false).await;
     assert_eq!(admin_backend(admin, "first").await["why_not"], "ejected");
     // The second failed as often, but ejecting it too would pass 50%.
     assert!(admin_backend(admin, "second").await["why_not"].is_null());
@@ -445,8 +445,40 @@ async fn no_more_than_max_ejected_percent_of_the_backends_are_ejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_every_backend_ejected_panic_mode_still_routes_to_them() {
-    let (p, admin, one, two) = eject_both(100).await;
+async fn with_every_backend_ejected_the_answer_is_a_fast_503_or_with_panic_mode_a_backend() {
+    // By default (FAULTS.md): a fast 503 with `Retry-After`, no backend tried.
+    let (p, admin, one, two) = eject_both(100, false).await;
+    for name in ["first", "second"] {
+        assert_eq!(
+            admin_backend(admin, name).await["why_not"],
+            "ejected",
+            "{name}"
+        );
+    }
+    let before = (received(&one).await.len(), received(&two).await.len());
+    let started = Instant::now();
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(r.headers()["retry-after"], "1");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_backend_available", "{body}");
+    assert_eq!(received(&one).await.len(), before.0);
+    assert_eq!(received(&two).await.len(), before.1);
+    let record = decision(admin, &id).await;
+    assert_eq!(
+        record["skipped"],
+        serde_json::json!([
+            { "backend": "first", "reason": "ejected" },
+            { "backend": "second", "reason": "ejected" },
+        ]),
+        "{record}"
+    );
+    drop((p, one, two));
+
+    // With `panic_mode`, both are tried anyway.
+    let (p, admin, one, two) = eject_both(100, true).await;
     for name in ["first", "second"] {
         assert_eq!(
             admin_backend(admin, name).await["why_not"],
@@ -474,7 +506,7 @@ async fn with_every_backend_ejected_panic_mode_still_routes_to_them() {
 async fn a_drained_backend_does_not_keep_the_others_out_of_panic_mode() {
     let (one, two) = (mock("one", &[]).await, mock("two", &[]).await);
     let (p, admin) = chain_proxy(
-        "outlier: { consecutive_failures: 2, base_ejection_ms: 60000 }\n",
+        "outlier: { consecutive_failures: 2, base_ejection_ms: 60000, panic_mode: true }\n",
         one.port,
         Some(two.port),
     )
@@ -1212,7 +1244,7 @@ async fn with_every_backend_out_requests_get_a_fast_503_and_probing_brings_one_b
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // Every backend is out (panic mode tries them anyway, and they refuse at once).
+    // Every backend is out: a fast 503, nothing tried.
     for _ in 0..4 {
         let started = Instant::now();
         let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
