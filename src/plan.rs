@@ -35,8 +35,8 @@ pub struct Plan {
     pub candidates: Vec<Arc<Backend>>,
     /// Backends left out, and why.
     pub skipped: Vec<(String, &'static str)>,
-    /// Every backend was out (unhealthy or ejected), so all were offered anyway: an
-    /// ejected one takes the request too.
+    /// Every backend was out (unhealthy or ejected) and `outlier.panic_mode` is on, so all
+    /// were offered anyway: an ejected one takes the request too.
     pub panic: bool,
 }
 

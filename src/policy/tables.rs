@@ -386,7 +386,8 @@ fn live_stats(b: &Backend, now: u64) -> Live {
         s.ttft_ms(),
         s.tps(),
         s.error_rate_at(now),
-        // Candidates are healthy, except in panic mode (every backend out).
+        // Candidates are healthy, except in panic mode (`outlier.panic_mode`, every
+        // backend out).
         if s.health.is_healthy() { 1.0 } else { 0.0 },
     ]
 }
