@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -37,18 +38,30 @@ fn head(extra_headers: &str, content_length: Option<usize>) -> String {
 /// Everything the proxy sends until it closes the connection; fails if it is still open
 /// after `within`.
 async fn until_closed(conn: &mut TcpStream, within: Duration) -> String {
+    read_to_close(conn, within).await.0
+}
+
+/// Everything the proxy sends until it closes the connection, and the error that ended
+/// it, if one did (a reset) rather than the proxy's FIN; fails if it is still open after
+/// `within`.
+async fn read_to_close(conn: &mut TcpStream, within: Duration) -> (String, Option<io::Error>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     let deadline = Instant::now() + within;
     loop {
-        match tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)).await {
+        let ended = match tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)).await {
             Err(_) => panic!(
                 "the connection is still open after {within:?}; got so far:\n{}",
                 String::from_utf8_lossy(&got)
             ),
-            Ok(Ok(0)) | Ok(Err(_)) => return String::from_utf8_lossy(&got).into_owned(),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
+            Ok(Ok(0)) => None,
+            Ok(Err(e)) => Some(e),
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                continue;
+            }
+        };
+        return (String::from_utf8_lossy(&got).into_owned(), ended);
     }
 }
 
@@ -61,19 +74,9 @@ async fn exchange_closed_cleanly(port: u16, bytes: &[u8]) -> String {
     conn.write_all(bytes)
         .await
         .expect("the proxy reads what it was sent before it closes");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)).await {
-            Err(_) => panic!("the connection is still open after 10 s"),
-            Ok(Ok(0)) => return String::from_utf8_lossy(&got).into_owned(),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Ok(Err(e)) => panic!(
-                "the connection ended with {e}, not a FIN, after:\n{}",
-                String::from_utf8_lossy(&got)
-            ),
-        }
+    match read_to_close(&mut conn, Duration::from_secs(10)).await {
+        (answer, None) => answer,
+        (answer, Some(e)) => panic!("the connection ended with {e}, not a FIN, after:\n{answer}"),
     }
 }
 
