@@ -991,18 +991,14 @@ mod tests {
     /// kept non-negative (a feature whose weight would go negative is dropped and the rest
     /// refitted), [`ONE_TOKEN`] pieces at 1.
     fn fit(samples: &[&Sample]) -> [f64; FEATURES] {
-        let mut per_class = std::collections::HashMap::new();
-        for s in samples {
-            *per_class.entry(s.class).or_insert(0usize) += 1;
-        }
+        let weights = sample_weights(samples);
         let mut active: Vec<usize> = (0..FEATURES)
             .filter(|&j| !ONE_TOKEN.contains(&j) && samples.iter().any(|s| s.counts[j] > 0))
             .collect();
         loop {
             let n = active.len();
             let mut a = vec![vec![0f64; n + 1]; n];
-            for s in samples {
-                let w = 1.0 / (s.o200k.max(1) as f64 * (per_class[s.class] as f64).sqrt());
+            for (s, w) in samples.iter().zip(&weights) {
                 let w2 = w * w;
                 let fixed: u64 = ONE_TOKEN.iter().map(|&j| s.counts[j]).sum();
                 let y = s.o200k as f64 - fixed as f64;
@@ -1104,19 +1100,25 @@ mod tests {
         }
     }
 
-    /// The fit's loss for weights `w`: the squared error of each chunk's estimate, relative
-    /// to its true count, with each class weighed alike (as [`fit`] minimizes it).
-    fn loss(samples: &[&Sample], w: &[f64; FEATURES]) -> f64 {
+    /// Each sample's weight in [`fit`]'s least squares: its error is taken relative to its
+    /// true count, and each class weighs the same whatever its number of chunks.
+    fn sample_weights(samples: &[&Sample]) -> Vec<f64> {
         let mut per_class = std::collections::HashMap::new();
         for s in samples {
             *per_class.entry(s.class).or_insert(0usize) += 1;
         }
         samples
             .iter()
-            .map(|s| {
-                let e = (dot(&s.counts, w) - s.o200k as f64) / s.o200k.max(1) as f64;
-                e * e / per_class[s.class] as f64
-            })
+            .map(|s| 1.0 / (s.o200k.max(1) as f64 * (per_class[s.class] as f64).sqrt()))
+            .collect()
+    }
+
+    /// The loss [`fit`] minimizes, for feature weights `w`.
+    fn loss(samples: &[&Sample], w: &[f64; FEATURES]) -> f64 {
+        samples
+            .iter()
+            .zip(sample_weights(samples))
+            .map(|(s, weight)| (weight * (dot(&s.counts, w) - s.o200k as f64)).powi(2))
             .sum()
     }
 
