@@ -148,8 +148,8 @@ pub fn decide(
 ) -> Result<Plan, Refusal> {
     let mut skipped = screened.skipped.clone();
     let panic_mode = runtime.config.outlier.panic_mode;
-    let eligible = eligible(&screened.allowed, panic_mode, request_id, &mut skipped);
-    let (candidates, panic) = match eligible {
+    let offered = eligible(&screened.allowed, panic_mode, request_id, &mut skipped);
+    let (candidates, panic) = match offered {
         Ok(c) => c,
         Err(Unavailable { full }) => {
             *refused = Considered {
