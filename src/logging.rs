@@ -41,7 +41,7 @@ static QUEUE: OnceLock<&'static Queue> = OnceLock::new();
 /// [`PingoraCap`]).
 pub fn init() {
     let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_FILTER));
     // Lives as long as the process, like the writer thread that drains it.
     let queue: &'static Queue = Box::leak(Box::new(Queue::new()));
     let spawned = std::thread::Builder::new()
@@ -54,13 +54,16 @@ pub fn init() {
             queue,
         })));
     }
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| DEFAULT_FILTER.to_string());
     let logger = PingoraCap::new(builder.build(), &spec);
     let max = logger.inner.filter();
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(max);
     }
 }
+
+/// The filter when `RUST_LOG` is not set.
+const DEFAULT_FILTER: &str = "info";
 
 /// The prefix of Pingora's crates' log targets (`pingora_core`, `pingora_proxy`, ...).
 const PINGORA: &str = "pingora";
