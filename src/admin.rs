@@ -30,8 +30,8 @@ pub enum AdminAccess {
     Open,
     /// Requests with `Authorization: Bearer` and this token.
     Token(Secret),
-    /// `admin.token_env` names a variable that is not set: nobody, until it is set and the
-    /// process restarted (a Kubernetes Secret marked optional, for instance).
+    /// `admin.token_env` names a variable that is not set, or empty: nobody, until it is
+    /// set and the process restarted (a Kubernetes Secret marked optional, for instance).
     Locked,
 }
 
@@ -40,10 +40,12 @@ impl AdminAccess {
         let Some(var) = config.admin.as_ref().and_then(|a| a.token_env.as_ref()) else {
             return AdminAccess::Open;
         };
-        match std::env::var(var) {
+        // Read as a backend key is: trimmed, and refused when empty (an empty token would
+        // match a request without the header, opening the API it is meant to close).
+        match crate::config::api_key_from_env(var) {
             Ok(token) => AdminAccess::Token(Secret::new(token)),
-            Err(_) => {
-                log::warn!(target: "switchyard::admin", "admin.token_env: `{var}` is not set; the admin API answers 401 to every request but / and /healthz");
+            Err(why) => {
+                log::warn!(target: "switchyard::admin", "admin.token_env: {why}; the admin API answers 401 to every request but / and /healthz");
                 AdminAccess::Locked
             }
         }
@@ -423,5 +425,23 @@ mod tests {
         assert!(!scrubbed.contains(token), "{scrubbed}");
         let unset = config("admin: { addr: \"127.0.0.1:1\", token_env: SY_UNIT_TEST_NOT_SET }\n");
         assert!(matches!(AdminAccess::of(&unset), AdminAccess::Locked));
+    }
+
+    #[test]
+    fn an_empty_admin_token_locks_the_api_and_a_mounted_one_is_trimmed() {
+        let var = "SY_UNIT_TEST_ADMIN_TOKEN_FORMS";
+        let with_token = config(&format!(
+            "admin: {{ addr: \"127.0.0.1:1\", token_env: {var} }}\n"
+        ));
+        for empty in ["", " \n"] {
+            std::env::set_var(var, empty);
+            let access = AdminAccess::of(&with_token);
+            assert!(matches!(access, AdminAccess::Locked), "{empty:?}: {access:?}");
+        }
+        std::env::set_var(var, "mounted-secret-token\n");
+        match AdminAccess::of(&with_token) {
+            AdminAccess::Token(t) => assert_eq!(t.expose(), "mounted-secret-token"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -10,8 +10,10 @@
 //! (`POST /openai/deployments/NAME/chat/completions?api-version=V`; the query is required),
 //! `POST /v1/messages`, `GET /v1/models`, `GET /health`, and for tests
 //! `GET /mock/requests` (last 1000),
-//! `GET /mock/stats`, `POST /mock/reset` (clears the log, the request counter and the
-//! models seen). Every request except `/health` and `/mock/*` is counted, recorded before
+//! `GET /mock/stats` (requests, in flight, health checks answered), `POST /mock/reset`
+//! (clears the log, the request counter and the models seen), and
+//! `POST /mock/health?pattern=ok,fail,...` (the answers of the next health checks in
+//! turn, repeated: `ok` is 200, `fail` 503; a flapping backend). Every request except `/health` and `/mock/*` is counted, recorded before
 //! any fault applies, and answered with `x-mock-backend`, `x-mock-body-sha256` and
 //! `x-mock-body-bytes`.
 //!
@@ -224,6 +226,28 @@ struct Shared {
     requests: AtomicU64,
     inflight: AtomicU64,
     journal: Mutex<Journal>,
+    health: Mutex<HealthPattern>,
+}
+
+/// How `/health` answers: `answers[n % len]` for the n-th check since it was set.
+struct HealthPattern {
+    answers: Vec<bool>,
+    checks: u64,
+}
+
+impl HealthPattern {
+    /// `ok,fail,...` as answers; `None` when empty or a word is neither.
+    fn parse(pattern: &str) -> Option<Vec<bool>> {
+        let answers: Option<Vec<bool>> = pattern
+            .split(',')
+            .map(|w| match w.trim() {
+                "ok" => Some(true),
+                "fail" => Some(false),
+                _ => None,
+            })
+            .collect();
+        answers.filter(|a| !a.is_empty())
+    }
 }
 
 #[derive(Default)]
@@ -261,6 +285,10 @@ impl Shared {
             requests: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             journal: Mutex::new(Journal::default()),
+            health: Mutex::new(HealthPattern {
+                answers: vec![true],
+                checks: 0,
+            }),
         })
     }
 
@@ -458,7 +486,7 @@ async fn handle(
         return Ok(health(&shared));
     }
     if path.starts_with("/mock/") {
-        return Ok(control(&shared, req.method(), path));
+        return Ok(control(&shared, req.method(), path, req.uri().query()));
     }
     handle_counted(shared, req).await
 }
@@ -723,18 +751,50 @@ fn health(shared: &Shared) -> Response<MockBody> {
         status: &'static str,
         name: &'a str,
     }
+    let ok = {
+        let mut h = shared.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let ok = h.answers[(h.checks % h.answers.len() as u64) as usize];
+        h.checks += 1;
+        ok
+    };
+    let (status, word) = if ok {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "failing")
+    };
     json_response(
         shared,
-        StatusCode::OK,
+        status,
         &Health {
-            status: "ok",
+            status: word,
             name: &shared.name,
         },
     )
 }
 
-fn control(shared: &Shared, method: &Method, path: &str) -> Response<MockBody> {
+fn control(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<MockBody> {
     match (method, path) {
+        (&Method::POST, "/mock/health") => {
+            let pattern = query
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .find_map(|kv| kv.strip_prefix("pattern="));
+            let Some(answers) = pattern.and_then(HealthPattern::parse) else {
+                return ApiError::invalid_request(
+                    "`pattern` must list `ok` and `fail`, comma-separated".into(),
+                )
+                .param("pattern")
+                .response(shared, ApiFormat::OpenAi);
+            };
+            let mut h = shared.health.lock().unwrap_or_else(PoisonError::into_inner);
+            *h = HealthPattern { answers, checks: 0 };
+            json_response(shared, StatusCode::OK, &serde_json::json!({ "health": pattern }))
+        }
         (&Method::GET, "/mock/requests") => {
             let journal = shared.journal();
             json_response(shared, StatusCode::OK, &journal.requests)
@@ -753,11 +813,17 @@ fn control(shared: &Shared, method: &Method, path: &str) -> Response<MockBody> {
                 name: &'a str,
                 requests: u64,
                 inflight: u64,
+                health_checks: u64,
             }
             let stats = Stats {
                 name: &shared.name,
                 requests: shared.requests.load(Ordering::Relaxed),
                 inflight: shared.inflight.load(Ordering::Relaxed),
+                health_checks: shared
+                    .health
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .checks,
             };
             json_response(shared, StatusCode::OK, &stats)
         }
@@ -1879,6 +1945,23 @@ mod tests {
         assert_eq!(reply.status, 503);
         // Health checks are never faulted.
         assert_eq!(call(addr, "GET", "/health", &[], "").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn health_answers_follow_the_pattern_set_in_turn() {
+        let addr = start(MockOptions::default()).await;
+        let bad = call(addr, "POST", "/mock/health?pattern=ok,maybe", &[], "").await;
+        assert_eq!(bad.status, 400);
+        let set = call(addr, "POST", "/mock/health?pattern=ok,fail,fail", &[], "").await;
+        assert_eq!(set.status, 200);
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            seen.push(call(addr, "GET", "/health", &[], "").await.status);
+        }
+        assert_eq!(seen, [200, 503, 503, 200, 503, 503, 200]);
+        let stats = call(addr, "GET", "/mock/stats", &[], "").await.json();
+        assert_eq!(stats["health_checks"], 7);
+        assert_eq!(stats["requests"], 0, "health checks are not requests");
     }
 
     #[tokio::test]

@@ -353,3 +353,36 @@ async fn a_backend_named_with_a_space_is_drained_and_removed_by_its_encoded_name
         .unwrap();
     assert_eq!(removed.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_admin_token_locks_the_admin_api_instead_of_opening_it() {
+    let a = mock("a", &[]).await;
+    let admin = free_port();
+    let p = proxy_with_env(
+        &format!(
+            "admin: {{ addr: \"127.0.0.1:{admin}\", token_env: SY_TEST_TOKEN_EMPTY }}\n\
+             routes:\n  - policy: round_robin\nbackends:\n{}",
+            backend("a", a.port, "[m]")
+        ),
+        &[],
+        &[("SY_TEST_TOKEN_EMPTY", "")],
+    )
+    .await;
+    p.wait_log("`SY_TEST_TOKEN_EMPTY` is empty").await;
+    let policies = format!("http://127.0.0.1:{admin}/admin/policies");
+    let bare = client().get(&policies).send().await.unwrap();
+    assert_eq!(bare.status(), 401);
+    let empty_bearer = client()
+        .get(&policies)
+        .header("authorization", "Bearer ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty_bearer.status(), 401);
+    let health = client()
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}

@@ -1318,6 +1318,70 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     assert!(served.contains("flappy"), "traffic returns after recovery");
 }
 
+/// Sets the answers of `port`'s next health checks (`ok,fail,...`, repeated).
+async fn set_health(port: u16, pattern: &str) {
+    let r = client()
+        .post(format!("http://127.0.0.1:{port}/mock/health?pattern={pattern}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Polls `name`'s `healthy` until `port` has answered `checks` more health checks,
+/// asserting it is `healthy` at every look.
+async fn stays_healthy_for(admin: u16, name: &str, port: u16, checks: u64, healthy: bool) {
+    let health_checks = || async move {
+        let stats = get_json(format!("http://127.0.0.1:{port}/mock/stats")).await;
+        stats["health_checks"].as_u64().unwrap()
+    };
+    let until = health_checks().await + checks;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health_checks().await < until {
+        assert_eq!(
+            admin_backend(admin, name).await["healthy"],
+            healthy,
+            "{name} flipped with a pattern that never meets rise/fall"
+        );
+        assert!(Instant::now() < deadline, "health checks stopped");
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_backend_needs_fall_failures_and_rise_successes_in_a_row() {
+    let flappy = mock("flappy", &[]).await;
+    let steady = mock("steady", &[]).await;
+    set_health(flappy.port, "ok,fail").await;
+    let admin = free_port();
+    let config = format!(
+        "{}health: {{ interval_ms: 50, timeout_ms: 200, rise: 2, fall: 2 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}",
+        admin_config(admin),
+        backend("flappy", flappy.port, "[m]"),
+        backend("steady", steady.port, "[m]")
+    );
+    let _p = proxy(&config, &[]).await;
+    // One failure at a time never reaches `fall` (with fall 1 it would go down, and with
+    // rise 2 never come back while the pattern alternates).
+    stays_healthy_for(admin, "flappy", flappy.port, 12, true).await;
+
+    // Two failures in a row take it out; one success at a time never reaches `rise`.
+    set_health(flappy.port, "fail,fail,ok").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admin_backend(admin, "flappy").await["healthy"] != false {
+        assert!(Instant::now() < deadline, "never marked unhealthy");
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    stays_healthy_for(admin, "flappy", flappy.port, 12, false).await;
+
+    set_health(flappy.port, "ok").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admin_backend(admin, "flappy").await["healthy"] != true {
+        assert!(Instant::now() < deadline, "never came back");
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_can_override_the_health_check_path_or_switch_checks_off() {
     let a = mock("a", &[]).await;
