@@ -436,7 +436,10 @@ mod tests {
         for empty in ["", " \n"] {
             std::env::set_var(var, empty);
             let access = AdminAccess::of(&with_token);
-            assert!(matches!(access, AdminAccess::Locked), "{empty:?}: {access:?}");
+            assert!(
+                matches!(access, AdminAccess::Locked),
+                "{empty:?}: {access:?}"
+            );
         }
         std::env::set_var(var, "mounted-secret-token\n");
         match AdminAccess::of(&with_token) {

@@ -73,17 +73,20 @@ enum Command {
         /// Gap between streamed chunks.
         #[arg(long, default_value_t = 0)]
         chunk_delay_ms: u64,
-        /// Share of requests answered 503 (0..1).
+        /// Share of requests answered --fail-status (0..1).
         #[arg(long, default_value_t = 0.0, value_parser = share)]
         fail_rate: f64,
+        /// The status of the --fail-rate share: 500 to 599.
+        #[arg(long, default_value_t = 503, value_parser = clap::value_parser!(u16).range(500..=599))]
+        fail_status: u16,
         /// Share of requests answered 429 with Retry-After (0..1).
         #[arg(long, default_value_t = 0.0, value_parser = share)]
         rate_limit_rate: f64,
         /// Retry-After seconds on a 429.
         #[arg(long, default_value_t = 1)]
         retry_after_s: u64,
-        /// Answer every request at once, without reading its body: 503 or 429 as the rates
-        /// draw, else 413 (as a server that refuses a body by its head).
+        /// Answer every request at once, without reading its body: --fail-status or 429 as
+        /// the rates draw, else 413 (as a server that refuses a body by its head).
         #[arg(long)]
         early: bool,
         /// Serve TLS with this PEM certificate chain (needs --tls-key).
@@ -176,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunks,
             chunk_delay_ms,
             fail_rate,
+            fail_status,
             rate_limit_rate,
             retry_after_s,
             early,
@@ -188,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 chunks,
                 chunk_delay_ms,
                 fail_rate,
+                fail_status: http::StatusCode::from_u16(fail_status)?,
                 rate_limit_rate,
                 retry_after_s,
                 early,

@@ -85,8 +85,10 @@ pub struct MockOptions {
     pub chunks: u32,
     /// Gap between streamed content chunks (`x-mock-chunk-delay-ms`). Default 0.
     pub chunk_delay_ms: u64,
-    /// Share of requests answered 503 (0..1). Default 0.
+    /// Share of requests answered `fail_status` (0..1). Default 0.
     pub fail_rate: f64,
+    /// The status of the `fail_rate` share (a 5xx). Default 503.
+    pub fail_status: StatusCode,
     /// Share of requests answered 429 with `Retry-After` (0..1). Default 0.
     pub rate_limit_rate: f64,
     /// `Retry-After` seconds on a 429 (`x-mock-retry-after`). Default 1.
@@ -104,6 +106,7 @@ impl Default for MockOptions {
             chunks: 8,
             chunk_delay_ms: 0,
             fail_rate: 0.0,
+            fail_status: StatusCode::SERVICE_UNAVAILABLE,
             rate_limit_rate: 0.0,
             retry_after_s: 1,
             early: false,
@@ -324,7 +327,7 @@ impl Shared {
         self.requests.store(0, Ordering::Relaxed);
     }
 
-    /// 503 with probability `fail_rate`, else 429 with probability `rate_limit_rate`.
+    /// `fail_status` with probability `fail_rate`, else 429 with probability `rate_limit_rate`.
     fn random_status(&self) -> Option<StatusCode> {
         let (fail, limit) = (self.opts.fail_rate, self.opts.rate_limit_rate);
         if fail <= 0.0 && limit <= 0.0 {
@@ -332,7 +335,7 @@ impl Shared {
         }
         let draw: f64 = rand::random();
         if draw < fail {
-            Some(StatusCode::SERVICE_UNAVAILABLE)
+            Some(self.opts.fail_status)
         } else if draw < fail + limit {
             Some(StatusCode::TOO_MANY_REQUESTS)
         } else {
@@ -793,7 +796,11 @@ fn control(
             };
             let mut h = shared.health.lock().unwrap_or_else(PoisonError::into_inner);
             *h = HealthPattern { answers, checks: 0 };
-            json_response(shared, StatusCode::OK, &serde_json::json!({ "health": pattern }))
+            json_response(
+                shared,
+                StatusCode::OK,
+                &serde_json::json!({ "health": pattern }),
+            )
         }
         (&Method::GET, "/mock/requests") => {
             let journal = shared.journal();

@@ -368,6 +368,32 @@ async fn a_5xx_moves_on_within_the_attempt_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_502_or_503_before_any_body_byte_moves_on_and_counts_as_a_failure() {
+    for status in ["500", "502", "503"] {
+        let failing = mock("failing", &["--fail-rate", "1", "--fail-status", status]).await;
+        let live = mock("live", &[]).await;
+        let (p, admin) = chain_proxy(
+            "outlier: { consecutive_failures: 2, base_ejection_ms: 60000 }\n",
+            failing.port,
+            Some(live.port),
+        )
+        .await;
+        for i in 0..2 {
+            let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+            assert_eq!(r.status(), 200, "{status}, request {i}");
+            assert_eq!(r.headers()["x-switchyard-backend"], "second", "{status}");
+        }
+        assert_eq!(received(&failing).await.len(), 2, "{status}");
+        // Two failures in a row: outlier detection ejected it.
+        assert_eq!(
+            admin_backend(admin, "first").await["why_not"],
+            "ejected",
+            "{status}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_5xx_eject_the_backend_and_it_is_tried_no_more() {
     let failing = mock("failing", &["--fail-rate", "1"]).await;
     let live = mock("live", &[]).await;
@@ -1321,7 +1347,9 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
 /// Sets the answers of `port`'s next health checks (`ok,fail,...`, repeated).
 async fn set_health(port: u16, pattern: &str) {
     let r = client()
-        .post(format!("http://127.0.0.1:{port}/mock/health?pattern={pattern}"))
+        .post(format!(
+            "http://127.0.0.1:{port}/mock/health?pattern={pattern}"
+        ))
         .send()
         .await
         .unwrap();
