@@ -49,6 +49,11 @@ use crate::runtime::{Runtime, Shared};
 use crate::tenants::Tenant;
 use crate::usage::{BodyKind, UsageReader};
 
+/// How soon after an attempt began a reused connection must break for it to count as
+/// stale (closed by the backend while it sat in the pool) and be retried once on a fresh
+/// connection, uncounted: a round trip, with room for a slow link.
+const STALE_WITHIN: Duration = Duration::from_secs(1);
+
 /// The Switchyard proxy service.
 pub struct Switchyard {
     shared: Arc<Shared>,
@@ -487,9 +492,15 @@ impl ProxyHttp for Switchyard {
             // Our own verdict from upstream_response_filter; its retry flag stands.
             return e;
         }
-        let no_answer_yet = ctx.current.as_ref().is_some_and(|c| c.first_byte.is_none());
+        // A pooled connection the backend had closed fails as soon as it is used, within a
+        // round trip; one that breaks after the backend had the request a while broke
+        // while the backend worked on it: that is the backend's failure.
+        let stale_soon = ctx
+            .current
+            .as_ref()
+            .is_some_and(|c| c.first_byte.is_none() && c.started.elapsed() < STALE_WITHIN);
         let stale = client_reused
-            && no_answer_yet
+            && stale_soon
             && matches!(
                 e.etype(),
                 ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
@@ -575,6 +586,11 @@ impl ProxyHttp for Switchyard {
             self.shared.limiter.settle(lease, tokens, nano).await;
         }
         ctx.count(ctx.backend_name().unwrap_or("none"), cost_usd);
+        if let Some((backend, pass)) = ctx.retry_same_backend.take() {
+            // The fresh-connection retry never ran (the client left, or Pingora's retry
+            // cap came first): its breaker pass, perhaps the one half-open probe, goes back.
+            backend.stats.breaker.release(pass);
+        }
         if ctx.current.is_some() {
             let (outcome, what) = match e {
                 Some(e) if *e.esource() == ErrorSource::Downstream => {

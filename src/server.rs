@@ -27,8 +27,9 @@ use crate::runtime::{Runtime, Shared};
 use crate::tls::ListenerCert;
 
 /// Pingora retries at most this often per request; our own cap is the route's
-/// `max_attempts`, which config validation keeps within it.
-const PINGORA_MAX_RETRIES: usize = crate::config::MAX_ATTEMPTS as usize;
+/// `max_attempts`, which config validation keeps within it, plus the one uncounted retry of
+/// a stale pooled connection.
+const PINGORA_MAX_RETRIES: usize = crate::config::MAX_ATTEMPTS as usize + 1;
 
 /// `SIGHUP` means "reload" to Switchyard, but until the reload service has taken it over
 /// (after the policies are compiled and tested and the listeners bound) its default action

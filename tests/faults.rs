@@ -394,6 +394,115 @@ async fn a_500_502_or_503_before_any_body_byte_moves_on_and_counts_as_a_failure(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_broken_at_once_is_stale_and_after_a_while_the_backends_failure() {
+    let first = mock("first", &[]).await;
+    let second = mock("second", &[]).await;
+    let (p, admin) = chain_proxy("", first.port, Some(second.port)).await;
+    // A reused connection that breaks at once is taken for one the backend closed in the
+    // pool: tried again on a fresh connection to the same backend, uncounted.
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.headers()["x-switchyard-backend"], "first");
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", false),
+        &[("x-mock-fault", "close")],
+    )
+    .await;
+    assert_eq!(r.status(), 503, "every attempt was closed on");
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let record = decision(admin, &id).await;
+    let outcomes: Vec<&str> = record["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{record}");
+    assert_eq!(outcomes[0], "stale pooled connection", "{record}");
+    assert_eq!(received(&first).await.len(), 3);
+    assert_eq!(received(&second).await.len(), 1);
+    for m in [&first, &second] {
+        let reset = client().post(m.url("/mock/reset")).send().await.unwrap();
+        assert_eq!(reset.status(), 200);
+    }
+
+    // The first request leaves a connection to `first` in the pool; the second reuses it,
+    // and `first` closes it 1.2 s later without an answer: not a stale connection (those
+    // fail at once), so it is not tried again on `first` but counted and moved on (to
+    // `second`, which the same headers make fail too).
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.headers()["x-switchyard-backend"], "first");
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", false),
+        &[("x-mock-latency-ms", "1200"), ("x-mock-fault", "close")],
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(received(&first).await.len(), 2, "tried once on `first`");
+    assert_eq!(received(&second).await.len(), 1, "then on `second`");
+    let record = decision(admin, &id).await;
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{record}");
+    assert_eq!(attempts[0]["backend"], "first", "{record}");
+    assert_ne!(
+        attempts[0]["outcome"], "stale pooled connection",
+        "{record}"
+    );
+    let error_rate = admin_backend(admin, "first").await["error_rate"]
+        .as_f64()
+        .unwrap();
+    assert!(error_rate > 0.0, "counted against `first`: {error_rate}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stale_connection_retry_comes_on_top_of_the_largest_attempt_cap() {
+    // Sixteen backends (the most `max_attempts` allows) on one mock, tried by name.
+    let m = mock("m", &[]).await;
+    let by_name = "local P = {}\n\
+        function P.route(req, backends)\n\
+          table.sort(backends, function(a, b) return a.name < b.name end)\n\
+          local names = {}\n\
+          for i, b in ipairs(backends) do names[i] = b.name end\n\
+          return names\n\
+        end\n\
+        return P\n";
+    let backends: String = (1..=16)
+        .map(|i| backend(&format!("b{i:02}"), m.port, "[m]"))
+        .collect();
+    let admin = free_port();
+    let config = format!(
+        "{}outlier: {{ consecutive_failures: 100 }}\nroutes:\n  - policy: by_name\n    max_attempts: 16\nbackends:\n{backends}",
+        admin_config(admin)
+    );
+    let p = proxy(&config, &[("by_name", by_name)]).await;
+    let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+    assert_eq!(r.headers()["x-switchyard-backend"], "b01");
+    let r = post_chat(
+        &p,
+        &chat_body("m", "hi", false),
+        &[("x-mock-fault", "close")],
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let record = decision(admin, &id).await;
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(
+        attempts.len(),
+        17,
+        "the stale retry and all 16 attempts: {record}"
+    );
+    assert_eq!(
+        attempts[0]["outcome"], "stale pooled connection",
+        "{record}"
+    );
+    assert_eq!(attempts[16]["backend"], "b16", "{record}");
+    assert_eq!(received(&m).await.len(), 18);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_5xx_eject_the_backend_and_it_is_tried_no_more() {
     let failing = mock("failing", &["--fail-rate", "1"]).await;
     let live = mock("live", &[]).await;
