@@ -123,8 +123,10 @@ impl Tally {
             (&mut self.output, u.completion_tokens.or(u.output_tokens)),
         ];
         for (slot, value) in fields {
-            if value.is_some() {
-                *slot = value;
+            if let Some(v) = value {
+                // A count past any real request's (a backend's bug) is taken as the cap,
+                // so sums of counts and the tenant's counters cannot overflow.
+                *slot = Some(v.min(crate::limits::MAX_TOKENS));
             }
         }
     }
@@ -409,6 +411,23 @@ mod tests {
                 reported: true
             })
         );
+    }
+
+    #[test]
+    fn counts_past_any_request_s_are_capped_so_their_sums_cannot_overflow() {
+        let max = u64::MAX;
+        let mut r = UsageReader::new(BodyKind::Json);
+        feed_all(
+            &mut r,
+            &format!(
+                r#"{{"usage":{{"input_tokens":{max},"cache_read_input_tokens":{max},"cache_creation_input_tokens":{max},"output_tokens":{max}}}}}"#
+            ),
+            9,
+        );
+        let cap = crate::limits::MAX_TOKENS;
+        let usage = r.finish().unwrap();
+        assert_eq!(usage.prompt_tokens, 3 * cap);
+        assert_eq!(usage.completion_tokens, cap);
     }
 
     #[test]

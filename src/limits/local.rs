@@ -76,7 +76,7 @@ impl Counters {
                 self.seq_by_id.remove(&hash);
             }
             self.front_seq += 1;
-            self.token_sum -= e.tokens;
+            self.token_sum = self.token_sum.saturating_sub(e.tokens);
         }
         let day = now / DAY_MS;
         if day != self.day {
@@ -101,8 +101,8 @@ impl Counters {
         }
         let mut sum = self.token_sum;
         for e in &self.tokens {
-            sum -= e.tokens;
-            if sum + needed <= limit {
+            sum = sum.saturating_sub(e.tokens);
+            if sum.saturating_add(needed) <= limit {
                 return (e.at + WINDOW_MS).saturating_sub(now);
             }
         }
@@ -177,7 +177,7 @@ impl LocalCounters {
             match c.tokens_of(&s.id) {
                 Some(entry) => {
                     let reserved = std::mem::replace(&mut entry.tokens, actual);
-                    c.token_sum = c.token_sum - reserved + actual;
+                    c.token_sum = c.token_sum.saturating_sub(reserved).saturating_add(actual);
                 }
                 // The reservation left the window already: the usage counts from now.
                 None if actual > 0 => c.push_tokens(now, &s.id, actual),
@@ -322,6 +322,42 @@ mod tests {
         assert_eq!(counted(later), before + 4);
         settle("r4999", 0, later);
         assert_eq!(counted(later), before + 4 - 10);
+    }
+
+    #[test]
+    fn usage_far_past_any_limit_saturates_and_leaves_the_window_without_wrapping() {
+        let c = LocalCounters::default();
+        let l = limits(None, Some(1_000), None);
+        assert!(matches!(
+            c.admit(&ask("a", &l, 10), T0),
+            Outcome::Admitted(_)
+        ));
+        let settle = |id: &str, tokens: u64, now: u64| {
+            c.settle(
+                &Settle {
+                    tenant: "t".into(),
+                    id: id.into(),
+                    concurrent: false,
+                    tokens: Some(tokens),
+                    nano_delta: 0,
+                    day: T0 / DAY_MS,
+                },
+                now,
+            )
+        };
+        // One settled in the window, one after its reservation left it: the sum saturates.
+        settle("a", 5_000, T0 + 1_000);
+        settle("gone", u64::MAX, T0 + 2_000);
+        assert!(matches!(
+            c.admit(&ask("b", &l, 1), T0 + 3_000),
+            Outcome::Refused { .. }
+        ));
+        // Once both leave the window the tenant is admitted again, not locked out by a sum
+        // that wrapped around.
+        match c.admit(&ask("c", &l, 1), T0 + 2_000 + WINDOW_MS + 1) {
+            Outcome::Admitted(_) => {}
+            o => panic!("{o:?}"),
+        }
     }
 
     #[test]

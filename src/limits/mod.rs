@@ -32,7 +32,7 @@ pub(crate) const DAY_MS: u64 = 86_400_000;
 const NANO_PER_USD: f64 = 1e9;
 /// Reservations are capped here (a `max_tokens` of 1e18 must not overflow a counter); far
 /// above any limit, so a request this large is refused all the same.
-const MAX_TOKENS: u64 = 1 << 40;
+pub(crate) const MAX_TOKENS: u64 = 1 << 40;
 const MAX_NANO: f64 = 1e17;
 
 /// Which limit refused a request.
