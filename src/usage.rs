@@ -183,7 +183,8 @@ impl UsageReader {
             }
             Mode::Stream { partial, skipping } => {
                 let mut rest: &[u8] = chunk;
-                while let Some(nl) = memchr::memchr(b'\n', rest) {
+                // SSE lines end in LF, CRLF or a lone CR; a CRLF is a line and an empty one.
+                while let Some(nl) = memchr::memchr2(b'\n', b'\r', rest) {
                     let line = &rest[..nl];
                     if *skipping {
                         // The end of an over-long line, of which `partial` kept the tail:
@@ -245,7 +246,6 @@ impl UsageReader {
 /// `null` is parsed (measured: parsing every event was a quarter of a streamed request's
 /// instructions in Switchyard).
 fn read_event(line: &[u8], tally: &mut Tally, events: &mut Events) {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(data) = line.strip_prefix(b"data:") else {
         return;
     };
@@ -457,20 +457,23 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_final_usage_chunk_across_chunk_boundaries() {
+    fn reads_the_final_usage_chunk_across_chunk_boundaries_whatever_ends_the_lines() {
         let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
                     data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\
                     data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\n\
                     data: [DONE]\n\n";
-        for piece in [1, 3, 16, 1000] {
-            let mut r = UsageReader::new(BodyKind::Stream);
-            feed_all(&mut r, body, piece);
-            let u = r.finish().unwrap();
-            assert_eq!(
-                (u.prompt_tokens, u.completion_tokens, u.reported),
-                (9, 2, true),
-                "piece {piece}"
-            );
+        for eol in ["\n", "\r\n", "\r"] {
+            let body = body.replace('\n', eol);
+            for piece in [1, 3, 16, 1000] {
+                let mut r = UsageReader::new(BodyKind::Stream);
+                feed_all(&mut r, &body, piece);
+                let u = r.finish().unwrap();
+                assert_eq!(
+                    (u.prompt_tokens, u.completion_tokens, u.reported),
+                    (9, 2, true),
+                    "piece {piece}, lines ending {eol:?}"
+                );
+            }
         }
     }
 
