@@ -122,9 +122,12 @@ async fn a_token_reservation_lets_exactly_one_of_two_concurrent_requests_through
     assert_eq!(status, 200, "{body}");
     // A request that can never fit says so.
     let huge = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":1000");
-    let (status, _, body) = post(&p, &huge, &[]).await;
+    let (status, h, body) = post(&p, &huge, &[]).await;
     assert_eq!(status, 429);
     assert!(body.contains("request too large"), "{body}");
+    assert_eq!(error_code(&body), "rate_limit_exceeded");
+    assert!(header(&h, "retry-after").parse::<u64>().unwrap() >= 1);
+    assert_eq!(number(&h, "x-ratelimit-limit-tokens"), 150);
     // Two completions of up to 100 tokens each reserve 200: never within 150 either.
     let two = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":100,\"n\":2");
     assert_ne!(two, PLAIN);
@@ -142,6 +145,10 @@ async fn concurrent_requests_are_capped_and_released() {
     statuses.sort();
     assert_eq!(statuses, [200, 429]);
     let refused = if a.0 == 429 { &a } else { &b };
+    assert_eq!(error_code(&refused.2), "rate_limit_exceeded");
+    let retry: u64 = header(&refused.1, "retry-after").parse().unwrap();
+    assert!(retry >= 1, "retry-after {retry}");
+    assert_eq!(number(&refused.1, "x-ratelimit-limit-concurrent"), 1);
     assert_eq!(number(&refused.1, "x-ratelimit-remaining-concurrent"), 0);
     // Both finished: the slot is free again.
     assert_eq!(post(&p, PLAIN, &[]).await.0, 200);
@@ -226,12 +233,15 @@ async fn a_daily_budget_stops_the_tenant_and_says_when_it_resets() {
     assert_eq!(received(&m).await.len(), 7);
     // A request that could never fit says so, not that the budget was reached.
     let huge = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":500");
-    let (status, _, text) = post(&p, &huge, &[]).await;
+    let (status, h, text) = post(&p, &huge, &[]).await;
     assert_eq!(status, 429);
     assert!(
         text.contains("request too large: it may cost $5.0"),
         "{text}"
     );
+    assert_eq!(error_code(&text), "budget_exceeded");
+    assert!(header(&h, "retry-after").parse::<u64>().unwrap() >= 1);
+    assert!(h.contains_key("x-ratelimit-remaining-usd"), "{h:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

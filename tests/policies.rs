@@ -341,6 +341,7 @@ fn a_wrong_config_is_refused_whole_with_every_problem_listed() {
         "routes:\n  - policy: missing_policy\nbackends:\n  - name: a\n    url: ftp://x\n    models: [m]\n    weight: 0\n  - name: a\n    url: http://127.0.0.1:1\n    models: [m]\n",
     );
     for needle in [
+        "routes[0].policy: policy `missing_policy` not found",
         "backends[0].url",
         "backends[0].weight: must be > 0",
         "backends[1].name: duplicate backend name `a`",
