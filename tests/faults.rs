@@ -1773,6 +1773,19 @@ async fn sigterm_lets_in_flight_streams_finish_and_stops_accepting() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     p.signal("TERM");
+    // While the streams are still going (each takes 1.6 s), the process is alive and new
+    // connections are refused: the listener closed at the signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        p.wait_exit(Duration::from_millis(50)).is_none(),
+        "exited before its streams ended"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .is_err(),
+        "still accepting after SIGTERM"
+    );
     for (i, answer) in in_flight.into_iter().enumerate() {
         let (status, text) = answer.await.unwrap();
         assert_eq!(status, 200, "{text}");
@@ -1780,14 +1793,6 @@ async fn sigterm_lets_in_flight_streams_finish_and_stops_accepting() {
             assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
         }
     }
-    // New connections are refused once the listener is closed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", p.port))
-            .await
-            .is_err(),
-        "still accepting after SIGTERM"
-    );
     assert!(
         p.wait_exit(Duration::from_secs(10)).is_some(),
         "exits after the grace period"
