@@ -64,11 +64,49 @@ async fn a_graceful_upgrade_under_load_refuses_no_connection() {
         backend("a", a.port, "[m]")
     );
     let mut old = proxy_on(port, &config, &[], &[], &[]).await;
-    let load = Load::start(
-        format!("http://127.0.0.1:{port}/v1/chat/completions"),
-        4,
-        usize::MAX,
-    );
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let load = Load::start(url.clone(), 4, usize::MAX);
+    // And two clients that open a new connection for every request and send it 50 ms
+    // after connecting (a client one round trip away), so connections are accepted, and
+    // requests on their way, all through the handover (bounded: 10 s at most).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fresh: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let body = serde_json::to_string(&chat_body("m", "hi", false)).unwrap();
+                let request = format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let until = Instant::now() + Duration::from_secs(10);
+                let (mut ok, mut errors) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                    let exchange = async {
+                        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        s.write_all(request.as_bytes()).await?;
+                        let mut answer = Vec::new();
+                        s.read_to_end(&mut answer).await?;
+                        Ok::<_, std::io::Error>(answer)
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+                        Ok(Ok(a)) if a.starts_with(b"HTTP/1.1 200 ") => ok += 1,
+                        Ok(Ok(a)) => errors.push(format!(
+                            "answer {:?}",
+                            String::from_utf8_lossy(&a[..a.len().min(60)])
+                        )),
+                        Ok(Err(e)) => errors.push(format!("{e}")),
+                        Err(_) => errors.push("no answer in 5 s".into()),
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The new process waits on the upgrade socket for the old one's listeners.
     let _new = proxy_on(port, &config, &[], &[], &["--upgrade"]).await;
@@ -79,6 +117,7 @@ async fn a_graceful_upgrade_under_load_refuses_no_connection() {
         "the old process hands over and exits"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let LoadResult { ok, errors, .. } = load.finish().await;
     assert!(ok > 100, "{ok}");
     assert!(
@@ -87,6 +126,16 @@ async fn a_graceful_upgrade_under_load_refuses_no_connection() {
         errors.len(),
         &errors[..errors.len().min(5)]
     );
+    for client in fresh {
+        let (ok, errors) = client.await.unwrap();
+        assert!(ok > 20, "{ok} requests on new connections");
+        assert!(
+            errors.is_empty(),
+            "{} errors on new connections during the upgrade: {:?}",
+            errors.len(),
+            &errors[..errors.len().min(5)]
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

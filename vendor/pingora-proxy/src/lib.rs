@@ -80,6 +80,10 @@ use pingora_error::{Error, ErrorSource, ErrorType::*, OrErr, Result};
 
 const TASK_BUFFER_SIZE: usize = 4;
 
+/// Switchyard patch: how long a connection waiting for its next request head is still
+/// read once shutdown began, before it is dropped (see SWITCHYARD-PATCH.md).
+const SHUTDOWN_LAST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
 /// Caps per-proxy padding and one-time shutdown fan-out on very large hosts.
 const MAX_SHUTDOWN_NOTIFY_SHARDS: usize = 256;
 
@@ -367,7 +371,14 @@ where
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
             res = downstream_session.read_request() => { res }
-            _ = self.await_shutdown() => {
+            // Switchyard patch: a request already on its way when the shutdown begins (a
+            // connection accepted just before the listener closed, or a keep-alive client
+            // that has just sent) is still read for a moment, and served with the
+            // connection closed after it (see SWITCHYARD-PATCH.md).
+            _ = async {
+                self.await_shutdown().await;
+                tokio::time::sleep(SHUTDOWN_LAST_REQUEST_WAIT).await;
+            } => {
                 // service shutting down, dropping the connection to stop more req from coming in
                 return None;
             }
