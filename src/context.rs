@@ -40,6 +40,8 @@ pub struct RequestCtx {
     pub current: Option<Current>,
     /// An error answered by Switchyard itself, decided before `fail_to_proxy` runs.
     pub failure: Option<ClientError>,
+    /// The code of the error `reply::reject` answered with, for the access line.
+    pub refused_code: Option<&'static str>,
     /// Position of the next backend to try in the plan.
     next_candidate: usize,
     /// Attempts made (a retry on a stale pooled connection does not count).
@@ -101,6 +103,7 @@ impl RequestCtx {
             attempts: Vec::new(),
             current: None,
             failure: None,
+            refused_code: None,
             next_candidate: 0,
             tries: 0,
             retry_same_backend: None,

@@ -606,7 +606,8 @@ impl ProxyHttp for Switchyard {
             ctx.finish_attempt(outcome, what);
         }
         let head = session.req_header();
-        ctx.log_access(head.method.as_str(), head.uri.path(), ErrorSuffix(e));
+        let error = ErrorSuffix(e, ctx.refused_code);
+        ctx.log_access(head.method.as_str(), head.uri.path(), error);
         let record = ctx.take_audit_record(head.method.as_str(), head.uri.path(), cost_usd);
         self.shared.audit.record(record);
     }
@@ -670,14 +671,16 @@ fn remove_backend_headers(response: &mut ResponseHeader) {
     }
 }
 
-/// ` error="…"` after an access line, for a request that ended in an error.
-struct ErrorSuffix<'a>(Option<&'a Error>);
+/// ` error="…"` after an access line, for a request that ended in an error: Pingora's
+/// error, else the code of the error Switchyard answered with itself.
+struct ErrorSuffix<'a>(Option<&'a Error>, Option<&'static str>);
 
 impl std::fmt::Display for ErrorSuffix<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(e) => write!(f, " error=\"{e}\""),
-            None => Ok(()),
+        match self {
+            ErrorSuffix(Some(e), _) => write!(f, " error=\"{e}\""),
+            ErrorSuffix(None, Some(code)) => write!(f, " error=\"{code}\""),
+            ErrorSuffix(None, None) => Ok(()),
         }
     }
 }

@@ -40,6 +40,7 @@ pub async fn reject(session: &mut Session, ctx: &mut RequestCtx, error: ClientEr
     );
     let status = error.status();
     let retry_after = error.retry_after_secs();
+    ctx.refused_code = Some(error.code());
     if let ClientError::RateLimited(e) = &error {
         ctx.rate_headers = e.headers.clone();
     }

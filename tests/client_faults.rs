@@ -311,12 +311,13 @@ async fn after_100_continue_a_failing_backend_is_still_skipped_for_the_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_length_over_the_limit_is_413_before_the_body_is_sent() {
-    let (m, p, _) = setup(", max_body_bytes: 1000").await;
+    let (m, p, admin) = setup(", max_body_bytes: 1000").await;
     // The head alone: the answer must not wait for a body that is never sent.
     let answer = exchange(p.port, head("", Some(5000)).as_bytes()).await;
     assert_eq!(status_of(&answer), 413, "{answer}");
     assert_eq!(code_of(&answer), "request_too_large");
     assert!(received(&m).await.is_empty());
+    assert_counted(&p, admin, &answer, 413, "request_too_large").await;
 }
 
 /// `chunks` chunks of 8 KiB of a JSON body's prefix, without the last chunk.
@@ -336,16 +337,17 @@ fn open_chunked_body(chunks: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_growing_past_the_limit_is_413_when_it_crosses_it() {
-    let (m, p, _) = setup(", max_body_bytes: 20000").await;
+    let (m, p, admin) = setup(", max_body_bytes: 20000").await;
     let answer = exchange(p.port, &open_chunked_body(3)).await;
     assert_eq!(status_of(&answer), 413, "{answer}");
     assert_eq!(code_of(&answer), "request_too_large");
     assert!(received(&m).await.is_empty());
+    assert_counted(&p, admin, &answer, 413, "request_too_large").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_sent_very_slowly_is_408_after_the_body_timeout() {
-    let (m, p, _) = setup(", body_timeout_ms: 500").await;
+    let (m, p, admin) = setup(", body_timeout_ms: 500").await;
     let mut conn = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
     conn.write_all(format!("{}{{\"model\":", head("", Some(100))).as_bytes())
         .await
@@ -360,11 +362,12 @@ async fn a_body_sent_very_slowly_is_408_after_the_body_timeout() {
         "{took:?}"
     );
     assert!(received(&m).await.is_empty());
+    assert_counted(&p, admin, &answer, 408, "request_timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_body_is_415() {
-    let (m, p, _) = setup("").await;
+    let (m, p, admin) = setup("").await;
     let body = b"\x1f\x8b\x08\x00\x00\x00\x00\x00";
     let mut request = head("content-encoding: gzip\r\n", Some(body.len())).into_bytes();
     request.extend_from_slice(body);
@@ -379,6 +382,31 @@ async fn a_compressed_body_is_415() {
     assert_eq!(status_of(&answer), 415, "{answer}");
     assert_eq!(code_of(&answer), "unsupported_encoding");
     assert!(received(&m).await.is_empty());
+    assert_counted(&p, admin, &answer, 415, "unsupported_encoding").await;
+}
+
+/// A refused request is counted: its answer's request id is on an access line with its
+/// status and code, and `switchyard_requests_total` has a request of that status.
+async fn assert_counted(p: &Proc, admin: u16, answer: &str, status: u16, code: &str) {
+    let id = answer
+        .lines()
+        .find_map(|l| {
+            l.to_lowercase()
+                .strip_prefix("x-request-id: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no request id: {answer}"));
+    let line = p.access_line(id.trim()).await;
+    assert!(line.contains(&format!(" status={status} ")), "{line}");
+    assert!(line.ends_with(&format!(" error=\"{code}\"")), "{line}");
+    let label = format!("status=\"{status}\"");
+    let counted: f64 = metrics_text(admin)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("switchyard_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(counted >= 1.0, "no request counted with {label}");
 }
 
 /// A refusal of a request whose head Pingora could not take (the connection is closed:
