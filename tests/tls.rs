@@ -882,6 +882,55 @@ async fn a_200_kib_prompt_over_http2_reaches_the_backend_byte_for_byte_first_try
     assert_eq!(received(&good).await.len(), 4);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_mid_way_ends_abnormally_over_http2_never_with_a_made_up_end() {
+    let ca = Ca::new("client-facing test CA");
+    let h1 = mock("h1", &["--chunks", "6"]).await;
+    let h2 = mock("h2", &["--chunks", "6"]).await;
+    // `direct` goes to the h2c backend alone, `m` to the HTTP/1.1 one alone.
+    let backends = format!(
+        "{}  - {{ name: second, url: \"http://127.0.0.1:{}\", models: [direct], http2: true }}\n",
+        backend("first", h1.port, "[m]"),
+        h2.port
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_leaf(&dir.path().join("tls"), &ca.issue(&["localhost"]));
+    let p = TlsProxy::start_with_policy(
+        dir,
+        ("fixed_order", Some(FIXED_ORDER)),
+        &backends,
+        "  idle_timeout_ms: 1000\n",
+    )
+    .await;
+    let https = https_client(&[&ca.pem()]);
+    for (model, fault) in [
+        ("m", "reset-mid-stream"),
+        ("direct", "reset-mid-stream"),
+        ("m", "stall-mid-stream"),
+        ("direct", "stall-mid-stream"),
+    ] {
+        let label = format!("{fault} from the {model} backend");
+        let r = https
+            .post(p.https("/v1/chat/completions"))
+            .header("x-mock-fault", fault)
+            .json(&chat_body(model, "hi", true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2, "{label}");
+        assert_eq!(r.status(), 200, "{label}");
+        let (text, broken) = tokio::time::timeout(Duration::from_secs(20), read_stream(r))
+            .await
+            .expect(&label);
+        assert!(broken, "{label}: the stream ended as if complete:\n{text}");
+        assert!(
+            text.contains("data: "),
+            "{label}: part of the stream arrived"
+        );
+        assert!(!text.contains("[DONE]"), "{label}: a made-up end:\n{text}");
+    }
+}
+
 /// A TLS connection to `port` that asks for HTTP/2 only, trusting `ca_pem`; fails unless
 /// the proxy chose HTTP/2.
 async fn h2_tls_connection(
