@@ -99,21 +99,23 @@ impl Tenants {
         }
     }
 
-    /// The tenant a request belongs to, from `Authorization: Bearer KEY` or `x-api-key`.
+    /// The tenant a request belongs to, from the first key presented of
+    /// `Authorization: Bearer KEY` (the scheme in any case), `x-api-key` (Anthropic's SDKs)
+    /// and `api-key` (Azure OpenAI's).
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<&Tenant, AuthFailure> {
         if self.mode == AuthMode::Off {
             return Ok(&self.anonymous);
         }
-        let presented = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        let header = |name| headers.get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
+        let bearer = header(http::header::AUTHORIZATION.as_str()).and_then(|v| {
+            let (scheme, key) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
+        });
+        let presented = [bearer, header("x-api-key"), header("api-key")]
+            .into_iter()
+            .flatten()
             .map(str::trim)
-            .filter(|k| !k.is_empty())
+            .find(|k| !k.is_empty())
             .ok_or(AuthFailure::Missing)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found: Option<usize> = None;
@@ -165,22 +167,27 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_tenant_by_bearer_or_x_api_key() {
+    fn finds_the_tenant_by_bearer_x_api_key_or_api_key() {
         let hash = hex::encode(Sha256::digest(b"sk-acme"));
         let t = Tenants::new(&config(&format!(
             "tenants:\n  - name: acme\n    key_sha256: [\"{hash}\"]\n    region: eu\n"
         )));
+        for presented in [
+            &[("authorization", "Bearer sk-acme")][..],
+            &[("authorization", "BEARER sk-acme")],
+            &[("x-api-key", "sk-acme")],
+            &[("api-key", " sk-acme ")],
+            // An empty bearer does not hide the key given in another header.
+            &[("authorization", "Bearer "), ("x-api-key", "sk-acme")],
+            &[("authorization", "Basic c2s6YWNtZQ=="), ("api-key", "sk-acme")],
+        ] {
+            let found = t.authenticate(&headers(presented));
+            assert_eq!(found.map(|t| t.name.as_str()), Ok("acme"), "{presented:?}");
+        }
         assert_eq!(
-            t.authenticate(&headers(&[("authorization", "Bearer sk-acme")]))
-                .unwrap()
-                .name,
-            "acme"
-        );
-        assert_eq!(
-            t.authenticate(&headers(&[("x-api-key", "sk-acme")]))
-                .unwrap()
-                .name,
-            "acme"
+            t.authenticate(&headers(&[("authorization", "Bearer ")]))
+                .unwrap_err(),
+            AuthFailure::Missing
         );
         assert_eq!(
             t.authenticate(&headers(&[("authorization", "Bearer sk-nope")]))
