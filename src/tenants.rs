@@ -106,7 +106,11 @@ impl Tenants {
         if self.mode == AuthMode::Off {
             return Ok(&self.anonymous);
         }
-        let header = |name| headers.get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
+        let header = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+        };
         let bearer = header(http::header::AUTHORIZATION.as_str()).and_then(|v| {
             let (scheme, key) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then_some(key)
@@ -179,7 +183,10 @@ mod tests {
             &[("api-key", " sk-acme ")],
             // An empty bearer does not hide the key given in another header.
             &[("authorization", "Bearer "), ("x-api-key", "sk-acme")],
-            &[("authorization", "Basic c2s6YWNtZQ=="), ("api-key", "sk-acme")],
+            &[
+                ("authorization", "Basic c2s6YWNtZQ=="),
+                ("api-key", "sk-acme"),
+            ],
         ] {
             let found = t.authenticate(&headers(presented));
             assert_eq!(found.map(|t| t.name.as_str()), Ok("acme"), "{presented:?}");

@@ -103,6 +103,8 @@ struct Tally {
     /// OpenAI `prompt_tokens_details.cached_tokens`.
     cached: Option<u64>,
     output: Option<u64>,
+    /// `total_tokens`, counted as input when nothing else is reported.
+    total: Option<u64>,
 }
 
 impl Tally {
@@ -121,6 +123,7 @@ impl Tally {
                     .and_then(|d| d.cached_tokens),
             ),
             (&mut self.output, u.completion_tokens.or(u.output_tokens)),
+            (&mut self.total, u.total_tokens),
         ];
         for (slot, value) in fields {
             if let Some(v) = value {
@@ -133,10 +136,12 @@ impl Tally {
 
     fn usage(&self) -> Usage {
         let (read, write) = (self.cache_read.unwrap_or(0), self.cache_write.unwrap_or(0));
+        let split = self.prompt.is_some() || self.input.is_some() || self.output.is_some();
         Usage {
-            prompt_tokens: self
-                .prompt
-                .unwrap_or_else(|| self.input.unwrap_or(0) + read + write),
+            prompt_tokens: self.prompt.unwrap_or_else(|| {
+                let input = if split { self.input } else { self.total };
+                input.unwrap_or(0) + read + write
+            }),
             completion_tokens: self.output.unwrap_or(0),
             cached_tokens: self.cached.unwrap_or(read),
             reported: self.reported,
@@ -229,7 +234,15 @@ impl UsageReader {
                 tally.merge(&answer_usage(&buf)?);
                 Some(tally.usage())
             }
-            Mode::Stream { .. } if self.tally.reported => Some(self.tally.usage()),
+            Mode::Stream { .. } if self.tally.reported => {
+                // The text that went out counts even when the usage reported is less: an
+                // Anthropic stream's first event reports one output token, and a client
+                // that leaves before the last event (with the real count) must not have
+                // the rest for free.
+                let mut usage = self.tally.usage();
+                usage.completion_tokens = usage.completion_tokens.max(self.events.content);
+                Some(usage)
+            }
             Mode::Stream { .. } if self.events.content > 0 => Some(Usage {
                 completion_tokens: self.events.content,
                 ..Usage::default()
@@ -335,6 +348,8 @@ fn answer_usage(body: &[u8]) -> Option<RawUsage> {
 /// OpenAI (`prompt_tokens`, …) and Anthropic (`input_tokens`, …) usage fields.
 #[derive(Deserialize)]
 struct RawUsage {
+    /// Alone, as in a rerank answer (`{"usage":{"total_tokens":812}}`): all of it input.
+    total_tokens: Option<u64>,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     input_tokens: Option<u64>,
@@ -549,6 +564,37 @@ mod tests {
         feed_all(&mut r, body, 11);
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 15));
+    }
+
+    #[test]
+    fn an_anthropic_stream_cut_before_its_last_event_counts_the_text_that_went_out() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n";
+        let delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n";
+        let mut r = UsageReader::new(BodyKind::Stream);
+        feed_all(&mut r, &format!("{start}{}", delta.repeat(40)), 64);
+        let u = r.finish().unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 40));
+    }
+
+    #[test]
+    fn a_usage_of_total_tokens_alone_is_all_input() {
+        let read = |body: &str| {
+            let mut r = UsageReader::new(BodyKind::Json);
+            feed_all(&mut r, body, 4);
+            r.finish().map(|u| (u.prompt_tokens, u.completion_tokens))
+        };
+        assert_eq!(
+            read(r#"{"results":[],"usage":{"total_tokens":812}}"#),
+            Some((812, 0))
+        );
+        assert_eq!(
+            read(r#"{"usage":{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11}}"#),
+            Some((8, 3))
+        );
+        assert_eq!(
+            read(r#"{"usage":{"input_tokens":8,"output_tokens":3,"total_tokens":11}}"#),
+            Some((8, 3))
+        );
     }
 
     #[test]
