@@ -201,10 +201,16 @@ impl RequestMeta {
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        self.max_tokens = fields
-            .max_completion_tokens
-            .or(fields.max_tokens)
-            .or(fields.max_output_tokens);
+        // The largest of the names given: a server that reads another one than the
+        // client meant must not use more than was reserved for it.
+        self.max_tokens = [
+            fields.max_completion_tokens,
+            fields.max_tokens,
+            fields.max_output_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         self.choices = fields.n.unwrap_or(1);
 
         // Where the prompt's text is: its values' places in the body, read when first asked.
@@ -230,7 +236,7 @@ impl RequestMeta {
                 messages += 1;
             }
         }
-        for text in [fields.prompt, fields.input, fields.system]
+        for text in [fields.prompt, fields.input, fields.system, fields.instructions]
             .into_iter()
             .flatten()
         {
@@ -449,6 +455,9 @@ struct BodyFields<'a> {
     input: Option<&'a RawValue>,
     #[serde(borrow, default)]
     system: Option<&'a RawValue>,
+    /// The Responses API's system prompt.
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
     #[serde(default)]
     stream_options: Option<StreamOptionsPeek>,
 }
@@ -488,6 +497,7 @@ impl<'a> BodyFields<'a> {
             prompt: raw.prompt,
             input: raw.input,
             system: raw.system,
+            instructions: raw.instructions,
             stream_options: typed(raw.stream_options, "stream_options", "an object")?,
         })
     }
@@ -516,6 +526,9 @@ struct RawFields<'a> {
     input: Option<&'a RawValue>,
     #[serde(borrow, default)]
     system: Option<&'a RawValue>,
+    /// The Responses API's system prompt.
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
     #[serde(borrow, default)]
     stream_options: Option<&'a RawValue>,
 }
@@ -637,6 +650,9 @@ mod tests {
         assert_eq!(m.tokens(), 1);
         let m = meta(r#"{"model":"m","input":["abcd","efgh"]}"#).unwrap();
         assert_eq!(m.tokens(), 2);
+        // The Responses API's instructions are prompt too.
+        let m = meta(r#"{"model":"m","instructions":"abcdefgh","input":"abcd"}"#).unwrap();
+        assert_eq!(m.tokens(), estimate(&["abcd", "abcdefgh"]));
     }
 
     #[test]
@@ -794,6 +810,9 @@ mod tests {
         let m = meta(r#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#).unwrap();
         assert_eq!(m.max_tokens, Some(9));
         assert_eq!((m.choices, m.completion_reserve(100)), (1, 9));
+        // Whichever name the backend reads, no more than reserved.
+        let m = meta(r#"{"model":"m","max_completion_tokens":1,"max_tokens":100000}"#).unwrap();
+        assert_eq!(m.max_tokens, Some(100_000));
         let m = meta(r#"{"model":"m","n":3}"#).unwrap();
         assert_eq!(m.completion_reserve(100), 300);
         // A message of an unknown shape is passed over, as before.
