@@ -585,6 +585,9 @@ fn default_max_attempts() -> u32 {
 /// Most attempts a route may allow per request (Pingora's retry loop is set to match).
 pub const MAX_ATTEMPTS: u32 = 16;
 
+/// The longest backend name; a policy's answer is read no further than this per name.
+pub const MAX_BACKEND_NAME_BYTES: usize = 1024;
+
 /// A refused config: every problem, each with the path of the value at fault.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -801,6 +804,10 @@ impl Config {
             let at = format!("backends[{i}]");
             if b.name.is_empty() {
                 out.push(format!("{at}.name: must not be empty"));
+            } else if b.name.len() > MAX_BACKEND_NAME_BYTES {
+                out.push(format!(
+                    "{at}.name: must be at most {MAX_BACKEND_NAME_BYTES} bytes"
+                ));
             } else if !names.insert(b.name.as_str()) {
                 out.push(format!("{at}.name: duplicate backend name `{}`", b.name));
             }

@@ -236,9 +236,14 @@ impl RequestMeta {
                 messages += 1;
             }
         }
-        for text in [fields.prompt, fields.input, fields.system, fields.instructions]
-            .into_iter()
-            .flatten()
+        for text in [
+            fields.prompt,
+            fields.input,
+            fields.system,
+            fields.instructions,
+        ]
+        .into_iter()
+        .flatten()
         {
             prompt.spans.push(Span {
                 text: span(text),

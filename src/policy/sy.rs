@@ -92,13 +92,17 @@ fn log(lua: &Lua, msg: Value) -> mlua::Result<()> {
     Ok(())
 }
 
+/// Room made up front for a list a policy passes in: `#t` of a sparse table can be
+/// astronomically more than it holds.
+const PREALLOCATED: usize = 64;
+
 fn name_of(entry: &Table) -> mlua::Result<String> {
     entry.get::<String>("name")
 }
 
 /// `sy.weighted(backends)`: a name chosen at random in proportion to `weight`.
 fn weighted(backends: &Table) -> mlua::Result<Option<String>> {
-    let mut entries = Vec::with_capacity(backends.raw_len());
+    let mut entries = Vec::with_capacity(backends.raw_len().min(PREALLOCATED));
     let mut total = 0.0;
     for entry in backends.sequence_values::<Table>() {
         let entry = entry?;
@@ -144,15 +148,17 @@ fn hash(key: &Value, backends: &Table) -> mlua::Result<Option<String>> {
             )))
         }
     };
-    let mut scored = Vec::with_capacity(backends.raw_len());
+    let mut scored = Vec::with_capacity(backends.raw_len().min(PREALLOCATED));
     let mut total_inflight = 0.0;
     for entry in backends.sequence_values::<Table>() {
         let entry = entry?;
-        let name = name_of(&entry)?;
+        // Kept as Lua's string (no copy) until one is chosen: a list may repeat one huge
+        // name many times.
+        let name = entry.get::<mlua::LuaString>("name")?;
         let weight = entry.get::<Option<f64>>("weight")?.unwrap_or(1.0).max(1e-9);
         let inflight = entry.get::<Option<f64>>("inflight")?.unwrap_or(0.0);
         total_inflight += inflight;
-        let h = xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), key_digest);
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(&name.as_bytes(), key_digest);
         // Map the hash to (0, 1), then -w / ln(u): weighted rendezvous score.
         let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         scored.push((-weight / u.ln(), name, inflight));
@@ -168,7 +174,7 @@ fn hash(key: &Value, backends: &Table) -> mlua::Result<Option<String>> {
         .iter()
         .find(|(_, _, inflight)| inflight + 1.0 <= cap)
         .unwrap_or(&scored[0]);
-    Ok(Some(chosen.1.clone()))
+    Ok(Some(chosen.1.to_str()?.to_string()))
 }
 
 /// `sy.backends{ model = m, all = true }`: configured backends serving `m` (every backend
@@ -218,6 +224,23 @@ mod tests {
             t.raw_push(e).unwrap();
         }
         t
+    }
+
+    #[test]
+    fn a_sparse_list_whose_length_is_astronomical_is_read_to_its_first_hole() {
+        // Only hashed keys: `#t` is then 2^45, while the list holds 46 entries.
+        let lua = Lua::new();
+        let far: String = (2..=45)
+            .map(|i| format!("[{}] = {{ name = 'x' }}, ", 1u64 << i))
+            .collect();
+        let literal = format!("return {{ [1] = {{ name = 'a' }}, [2] = {{ name = 'b' }}, {far}}}");
+        let t: Table = lua.load(literal).eval().unwrap();
+        assert!(t.raw_len() > 1 << 40, "{}", t.raw_len());
+        let picked = weighted(&t).unwrap().unwrap();
+        assert!(picked == "a" || picked == "b", "{picked}");
+        let key = Value::String(lua.create_string("k").unwrap());
+        let picked = hash(&key, &t).unwrap().unwrap();
+        assert!(picked == "a" || picked == "b", "{picked}");
     }
 
     #[test]

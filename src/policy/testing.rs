@@ -173,7 +173,7 @@ fn run_cases(
             if let Some(list) = &offered {
                 for b in list.sequence_values::<Table>() {
                     let b = make_backend.call::<Table>(b?)?;
-                    names.extend(b.get::<Option<String>>("name")?);
+                    names.extend(name_in(&b)?);
                     backends.raw_push(b)?;
                 }
             }
@@ -181,7 +181,7 @@ fn run_cases(
             let unavailable = case.get::<Option<Table>>("unavailable")?;
             if let Some(list) = &unavailable {
                 for b in list.sequence_values::<Table>() {
-                    names.extend(b?.get::<Option<String>>("name")?);
+                    names.extend(name_in(&b?)?);
                 }
             }
             let listing = make_listing.call((offered, unavailable))?;
@@ -229,19 +229,26 @@ enum Expectation {
 impl Expectation {
     fn read(case: &Table) -> Result<Expectation, String> {
         let err = |e: mlua::Error| e.to_string();
-        if let Some(first) = case.get::<Option<String>>("expect_first").map_err(err)? {
+        let name = |s: mlua::LuaString| super::backend_name(&s);
+        let first = case
+            .get::<Option<mlua::LuaString>>("expect_first")
+            .map_err(err)?;
+        if let Some(first) = first.map(name).transpose()? {
             if !case.get::<Value>("expect").map_err(err)?.is_nil() {
                 return Err("has both `expect` and `expect_first`: give one".into());
             }
             return Ok(Expectation::First(first));
         }
         match case.get::<Value>("expect").map_err(err)? {
-            Value::String(s) => Ok(Expectation::Exactly(vec![s.to_string_lossy()])),
+            Value::String(s) => Ok(Expectation::Exactly(vec![name(s)?])),
             Value::Table(t) => {
                 if let Some(status) = t.get::<Option<u16>>("status").map_err(err)? {
                     return Ok(Expectation::Status(status));
                 }
-                let names = t.sequence_values::<String>().collect::<mlua::Result<Vec<_>>>().map_err(err)?;
+                let names = t
+                    .sequence_values::<mlua::LuaString>()
+                    .map(|s| name(s.map_err(err)?))
+                    .collect::<Result<Vec<_>, _>>()?;
                 Ok(Expectation::Exactly(names))
             }
             other => Err(format!(
@@ -274,6 +281,14 @@ fn describe_decision(d: &Decision) -> String {
         Decision::Candidates(names) => format!("{names:?}"),
         Decision::Reject { status, message } => format!("reject with {status} ({message:?})"),
     }
+}
+
+/// A test case backend's `name`, if it has one that could be a backend's.
+fn name_in(backend: &Table) -> mlua::Result<Option<String>> {
+    backend
+        .get::<Option<mlua::LuaString>>("name")?
+        .map(|s| super::backend_name(&s).map_err(mlua::Error::runtime))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -407,6 +422,26 @@ return P"#;
             "{error}"
         );
         assert!(with_tests(&format!("{{ {case}, {case} }}")).passed());
+    }
+
+    #[test]
+    fn names_no_backend_could_have_are_refused_not_copied() {
+        // A list of 100 000 references to one 10 MB string: copied, 1 TB.
+        let huge = "local big = ('x'):rep(10000000)\n\
+                    local P = { tests = { { backends = { { name = 'a' } }, expect = 'a' } } }\n\
+                    function P.route(req, b) local t = {} for i = 1, 100000 do t[i] = big end return t end\n\
+                    return P";
+        let report = run(
+            &Policy::new("p", huge.to_string(), PathBuf::from("p.lua")),
+            &LuaConfig::default(),
+            None,
+        );
+        let failed = format!("{:?}", report.cases);
+        assert!(!report.passed(), "{failed}");
+        assert!(failed.contains("a name of 10000000 bytes"), "{failed}");
+        let report = with_tests("{ { backends = { { name = 'a' } }, expect = ('y'):rep(2000) } }");
+        let error = format!("{:?} {:?}", report.load_error, report.cases);
+        assert!(error.contains("a name of 2000 bytes"), "{error}");
     }
 
     #[test]
