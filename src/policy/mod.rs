@@ -170,19 +170,16 @@ pub enum Decision<T = String> {
 const MAX_TEXT_BYTES: usize = 1024;
 
 /// A backend name out of Lua, copied only if it could be one (a list may repeat one huge
-/// string many times, and each copy would be outside the VM's memory cap).
-pub(super) fn backend_name(s: &mlua::LuaString) -> Result<String, String> {
+/// string many times, and each copy would be outside the VM's memory cap): a longer one
+/// names no backend.
+pub(super) fn backend_name(s: &mlua::LuaString) -> Result<String, PolicyError> {
     let bytes = s.as_bytes();
-    let max = crate::config::MAX_BACKEND_NAME_BYTES;
-    if bytes.len() > max {
-        return Err(format!(
-            "a name of {} bytes (a backend's is at most {max})",
-            bytes.len()
-        ));
+    if bytes.len() > crate::config::MAX_BACKEND_NAME_BYTES {
+        return Err(PolicyError::UnknownBackend(printable(&bytes)));
     }
     std::str::from_utf8(&bytes)
         .map(str::to_string)
-        .map_err(|_| "a non-UTF-8 name".into())
+        .map_err(|_| PolicyError::BadReturn("a non-UTF-8 name".into()))
 }
 
 /// A policy's text made safe for one log line: its first [`MAX_TEXT_BYTES`] (cut at a

@@ -229,7 +229,7 @@ enum Expectation {
 impl Expectation {
     fn read(case: &Table) -> Result<Expectation, String> {
         let err = |e: mlua::Error| e.to_string();
-        let name = |s: mlua::LuaString| super::backend_name(&s);
+        let name = |s: mlua::LuaString| super::backend_name(&s).map_err(|e| e.to_string());
         let first = case
             .get::<Option<mlua::LuaString>>("expect_first")
             .map_err(err)?;
@@ -287,7 +287,7 @@ fn describe_decision(d: &Decision) -> String {
 fn name_in(backend: &Table) -> mlua::Result<Option<String>> {
     backend
         .get::<Option<mlua::LuaString>>("name")?
-        .map(|s| super::backend_name(&s).map_err(mlua::Error::runtime))
+        .map(|s| super::backend_name(&s).map_err(|e| mlua::Error::runtime(e.to_string())))
         .transpose()
 }
 
@@ -438,10 +438,10 @@ return P"#;
         );
         let failed = format!("{:?}", report.cases);
         assert!(!report.passed(), "{failed}");
-        assert!(failed.contains("a name of 10000000 bytes"), "{failed}");
+        assert!(failed.contains("10000000 bytes"), "{failed:.300}");
         let report = with_tests("{ { backends = { { name = 'a' } }, expect = ('y'):rep(2000) } }");
         let error = format!("{:?} {:?}", report.load_error, report.cases);
-        assert!(error.contains("a name of 2000 bytes"), "{error}");
+        assert!(error.contains("2000 bytes"), "{error}");
     }
 
     #[test]
