@@ -26,6 +26,16 @@ function P.route(req, backends)
 end
 return P
 "#;
+// A loop of library calls over a 2 MB string: a few instructions a call, and ~2 ms of
+// work each that the instruction budget does not see (its budget would last ~10 minutes).
+const SLOW_CALLS: &str = r#"
+local P = {}
+local text, len = ("a"):rep(2000000), utf8.len
+function P.route(req, backends)
+  while true do len(text) end
+end
+return P
+"#;
 const ALLOCATES: &str = r#"
 local P = {}
 function P.route(req, backends)
@@ -91,6 +101,7 @@ fn config(port: u16, admin: u16) -> String {
         ("raises", "raises", None),
         ("loops", "loops", None),
         ("loops-pcall", "loops_under_pcall", None),
+        ("slow-calls", "slow_calls", None),
         ("allocates", "allocates", None),
         ("backtracks", "backtracks", None),
         ("unknown", "unknown_name", None),
@@ -109,7 +120,7 @@ fn config(port: u16, admin: u16) -> String {
     }
     routes.push_str("  - match: { path_prefix: /v1/ }\n    policy: round_robin\n");
     let models =
-        "[raises, loops, loops-pcall, allocates, backtracks, unknown, number, nil, escapes, rejects, saved, ok]";
+        "[raises, loops, loops-pcall, slow-calls, allocates, backtracks, unknown, number, nil, escapes, rejects, saved, ok]";
     let admin = format!("admin: {{ addr: \"127.0.0.1:{admin}\" }}\n");
     format!(
         "{routes}{admin}backends:\n{}lua:\n  memory_limit_bytes: 8388608\n",
@@ -127,6 +138,7 @@ async fn start() -> (Proc, Proc, u16) {
             ("raises", RAISES),
             ("loops", LOOPS),
             ("loops_under_pcall", LOOPS_UNDER_PCALL),
+            ("slow_calls", SLOW_CALLS),
             ("allocates", ALLOCATES),
             ("backtracks", BACKTRACKS),
             ("unknown_name", UNKNOWN_NAME),
@@ -159,13 +171,20 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         "raises",
         "loops",
         "loops-pcall",
+        "slow-calls",
         "allocates",
         "backtracks",
         "unknown",
         "number",
         "nil",
     ] {
+        let started = std::time::Instant::now();
         let (status, body) = send(&p, model, None).await;
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "{model}: {took:?}"
+        );
         assert_eq!(status, 500, "{model}: {body}");
         assert_eq!(error_code(&body), "policy_error", "{model}");
         assert!(
@@ -180,6 +199,8 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
         // A runaway call is stopped at a line of the policy's own.
         "exceeded its instruction budget of 1000000 instructions at loops.lua:4",
         "instructions at loops_under_pcall.lua:4",
+        // Library calls the budget does not count are stopped by the time limit.
+        "ran longer than 1000 ms at slow_calls.lua:5",
         "instructions at backtracks.lua:5",
         // The memory cap names where the policy was last seen growing.
         "exceeded the Lua memory limit of 8388608 bytes at allocates.lua:6",

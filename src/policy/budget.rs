@@ -11,7 +11,10 @@
 //! interpreter stops a script on Ctrl-C the same way.
 //!
 //! A runaway call is therefore stopped within `WATCH_EVERY`–`2 × WATCH_EVERY` plus the
-//! time its budget takes. The watchdog wakes 1/`WATCH_EVERY` times a second and signals
+//! time its budget takes. Instructions do not measure library calls (`utf8.len` of a
+//! 10 MB string is one instruction and ~10 ms), so a call still running
+//! [`CALL_TIME_LIMIT`] after it started gets a second signal, which stops it at its next
+//! instruction whatever budget it has left. The watchdog wakes 1/`WATCH_EVERY` times a second and signals
 //! nothing unless a call overruns. Calls on one thread never nest (a policy cannot call
 //! into another VM), so the call in progress is a per-thread record.
 
@@ -27,6 +30,8 @@ use mlua::ffi;
 pub const WATCH_EVERY: Duration = Duration::from_millis(10);
 /// Once armed, the hook runs every this many VM instructions.
 pub const HOOK_EVERY: u32 = 1000;
+/// A call running this long is stopped at its next VM instruction.
+pub const CALL_TIME_LIMIT: Duration = Duration::from_secs(1);
 
 /// The signal that arms the hook. Ignored by default, so one that reached a thread with no
 /// call in progress, or a process that never installed the handler, does nothing.
@@ -44,6 +49,8 @@ struct Active {
     /// Hook runs left before the budget is spent.
     ticks_left: AtomicU64,
     exhausted: AtomicBool,
+    /// Stopped by [`CALL_TIME_LIMIT`] rather than by its instructions.
+    timed_out: AtomicBool,
 }
 
 thread_local! {
@@ -54,6 +61,7 @@ thread_local! {
             armed: AtomicBool::new(false),
             ticks_left: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
         }
     };
     /// Steps of work done outside the VM (pattern matching) that make no whole tick yet.
@@ -123,6 +131,7 @@ fn enter(state: *mut ffi::lua_State, instructions: u64) -> Call {
         a.ticks_left
             .store((instructions / u64::from(HOOK_EVERY)).max(1), Relaxed);
         a.exhausted.store(false, Relaxed);
+        a.timed_out.store(false, Relaxed);
         a.in_call.store(true, Relaxed);
     });
     STEPS.set(0);
@@ -148,10 +157,15 @@ impl Drop for Call {
     }
 }
 
-/// The call in progress on this thread ran out of instructions (for `pcall`, which must not
-/// catch that).
+/// The call in progress on this thread ran out of instructions or time (for `pcall`, which
+/// must not catch that).
 pub fn exhausted() -> bool {
     ACTIVE.with(|a| a.exhausted.load(Relaxed))
+}
+
+/// The call in progress (or the last) on this thread was stopped by [`CALL_TIME_LIMIT`].
+pub fn timed_out() -> bool {
+    ACTIVE.with(|a| a.timed_out.load(Relaxed))
 }
 
 fn register() -> Registration {
@@ -199,8 +213,10 @@ fn start_watchdog() {
 }
 
 fn watchdog() {
-    // (slot, the call in progress at the last look, whether it was signalled).
-    let mut seen: Vec<(Arc<Slot>, u64, bool)> = Vec::new();
+    // Looks at one call after which it has run out of time.
+    let time_up = (CALL_TIME_LIMIT.as_millis() / WATCH_EVERY.as_millis()).max(2) as u32;
+    // (slot, the call in progress at the last look, looks at it since the first).
+    let mut seen: Vec<(Arc<Slot>, u64, u32)> = Vec::new();
     loop {
         std::thread::sleep(WATCH_EVERY);
         // Held while signalling, so no watched thread can finish ending meanwhile.
@@ -211,14 +227,17 @@ fn watchdog() {
             let entry = match seen.iter_mut().find(|(s, ..)| Arc::ptr_eq(s, slot)) {
                 Some(entry) => entry,
                 None => {
-                    seen.push((slot.clone(), 0, false));
+                    seen.push((slot.clone(), 0, 0));
                     seen.last_mut().expect("just pushed")
                 }
             };
             if call == 0 || call != entry.1 {
-                *entry = (slot.clone(), call, false);
-            } else if !entry.2 {
-                entry.2 = true;
+                *entry = (slot.clone(), call, 0);
+                continue;
+            }
+            entry.2 = entry.2.saturating_add(1);
+            // The first signal arms the budget; the second, once the time is up, ends it.
+            if entry.2 == 1 || entry.2 == time_up {
                 // SAFETY: the thread is registered, so it has not ended.
                 unsafe { libc::pthread_kill(slot.thread, ARM_SIGNAL) };
             }
@@ -226,21 +245,31 @@ fn watchdog() {
     }
 }
 
-/// Runs on the thread of the call: sets the count hook if a call is in progress.
+/// Runs on the thread of the call: sets the count hook if a call is in progress; if it is
+/// set already, the call is out of time: no budget is left, and the hook runs at the next
+/// instruction.
 extern "C" fn on_signal(_: libc::c_int) {
     let _ = ACTIVE.try_with(|a| {
-        if a.in_call.load(Relaxed) && !a.armed.swap(true, Relaxed) {
-            // SAFETY: `lua_sethook` may be called from a signal handler; the state is the
-            // one running the call, which is not over (`in_call`).
-            unsafe {
-                ffi::lua_sethook(
-                    a.state.load(Relaxed),
-                    Some(count_hook),
-                    ffi::LUA_MASKCOUNT,
-                    HOOK_EVERY as libc::c_int,
-                )
-            };
+        if !a.in_call.load(Relaxed) {
+            return;
         }
+        let every = if a.armed.swap(true, Relaxed) {
+            a.timed_out.store(true, Relaxed);
+            a.ticks_left.store(0, Relaxed);
+            1
+        } else {
+            HOOK_EVERY as libc::c_int
+        };
+        // SAFETY: `lua_sethook` may be called from a signal handler; the state is the one
+        // running the call, which is not over (`in_call`).
+        unsafe {
+            ffi::lua_sethook(
+                a.state.load(Relaxed),
+                Some(count_hook),
+                ffi::LUA_MASKCOUNT,
+                every,
+            )
+        };
     });
 }
 
@@ -274,6 +303,8 @@ fn spend_ticks(n: u64) -> bool {
 
 /// The error a call out of instructions is stopped with, after the place it was at.
 pub const EXCEEDED: &std::ffi::CStr = c"instruction budget exceeded";
+/// The error a call out of time ([`CALL_TIME_LIMIT`]) is stopped with.
+pub const OUT_OF_TIME: &std::ffi::CStr = c"time limit exceeded";
 
 /// The count hook: spends one tick of the budget, and raises an error once none is left.
 unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
@@ -284,7 +315,8 @@ unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::
     }
 }
 
-/// Raise `file.lua:LINE: instruction budget exceeded` ([`EXCEEDED`]), the place being that
+/// Raise `file.lua:LINE: instruction budget exceeded` ([`EXCEEDED`], or [`OUT_OF_TIME`]
+/// for a call out of time), the place being that
 /// of the innermost policy function from stack level `level` out (a C function, such as a
 /// pattern function, has none, and Switchyard's own Lua helpers are passed over).
 ///
@@ -292,6 +324,7 @@ unsafe extern "C-unwind" fn count_hook(state: *mut ffi::lua_State, _: *mut ffi::
 /// `state` is running a call, and the caller holds nothing that needs dropping: the error
 /// is a `longjmp`.
 pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, level: libc::c_int) -> ! {
+    let what = if timed_out() { OUT_OF_TIME } else { EXCEEDED };
     unsafe {
         match policy_frame(state, level) {
             Some(ar) => ffi::lua_pushfstring(
@@ -299,9 +332,9 @@ pub unsafe fn raise_exceeded(state: *mut ffi::lua_State, level: libc::c_int) -> 
                 c"%s:%d: %s".as_ptr(),
                 ar.short_src.as_ptr(),
                 ar.currentline,
-                EXCEEDED.as_ptr(),
+                what.as_ptr(),
             ),
-            None => ffi::lua_pushstring(state, EXCEEDED.as_ptr()),
+            None => ffi::lua_pushstring(state, what.as_ptr()),
         };
         ffi::lua_error(state)
     }

@@ -209,6 +209,10 @@ pub enum PolicyError {
     /// `.1` (`file.lua:LINE`, empty when not known).
     #[error("exceeded its instruction budget of {} instructions{}", .0, at_place(.1))]
     Budget(u64, String),
+    /// `route` ran past the time limit (of `.0` ms: library calls the budget does not
+    /// count), stopped at the place `.1`.
+    #[error("ran longer than {} ms{} (library calls over large inputs, which the instruction budget does not count)", .0, at_place(.1))]
+    Time(u64, String),
     /// The VM ran past its memory cap (of `.0` bytes), last seen growing at `.1`
     /// (`file.lua:LINE`, empty when not known); it is discarded and rebuilt.
     #[error("exceeded the Lua memory limit of {} bytes{}", .0, at_place(.1))]
@@ -235,7 +239,7 @@ impl PolicyError {
         match self {
             PolicyError::Load(_) => "load",
             PolicyError::Runtime(_) => "runtime",
-            PolicyError::Budget(..) => "budget",
+            PolicyError::Budget(..) | PolicyError::Time(..) => "budget",
             PolicyError::Memory(..) => "memory",
             PolicyError::BadReturn(_) => "bad_return",
             PolicyError::UnknownBackend(_) => "unknown_backend",
@@ -273,7 +277,7 @@ pub fn decide(
         let result = vm.route(policy, req, params, candidates, all, max_names);
         if matches!(
             result,
-            Err(PolicyError::Memory(..) | PolicyError::Budget(..))
+            Err(PolicyError::Memory(..) | PolicyError::Budget(..) | PolicyError::Time(..))
         ) {
             // A call stopped part-way may have left its policy's locals half-changed, and a
             // VM that hit its cap may hold garbage the policy keeps alive: start clean.

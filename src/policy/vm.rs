@@ -438,15 +438,25 @@ impl PolicyVm {
 
     fn classify(&self, e: mlua::Error) -> PolicyError {
         if budget::exhausted() {
-            // The message is `file.lua:LINE: instruction budget exceeded`, raised where the
-            // call was stopped.
+            // The message is `file.lua:LINE: instruction budget exceeded` (or `time limit
+            // exceeded`), raised where the call was stopped.
             let message = error_message(&e);
-            let exceeded = budget::EXCEEDED.to_str().expect("ASCII");
-            let place = message.strip_suffix(exceeded).unwrap_or_default();
-            PolicyError::Budget(
-                self.limits.instruction_budget,
-                place.trim_end_matches([':', ' ']).to_string(),
-            )
+            let timed_out = budget::timed_out();
+            let what = if timed_out {
+                budget::OUT_OF_TIME
+            } else {
+                budget::EXCEEDED
+            };
+            let place = message
+                .strip_suffix(what.to_str().expect("ASCII"))
+                .unwrap_or_default()
+                .trim_end_matches([':', ' '])
+                .to_string();
+            if timed_out {
+                PolicyError::Time(budget::CALL_TIME_LIMIT.as_millis() as u64, place)
+            } else {
+                PolicyError::Budget(self.limits.instruction_budget, place)
+            }
         } else if is_memory_error(&e) {
             PolicyError::Memory(
                 self.limits.memory_limit_bytes,
