@@ -82,6 +82,7 @@ function P.route(req, backends)
   if what == "dump" then string.dump(P.route) end
   if what == "global" then counter = 1 end
   if what == "metatable" then setmetatable({}, {}) end
+  if what == "randomseed" then math.randomseed(1) end
   return backends[1].name
 end
 return P
@@ -252,7 +253,16 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_has_no_way_out() {
     let (_m, p, _) = start().await;
-    for escape in ["os", "io", "require", "load", "dump", "global", "metatable"] {
+    for escape in [
+        "os",
+        "io",
+        "require",
+        "load",
+        "dump",
+        "global",
+        "metatable",
+        "randomseed",
+    ] {
         let (status, body) = send(&p, "escapes", Some(escape)).await;
         assert_eq!(status, 500, "{escape}: {body}");
         assert_eq!(error_code(&body), "policy_error");
@@ -269,6 +279,7 @@ async fn the_sandbox_has_no_way_out() {
         "escapes.lua:8: attempt to call a nil value (global 'load')",
         "escapes.lua:9: attempt to call a nil value (field 'dump')",
         "escapes.lua:11: attempt to call a nil value (global 'setmetatable')",
+        "escapes.lua:12: attempt to call a nil value (field 'randomseed')",
     ] {
         p.wait_log(line).await;
     }

@@ -255,6 +255,10 @@ impl PolicyVm {
         // and the budgeted pattern functions must replace Lua's in it.
         let string: Table = real.get("string")?;
         string.raw_set("dump", Value::Nil)?;
+        // One policy seeding the VM's generator would fix what `math.random` gives every
+        // other policy on the thread.
+        real.get::<Table>("math")?
+            .raw_set("randomseed", Value::Nil)?;
         patterns::install(&lua, &string)?;
         let helpers: Table = lua.load(HELPERS).set_name("=switchyard").eval()?;
         let readonly: Function = helpers.get("readonly")?;
