@@ -315,6 +315,47 @@ async fn an_admission_redis_ran_after_its_answer_timed_out_is_not_counted_twice(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_whose_answer_was_lost_for_a_refused_request_gives_its_slot_back() {
+    install_redis();
+    let redis_port = free_port();
+    let redis = Redis::start(redis_port).await;
+    let m = mock("m1", &[]).await;
+    let config = config(
+        m.port,
+        "",
+        "{ concurrent: 1 }",
+        "",
+        &format!("url: \"redis://127.0.0.1:{redis_port}\", on_failure: closed, timeout_ms: 200"),
+    );
+    let p = proxy(&config, &[]).await;
+    let body = chat_body("llama-3", "hi", false);
+    // One request first, so Redis has the scripts loaded.
+    assert_eq!(post_as(&p, KEY, &body).await.status(), 200);
+    // Redis stalls: the admission's answer times out and the request is refused
+    // (fail-closed), but Redis runs the admission once it wakes, taking the one slot.
+    let mut stalled = redis.stall(1.5).await;
+    let r = post_as(&p, KEY, &body).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_code(&r.text().await.unwrap()), "limits_unavailable");
+    assert!(stalled.wait().unwrap().success(), "DEBUG SLEEP failed");
+    p.wait_log("redis reachable again").await;
+    // The slot was given back: the tenant is not locked out for `lease_seconds`.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = post_as(&p, KEY, &body).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "the lost admission's slot is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_count_redis_refuses_on_replay_is_dropped_and_the_rest_are_replayed() {
     install_redis();
     // A snapshot in which tenant acme's request window is a string, not a sorted set:

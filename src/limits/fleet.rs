@@ -47,6 +47,9 @@ enum Effect {
         day: u64,
     },
     Settled(Settle),
+    /// An admission whose answer never came, for a request this instance then refused:
+    /// undone if Redis ran it (see [`RedisCounters::withdraw`]).
+    Withdrawn(Settle),
 }
 
 pub struct RedisCounters {
@@ -192,7 +195,31 @@ impl RedisCounters {
         self.remember(Effect::Settled(s));
     }
 
+    /// Give back what an admission whose answer never came may have taken in Redis (its
+    /// concurrency slot, tokens and spend), for a request this instance then refused; a
+    /// no-op where Redis never ran it. Journaled while Redis is away, as settlements are.
+    pub async fn withdraw(&self, ask: &Ask<'_>) {
+        let s = Settle {
+            tenant: ask.tenant.to_string(),
+            id: ask.id.to_string(),
+            concurrent: ask.limits.concurrent.is_some(),
+            tokens: ask.limits.tpm.map(|_| 0),
+            nano_delta: -ask.nano,
+            day: ask.day,
+        };
+        let queued = !self.journal.lock().expect("journal poisoned").is_empty();
+        if self.is_up() && !queued && self.run_settle_as(&s, true).await.is_ok() {
+            return;
+        }
+        self.remember(Effect::Withdrawn(s));
+    }
+
     async fn run_settle(&self, s: &Settle) -> Result<(), CallError> {
+        self.run_settle_as(s, false).await
+    }
+
+    /// The settlement script; `withdrawal`: its spend only if the admission was counted.
+    async fn run_settle_as(&self, s: &Settle, withdrawal: bool) -> Result<(), CallError> {
         let mut call = self.settle.prepare_invoke();
         call.key(self.key(&s.tenant, "tok"))
             .key(self.key(&s.tenant, "tokn"))
@@ -203,7 +230,8 @@ impl RedisCounters {
             .arg(&s.id)
             .arg(s.tokens.map_or(-1, |t| t as i64))
             .arg(s.nano_delta)
-            .arg(WINDOW_MS);
+            .arg(WINDOW_MS)
+            .arg(u8::from(withdrawal));
         let mut conn = self.conn.clone();
         let _: i64 = self.call(call.invoke_async(&mut conn)).await?;
         Ok(())
@@ -275,6 +303,7 @@ impl RedisCounters {
             };
             let result = match &effect {
                 Effect::Settled(s) => self.run_settle(s).await,
+                Effect::Withdrawn(s) => self.run_settle_as(s, true).await,
                 Effect::Admitted {
                     tenant,
                     id,

@@ -198,7 +198,17 @@ impl Limiter {
         let (outcome, store) = match &self.redis {
             Some(r) if r.is_up() => match r.admit(&ask).await {
                 Ok(o) => (o, Store::Redis),
-                Err(()) => self.fall_back(&ask, now)?,
+                Err(()) => {
+                    // Redis may have run the admission whose answer was lost. Admitted
+                    // here, the request's settlement reaches Redis in time; refused here,
+                    // what Redis may hold for it (a concurrency slot for `lease_seconds`)
+                    // is given back.
+                    let fallen = self.fall_back(&ask, now);
+                    if !matches!(fallen, Ok((Outcome::Admitted(_), _))) {
+                        r.withdraw(&ask).await;
+                    }
+                    fallen?
+                }
             },
             Some(_) => self.fall_back(&ask, now)?,
             None => (self.local.admit(&ask, now), Store::Local),
