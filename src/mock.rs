@@ -8,7 +8,8 @@
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
 //! the same three under Azure's deployment paths
 //! (`POST /openai/deployments/NAME/chat/completions?api-version=V`; the query is required),
-//! `POST /v1/messages`, `GET /v1/models`, `GET /health`, and for tests
+//! `POST /v1/messages` (and `/v1/messages/count_tokens`), `GET /v1/models`, `GET /health`,
+//! and for tests
 //! `GET /mock/requests` (last 1000),
 //! `GET /mock/stats` (requests, in flight, health checks answered), `POST /mock/reset`
 //! (clears the log, the request counter and the models seen), and
@@ -596,6 +597,8 @@ enum Api {
     Text,
     Embeddings,
     Messages,
+    /// Anthropic's `POST /v1/messages/count_tokens`: `{"input_tokens": N}`, no usage.
+    CountTokens,
 }
 
 impl Api {
@@ -609,6 +612,9 @@ impl Api {
         };
         if path == "/v1/messages" {
             return Some((Api::Messages, false));
+        }
+        if path == "/v1/messages/count_tokens" {
+            return Some((Api::CountTokens, false));
         }
         if let Some(rest) = path.strip_prefix("/v1/") {
             return openai(rest).map(|api| (api, false));
@@ -658,6 +664,11 @@ fn route(shared: &Shared, call: &Call<'_>, plan: &Plan) -> Response<MockBody> {
             Ok(()) => completion(shared, call, parsed, plan, Kind::Messages),
             Err(message) => ApiError::invalid_request(message).response(shared, format),
         },
+        Api::CountTokens => json_response(
+            shared,
+            StatusCode::OK,
+            &serde_json::json!({ "input_tokens": prompt_tokens(call.body_bytes) }),
+        ),
     }
 }
 

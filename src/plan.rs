@@ -553,9 +553,19 @@ pub fn is_model_api(method: &str, path: &str) -> bool {
         )
 }
 
+/// Model APIs that generate nothing and that providers do not bill (Anthropic's token
+/// count, OpenAI's moderation): a tenant's token and spend limits reserve nothing for them,
+/// and their answers carry no usage to settle.
+pub fn is_free_api(path: &str) -> bool {
+    matches!(
+        path.strip_suffix('/').unwrap_or(path),
+        "/v1/messages/count_tokens" | "/v1/moderations"
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{is_ambiguous_path, is_model_api};
+    use super::{is_ambiguous_path, is_free_api, is_model_api};
 
     #[test]
     fn dot_segments_encoded_slashes_and_backslashes_are_ambiguous() {
@@ -589,6 +599,8 @@ mod tests {
     fn only_model_apis_are_forwarded() {
         assert!(is_model_api("POST", "/v1/chat/completions"));
         assert!(is_model_api("POST", "/v1/messages/count_tokens/"));
+        assert!(is_free_api("/v1/messages/count_tokens/") && is_free_api("/v1/moderations"));
+        assert!(!is_free_api("/v1/messages") && !is_free_api("/v1/embeddings"));
         assert!(is_model_api("POST", "/api/chat"));
         for (method, path) in [
             ("GET", "/v1/chat/completions"),

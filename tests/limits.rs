@@ -245,6 +245,51 @@ async fn a_daily_budget_stops_the_tenant_and_says_when_it_resets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_count_reserves_nothing_and_uses_nothing() {
+    let m = mock("claude", &[]).await;
+    let config = format!(
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}    provider: anthropic\n    cost: {{ input: 1000, output: 1000 }}\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {{ tpm: 150, usd_per_day: 0.01 }}\n",
+        backend("claude", m.port, "[claude]"),
+        sha256_hex(KEY.as_bytes()),
+    );
+    let p = proxy(&config, &[]).await;
+    // A prompt of ~2 000 tokens against a limit of 150: a message with it could never fit,
+    // but counting its tokens generates nothing and is not billed.
+    let prompt = "word ".repeat(1600);
+    let send = |path: &'static str, body: serde_json::Value| {
+        let url = p.url(path);
+        async move {
+            let r = client()
+                .post(url)
+                .header("x-api-key", KEY)
+                .header("anthropic-version", "2023-06-01")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let (status, h) = (r.status().as_u16(), r.headers().clone());
+            (status, h, r.text().await.unwrap())
+        }
+    };
+    let count = serde_json::json!({
+        "model": "claude",
+        "messages": [{ "role": "user", "content": prompt }],
+    });
+    for _ in 0..3 {
+        let (status, h, text) = send("/v1/messages/count_tokens", count.clone()).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("\"input_tokens\""), "{text}");
+        assert_eq!(number(&h, "x-ratelimit-remaining-tokens"), 150);
+    }
+    assert_eq!(received(&m).await.len(), 3);
+    // The message with the same prompt is refused as too large, as before.
+    let mut message = count.clone();
+    message["max_tokens"] = serde_json::json!(10);
+    let (status, _, text) = send("/v1/messages", message).await;
+    assert_eq!(status, 429, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_answer_gives_its_reservation_back() {
     let (_m, p) = setup("{ tpm: 1000 }", "{ input: 0, output: 0 }").await;
     let big = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":600");

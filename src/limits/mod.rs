@@ -179,11 +179,15 @@ impl Limiter {
         allowed: &[Arc<Backend>],
         meta: &RequestMeta,
     ) -> Result<Lease, ClientError> {
-        let tokens = meta
-            .tokens()
-            .saturating_add(meta.completion_reserve(limits.default_max_tokens))
-            .min(MAX_TOKENS);
-        let nano = reserved_nano(allowed, meta, limits);
+        let (tokens, nano) = if crate::plan::is_free_api(&meta.path) {
+            (0, 0)
+        } else {
+            let tokens = meta
+                .tokens()
+                .saturating_add(meta.completion_reserve(limits.default_max_tokens))
+                .min(MAX_TOKENS);
+            (tokens, reserved_nano(allowed, meta, limits))
+        };
         let now = now_ms();
         // Counters are keyed by an id of our own: a client's `x-request-id` may repeat.
         let id = uuid::Uuid::new_v4().simple().to_string();
