@@ -1430,27 +1430,31 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     );
     let p = proxy(&config, &[]).await;
     flappy.kill();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while admin_backend(admin, "flappy").await["healthy"] != false {
-        assert!(Instant::now() < deadline, "never marked unhealthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    becomes_healthy(admin, "flappy", false).await;
     for _ in 0..10 {
         let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
         assert_eq!(r.headers()["x-switchyard-backend"], "steady");
     }
     let _back = mock_on(port, "flappy", &[]).await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while admin_backend(admin, "flappy").await["healthy"] != true {
-        assert!(Instant::now() < deadline, "never came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    becomes_healthy(admin, "flappy", true).await;
     let mut served = std::collections::HashSet::new();
     for _ in 0..10 {
         let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
         served.insert(served_by(r.headers()));
     }
     assert!(served.contains("flappy"), "traffic returns after recovery");
+}
+
+/// Waits (5 s at most) until the admin API shows `name` with `healthy`.
+async fn becomes_healthy(admin: u16, name: &str, healthy: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admin_backend(admin, name).await["healthy"] != healthy {
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became healthy: {healthy}"
+        );
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
 }
 
 /// Sets the answers of `port`'s next health checks (`ok,fail,...`, repeated).
@@ -1504,19 +1508,11 @@ async fn a_flapping_backend_needs_fall_failures_and_rise_successes_in_a_row() {
 
     // Two failures in a row take it out; one success at a time never reaches `rise`.
     set_health(flappy.port, "fail,fail,ok").await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while admin_backend(admin, "flappy").await["healthy"] != false {
-        assert!(Instant::now() < deadline, "never marked unhealthy");
-        tokio::time::sleep(Duration::from_millis(15)).await;
-    }
+    becomes_healthy(admin, "flappy", false).await;
     stays_healthy_for(admin, "flappy", flappy.port, 12, false).await;
 
     set_health(flappy.port, "ok").await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while admin_backend(admin, "flappy").await["healthy"] != true {
-        assert!(Instant::now() < deadline, "never came back");
-        tokio::time::sleep(Duration::from_millis(15)).await;
-    }
+    becomes_healthy(admin, "flappy", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

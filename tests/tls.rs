@@ -913,6 +913,9 @@ async fn a_stream_broken_mid_way_ends_abnormally_over_http2_never_with_a_made_up
         let r = https
             .post(p.https("/v1/chat/completions"))
             .header("x-mock-fault", fault)
+            // Chunks apart, so the head is through before the break (an HTTP/2 reset that
+            // overtakes the head is a failure before any byte: 503).
+            .header("x-mock-chunk-delay-ms", "50")
             .json(&chat_body(model, "hi", true))
             .send()
             .await
@@ -922,11 +925,9 @@ async fn a_stream_broken_mid_way_ends_abnormally_over_http2_never_with_a_made_up
         let (text, broken) = tokio::time::timeout(Duration::from_secs(20), read_stream(r))
             .await
             .expect(&label);
+        // (What had arrived may be lost with the reset: HTTP/2 lets a client drop data it
+        // had not read when the stream is reset, so only the end is checked.)
         assert!(broken, "{label}: the stream ended as if complete:\n{text}");
-        assert!(
-            text.contains("data: "),
-            "{label}: part of the stream arrived"
-        );
         assert!(!text.contains("[DONE]"), "{label}: a made-up end:\n{text}");
     }
 }

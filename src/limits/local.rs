@@ -218,6 +218,21 @@ mod tests {
 
     const T0: u64 = 1_000 * DAY_MS;
 
+    /// Settle request `id` of tenant `t` at `tokens` (no slot, no spend) at `now`.
+    fn settle_tokens(c: &LocalCounters, id: &str, tokens: u64, now: u64) {
+        c.settle(
+            &Settle {
+                tenant: "t".into(),
+                id: id.into(),
+                concurrent: false,
+                tokens: Some(tokens),
+                nano_delta: 0,
+                day: T0 / DAY_MS,
+            },
+            now,
+        )
+    }
+
     #[test]
     fn requests_per_minute_slide() {
         let c = LocalCounters::default();
@@ -289,19 +304,7 @@ mod tests {
                 Outcome::Admitted(_)
             ));
         }
-        let settle = |id: &str, tokens: u64, now: u64| {
-            c.settle(
-                &Settle {
-                    tenant: "t".into(),
-                    id: id.into(),
-                    concurrent: false,
-                    tokens: Some(tokens),
-                    nano_delta: 0,
-                    day: T0 / DAY_MS,
-                },
-                now,
-            )
-        };
+        let settle = |id: &str, tokens: u64, now: u64| settle_tokens(&c, id, tokens, now);
         let counted = |now: u64| match c.admit(&ask("probe", &limits(None, Some(1), None), 2), now)
         {
             Outcome::Refused { snapshot, .. } => snapshot.tokens,
@@ -332,19 +335,7 @@ mod tests {
             c.admit(&ask("a", &l, 10), T0),
             Outcome::Admitted(_)
         ));
-        let settle = |id: &str, tokens: u64, now: u64| {
-            c.settle(
-                &Settle {
-                    tenant: "t".into(),
-                    id: id.into(),
-                    concurrent: false,
-                    tokens: Some(tokens),
-                    nano_delta: 0,
-                    day: T0 / DAY_MS,
-                },
-                now,
-            )
-        };
+        let settle = |id: &str, tokens: u64, now: u64| settle_tokens(&c, id, tokens, now);
         // One settled in the window, one after its reservation left it: the sum saturates.
         settle("a", 5_000, T0 + 1_000);
         settle("gone", u64::MAX, T0 + 2_000);
