@@ -14,8 +14,8 @@
 //! time its budget takes. Instructions do not measure library calls (`utf8.len` of a
 //! 10 MB string is one instruction and ~10 ms), so a call still running
 //! [`CALL_TIME_LIMIT`] after it started gets a second signal, which stops it at its next
-//! instruction whatever budget it has left. The watchdog wakes 1/`WATCH_EVERY` times a second and signals
-//! nothing unless a call overruns. Calls on one thread never nest (a policy cannot call
+//! instruction whatever budget it has left. The watchdog wakes 1/`WATCH_EVERY` times a
+//! second and signals nothing unless a call overruns. Calls on one thread never nest (a policy cannot call
 //! into another VM), so the call in progress is a per-thread record.
 
 use std::cell::Cell;
