@@ -321,7 +321,17 @@ impl RequestCtx {
         // and its reservation stands.
         let before_output =
             self.served_by.is_none() || self.meta.as_ref().is_some_and(|m| m.stream);
-        if self.usage.is_none() && self.status == 499 && self.current.is_some() && before_output {
+        // A token count or a moderation is free however it ends.
+        let billed = self
+            .meta
+            .as_ref()
+            .is_some_and(|m| !crate::plan::is_free_api(&m.path));
+        if self.usage.is_none()
+            && self.status == 499
+            && self.current.is_some()
+            && before_output
+            && billed
+        {
             self.usage = Some(Usage {
                 prompt_tokens: self.meta.as_ref().map_or(0, |m| m.tokens()),
                 completion_tokens: 0,

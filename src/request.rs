@@ -236,18 +236,20 @@ impl RequestMeta {
                 messages += 1;
             }
         }
-        for text in [
-            fields.prompt,
-            fields.input,
-            fields.system,
-            fields.instructions,
-        ]
-        .into_iter()
-        .flatten()
+        for text in [fields.prompt, fields.input, fields.system]
+            .into_iter()
+            .flatten()
         {
             prompt.spans.push(Span {
                 text: span(text),
                 session: true,
+            });
+        }
+        // Counted, but not part of the session key (which keys already in use would change).
+        if let Some(text) = fields.instructions {
+            prompt.spans.push(Span {
+                text: span(text),
+                session: false,
             });
         }
         self.prompt = prompt;

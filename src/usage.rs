@@ -57,6 +57,9 @@ struct Events {
     content: u64,
     /// An event carrying an `error` object: the backend failed mid-answer, inside a 200.
     error: bool,
+    /// A usage came after text had: the final count, not an opening one (Anthropic's
+    /// `message_start` reports one output token).
+    usage_after_content: bool,
 }
 
 /// What a response body is, for reading its usage (and rewriting a stream).
@@ -235,12 +238,13 @@ impl UsageReader {
                 Some(tally.usage())
             }
             Mode::Stream { .. } if self.tally.reported => {
-                // The text that went out counts even when the usage reported is less: an
-                // Anthropic stream's first event reports one output token, and a client
-                // that leaves before the last event (with the real count) must not have
-                // the rest for free.
+                // A stream that ended before its final count (an Anthropic stream's first
+                // event reports one output token; a client that leaves before the last
+                // event must not have the rest for free): the text that went out counts.
                 let mut usage = self.tally.usage();
-                usage.completion_tokens = usage.completion_tokens.max(self.events.content);
+                if !self.events.usage_after_content {
+                    usage.completion_tokens = usage.completion_tokens.max(self.events.content);
+                }
                 Some(usage)
             }
             Mode::Stream { .. } if self.events.content > 0 => Some(Usage {
@@ -271,6 +275,7 @@ fn read_event(line: &[u8], tally: &mut Tally, events: &mut Events) {
             let nested = event.message.or(event.response).and_then(|m| m.usage);
             if let Some(u) = event.usage.as_ref().or(nested.as_ref()) {
                 tally.merge(u);
+                events.usage_after_content |= events.content > 0;
             }
         }
     }
@@ -574,6 +579,12 @@ mod tests {
         feed_all(&mut r, &format!("{start}{}", delta.repeat(40)), 64);
         let u = r.finish().unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 40));
+        // With its final count, that count stands, even below the events.
+        let end = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":30}}\n\n";
+        let mut r = UsageReader::new(BodyKind::Stream);
+        feed_all(&mut r, &format!("{start}{}{end}", delta.repeat(40)), 64);
+        let u = r.finish().unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (25, 30));
     }
 
     #[test]

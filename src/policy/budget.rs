@@ -51,6 +51,11 @@ struct Active {
     exhausted: AtomicBool,
     /// Stopped by [`CALL_TIME_LIMIT`] rather than by its instructions.
     timed_out: AtomicBool,
+    /// This thread's watchdog slot (kept alive by its registration while the thread runs)
+    /// and the number of the call in progress: a signal stops the call only if the slot
+    /// names this call as out of time, not one that ended just before the signal came.
+    slot: AtomicPtr<Slot>,
+    call: AtomicU64,
 }
 
 thread_local! {
@@ -62,6 +67,8 @@ thread_local! {
             ticks_left: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
+            slot: AtomicPtr::new(ptr::null_mut()),
+            call: AtomicU64::new(0),
         }
     };
     /// Steps of work done outside the VM (pattern matching) that make no whole tick yet.
@@ -80,6 +87,8 @@ struct Slot {
     call: AtomicU64,
     /// Calls started on the thread so far.
     calls: AtomicU64,
+    /// The call the watchdog found out of time ([`CALL_TIME_LIMIT`]), 0 for none.
+    out_of_time: AtomicU64,
 }
 
 /// Removes the thread's slot when the thread ends, before it can no longer take a signal.
@@ -137,6 +146,10 @@ fn enter(state: *mut ffi::lua_State, instructions: u64) -> Call {
     STEPS.set(0);
     NOTED_PLACE.take();
     let number = slot.calls.fetch_add(1, Relaxed) + 1;
+    ACTIVE.with(|a| {
+        a.slot.store(Arc::as_ptr(&slot).cast_mut(), Relaxed);
+        a.call.store(number, Relaxed);
+    });
     slot.call.store(number, Relaxed);
     Call { slot }
 }
@@ -174,6 +187,7 @@ fn register() -> Registration {
         thread: unsafe { libc::pthread_self() },
         call: AtomicU64::new(0),
         calls: AtomicU64::new(0),
+        out_of_time: AtomicU64::new(0),
     });
     watched()
         .lock()
@@ -236,7 +250,11 @@ fn watchdog() {
                 continue;
             }
             entry.2 = entry.2.saturating_add(1);
-            // The first signal arms the budget; the second, once the time is up, ends it.
+            // The first signal arms the budget; the second, once the time is up, ends the
+            // call it names.
+            if entry.2 == time_up {
+                slot.out_of_time.store(call, Relaxed);
+            }
             if entry.2 == 1 || entry.2 == time_up {
                 // SAFETY: the thread is registered, so it has not ended.
                 unsafe { libc::pthread_kill(slot.thread, ARM_SIGNAL) };
@@ -245,20 +263,28 @@ fn watchdog() {
     }
 }
 
-/// Runs on the thread of the call: sets the count hook if a call is in progress; if it is
-/// set already, the call is out of time: no budget is left, and the hook runs at the next
+/// Runs on the thread of the call: sets the count hook if a call is in progress; if the
+/// watchdog named this call out of time, no budget is left and the hook runs at the next
 /// instruction.
 extern "C" fn on_signal(_: libc::c_int) {
     let _ = ACTIVE.try_with(|a| {
         if !a.in_call.load(Relaxed) {
             return;
         }
-        let every = if a.armed.swap(true, Relaxed) {
+        let slot = a.slot.load(Relaxed);
+        // SAFETY: set by `enter` to this thread's slot, which its registration keeps alive
+        // for as long as the thread runs.
+        let out_of_time =
+            !slot.is_null() && unsafe { (*slot).out_of_time.load(Relaxed) } == a.call.load(Relaxed);
+        let every = if out_of_time {
+            a.armed.store(true, Relaxed);
             a.timed_out.store(true, Relaxed);
             a.ticks_left.store(0, Relaxed);
             1
-        } else {
+        } else if !a.armed.swap(true, Relaxed) {
             HOOK_EVERY as libc::c_int
+        } else {
+            return;
         };
         // SAFETY: `lua_sethook` may be called from a signal handler; the state is the one
         // running the call, which is not over (`in_call`).
