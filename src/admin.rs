@@ -139,10 +139,7 @@ impl Admin {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(token)
-            })
+            .and_then(crate::tenants::bearer_token)
             .unwrap_or("");
         use subtle::ConstantTimeEq;
         let (a, b) = (

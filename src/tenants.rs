@@ -111,10 +111,7 @@ impl Tenants {
                 .get(name)
                 .and_then(|v: &http::HeaderValue| v.to_str().ok())
         };
-        let bearer = header(http::header::AUTHORIZATION.as_str()).and_then(|v| {
-            let (scheme, key) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(key)
-        });
+        let bearer = header(http::header::AUTHORIZATION.as_str()).and_then(bearer_token);
         let presented = [bearer, header("x-api-key"), header("api-key")]
             .into_iter()
             .flatten()
@@ -146,6 +143,13 @@ fn from_config(t: &TenantConfig) -> Tenant {
 pub fn decode_hash(hex_digest: &str) -> Option<[u8; 32]> {
     let bytes = hex::decode(hex_digest.trim()).ok()?;
     bytes.try_into().ok()
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value (the scheme in any case, as RFC 9110
+/// has it).
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 #[cfg(test)]

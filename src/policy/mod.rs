@@ -169,6 +169,10 @@ pub enum Decision<T = String> {
 /// messages, error messages, names and rejection messages.
 const MAX_TEXT_BYTES: usize = 1024;
 
+/// Room made up front for a list a policy hands over: `#t` of a sparse table can be
+/// astronomically more than it holds.
+pub(super) const PREALLOCATED: usize = 64;
+
 /// A backend name out of Lua, copied only if it could be one (a list may repeat one huge
 /// string many times, and each copy would be outside the VM's memory cap): a longer one
 /// names no backend.

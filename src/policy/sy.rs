@@ -92,17 +92,13 @@ fn log(lua: &Lua, msg: Value) -> mlua::Result<()> {
     Ok(())
 }
 
-/// Room made up front for a list a policy passes in: `#t` of a sparse table can be
-/// astronomically more than it holds.
-const PREALLOCATED: usize = 64;
-
 fn name_of(entry: &Table) -> mlua::Result<String> {
     entry.get::<String>("name")
 }
 
 /// `sy.weighted(backends)`: a name chosen at random in proportion to `weight`.
 fn weighted(backends: &Table) -> mlua::Result<Option<String>> {
-    let mut entries = Vec::with_capacity(backends.raw_len().min(PREALLOCATED));
+    let mut entries = Vec::with_capacity(backends.raw_len().min(super::PREALLOCATED));
     let mut total = 0.0;
     for entry in backends.sequence_values::<Table>() {
         let entry = entry?;
@@ -148,7 +144,7 @@ fn hash(key: &Value, backends: &Table) -> mlua::Result<Option<String>> {
             )))
         }
     };
-    let mut scored = Vec::with_capacity(backends.raw_len().min(PREALLOCATED));
+    let mut scored = Vec::with_capacity(backends.raw_len().min(super::PREALLOCATED));
     let mut total_inflight = 0.0;
     for entry in backends.sequence_values::<Table>() {
         let entry = entry?;

@@ -552,8 +552,7 @@ fn decision_from(values: MultiValue, max_names: usize) -> Result<Decision, Polic
     match values.next().unwrap_or(Value::Nil) {
         Value::String(s) => Ok(Decision::Candidates(vec![super::backend_name(&s)?])),
         Value::Table(t) => {
-            // (`#t` of a sparse table can be far more than it holds.)
-            let mut names = Vec::with_capacity(t.raw_len().min(max_names).min(64));
+            let mut names = Vec::with_capacity(t.raw_len().min(max_names).min(super::PREALLOCATED));
             for v in t.sequence_values::<Value>().take(max_names) {
                 match v.map_err(|e| PolicyError::Runtime(e.to_string()))? {
                     Value::String(s) => names.push(super::backend_name(&s)?),
