@@ -1457,25 +1457,17 @@ async fn becomes_healthy(admin: u16, name: &str, healthy: bool) {
     }
 }
 
-/// Sets the answers of `port`'s next health checks (`ok,fail,...`, repeated).
-async fn set_health(port: u16, pattern: &str) {
-    let r = client()
-        .post(format!(
-            "http://127.0.0.1:{port}/mock/health?pattern={pattern}"
-        ))
-        .send()
-        .await
-        .unwrap();
+/// Sets the answers of `mock`'s next health checks (`ok,fail,...`, repeated).
+async fn set_health(mock: &Proc, pattern: &str) {
+    let url = mock.url(&format!("/mock/health?pattern={pattern}"));
+    let r = client().post(url).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
 
-/// Polls `name`'s `healthy` until `port` has answered `checks` more health checks,
+/// Polls `name`'s `healthy` until `mock` has answered `checks` more health checks,
 /// asserting it is `healthy` at every look.
-async fn stays_healthy_for(admin: u16, name: &str, port: u16, checks: u64, healthy: bool) {
-    let health_checks = || async move {
-        let stats = get_json(format!("http://127.0.0.1:{port}/mock/stats")).await;
-        stats["health_checks"].as_u64().unwrap()
-    };
+async fn stays_healthy_for(admin: u16, name: &str, mock: &Proc, checks: u64, healthy: bool) {
+    let health_checks = || async { mock_stats(mock).await["health_checks"].as_u64().unwrap() };
     let until = health_checks().await + checks;
     let deadline = Instant::now() + Duration::from_secs(10);
     while health_checks().await < until {
@@ -1493,7 +1485,7 @@ async fn stays_healthy_for(admin: u16, name: &str, port: u16, checks: u64, healt
 async fn a_flapping_backend_needs_fall_failures_and_rise_successes_in_a_row() {
     let flappy = mock("flappy", &[]).await;
     let steady = mock("steady", &[]).await;
-    set_health(flappy.port, "ok,fail").await;
+    set_health(&flappy, "ok,fail").await;
     let admin = free_port();
     let config = format!(
         "{}health: {{ interval_ms: 50, timeout_ms: 200, rise: 2, fall: 2 }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}",
@@ -1504,14 +1496,14 @@ async fn a_flapping_backend_needs_fall_failures_and_rise_successes_in_a_row() {
     let _p = proxy(&config, &[]).await;
     // One failure at a time never reaches `fall` (with fall 1 it would go down, and with
     // rise 2 never come back while the pattern alternates).
-    stays_healthy_for(admin, "flappy", flappy.port, 12, true).await;
+    stays_healthy_for(admin, "flappy", &flappy, 12, true).await;
 
     // Two failures in a row take it out; one success at a time never reaches `rise`.
-    set_health(flappy.port, "fail,fail,ok").await;
+    set_health(&flappy, "fail,fail,ok").await;
     becomes_healthy(admin, "flappy", false).await;
-    stays_healthy_for(admin, "flappy", flappy.port, 12, false).await;
+    stays_healthy_for(admin, "flappy", &flappy, 12, false).await;
 
-    set_health(flappy.port, "ok").await;
+    set_health(&flappy, "ok").await;
     becomes_healthy(admin, "flappy", true).await;
 }
 
