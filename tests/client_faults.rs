@@ -423,9 +423,7 @@ async fn assert_refused_head(p: &Proc, admin: u16, answer: &str, status: u16, co
         .unwrap_or_else(|| panic!("no request id: {answer}"))
         .trim()
         .to_string();
-    let needle = format!("{id} - - status={status} ");
-    let log = p.wait_log(&needle).await;
-    let line = log.lines().find(|l| l.contains(&needle)).unwrap();
+    let line = p.log_line(&format!("{id} - - status={status} ")).await;
     assert!(line.ends_with(&format!(" error=\"{code}\"")), "{line}");
     let series =
         format!("switchyard_requests_total{{backend=\"none\",model=\"none\",status=\"{status}\"}}");

@@ -1019,9 +1019,7 @@ async fn a_reset_mid_stream_is_not_retried_and_ends_the_stream_without_done() {
     );
     // No usage came: the prompt estimate (one token for "hi") and the content events that
     // went out are what the request is counted as having used.
-    let access = " POST /v1/chat/completions status=";
-    let log = p.wait_log(access).await;
-    let line = log.lines().find(|l| l.contains(access)).unwrap();
+    let line = p.log_line(" POST /v1/chat/completions status=").await;
     assert!(line.contains(" tokens_in=1 tokens_out="), "{line}");
     assert!(!line.contains(" tokens_out=0 "), "{line}");
 }

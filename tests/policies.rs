@@ -230,8 +230,7 @@ async fn a_failing_policy_costs_one_request_a_500_and_the_next_succeeds() {
     assert!(raised.contains(&format!("raises@{version}")), "{raised}");
     // The access line of a failed request names the policy that failed, and the error.
     let failed = format!("status=500 tenant=anonymous model=raises policy=raises@{version} ");
-    let log = p.wait_log(&failed).await;
-    let line = log.lines().find(|l| l.contains(&failed)).unwrap();
+    let line = p.log_line(&failed).await;
     assert!(line.ends_with(" error=\"policy_error\""), "{line}");
     // And each is counted by kind.
     let text = metrics_text(admin).await;

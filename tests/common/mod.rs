@@ -123,14 +123,29 @@ impl Proc {
         }
     }
 
+    /// The first whole log line (its newline written) containing `needle`, without the
+    /// newline: a line being written may be read half-way.
+    pub async fn log_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.output();
+            let whole = log
+                .split_inclusive('\n')
+                .find(|l| l.contains(needle) && l.ends_with('\n'));
+            if let Some(line) = whole {
+                return line.trim_end_matches(['\r', '\n']).to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no whole line with `{needle}` in the log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The access line of the request `request_id` (an `x-request-id`), once logged.
     pub async fn access_line(&self, request_id: &str) -> String {
-        let needle = format!("{request_id} POST");
-        let log = self.wait_log(&needle).await;
-        log.lines()
-            .find(|l| l.contains(&needle))
-            .expect("wait_log found it")
-            .to_string()
+        self.log_line(&format!("{request_id} POST")).await
     }
 
     pub fn pid(&self) -> u32 {
