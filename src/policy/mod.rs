@@ -10,6 +10,8 @@
 #[allow(unsafe_code)]
 mod budget;
 #[allow(unsafe_code)]
+mod call;
+#[allow(unsafe_code)]
 mod patterns;
 mod sy;
 mod tables;
@@ -746,6 +748,21 @@ return P"#;
             );
             assert!(!shown.contains('\n') && shown.len() < 1200, "{shown:.200}");
         }
+        // An error value is read as Lua shows it, and a helper's error as it raised it.
+        match answer("error({})").unwrap_err() {
+            PolicyError::Runtime(m) => assert!(m.starts_with("table: 0x"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match answer("sy.hash(true, backends)").unwrap_err() {
+            PolicyError::Runtime(m) => {
+                assert!(m.contains("key must be a string, not a boolean"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            answer("error('plain', 0)").unwrap_err(),
+            PolicyError::Runtime("plain".into())
+        );
         match answer(&format!("nil, 503, {forged}")).unwrap() {
             Decision::Reject { message, .. } => {
                 assert!(

@@ -4,9 +4,9 @@
 //! one table per backend (static fields set once, live statistics rewritten only when they
 //! changed) and one `req` table whose fields are overwritten per call. Policies get
 //! read-only views of them. The array listing a request's candidates is kept too, per
-//! candidate list, and a policy gets a fresh copy of it (made in Lua, in one step), so it
-//! may sort it. The names a policy returns are found by the address of their Lua string,
-//! not copied out and looked up.
+//! candidate list, and a policy gets a fresh copy of it (made by `call::route` through the
+//! C API), so it may sort it. The names a policy returns are found by the address of their
+//! Lua string, not copied out and looked up.
 //!
 //! Everything here runs with the VM's memory limit lifted (see `PolicyVm::route`): with a
 //! limit, mlua runs each table write as a protected call, which cost more than the write.
@@ -346,6 +346,13 @@ impl NameIndex {
 
     pub fn set(&self) -> &BackendSet {
         &self.set
+    }
+
+    /// The backend whose name is the Lua string at `address`, if it is one of this set's:
+    /// a short name a policy returns is always the very string held here.
+    pub fn by_address(&self, address: usize) -> Option<&Arc<Backend>> {
+        let &i = self.by_address.get(&address)?;
+        self.set.backends.get(i)
     }
 
     /// The backend named `name`, if the set has one.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use mlua::{chunk::ChunkMode, ffi, Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 
 use super::tables::{NameIndex, TableCache};
-use super::{budget, patterns, sy, Decision, Policy, PolicyError};
+use super::{budget, call, patterns, sy, Decision, Policy, PolicyError};
 use crate::backends::{Backend, BackendSet};
 use crate::config::LuaConfig;
 use crate::request::RequestMeta;
@@ -22,7 +22,6 @@ use crate::routes::Params;
 /// never a policy's.
 const HELPERS: &str = r#"
 local setmetatable, next, error, tostring, lower = setmetatable, next, error, tostring, string.lower
-local unpack = table.unpack
 -- Each call leaves a little short-lived garbage (the candidate array, the answer): the
 -- generational collector handles that for less than the incremental one.
 collectgarbage("generational")
@@ -60,10 +59,6 @@ function H.after_every_gc(sample)
   local mt = {}
   mt.__gc = function() setmetatable({}, mt); H.gc_sample() end
   setmetatable({}, mt)
-end
--- Calls `route` with a copy of the VM's array of candidate views.
-function H.invoke(route, req, views, n)
-  return route(req, { unpack(views, 1, n) })
 end
 -- The `req` a policy gets: read-only like the others, with `tokens` and `session` not
 -- stored in `t` but worked out when read (`lazy(k)` is a Rust function); `pairs` lists
@@ -238,8 +233,6 @@ pub struct PolicyVm {
     limits: LuaConfig,
     globals: Table,
     helpers: Table,
-    /// `H.invoke`.
-    invoke: Function,
     loaded: HashMap<String, Loaded>,
     tables: TableCache,
 }
@@ -287,7 +280,6 @@ impl PolicyVm {
         let state = budget::state_of(&lua)?;
         lua.set_app_data(sy::LogLimiter::default());
         lua.set_app_data(CallContext::default());
-        let invoke: Function = helpers.get("invoke")?;
         helpers
             .get::<Function>("after_every_gc")?
             .call::<()>(memory_sampler(&lua, limits.memory_limit_bytes)?)?;
@@ -301,7 +293,6 @@ impl PolicyVm {
             limits: limits.clone(),
             globals,
             helpers,
-            invoke,
             loaded: HashMap::default(),
             tables,
         })
@@ -338,15 +329,15 @@ impl PolicyVm {
             ctx.policy = loaded.tag.clone();
         }
         let result = budget::run(self.state, self.limits.instruction_budget, || {
-            self.invoke
-                .call::<MultiValue>((&loaded.route, args.req, args.views, args.count))
+            call::route(&self.lua, &loaded.route, &args, max_names)
         });
         if let Some(mut ctx) = self.lua.app_data_mut::<CallContext>() {
             ctx.req = None;
             ctx.all = None;
         }
         match result {
-            Ok(values) => chosen_backends(values, args.names, max_names),
+            Ok(call::Answer::Chosen(backends)) => Ok(Decision::Candidates(backends)),
+            Ok(call::Answer::Values(values)) => chosen_backends(values, args.names, max_names),
             Err(e) => Err(self.classify(e)),
         }
     }
