@@ -251,8 +251,9 @@ pub struct Route {
     /// Upstream attempts for one request, first try included. Default 3.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    /// Retry on another backend after a response-header timeout (the first backend may
-    /// still be generating, and billing). Default false: the client gets 504.
+    /// Retry on another backend after a response-header timeout, or a backend's own 504
+    /// (the first backend may still be generating, and billing). Default false: the
+    /// client gets 504.
     #[serde(default)]
     pub retry_on_timeout: bool,
     /// Requests allowed to wait for capacity when every candidate is at `max_inflight`.

@@ -617,7 +617,8 @@ impl Api {
             return Some((Api::CountTokens, false));
         }
         if let Some(rest) = path.strip_prefix("/v1/") {
-            return openai(rest).map(|api| (api, false));
+            // A trailing slash names the same API, as servers that redirect it do.
+            return openai(rest.strip_suffix('/').unwrap_or(rest)).map(|api| (api, false));
         }
         let (deployment, rest) = path.strip_prefix("/openai/deployments/")?.split_once('/')?;
         if deployment.is_empty() {

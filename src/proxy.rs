@@ -330,7 +330,10 @@ impl ProxyHttp for Switchyard {
                 ctx.request_id
             );
         }
-        let retry = self.retry_allowed(ctx);
+        // A 504 is a gateway behind the backend that stopped waiting: the model may still
+        // be generating (and billing), as after a timeout of our own.
+        let retry = self.retry_allowed(ctx)
+            && (status != 504 || ctx.plan.as_ref().is_some_and(|p| p.retry_on_timeout));
         if !(retry || auth_failed) {
             // The last backend's answer goes to the client; `logging` records the outcome.
             return Ok(());

@@ -24,7 +24,8 @@ pub fn should_add(meta: &RequestMeta, backend: &Backend) -> bool {
         && !meta.asked_usage
         && backend.config.stream_usage
         && crate::provider::speaks(backend, ApiFormat::OpenAi)
-        && (meta.path.ends_with("/chat/completions") || meta.path.ends_with("/completions"))
+        // `/v1/chat/completions/` is the same API.
+        && meta.path.trim_end_matches('/').ends_with("/completions")
 }
 
 /// The body with `stream_options.include_usage` set to true; every other byte is kept.

@@ -1824,3 +1824,24 @@ async fn sighup_during_start_up_does_not_end_the_process() {
     assert_eq!(r.status(), 200);
     assert!(p.exited().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_504_moves_on_only_where_timeouts_may_be_retried() {
+    for (extra, retried) in [("", false), ("    retry_on_timeout: true\n", true)] {
+        let failing = mock("failing", &["--fail-rate", "1", "--fail-status", "504"]).await;
+        let live = mock("live", &[]).await;
+        let config = chain_config(failing.port, Some(live.port), extra);
+        let p = proxy(&config, &[("chain", CHAIN)]).await;
+        let r = post_chat(&p, &chat_body("m", "hi", false), &[]).await;
+        if retried {
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["x-switchyard-backend"], "second");
+            assert_eq!(received(&live).await.len(), 1);
+        } else {
+            // The first backend may still be generating: its 504 is the answer.
+            assert_eq!(r.status(), 504);
+            assert_eq!(r.headers()["x-switchyard-backend"], "first");
+            assert!(received(&live).await.is_empty(), "a 504 was retried");
+        }
+    }
+}

@@ -25,8 +25,17 @@ async fn setup(limits: &str, cost: &str) -> (Proc, Proc) {
 
 /// POST a raw JSON body with the tenant's key; (status, headers, body).
 async fn post(p: &Proc, body: &str, extra: &[(&str, &str)]) -> (u16, HeaderMap, String) {
+    post_to(p, "/v1/chat/completions", body, extra).await
+}
+
+async fn post_to(
+    p: &Proc,
+    path: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> (u16, HeaderMap, String) {
     let mut req = client()
-        .post(p.url("/v1/chat/completions"))
+        .post(p.url(path))
         .bearer_auth(KEY)
         .header("content-type", "application/json")
         .body(body.to_string());
@@ -179,6 +188,16 @@ async fn streamed_usage_is_settled_and_the_client_sees_only_what_it_asked_for() 
         "the backend was not asked for the usage chunk"
     );
 
+    // With a trailing slash, the same API: the backend is asked for the usage chunk too.
+    let (status, _, stream) = post_to(&p, "/v1/chat/completions/", asked_none, &[]).await;
+    assert_eq!(status, 200, "{stream}");
+    assert!(!stream.contains("usage"), "{stream}");
+    assert_eq!(
+        received(&m).await[1]["body_sha256"],
+        sha256_hex(asked_usage.as_bytes()),
+        "the backend was not asked for the usage chunk on a path with a trailing slash"
+    );
+
     // The same request with the option set by the client: the backend sees the same bytes
     // (so reports the same usage) and the client gets the usage chunk.
     let (status, h, stream) = post(&p, &asked_usage, &[]).await;
@@ -191,12 +210,13 @@ async fn streamed_usage_is_settled_and_the_client_sees_only_what_it_asked_for() 
         serde_json::from_str(usage_line.trim_start_matches("data: ")).unwrap();
     let total = usage["usage"]["total_tokens"].as_i64().unwrap();
     assert!(total > 0);
-    // At this admission the first request counts what the backend reported, not its
-    // reservation; this one reserves as much as the first did.
+    // At this admission the first two requests count what their backend reported (the
+    // same bytes, the same usage), not their reservations; this one reserves as much as
+    // the first did.
     assert_eq!(
         number(&h, "x-ratelimit-remaining-tokens"),
-        100_000 - total - reserved,
-        "the first request was not settled to the usage its backend streamed"
+        100_000 - 2 * total - reserved,
+        "the first requests were not settled to the usage their backend streamed"
     );
 }
 
