@@ -273,7 +273,7 @@ impl ClientError {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             ClientError::UpstreamUnavailable | ClientError::LimitsUnavailable => Some(1),
-            ClientError::RateLimited(e) => Some(e.retry_after_secs),
+            ClientError::RateLimited(e) => e.retry_after_secs,
             // A policy that sheds load says "later", not when: a second, as for a 503 of
             // Switchyard's own.
             ClientError::PolicyRejected {

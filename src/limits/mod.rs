@@ -133,7 +133,9 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exceeded {
     pub kind: Kind,
-    pub retry_after_secs: u64,
+    /// `None` for a request larger than the limit itself: retrying cannot help, and the
+    /// answer says so with `x-should-retry: false` (which OpenAI's SDKs obey) instead.
+    pub retry_after_secs: Option<u64>,
     pub message: String,
     pub headers: Vec<(&'static str, String)>,
 }
@@ -239,11 +241,16 @@ impl Limiter {
                     .with_label_values(&[tenant, kind.name()])
                     .inc();
                 let retry_after_secs = retry_ms.div_ceil(1000).max(1);
+                let never_fits = never_fits(kind, limits, tokens, nano);
+                let mut headers = headers(limits, &snapshot, now, Some((kind, retry_ms)));
+                if never_fits {
+                    headers.push(("x-should-retry", "false".into()));
+                }
                 Err(ClientError::RateLimited(Box::new(Exceeded {
                     kind,
-                    retry_after_secs,
+                    retry_after_secs: (!never_fits).then_some(retry_after_secs),
                     message: message(kind, limits, tokens, nano, retry_after_secs),
-                    headers: headers(limits, &snapshot, now, Some((kind, retry_ms))),
+                    headers,
                 })))
             }
         }
@@ -335,7 +342,30 @@ pub fn nano_usd(usd: f64) -> i64 {
     (usd * NANO_PER_USD).round() as i64
 }
 
+/// Whether the request alone is over the limit that refused it: it reserves more tokens
+/// than the minute allows, or may cost more than the day's budget.
+fn never_fits(kind: Kind, limits: &TenantLimits, tokens: u64, nano: i64) -> bool {
+    match kind {
+        Kind::Tokens => tokens > limits.tpm.unwrap_or(0),
+        Kind::Spend => nano as f64 / NANO_PER_USD > limits.usd_per_day.unwrap_or(0.0),
+        Kind::Concurrent | Kind::Requests => false,
+    }
+}
+
 fn message(kind: Kind, limits: &TenantLimits, tokens: u64, nano: i64, retry: u64) -> String {
+    if never_fits(kind, limits, tokens, nano) {
+        return match kind {
+            Kind::Spend => format!(
+                "request too large: it may cost ${:.2} (prompt + max_tokens at the dearest backend it may use) and the daily budget is ${:.2}; lower max_tokens",
+                nano as f64 / NANO_PER_USD,
+                limits.usd_per_day.unwrap_or(0.0)
+            ),
+            _ => format!(
+                "request too large: it reserves {tokens} tokens (prompt + max_tokens) and the limit is {} tokens per minute; lower max_tokens",
+                limits.tpm.unwrap_or(0)
+            ),
+        };
+    }
     match kind {
         Kind::Concurrent => format!(
             "rate limit reached: at most {} requests in flight for this API key; retry in {retry}s",
@@ -345,21 +375,10 @@ fn message(kind: Kind, limits: &TenantLimits, tokens: u64, nano: i64, retry: u64
             "rate limit reached: {} requests per minute for this API key; retry in {retry}s",
             limits.rpm.unwrap_or(0)
         ),
-        Kind::Tokens if tokens > limits.tpm.unwrap_or(0) => format!(
-            "request too large: it reserves {tokens} tokens (prompt + max_tokens) and the limit is {} tokens per minute; lower max_tokens",
-            limits.tpm.unwrap_or(0)
-        ),
         Kind::Tokens => format!(
             "rate limit reached: {} tokens per minute for this API key; retry in {retry}s",
             limits.tpm.unwrap_or(0)
         ),
-        Kind::Spend if nano as f64 / NANO_PER_USD > limits.usd_per_day.unwrap_or(0.0) => {
-            format!(
-                "request too large: it may cost ${:.2} (prompt + max_tokens at the dearest backend it may use) and the daily budget is ${:.2}; lower max_tokens",
-                nano as f64 / NANO_PER_USD,
-                limits.usd_per_day.unwrap_or(0.0)
-            )
-        }
         Kind::Spend => format!(
             "daily budget of ${:.2} reached for this API key; it resets at 00:00 UTC, in {retry}s",
             limits.usd_per_day.unwrap_or(0.0)
