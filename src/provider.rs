@@ -152,8 +152,8 @@ pub fn prepare_upstream(
 
 /// The path and query `backend` gets for the client's `path_and_query`: behind the URL's
 /// prefix; for Azure, `/v1/REST` becomes `/openai/deployments/DEPLOYMENT/REST` (the
-/// deployment is the model's upstream name; `/openai/REST` without a model), with the
-/// backend's `api-version` replacing any the client sent.
+/// deployment is the model's upstream name; `/openai/REST` without a model, and for the
+/// Responses API), with the backend's `api-version` replacing any the client sent.
 fn upstream_path(
     backend: &Backend,
     provider: Provider,
@@ -168,6 +168,11 @@ fn upstream_path(
         .split_once('?')
         .unwrap_or((path_and_query, ""));
     let path = match (path.strip_prefix("/v1/"), deployment) {
+        // The Responses API has no deployment path: Azure serves it at `/openai/responses`,
+        // the deployment named by the body's `model` (renamed to it on the way).
+        (Some(rest), _) if rest == "responses" || rest.starts_with("responses/") => {
+            format!("/openai/{rest}")
+        }
         (Some(rest), Some(d)) => format!("/openai/deployments/{d}/{rest}"),
         (Some(rest), None) => format!("/openai/{rest}"),
         (None, _) => path.to_string(),
@@ -301,6 +306,20 @@ mod tests {
             h.uri.path_and_query().unwrap().as_str(),
             "/p/openai/deployments/up-m/embeddings?api-version=2025-01-01"
         );
+        // The Responses API is served outside the deployments, the deployment in the body.
+        for (path, upstream) in [
+            ("/v1/responses", "/p/openai/responses"),
+            (
+                "/v1/responses/resp_1/input_items",
+                "/p/openai/responses/resp_1/input_items",
+            ),
+        ] {
+            let h = prepared(&b, path, &[]);
+            assert_eq!(
+                h.uri.path_and_query().unwrap().as_str(),
+                format!("{upstream}?api-version=2025-01-01")
+            );
+        }
         assert!(h.headers.get("anthropic-version").is_none());
     }
 
