@@ -217,6 +217,7 @@ impl RequestMeta {
         let mut prompt = Prompt {
             body: body.clone(),
             spans: Vec::new(),
+            definitions: Vec::new(),
         };
         let span = |raw: &RawValue| {
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
@@ -252,6 +253,10 @@ impl RequestMeta {
                 session: false,
             });
         }
+        // Tool definitions are input tokens too; their JSON text is counted as it is.
+        for tools in [fields.tools, fields.functions].into_iter().flatten() {
+            prompt.definitions.push(span(tools));
+        }
         self.prompt = prompt;
         self.tokens = OnceLock::new();
         self.session = OnceLock::new();
@@ -267,6 +272,8 @@ impl RequestMeta {
 struct Prompt {
     body: Bytes,
     spans: Vec<Span>,
+    /// Tool (and function) definitions, counted as their JSON text.
+    definitions: Vec<Range<usize>>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,10 +286,10 @@ struct Span {
 }
 
 impl Prompt {
-    /// Call `f` on each piece of text of the spans `which` selects, in order, with whether
-    /// its span identifies the conversation. Text without escapes is a slice of the body;
+    /// Call `f` on each piece of the spans `which` selects, in order, with whether its
+    /// span identifies the conversation. Text without escapes is a slice of the body;
     /// text with escapes is decoded.
-    fn visit_text(&self, which: impl Fn(&Span) -> bool, f: &mut dyn FnMut(&str, bool)) {
+    fn visit(&self, which: impl Fn(&Span) -> bool, f: &mut dyn FnMut(Piece<'_>, bool)) {
         for span in self.spans.iter().filter(|s| which(s)) {
             // The body was parsed whole before the spans were kept, so each is UTF-8 and
             // JSON; a span that is not reads as no text.
@@ -293,12 +300,12 @@ impl Prompt {
             // the quotes, with no parse.
             if let Some(text) = json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
                 if memchr::memchr(b'\\', text.as_bytes()).is_none() {
-                    f(text, span.session);
+                    f(Piece::Text(text), span.session);
                     continue;
                 }
             }
             if let Ok(text) = serde_json::from_str::<TextPeek>(json) {
-                text.visit_text(&mut |t| f(t, span.session));
+                text.visit(&mut |piece| f(piece, span.session));
             }
         }
     }
@@ -308,12 +315,18 @@ impl Prompt {
     fn estimate(&self) -> (u64, Option<String>) {
         let mut tokens = TokenEstimate::default();
         let mut session = SessionHasher::default();
-        self.visit_text(|_| true, &mut |t, identifies| {
-            tokens.add(t);
-            if identifies {
-                session.add(t.as_bytes());
+        self.visit(|_| true, &mut |piece, identifies| match piece {
+            Piece::Text(t) => {
+                tokens.add(t);
+                if identifies {
+                    session.add(t.as_bytes());
+                }
             }
+            Piece::Ids(n) => tokens.add_tokens(n),
         });
+        for definitions in &self.definitions {
+            tokens.add_bytes(&self.body[definitions.clone()]);
+        }
         (tokens.tokens(), session.key())
     }
 
@@ -321,7 +334,11 @@ impl Prompt {
     /// are none.
     fn session_key(&self) -> Option<String> {
         let mut session = SessionHasher::default();
-        self.visit_text(|s| s.session, &mut |t, _| session.add(t.as_bytes()));
+        self.visit(|s| s.session, &mut |piece, _| {
+            if let Piece::Text(t) = piece {
+                session.add(t.as_bytes());
+            }
+        });
         session.key()
     }
 }
@@ -465,6 +482,11 @@ struct BodyFields<'a> {
     /// The Responses API's system prompt.
     #[serde(borrow, default)]
     instructions: Option<&'a RawValue>,
+    /// Tool definitions (and the older `functions`).
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    functions: Option<&'a RawValue>,
     #[serde(default)]
     stream_options: Option<StreamOptionsPeek>,
 }
@@ -505,6 +527,8 @@ impl<'a> BodyFields<'a> {
             input: raw.input,
             system: raw.system,
             instructions: raw.instructions,
+            tools: raw.tools,
+            functions: raw.functions,
             stream_options: typed(raw.stream_options, "stream_options", "an object")?,
         })
     }
@@ -536,6 +560,11 @@ struct RawFields<'a> {
     /// The Responses API's system prompt.
     #[serde(borrow, default)]
     instructions: Option<&'a RawValue>,
+    /// Tool definitions (and the older `functions`).
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    functions: Option<&'a RawValue>,
     #[serde(borrow, default)]
     stream_options: Option<&'a RawValue>,
 }
@@ -570,6 +599,10 @@ enum TextPeek<'a> {
 #[serde(untagged)]
 enum PartPeek<'a> {
     Text(#[serde(borrow)] Cow<'a, str>),
+    /// One token id of a prompt given as ids (`"prompt": [1, 2, 3]`).
+    Id(#[allow(dead_code)] u64),
+    /// One prompt of a batch given as ids (`"prompt": [[1, 2], [3]]`).
+    Ids(Vec<IgnoredAny>),
     Part {
         #[serde(borrow, default)]
         text: Option<Cow<'a, str>>,
@@ -583,25 +616,33 @@ enum PartPeek<'a> {
     Other(IgnoredAny),
 }
 
+/// A piece of a prompt: text, or a number of token ids.
+enum Piece<'t> {
+    Text(&'t str),
+    Ids(u64),
+}
+
 impl TextPeek<'_> {
-    /// Call `f` on each piece of text.
-    fn visit_text(&self, f: &mut dyn FnMut(&str)) {
+    /// Call `f` on each piece.
+    fn visit(&self, f: &mut dyn FnMut(Piece<'_>)) {
         match self {
-            TextPeek::Text(t) => f(t),
+            TextPeek::Text(t) => f(Piece::Text(t)),
             TextPeek::Parts(parts) => {
                 for p in parts {
                     match p {
-                        PartPeek::Text(t) => f(t),
+                        PartPeek::Text(t) => f(Piece::Text(t)),
+                        PartPeek::Id(_) => f(Piece::Ids(1)),
+                        PartPeek::Ids(ids) => f(Piece::Ids(ids.len() as u64)),
                         PartPeek::Part {
                             text,
                             thinking,
                             content,
                         } => {
                             for t in [text, thinking].into_iter().flatten() {
-                                f(t);
+                                f(Piece::Text(t));
                             }
                             if let Some(c) = content {
-                                c.visit_text(f);
+                                c.visit(f);
                             }
                         }
                         PartPeek::Other(_) => {}
@@ -660,6 +701,23 @@ mod tests {
         // The Responses API's instructions are prompt too.
         let m = meta(r#"{"model":"m","instructions":"abcdefgh","input":"abcd"}"#).unwrap();
         assert_eq!(m.tokens(), estimate(&["abcd", "abcdefgh"]));
+        // Token ids count one each, alone or in a batch.
+        let m = meta(r#"{"model":"m","prompt":[1,2,3,4,5]}"#).unwrap();
+        assert_eq!(m.tokens(), 5);
+        let m = meta(r#"{"model":"m","input":[[1,2,3],[4,5]],"prompt":"abcd"}"#).unwrap();
+        assert_eq!(m.tokens(), 6);
+        // Tool definitions count as their JSON text, and are not part of the session key.
+        let tools = r#"[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}]"#;
+        let plain = r#"{"model":"m","messages":[{"role":"user","content":"abcd"}]}"#;
+        let with_tools = format!(
+            r#"{{"model":"m","tools":{tools},"messages":[{{"role":"user","content":"abcd"}}]}}"#
+        );
+        let (plain, with_tools) = (meta(plain).unwrap(), meta(&with_tools).unwrap());
+        assert_eq!(with_tools.tokens(), estimate(&["abcd", tools]));
+        assert!(with_tools.tokens() > plain.tokens() + 10);
+        assert_eq!(with_tools.session(), plain.session());
+        let functions = format!(r#"{{"model":"m","functions":{tools}}}"#);
+        assert_eq!(meta(&functions).unwrap().tokens(), estimate(&[tools]));
     }
 
     #[test]

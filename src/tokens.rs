@@ -549,6 +549,11 @@ impl TokenEstimate {
         self.sum += sum;
     }
 
+    /// Add `n` whole tokens (token ids given as they are).
+    pub fn add_tokens(&mut self, n: u64) {
+        self.sum = self.sum.saturating_add(n.saturating_mul(SCALE as u64));
+    }
+
     /// The estimate so far, rounded up: at least 1 once any text was added.
     pub fn tokens(&self) -> u64 {
         self.sum.div_ceil(SCALE as u64)
