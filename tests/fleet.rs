@@ -164,6 +164,35 @@ fn config(mock_port: u16, backend_extra: &str, limits: &str, tenants: &str, redi
     )
 }
 
+/// A fleet's parts: Redis (installed, started on a free port), one mock backend, and the
+/// [`config`] of them with `redis` as the rest of its flow map after the URL.
+struct Fleet {
+    redis: Redis,
+    redis_port: u16,
+    mock: Proc,
+    config: String,
+}
+
+async fn fleet(backend_extra: &str, limits: &str, tenants: &str, redis: &str) -> Fleet {
+    install_redis();
+    let redis_port = free_port();
+    let redis_server = Redis::start(redis_port).await;
+    let mock = mock("m1", &[]).await;
+    let config = config(
+        mock.port,
+        backend_extra,
+        limits,
+        tenants,
+        &format!("url: \"redis://127.0.0.1:{redis_port}\", {redis}"),
+    );
+    Fleet {
+        redis: redis_server,
+        redis_port,
+        mock,
+        config,
+    }
+}
+
 /// Send `n` requests, alternating between the two instances, 6 at a time; how many
 /// got 200 (everything else must be a 429 from the limit). All carry the same
 /// `x-request-id`, as retries of one client may: each must still count.
@@ -193,17 +222,12 @@ async fn send(a: &Proc, b: &Proc, n: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_enforce_one_limit_through_redis_and_fail_open_without_it() {
-    install_redis();
-    let redis_port = free_port();
-    let mut redis = Redis::start(redis_port).await;
-    let m = mock("m1", &[]).await;
-    let config = config(
-        m.port,
-        "",
-        "{ rpm: 100 }",
-        "",
-        &format!("url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 300"),
-    );
+    let Fleet {
+        mut redis,
+        redis_port,
+        config,
+        mock: _mock,
+    } = fleet("", "{ rpm: 100 }", "", "timeout_ms: 300").await;
     let a = proxy(&config, &[]).await;
     let b = proxy(&config, &[]).await;
 
@@ -263,18 +287,19 @@ async fn fail_closed_refuses_limited_tenants_while_redis_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admission_redis_ran_after_its_answer_timed_out_is_not_counted_twice() {
-    install_redis();
-    let redis_port = free_port();
-    let redis = Redis::start(redis_port).await;
-    let m = mock("m1", &[]).await;
     // $1000 per million tokens: a request reserving ~1 000 tokens reserves ~$1.
-    let config = config(
-        m.port,
+    let Fleet {
+        redis,
+        config,
+        mock: _mock,
+        ..
+    } = fleet(
         "    cost: { input: 1000, output: 1000 }\n",
         "{ usd_per_day: 100 }",
         "",
-        &format!("url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 200"),
-    );
+        "timeout_ms: 200",
+    )
+    .await;
     let p = proxy(&config, &[]).await;
 
     // Redis stalls for a second; the admission is sent meanwhile, its answer times out, and
@@ -316,17 +341,18 @@ async fn an_admission_redis_ran_after_its_answer_timed_out_is_not_counted_twice(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admission_whose_answer_was_lost_for_a_refused_request_gives_its_slot_back() {
-    install_redis();
-    let redis_port = free_port();
-    let redis = Redis::start(redis_port).await;
-    let m = mock("m1", &[]).await;
-    let config = config(
-        m.port,
+    let Fleet {
+        redis,
+        config,
+        mock: _mock,
+        ..
+    } = fleet(
         "",
         "{ concurrent: 1 }",
         "",
-        &format!("url: \"redis://127.0.0.1:{redis_port}\", on_failure: closed, timeout_ms: 200"),
-    );
+        "on_failure: closed, timeout_ms: 200",
+    )
+    .await;
     let p = proxy(&config, &[]).await;
     let body = chat_body("llama-3", "hi", false);
     // One request first, so Redis has the scripts loaded.
@@ -377,20 +403,16 @@ async fn a_count_redis_refuses_on_replay_is_dropped_and_the_rest_are_replayed() 
             .unwrap();
         let _: () = redis::cmd("SAVE").query_async(&mut c).await.unwrap();
     }
-    let redis_port = free_port();
-    let mut redis = Redis::start(redis_port).await;
-    let m = mock("m1", &[]).await;
     let beta = format!(
         "  - name: beta\n    key_sha256: [\"{}\"]\n    limits: {{ rpm: 100 }}\n",
         sha256_hex(b"sk-beta")
     );
-    let config = config(
-        m.port,
-        "",
-        "{ rpm: 100 }",
-        &beta,
-        &format!("url: \"redis://127.0.0.1:{redis_port}\", timeout_ms: 300"),
-    );
+    let Fleet {
+        mut redis,
+        redis_port,
+        config,
+        mock: _mock,
+    } = fleet("", "{ rpm: 100 }", &beta, "timeout_ms: 300").await;
     let p = proxy(&config, &[]).await;
     let body = chat_body("llama-3", "hi", false);
     for key in [KEY, "sk-beta"] {

@@ -340,6 +340,34 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_keeps_the_version_before_a_reload_with_its_state() {
+        let (set, candidates, req, config) = setup();
+        let version = |tag: &str| {
+            let source = format!(
+                "local n = 0\nlocal P = {{}}\nfunction P.route()\n  n = n + 1\n  return nil, 400 + n, '{tag}'\nend\nreturn P"
+            );
+            Policy::new("p", source, PathBuf::from("p.lua"))
+        };
+        let call =
+            |p: &Policy| match decide(p, &req, &no_params(), &candidates, &set, &config.lua, 5) {
+                Ok(Decision::Reject { status, message }) => (status, message),
+                other => panic!("{other:?}"),
+            };
+        let (old, new) = (version("old"), version("new"));
+        assert_eq!(call(&old), (401, "old".into()));
+        assert_eq!(call(&new), (401, "new".into()));
+        // A request begun before the reload decides with the old version, which goes on
+        // where it was; so does the new one after it.
+        assert_eq!(call(&old), (402, "old".into()));
+        assert_eq!(call(&new), (402, "new".into()));
+        // Two versions are kept: a third drops the oldest, which starts over if it comes
+        // back.
+        assert_eq!(call(&version("newer")), (401, "newer".into()));
+        assert_eq!(call(&new), (403, "new".into()));
+        assert_eq!(call(&old), (401, "old".into()));
+    }
+
+    #[test]
     fn backend_entries_and_req_are_read_only() {
         let read_only = "read-only";
         // `pairs` hands out its state: it is never the table behind a view.

@@ -98,7 +98,7 @@ fn run_cases(
     within: std::time::Duration,
     configured: Option<&[String]>,
 ) -> Result<Vec<CaseResult>, String> {
-    let module = vm.ensure_loaded(policy).map_err(|e| e.to_string())?;
+    let module = vm.module(policy).map_err(|e| e.to_string())?;
     let route = module
         .get::<mlua::Function>("route")
         .map_err(|e| e.to_string())?;

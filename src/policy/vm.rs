@@ -217,6 +217,12 @@ pub(super) struct CallContext {
     pub policy: Arc<str>,
 }
 
+/// Versions of a policy a VM keeps loaded: the current one, and the one before it that
+/// requests begun before a reload (queued for capacity, say) still decide with. Each
+/// version keeps its own state (its file's locals), so a request of the old version does
+/// not recompile it and reset the new one's, or the other way round.
+const VERSIONS_KEPT: usize = 2;
+
 struct Loaded {
     version: String,
     /// `name@version`.
@@ -233,7 +239,9 @@ pub struct PolicyVm {
     limits: LuaConfig,
     globals: Table,
     helpers: Table,
-    loaded: HashMap<String, Loaded>,
+    /// By policy name, the versions loaded, most recently loaded first (see
+    /// [`VERSIONS_KEPT`]).
+    loaded: HashMap<String, Vec<Loaded>>,
     tables: TableCache,
 }
 
@@ -313,8 +321,8 @@ impl PolicyVm {
         all: &Arc<BackendSet>,
         max_names: usize,
     ) -> Result<Decision<Arc<Backend>>, PolicyError> {
-        self.ensure_loaded(policy)?;
-        let loaded = &self.loaded[&policy.name];
+        let version = self.ensure_loaded(policy)?;
+        let loaded = &self.loaded[&policy.name][version];
         let lua_err = |e: mlua::Error| PolicyError::Runtime(e.to_string());
         // Our own table upkeep runs without the memory limit: with one, mlua makes every
         // table write a protected call, which costs more than the write. The limit is
@@ -363,17 +371,27 @@ impl PolicyVm {
         decision_from(values.map_err(|e| self.classify(e))?, usize::MAX)
     }
 
-    /// Load a version of a policy unless this VM already has it; returns its module table.
-    pub(super) fn ensure_loaded(&mut self, policy: &Policy) -> Result<Table, PolicyError> {
-        if let Some(l) = self.loaded.get(&policy.name) {
-            if l.version == policy.version {
-                return Ok(l.module.clone());
-            }
+    /// Load a version of a policy unless this VM already has it; returns where it is in
+    /// `loaded[name]`.
+    fn ensure_loaded(&mut self, policy: &Policy) -> Result<usize, PolicyError> {
+        let kept = self
+            .loaded
+            .get(&policy.name)
+            .and_then(|versions| versions.iter().position(|l| l.version == policy.version));
+        if let Some(at) = kept {
+            return Ok(at);
         }
         let loaded = self.load(policy)?;
-        let module = loaded.module.clone();
-        self.loaded.insert(policy.name.clone(), loaded);
-        Ok(module)
+        let versions = self.loaded.entry(policy.name.clone()).or_default();
+        versions.insert(0, loaded);
+        versions.truncate(VERSIONS_KEPT);
+        Ok(0)
+    }
+
+    /// The module table of a version of a policy, loaded unless this VM already has it.
+    pub(super) fn module(&mut self, policy: &Policy) -> Result<Table, PolicyError> {
+        let at = self.ensure_loaded(policy)?;
+        Ok(self.loaded[&policy.name][at].module.clone())
     }
 
     fn load(&self, policy: &Policy) -> Result<Loaded, PolicyError> {
