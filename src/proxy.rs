@@ -332,8 +332,9 @@ impl ProxyHttp for Switchyard {
         }
         // A 504 is a gateway behind the backend that stopped waiting: the model may still
         // be generating (and billing), as after a timeout of our own.
-        let retry = self.retry_allowed(ctx)
-            && (status != 504 || ctx.plan.as_ref().is_some_and(|p| p.retry_on_timeout));
+        // Asked second: asking spends from the retry budget.
+        let retry = (status != 504 || ctx.plan.as_ref().is_some_and(|p| p.retry_on_timeout))
+            && self.retry_allowed(ctx);
         if !(retry || auth_failed) {
             // The last backend's answer goes to the client; `logging` records the outcome.
             return Ok(());

@@ -142,9 +142,10 @@ async fn a_token_reservation_lets_exactly_one_of_two_concurrent_requests_through
     // Two completions of up to 100 tokens each reserve 200: never within 150 either.
     let two = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":100,\"n\":2");
     assert_ne!(two, PLAIN);
-    let (status, _, body) = post(&p, &two, &[]).await;
+    let (status, h, body) = post(&p, &two, &[]).await;
     assert_eq!(status, 429);
     assert!(body.contains("request too large"), "{body}");
+    assert!(h.get("retry-after").is_none(), "{h:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,8 +71,13 @@ pub struct Ask<'a> {
 
 impl Ask<'_> {
     fn budget_nano(&self) -> Option<i64> {
-        self.limits.usd_per_day.map(|u| (u * NANO_PER_USD) as i64)
+        day_budget_nano(self.limits)
     }
+}
+
+/// The daily budget in nano-USD, as admissions compare spend with it.
+fn day_budget_nano(limits: &TenantLimits) -> Option<i64> {
+    limits.usd_per_day.map(|u| (u * NANO_PER_USD) as i64)
 }
 
 /// Counters as an admission left them (or found them, when refused).
@@ -347,7 +352,7 @@ pub fn nano_usd(usd: f64) -> i64 {
 fn never_fits(kind: Kind, limits: &TenantLimits, tokens: u64, nano: i64) -> bool {
     match kind {
         Kind::Tokens => tokens > limits.tpm.unwrap_or(0),
-        Kind::Spend => nano as f64 / NANO_PER_USD > limits.usd_per_day.unwrap_or(0.0),
+        Kind::Spend => nano > day_budget_nano(limits).unwrap_or(0),
         Kind::Concurrent | Kind::Requests => false,
     }
 }
@@ -485,5 +490,21 @@ mod tests {
         assert_eq!(h["x-ratelimit-remaining-usd"], "3.5000");
         assert_eq!(h["x-ratelimit-reset-usd"], format!("{}s", 23 * 3600));
         assert!(!h.contains_key("x-ratelimit-limit-concurrent"));
+    }
+
+    #[test]
+    fn a_request_never_fits_by_the_numbers_its_admission_compared() {
+        // $2.01 a day is 2_009_999_999 nano-USD as admissions count it (the float is a
+        // hair under 2.01): a request that may cost exactly $2.01 is refused every time.
+        let l = TenantLimits {
+            tpm: Some(100),
+            usd_per_day: Some(2.01),
+            ..TenantLimits::default()
+        };
+        assert!(never_fits(Kind::Spend, &l, 0, 2_010_000_000));
+        assert!(!never_fits(Kind::Spend, &l, 0, 2_009_999_999));
+        assert!(never_fits(Kind::Tokens, &l, 101, 0));
+        assert!(!never_fits(Kind::Tokens, &l, 100, 0));
+        assert!(!never_fits(Kind::Concurrent, &l, 1_000, i64::MAX));
     }
 }

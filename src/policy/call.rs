@@ -54,7 +54,7 @@ pub(super) fn route(
             ffi::lua_pushinteger(state, args.count as ffi::lua_Integer);
             let status = ffi::lua_pcall(state, 4, ANSWER_VALUES, handler);
             if status != ffi::LUA_OK {
-                return Err(error(status, raw.pop_value()));
+                return Err(error(state, status, || raw.pop::<Value>()));
             }
             let first = top.1 + 2;
             if let Some(chosen) = known_names(state, first, args, max_names) {
@@ -62,7 +62,9 @@ pub(super) fn route(
             }
             let mut values = Vec::with_capacity(ANSWER_VALUES as usize);
             for _ in 0..ANSWER_VALUES {
-                values.push(raw.pop_value());
+                // `pop`, not `pop_value`: making a reference may need memory the VM no
+                // longer has, which must be an error, not a panic.
+                values.push(raw.pop::<Value>()?);
             }
             values.reverse();
             Ok(Answer::Values(MultiValue::from_vec(values)))
@@ -111,21 +113,37 @@ unsafe fn known_names(
     }
 }
 
-/// The error `lua_pcall` gave, as mlua reports it.
-fn error(status: c_int, value: Value) -> mlua::Error {
-    match value {
-        // A Rust function's error (a `sy` helper's), as it raised it.
-        Value::Error(e) => *e,
-        value => {
-            let text = match &value {
-                Value::String(s) => s.to_string_lossy(),
-                other => format!("{other:?}"),
-            };
-            if status == ffi::LUA_ERRMEM {
+/// The error `lua_pcall` left on top of the stack, as mlua reports it; `pop` pops it as
+/// an mlua value (mlua's `RawLua::pop`).
+///
+/// # Safety
+/// The error value is on top of `state`'s stack.
+unsafe fn error(
+    state: *mut ffi::lua_State,
+    status: c_int,
+    pop: impl FnOnce() -> mlua::Result<Value>,
+) -> mlua::Error {
+    // SAFETY: the value is read where it lies; a string's bytes are copied out without
+    // making a reference, which could need memory the VM (at its cap, say) has not got.
+    unsafe {
+        if ffi::lua_type(state, -1) == ffi::LUA_TSTRING {
+            let mut len = 0;
+            let bytes = ffi::lua_tolstring(state, -1, &mut len);
+            let text = std::slice::from_raw_parts(bytes.cast::<u8>(), len);
+            let text = String::from_utf8_lossy(text).into_owned();
+            return if status == ffi::LUA_ERRMEM {
                 mlua::Error::MemoryError(text)
             } else {
                 mlua::Error::RuntimeError(text)
-            }
+            };
+        }
+        match pop() {
+            // A Rust function's error (a `sy` helper's), as it raised it.
+            Ok(Value::Error(e)) => *e,
+            // The message handler made every other value its text: only a value it could
+            // not turn (no stack left) comes here.
+            Ok(other) => mlua::Error::RuntimeError(format!("<{}>", other.type_name())),
+            Err(e) => e,
         }
     }
 }

@@ -365,6 +365,19 @@ mod tests {
         assert_eq!(call(&version("newer")), (401, "newer".into()));
         assert_eq!(call(&new), (403, "new".into()));
         assert_eq!(call(&old), (401, "old".into()));
+
+        // A version that does not fit beside the one kept (12 MiB each, and making one
+        // takes twice that, under a 32 MiB cap) is loaded alone.
+        let big = |tag: &str| {
+            let source = format!(
+                "local big = string.rep('{tag}', 12 * 1024 * 1024)\nlocal P = {{}}\nfunction P.route()\n  return nil, 400 + #big % 7, '{tag}'\nend\nreturn P"
+            );
+            Policy::new("big", source, PathBuf::from("big.lua"))
+        };
+        assert_eq!(config.lua.memory_limit_bytes, 32 * 1024 * 1024);
+        assert_eq!(call(&big("a")).1, "a");
+        assert_eq!(call(&big("b")).1, "b");
+        assert_eq!(call(&big("a")).1, "a");
     }
 
     #[test]

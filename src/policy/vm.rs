@@ -381,7 +381,19 @@ impl PolicyVm {
         if let Some(at) = kept {
             return Ok(at);
         }
-        let loaded = self.load(policy)?;
+        let loaded = match self.load(policy) {
+            // What the versions kept hold counts against the VM's memory cap: when the
+            // new one does not fit beside them, it is loaded alone (a late request of an
+            // old one loads that again).
+            Err(PolicyError::Memory(..))
+                if self.loaded.get(&policy.name).is_some_and(|v| !v.is_empty()) =>
+            {
+                self.loaded.remove(&policy.name);
+                let _ = self.lua.gc_collect();
+                self.load(policy)?
+            }
+            loaded => loaded?,
+        };
         let versions = self.loaded.entry(policy.name.clone()).or_default();
         versions.insert(0, loaded);
         versions.truncate(VERSIONS_KEPT);
