@@ -38,6 +38,7 @@ use crate::backends::{Backend, Outcome};
 use crate::body;
 use crate::context::RequestCtx;
 use crate::errors::{ClientError, UpstreamTlsFailure};
+use crate::limits::Lease;
 use crate::metrics::METRICS;
 use crate::outlier::parse_retry_after;
 use crate::plan::{self, Refusal};
@@ -356,6 +357,19 @@ impl ProxyHttp for Switchyard {
         Err(e)
     }
 
+    /// The answer's last chunk waits to go out (the patched `pingora-proxy`): a fleet
+    /// lease holding a `concurrent` slot is settled with Redis now, so that the client's
+    /// next request, at another instance maybe, finds the slot free. Other fleet leases
+    /// are settled in `logging`, and their answers wait for nothing.
+    async fn response_body_end(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        if ctx.lease.as_ref().is_some_and(Lease::holds_a_slot) {
+            let lease = ctx.lease.take().expect("just seen");
+            let (tokens, nano) = ctx.settlement(ctx.cost_usd());
+            self.shared.limiter.settle(lease, tokens, nano).await;
+        }
+        Ok(())
+    }
+
     /// Each chunk passes straight through; on the way, TTFT is taken at the first and
     /// usage read from all of them.
     fn upstream_response_body_filter(
@@ -404,7 +418,8 @@ impl ProxyHttp for Switchyard {
 
     /// The answer's last chunk is about to go out: settle the tenant's reservation now,
     /// when no call to Redis is needed, so that the client's next request finds it
-    /// settled. (`logging` settles whatever is left: fleet leases, broken answers.)
+    /// settled. (`response_body_end` and `logging` settle what is left: fleet leases,
+    /// broken answers.)
     fn response_body_filter(
         &self,
         _session: &mut Session,

@@ -441,3 +441,27 @@ async fn a_count_redis_refuses_on_replay_is_dropped_and_the_rest_are_replayed() 
     assert_eq!(post_as(&p, "sk-beta", &body).await.status(), 200);
     assert_eq!(redis.requests_of("beta").await, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sequential_client_going_from_instance_to_instance_finds_its_slot_free() {
+    let Fleet {
+        redis: _redis,
+        config,
+        mock: _mock,
+        ..
+    } = fleet("", "{ concurrent: 1 }", "", "timeout_ms: 300").await;
+    let a = proxy(&config, &[]).await;
+    let b = proxy(&config, &[]).await;
+    // One request at a time, each to the other instance than the last, plain and
+    // streamed: each has ended for the client before the next begins, so its slot in
+    // Redis must be free by then (it was released after the answer ended, and the next
+    // request often found it held).
+    for i in 0..200 {
+        let p = if i % 2 == 0 { &a } else { &b };
+        let body = chat_body("llama-3", "hi", i % 4 >= 2);
+        let r = post_as(p, KEY, &body).await;
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 200, "request {i}: {text}");
+    }
+}

@@ -134,6 +134,13 @@ pub struct Lease {
     pub headers: Vec<(&'static str, String)>,
 }
 
+impl Lease {
+    /// Whether the request holds one of its tenant's `concurrent` slots.
+    pub fn holds_a_slot(&self) -> bool {
+        self.concurrent
+    }
+}
+
 /// A request over one of its tenant's limits: 429 with `Retry-After` and `x-ratelimit-*`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exceeded {

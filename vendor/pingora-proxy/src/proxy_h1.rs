@@ -999,6 +999,9 @@ where
                     trace!("delaying downstream response for {:?}", duration);
                     time::sleep(duration).await;
                 }
+                if end {
+                    self.inner.response_body_end(session, ctx).await?;
+                }
 
                 Ok(HttpTask::Body(data, end))
             }

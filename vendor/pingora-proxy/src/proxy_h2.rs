@@ -1004,6 +1004,9 @@ where
                     trace!("delaying downstream response for {duration:?}");
                     time::sleep(duration).await;
                 }
+                if eos {
+                    self.inner.response_body_end(session, ctx).await?;
+                }
                 Ok(HttpTask::Body(data, eos))
             }
             HttpTask::UpgradedBody(..) => {

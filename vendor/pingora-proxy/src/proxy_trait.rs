@@ -506,6 +506,17 @@ pub trait ProxyHttp {
         Ok(None)
     }
 
+    /// Called after [Self::response_body_filter()] for the response body's last chunk,
+    /// before that chunk is written downstream: the client does not see its response end
+    /// until this returns. (Switchyard patch: work the client's next request depends on,
+    /// such as releasing a slot in a shared store, is done here.)
+    async fn response_body_end(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<()>
+    where
+        Self::CTX: Send + Sync,
+    {
+        Ok(())
+    }
+
     /// Similar to [Self::response_filter()] but for response trailers.
     /// Note, returning an Ok(Some(Bytes)) will result in the downstream response
     /// trailers being written to the response body.
