@@ -357,19 +357,6 @@ impl ProxyHttp for Switchyard {
         Err(e)
     }
 
-    /// The answer's last chunk waits to go out (the patched `pingora-proxy`): a fleet
-    /// lease holding a `concurrent` slot is settled with Redis now, so that the client's
-    /// next request, at another instance maybe, finds the slot free. Other fleet leases
-    /// are settled in `logging`, and their answers wait for nothing.
-    async fn response_body_end(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        if ctx.lease.as_ref().is_some_and(Lease::holds_a_slot) {
-            let lease = ctx.lease.take().expect("just seen");
-            let (tokens, nano) = ctx.settlement(ctx.cost_usd());
-            self.shared.limiter.settle(lease, tokens, nano).await;
-        }
-        Ok(())
-    }
-
     /// Each chunk passes straight through; on the way, TTFT is taken at the first and
     /// usage read from all of them.
     fn upstream_response_body_filter(
@@ -437,6 +424,19 @@ impl ProxyHttp for Switchyard {
             }
         }
         Ok(None)
+    }
+
+    /// The answer's last chunk waits to go out (the patched `pingora-proxy`): a fleet
+    /// lease holding a `concurrent` slot is settled with Redis now, so that the client's
+    /// next request, at another instance maybe, finds the slot free. Other fleet leases
+    /// are settled in `logging`, and their answers wait for nothing.
+    async fn response_body_end(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        if ctx.lease.as_ref().is_some_and(Lease::holds_a_slot) {
+            let lease = ctx.lease.take().expect("just seen");
+            let (tokens, nano) = ctx.settlement(ctx.cost_usd());
+            self.shared.limiter.settle(lease, tokens, nano).await;
+        }
+        Ok(())
     }
 
     async fn response_filter(
