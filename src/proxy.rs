@@ -38,7 +38,6 @@ use crate::backends::{Backend, Outcome};
 use crate::body;
 use crate::context::RequestCtx;
 use crate::errors::{ClientError, UpstreamTlsFailure};
-use crate::limits::Lease;
 use crate::metrics::METRICS;
 use crate::outlier::parse_retry_after;
 use crate::plan::{self, Refusal};
@@ -66,6 +65,24 @@ impl Switchyard {
         Switchyard {
             shared,
             retry_budget: RetryBudget::default(),
+        }
+    }
+
+    /// Settle the tenant's lease before the client has its answer when its next request
+    /// depends on it: at once on this instance's counters, and with Redis when the lease
+    /// holds a `concurrent` slot (the client's next request, at another instance maybe,
+    /// must find it free). Other fleet leases are settled in `logging`, and the answer
+    /// waits for nothing.
+    async fn settle_before_answer(&self, ctx: &mut RequestCtx) {
+        let Some(lease) = ctx.lease.take() else {
+            return;
+        };
+        let (tokens, nano) = ctx.settlement(ctx.cost_usd());
+        let limiter = &self.shared.limiter;
+        match limiter.settle_locally(lease, tokens, nano) {
+            Ok(()) => {}
+            Err(lease) if lease.holds_a_slot() => limiter.settle(lease, tokens, nano).await,
+            Err(lease) => ctx.lease = Some(lease),
         }
     }
 
@@ -151,6 +168,9 @@ impl ProxyHttp for Switchyard {
             }
             Err(e) => {
                 ctx.refused_by = e.policy().cloned();
+                // Admitted, then refused (by the policy, or no capacity in time): no
+                // backend had the request.
+                self.settle_before_answer(ctx).await;
                 reject(session, ctx, e).await;
                 Ok(true)
             }
@@ -426,16 +446,11 @@ impl ProxyHttp for Switchyard {
         Ok(None)
     }
 
-    /// The answer's last chunk waits to go out (the patched `pingora-proxy`): a fleet
-    /// lease holding a `concurrent` slot is settled with Redis now, so that the client's
-    /// next request, at another instance maybe, finds the slot free. Other fleet leases
-    /// are settled in `logging`, and their answers wait for nothing.
+    /// The answer's last chunk waits to go out (the patched `pingora-proxy`): what is left
+    /// of the lease after `response_body_filter` (a fleet lease) is settled now if the
+    /// client's next request depends on it.
     async fn response_body_end(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        if ctx.lease.as_ref().is_some_and(Lease::holds_a_slot) {
-            let lease = ctx.lease.take().expect("just seen");
-            let (tokens, nano) = ctx.settlement(ctx.cost_usd());
-            self.shared.limiter.settle(lease, tokens, nano).await;
-        }
+        self.settle_before_answer(ctx).await;
         Ok(())
     }
 

@@ -999,6 +999,7 @@ where
                     trace!("delaying downstream response for {:?}", duration);
                     time::sleep(duration).await;
                 }
+                // Switchyard patch: the last chunk waits for `response_body_end`.
                 if end {
                     self.inner.response_body_end(session, ctx).await?;
                 }

@@ -1004,6 +1004,7 @@ where
                     trace!("delaying downstream response for {duration:?}");
                     time::sleep(duration).await;
                 }
+                // Switchyard patch: the last chunk waits for `response_body_end`.
                 if eos {
                     self.inner.response_body_end(session, ctx).await?;
                 }

@@ -509,7 +509,10 @@ pub trait ProxyHttp {
     /// Called after [Self::response_body_filter()] for the response body's last chunk,
     /// before that chunk is written downstream: the client does not see its response end
     /// until this returns. (Switchyard patch: work the client's next request depends on,
-    /// such as releasing a slot in a shared store, is done here.)
+    /// such as releasing a slot in a shared store, is done here.) Only for bodies proxied
+    /// from an HTTP/1 or HTTP/2 upstream, and only when the body's end comes with its last
+    /// chunk: not for a response without a body, one whose HTTP/2 stream ends with
+    /// trailers, cached or custom responses.
     async fn response_body_end(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<()>
     where
         Self::CTX: Send + Sync,
