@@ -423,33 +423,12 @@ impl ProxyHttp for Switchyard {
         Ok(None)
     }
 
-    /// The answer's last chunk is about to go out: settle the tenant's reservation now,
-    /// when no call to Redis is needed, so that the client's next request finds it
-    /// settled. (`response_body_end` and `logging` settle what is left: fleet leases,
-    /// broken answers.)
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<Duration>> {
-        if end_of_stream && ctx.current.is_some() {
-            if let Some(lease) = ctx.lease.take() {
-                ctx.read_usage();
-                let (tokens, nano) = ctx.settlement(ctx.cost_usd());
-                if let Err(lease) = self.shared.limiter.settle_locally(lease, tokens, nano) {
-                    ctx.lease = Some(lease);
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// The answer's last chunk waits to go out (the patched `pingora-proxy`): what is left
-    /// of the lease after `response_body_filter` (a fleet lease) is settled now if the
-    /// client's next request depends on it.
+    /// The answer's last chunk waits to go out (the patched `pingora-proxy`): its usage is
+    /// read, and the tenant's reservation settled now if the client's next request
+    /// depends on it (`settle_before_answer`). `logging` settles what is left: other
+    /// fleet leases, broken answers.
     async fn response_body_end(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        ctx.read_usage();
         self.settle_before_answer(ctx).await;
         Ok(())
     }
