@@ -395,6 +395,13 @@ mod tests {
         }
     }
 
+    /// (prompt, completion) tokens of a plain answer fed in pieces of `piece` bytes.
+    fn answer_tokens(body: &str, piece: usize) -> Option<(u64, u64)> {
+        let mut r = UsageReader::new(BodyKind::Json);
+        feed_all(&mut r, body, piece);
+        r.finish().map(|u| (u.prompt_tokens, u.completion_tokens))
+    }
+
     #[test]
     fn the_body_kind_follows_the_labels_and_what_the_client_asked_for() {
         use BodyKind::*;
@@ -452,11 +459,7 @@ mod tests {
 
     #[test]
     fn a_plain_answer_s_usage_is_its_usage_object_wherever_it_is() {
-        let read = |body: &str| {
-            let mut r = UsageReader::new(BodyKind::Json);
-            feed_all(&mut r, body, 5);
-            r.finish().map(|u| (u.prompt_tokens, u.completion_tokens))
-        };
+        let read = |body: &str| answer_tokens(body, 5);
         // Text that quotes a usage object is text.
         let text = r#"\"usage\": {\"prompt_tokens\": 999}"#;
         assert_eq!(
@@ -589,11 +592,7 @@ mod tests {
 
     #[test]
     fn a_usage_of_total_tokens_alone_is_all_input() {
-        let read = |body: &str| {
-            let mut r = UsageReader::new(BodyKind::Json);
-            feed_all(&mut r, body, 4);
-            r.finish().map(|u| (u.prompt_tokens, u.completion_tokens))
-        };
+        let read = |body: &str| answer_tokens(body, 4);
         assert_eq!(
             read(r#"{"results":[],"usage":{"total_tokens":812}}"#),
             Some((812, 0))

@@ -79,19 +79,19 @@ impl Redis {
 
     /// Requests of `tenant` in the shared one-minute window.
     async fn requests_of(&self, tenant: &str) -> u64 {
-        let mut c = self.connection().await.unwrap();
-        redis::cmd("ZCARD")
-            .arg(format!("switchyard:{{{tenant}}}:req"))
-            .query_async(&mut c)
-            .await
-            .unwrap()
+        self.entries(tenant, "req").await
     }
 
     /// Concurrency slots of `tenant` held in Redis.
     async fn slots_held(&self, tenant: &str) -> u64 {
+        self.entries(tenant, "conc").await
+    }
+
+    /// Entries of `tenant`'s sorted set `what` (`req`, `conc`).
+    async fn entries(&self, tenant: &str, what: &str) -> u64 {
         let mut c = self.connection().await.unwrap();
         redis::cmd("ZCARD")
-            .arg(format!("switchyard:{{{tenant}}}:conc"))
+            .arg(format!("switchyard:{{{tenant}}}:{what}"))
             .query_async(&mut c)
             .await
             .unwrap()

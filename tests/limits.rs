@@ -13,10 +13,16 @@ const KEY: &str = "sk-limited";
 /// A proxy over one mock whose only tenant has `limits` (a YAML flow map) and whose
 /// backend has `cost` (a YAML flow map).
 async fn setup(limits: &str, cost: &str) -> (Proc, Proc) {
-    let m = mock("m1", &[]).await;
+    setup_backend("m1", "[llama-3]", &format!("    cost: {cost}\n"), limits).await
+}
+
+/// A proxy over one mock `name` serving `models`, with `extra` lines of its backend
+/// entry, whose only tenant has `limits`.
+async fn setup_backend(name: &str, models: &str, extra: &str, limits: &str) -> (Proc, Proc) {
+    let m = mock(name, &[]).await;
     let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}    cost: {cost}\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {limits}\n",
-        backend("m1", m.port, "[llama-3]"),
+        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{extra}tenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {limits}\n",
+        backend(name, m.port, models),
         sha256_hex(KEY.as_bytes()),
     );
     let p = proxy(&config, &[]).await;
@@ -270,13 +276,13 @@ async fn a_daily_budget_stops_the_tenant_and_says_when_it_resets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_count_reserves_nothing_and_uses_nothing() {
-    let m = mock("claude", &[]).await;
-    let config = format!(
-        "routes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}    provider: anthropic\n    cost: {{ input: 1000, output: 1000 }}\ntenants:\n  - name: acme\n    key_sha256: [\"{}\"]\n    limits: {{ tpm: 150, usd_per_day: 0.01 }}\n",
-        backend("claude", m.port, "[claude]"),
-        sha256_hex(KEY.as_bytes()),
-    );
-    let p = proxy(&config, &[]).await;
+    let (m, p) = setup_backend(
+        "claude",
+        "[claude]",
+        "    provider: anthropic\n    cost: { input: 1000, output: 1000 }\n",
+        "{ tpm: 150, usd_per_day: 0.01 }",
+    )
+    .await;
     // A prompt of ~2 000 tokens against a limit of 150: a message with it could never fit,
     // but counting its tokens generates nothing and is not billed.
     let prompt = "word ".repeat(1600);

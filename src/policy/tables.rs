@@ -357,10 +357,8 @@ impl NameIndex {
 
     /// The backend named `name`, if the set has one.
     pub fn backend(&self, name: &LuaString) -> Option<&Arc<Backend>> {
-        match self.by_address.get(&(name.to_pointer() as usize)) {
-            Some(&i) => self.set.backends.get(i),
-            None => self.set.get(std::str::from_utf8(&name.as_bytes()).ok()?),
-        }
+        self.by_address(name.to_pointer() as usize)
+            .or_else(|| self.set.get(std::str::from_utf8(&name.as_bytes()).ok()?))
     }
 }
 
