@@ -7,6 +7,7 @@
 #   PARTS=proxy benches/instructions.sh    # or PARTS=decide
 #   REQUESTS=1000 benches/instructions.sh
 #   KEEP=/tmp/cg benches/instructions.sh   # keep the callgrind files there (callgrind_annotate)
+#   CG_OPTS=--dump-instr=yes KEEP=/tmp/cg benches/instructions.sh  # more callgrind options
 #   PROFILE=release benches/instructions.sh  # the proxy part's cargo profile (default dist,
 #                                            # as the Docker image ships it)
 #
@@ -126,15 +127,15 @@ proxy_part() {
                 } >"$TMP/conf/sy.yaml"
             fi
             if [[ $target == switchyard ]]; then
-                RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$out" \
+                RUST_LOG=info valgrind --tool=callgrind ${CG_OPTS:-} --callgrind-out-file="$out" \
                     "$bin" run --config "$TMP/conf/sy.yaml" >"$TMP/$target.log" 2>&1 &
             elif [[ $target == bare-policy ]]; then
-                valgrind --tool=callgrind --callgrind-out-file="$out" \
+                valgrind --tool=callgrind ${CG_OPTS:-} --callgrind-out-file="$out" \
                     "$bin" bare --listen "127.0.0.1:$pp" --config "$TMP/conf/sy.yaml" --threads 2 >"$TMP/$target.log" 2>&1 &
             else
                 local ups=()
                 for p in "${ports[@]}"; do ups+=(--upstream "127.0.0.1:$p"); done
-                valgrind --tool=callgrind --callgrind-out-file="$out" \
+                valgrind --tool=callgrind ${CG_OPTS:-} --callgrind-out-file="$out" \
                     "$bin" bare --listen "127.0.0.1:$pp" "${ups[@]}" --threads 2 >"$TMP/$target.log" 2>&1 &
             fi
             vp=$!
