@@ -27,7 +27,7 @@ pub struct RequestCtx {
     pub meta: Option<Arc<RequestMeta>>,
     /// The tenant of a request answered or refused after it was authenticated but before
     /// its metadata was read (a body too large, not JSON, no model); else `meta` has it.
-    pub tenant: Option<String>,
+    pub tenant: Option<Arc<str>>,
     /// The client's body, whole; replayed on every attempt.
     pub body: Option<Bytes>,
     pub plan: Option<Plan>,
@@ -373,7 +373,7 @@ impl RequestCtx {
                 .inc_by(usage.completion_tokens);
             METRICS
                 .cost_usd
-                .with_label_values(&[meta.tenant.as_str(), served_by])
+                .with_label_values(&[&meta.tenant, served_by])
                 .inc_by(cost_usd);
         }
     }

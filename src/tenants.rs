@@ -5,18 +5,20 @@
 //! says nothing about how close a guess was. The tenant's region and allowed models and
 //! regions are enforced in Rust, before and after the policy runs.
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use wildmatch::WildMatch;
 
 use crate::backends::Backend;
 use crate::config::{AuthMode, Config, TenantConfig, TenantLimits};
-use crate::request::ANONYMOUS;
 
 /// A tenant ready for lookups.
 #[derive(Debug)]
 pub struct Tenant {
-    pub name: String,
+    /// Shared: every request of the tenant carries it.
+    pub name: Arc<str>,
     pub region: Option<String>,
     /// Globs; empty = every model.
     allowed_models: Vec<WildMatch>,
@@ -29,7 +31,7 @@ pub struct Tenant {
 impl Tenant {
     fn anonymous() -> Tenant {
         Tenant {
-            name: ANONYMOUS.to_string(),
+            name: crate::request::anonymous(),
             region: None,
             allowed_models: Vec::new(),
             allowed_regions: Vec::new(),
@@ -131,7 +133,7 @@ impl Tenants {
 
 fn from_config(t: &TenantConfig) -> Tenant {
     Tenant {
-        name: t.name.clone(),
+        name: t.name.as_str().into(),
         region: t.region.clone(),
         allowed_models: t.allowed_models.iter().map(|g| WildMatch::new(g)).collect(),
         allowed_regions: t.allowed_regions.clone(),
@@ -193,7 +195,7 @@ mod tests {
             ],
         ] {
             let found = t.authenticate(&headers(presented));
-            assert_eq!(found.map(|t| t.name.as_str()), Ok("acme"), "{presented:?}");
+            assert_eq!(found.map(|t| &*t.name), Ok("acme"), "{presented:?}");
         }
         assert_eq!(
             t.authenticate(&headers(&[("authorization", "Bearer ")]))
@@ -214,7 +216,7 @@ mod tests {
     #[test]
     fn auth_off_is_anonymous() {
         let t = Tenants::new(&config("auth: { mode: \"off\" }\n"));
-        assert_eq!(t.authenticate(&headers(&[])).unwrap().name, "anonymous");
+        assert_eq!(&*t.authenticate(&headers(&[])).unwrap().name, "anonymous");
     }
 
     #[test]

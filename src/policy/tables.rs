@@ -203,7 +203,7 @@ impl TableCache {
         set_str(&k.tenant, Some(&req.tenant), &mut last.tenant)?;
         set_str(&k.region, req.region.as_deref(), &mut last.region)?;
         set_str(&k.path, Some(&req.path), &mut last.path)?;
-        set_str(&k.method, Some(&req.method), &mut last.method)?;
+        set_str(&k.method, Some(req.method.as_str()), &mut last.method)?;
         let format = req.format.as_str();
         if fresh || last.format != Some(format) {
             t.raw_set(&k.format, format)?;

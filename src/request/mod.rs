@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use bytes::Bytes;
 use serde::de::IgnoredAny;
@@ -19,6 +19,12 @@ mod scan;
 
 /// Tenant of a request when no authentication is configured.
 pub const ANONYMOUS: &str = "anonymous";
+
+/// [`ANONYMOUS`], shared: a request of no tenant need not copy the name.
+pub fn anonymous() -> Arc<str> {
+    static NAME: LazyLock<Arc<str>> = LazyLock::new(|| ANONYMOUS.into());
+    NAME.clone()
+}
 
 /// Headers a policy may never read, and that never go upstream: credentials, and the
 /// OpenAI organization and project, which choose the account a backend's key bills.
@@ -49,14 +55,16 @@ pub struct RequestMeta {
     pub stream: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     pub asked_usage: bool,
-    pub tenant: String,
+    /// Shared with the tenant (`Tenant::name`), so that a request need not copy it.
+    pub tenant: Arc<str>,
     pub region: Option<String>,
     /// The client's `x-session-id`; without one, the key is hashed from the prompt when
     /// first asked for: see [`RequestMeta::session`].
     session_header: Option<String>,
     session: OnceLock<Option<String>>,
     pub path: String,
-    pub method: String,
+    /// A standard method is kept without an allocation.
+    pub method: http::Method,
     /// The API format, from the path: Anthropic's Messages API or OpenAI's.
     pub format: ApiFormat,
     pub priority: i64,
@@ -88,14 +96,14 @@ impl RequestMeta {
                 .map(str::to_string)
         };
         RequestMeta {
-            tenant: ANONYMOUS.to_string(),
+            tenant: anonymous(),
             region: get(&REGION).filter(|r| !r.is_empty()),
             session_header: get(&SESSION).filter(|s| !s.is_empty()),
             priority: get(&PRIORITY)
                 .and_then(|p| p.trim().parse().ok())
                 .unwrap_or(0),
             path: path.to_string(),
-            method: method.to_string(),
+            method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
             format: ApiFormat::of_path(path),
             headers: kept,
             choices: 1,
@@ -739,7 +747,7 @@ mod tests {
         assert_eq!(m.tokens(), estimate(&["be brief", "hello there, friend"]));
         assert_eq!(m.tokens(), 6, "o200k_base counts 2 + 4");
         assert!(m.session().is_some());
-        assert_eq!(m.tenant, ANONYMOUS);
+        assert_eq!(&*m.tenant, ANONYMOUS);
     }
 
     #[test]
