@@ -1,8 +1,8 @@
 //! The routing fields of a JSON request body, read in one pass over its bytes.
 //!
-//! serde_json reads a 1 KiB chat body in ~5 k instructions, most of them stepping through
-//! the prompt's text eight bytes at a time and through generic visitors; this reads the
-//! same fields from the bodies clients send in a fraction of that: a string is skipped
+//! serde_json read a 1 KiB chat body's fields in ~4.6 k instructions (the whole metadata
+//! ~6.7 k), stepping through the prompt's text eight bytes at a time and through generic
+//! visitors; this reads the same fields from the bodies clients send in ~2.5 k: a string is skipped
 //! with `memchr` (SIMD) and only the fields routing needs are looked at. It handles the
 //! usual shapes and nothing else: on anything unusual — any error, a field given twice, an
 //! escaped key, a field of another type than expected, deep nesting — it gives up, and
