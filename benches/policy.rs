@@ -41,7 +41,11 @@ fn config(policy: &str, backends: usize) -> Config {
 
 /// A small chat request, as the proxy would have read it.
 fn small_request() -> Arc<RequestMeta> {
-    let mut meta = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+    let mut meta = RequestMeta::from_head(
+        &http::Method::POST,
+        "/v1/chat/completions",
+        &http::HeaderMap::new(),
+    );
     meta.read_json_body(&bytes::Bytes::from_static(
         br#"{"model":"m","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"hello there"}]}"#,
     ))
@@ -220,7 +224,11 @@ fn chat_body(target_bytes: usize) -> Vec<u8> {
 
 fn request_metadata(c: &mut Criterion) {
     let mut group = c.benchmark_group("read_json_body");
-    let head = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+    let head = RequestMeta::from_head(
+        &http::Method::POST,
+        "/v1/chat/completions",
+        &http::HeaderMap::new(),
+    );
     for (label, size) in [("4KiB", 4 * 1024), ("256KiB", 256 * 1024)] {
         let body = bytes::Bytes::from(chat_body(size));
         let mut check = head.clone();

@@ -144,7 +144,11 @@ fn count_tokens(c: &mut Criterion) {
     }))
     .expect("body serialises")
     .into();
-    let head = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+    let head = RequestMeta::from_head(
+        &http::Method::POST,
+        "/v1/chat/completions",
+        &http::HeaderMap::new(),
+    );
     let mut check = head.clone();
     check.read_json_body(&body).expect("bench body is valid");
     assert_eq!(check.tokens(), estimated);

@@ -85,7 +85,7 @@ impl ProxyHttp for BarePolicy {
             .tenants
             .authenticate(&head.headers)
             .map_err(refused)?;
-        let mut meta = RequestMeta::from_head(head.method.as_str(), head.uri.path(), &head.headers);
+        let mut meta = RequestMeta::from_head(&head.method, head.uri.path(), &head.headers);
         let proxy = &runtime.config.proxy;
         let body = crate::body::read(
             session,

@@ -241,7 +241,7 @@ mod tests {
         for (n, v) in headers {
             h.insert_header(n.to_string(), *v).unwrap();
         }
-        let mut meta = RequestMeta::from_head("POST", path, &h.headers);
+        let mut meta = RequestMeta::from_head(&http::Method::POST, path, &h.headers);
         meta.model = Some("m".into());
         prepare_upstream(&mut h, b, Some(&meta)).unwrap();
         h

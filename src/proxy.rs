@@ -783,7 +783,7 @@ async fn admit_tenant(
             path.chars().take(200).collect::<String>()
         )));
     }
-    let mut meta = RequestMeta::from_head(head.method.as_str(), &path, &head.headers);
+    let mut meta = RequestMeta::from_head(&head.method, &path, &head.headers);
     meta.tenant = tenant.name.clone();
     if meta.region.is_none() {
         meta.region = tenant.region.clone();

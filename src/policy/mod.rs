@@ -313,8 +313,11 @@ mod tests {
         let config = Config::parse(&yaml).expect("test config is valid");
         let set = Arc::new(BackendSet::build(&config, None).expect("backends build"));
         let candidates = set.serving(Some("m"));
-        let mut meta =
-            RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+        let mut meta = RequestMeta::from_head(
+            &http::Method::POST,
+            "/v1/chat/completions",
+            &http::HeaderMap::new(),
+        );
         meta.read_json_body(&bytes::Bytes::from_static(
             br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
         ))
@@ -477,7 +480,8 @@ mod tests {
             if let Some(h) = header {
                 headers.insert("x-session-id", h.parse().unwrap());
             }
-            let mut meta = RequestMeta::from_head("POST", "/v1/chat/completions", &headers);
+            let mut meta =
+                RequestMeta::from_head(&http::Method::POST, "/v1/chat/completions", &headers);
             meta.read_json_body(&bytes::Bytes::from(body)).unwrap();
             let chosen = decide(
                 &sessions,
@@ -594,7 +598,11 @@ end
 return P"#;
         assert_eq!(names(run(source, &no_params())).unwrap(), vec!["a"]);
         let (set, candidates, _, config) = setup();
-        let mut hoard = RequestMeta::from_head("POST", "/v1/chat/completions", &Default::default());
+        let mut hoard = RequestMeta::from_head(
+            &http::Method::POST,
+            "/v1/chat/completions",
+            &Default::default(),
+        );
         hoard.model = Some("hoard".into());
         let policy = Policy::new("p", source.into(), PathBuf::from("p.lua"));
         let got = decide(

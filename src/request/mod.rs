@@ -79,7 +79,7 @@ pub struct RequestMeta {
 
 impl RequestMeta {
     /// Fill the head-derived fields from the HTTP request head.
-    pub fn from_head(method: &str, path: &str, headers: &http::HeaderMap) -> RequestMeta {
+    pub fn from_head(method: &http::Method, path: &str, headers: &http::HeaderMap) -> RequestMeta {
         let kept: Vec<_> = headers
             .iter()
             .filter(|(name, _)| !CREDENTIAL_HEADERS.contains(name))
@@ -103,7 +103,7 @@ impl RequestMeta {
                 .and_then(|p| p.trim().parse().ok())
                 .unwrap_or(0),
             path: path.to_string(),
-            method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
+            method: method.clone(),
             format: ApiFormat::of_path(path),
             headers: kept,
             choices: 1,
@@ -225,17 +225,22 @@ impl RequestMeta {
 
 /// The model's name from its JSON value: a string, else the request is refused.
 fn model_name(raw: &[u8]) -> Result<String, ClientError> {
-    // A string without escapes is what lies between its quotes.
-    if let [b'"', text @ .., b'"'] = raw {
-        if memchr::memchr(b'\\', text).is_none() {
-            if let Ok(text) = std::str::from_utf8(text) {
-                return Ok(text.to_string());
-            }
-        }
+    let raw = std::str::from_utf8(raw).map_err(|_| ClientError::wrong_type("model", "a string"))?;
+    if let Some(text) = unescaped_string(raw) {
+        return Ok(text.to_string());
     }
-    serde_json::from_slice::<Cow<str>>(raw)
+    serde_json::from_str::<Cow<str>>(raw)
         .map(Cow::into_owned)
         .map_err(|_| ClientError::wrong_type("model", "a string"))
+}
+
+/// The text of a JSON string without escapes: what lies between its quotes, with no
+/// parse. `None` for another value or a string with escapes.
+fn unescaped_string(json: &str) -> Option<&str> {
+    let text = json.strip_prefix('"')?.strip_suffix('"')?;
+    memchr::memchr(b'\\', text.as_bytes())
+        .is_none()
+        .then_some(text)
 }
 
 /// What routing reads from a JSON body: values, and where in the body the model and the
@@ -361,13 +366,10 @@ impl Prompt {
             let Ok(json) = simdutf8::basic::from_utf8(&self.body[span.text.clone()]) else {
                 continue;
             };
-            // Most content is a string without escapes: its text is what lies between
-            // the quotes, with no parse.
-            if let Some(text) = json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
-                if memchr::memchr(b'\\', text.as_bytes()).is_none() {
-                    f(Piece::Text(text), span.session);
-                    continue;
-                }
+            // Most content is a string without escapes, read with no parse.
+            if let Some(text) = unescaped_string(json) {
+                f(Piece::Text(text), span.session);
+                continue;
             }
             if let Ok(text) = serde_json::from_str::<TextPeek>(json) {
                 text.visit(&mut |piece| f(piece, span.session));
@@ -724,7 +726,11 @@ mod tests {
     use super::*;
 
     fn meta(body: &str) -> Result<RequestMeta, ClientError> {
-        let mut m = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+        let mut m = RequestMeta::from_head(
+            &http::Method::POST,
+            "/v1/chat/completions",
+            &http::HeaderMap::new(),
+        );
         m.read_json_body(&Bytes::copy_from_slice(body.as_bytes()))
             .map(|_| m)
     }
@@ -748,6 +754,12 @@ mod tests {
         assert_eq!(m.tokens(), 6, "o200k_base counts 2 + 4");
         assert!(m.session().is_some());
         assert_eq!(&*m.tenant, ANONYMOUS);
+        // A name with escapes is decoded; its place in the body is the whole value.
+        let body = r#"{"model":"gpt\u002d4o \"mini\"","messages":[]}"#;
+        let m = meta(body).unwrap();
+        assert_eq!(m.model.as_deref(), Some(r#"gpt-4o "mini""#));
+        let (start, end) = m.model_span.unwrap();
+        assert_eq!(&body[start..end], r#""gpt\u002d4o \"mini\"""#);
     }
 
     #[test]
@@ -805,7 +817,8 @@ mod tests {
 
     #[test]
     fn anthropic_bodies_count_system_blocks_and_tool_results() {
-        let mut m = RequestMeta::from_head("POST", "/v1/messages", &http::HeaderMap::new());
+        let mut m =
+            RequestMeta::from_head(&http::Method::POST, "/v1/messages", &http::HeaderMap::new());
         m.read_json_body(&Bytes::from_static(
             br#"{"model":"claude","max_tokens":64,"stream":true,
             "system":[{"type":"text","text":"abcd","cache_control":{"type":"ephemeral"}}],
@@ -885,7 +898,11 @@ mod tests {
     fn text_that_is_not_utf8_is_refused_at_its_place() {
         let body =
             b"{\"model\":\"m\",\n\"messages\":[{\"role\":\"user\",\"content\":\"ab\xffc\"}]}";
-        let mut m = RequestMeta::from_head("POST", "/v1/chat/completions", &http::HeaderMap::new());
+        let mut m = RequestMeta::from_head(
+            &http::Method::POST,
+            "/v1/chat/completions",
+            &http::HeaderMap::new(),
+        );
         match m.read_json_body(&Bytes::from_static(body)).unwrap_err() {
             ClientError::BadJson {
                 line,
@@ -1011,7 +1028,7 @@ mod tests {
                     _ => {}
                 }
             }
-            let mut m = RequestMeta::from_head("POST", path, &http::HeaderMap::new());
+            let mut m = RequestMeta::from_head(&http::Method::POST, path, &http::HeaderMap::new());
             if m.read_json_body(&Bytes::from(body)).is_ok() {
                 read += 1;
                 m.tokens();
@@ -1060,7 +1077,7 @@ mod tests {
         h.insert("x-api-key", "k".parse().unwrap());
         h.insert("X-Priority", "7".parse().unwrap());
         h.insert("x-session-id", "s1".parse().unwrap());
-        let m = RequestMeta::from_head("POST", "/v1/x", &h);
+        let m = RequestMeta::from_head(&http::Method::POST, "/v1/x", &h);
         assert_eq!(m.header("Authorization"), None);
         assert_eq!(m.header("x-api-key"), None);
         assert_eq!(m.priority, 7);
@@ -1073,7 +1090,7 @@ mod tests {
         h.append("x-tag", "one".parse().unwrap());
         h.append("x-tag", "two".parse().unwrap());
         h.insert("x-bytes", http::HeaderValue::from_bytes(b"\xff").unwrap());
-        let m = RequestMeta::from_head("POST", "/v1/x", &h);
+        let m = RequestMeta::from_head(&http::Method::POST, "/v1/x", &h);
         assert_eq!(m.header("X-Tag"), Some("one"));
         assert_eq!(m.header("x-bytes"), None);
     }
