@@ -121,6 +121,12 @@ where
 
         debug!("Sending header to upstream {:?}", req);
 
+        // Switchyard patch: a body read to its end before proxying follows the head at once
+        // (from the retry buffer or `request_body_filter`): both go out in one write.
+        if session.as_mut().is_body_done() && !session.as_mut().is_body_empty() {
+            client_session.hold_request_header();
+        }
+
         match client_session.write_request_header(Box::new(req)).await {
             Ok(_) => { /* Continue */ }
             Err(e) => {

@@ -1279,6 +1279,9 @@ impl Default for BodyWriter {
     }
 }
 
+/// Switchyard patch: the largest body `BodyWriter::write_body_after` copies after the head.
+const HEAD_AND_BODY_COPY_MAX: usize = 64 * 1024;
+
 impl BodyWriter {
     pub fn new() -> Self {
         BodyWriter {
@@ -1330,6 +1333,51 @@ impl BodyWriter {
             BM::UntilClose(_) => self.do_write_until_close_body(stream, buf).await,
             BM::ToSelect => Ok(None), // Error here?
         }
+    }
+
+    /// Switchyard patch: whether the body has a `Content-Length` and bytes still to write.
+    pub fn expects_content(&self) -> bool {
+        matches!(self.body_mode, BM::ContentLength(total, written) if written < total)
+    }
+
+    /// Switchyard patch: write `head` (a request head held back) and then `buf` as
+    /// `write_body` would, in one write where the body has a `Content-Length`: a body of up
+    /// to `HEAD_AND_BODY_COPY_MAX` bytes is copied after the head, so that one write carries
+    /// both on any stream (one TLS record too); a larger one follows it in a vectored write
+    /// (one `writev` on TCP).
+    pub async fn write_body_after<S>(
+        &mut self,
+        stream: &mut S,
+        mut head: BytesMut,
+        buf: &[u8],
+    ) -> Result<Option<usize>>
+    where
+        S: AsyncWrite + Unpin + Send,
+    {
+        let BM::ContentLength(total, written) = self.body_mode else {
+            stream
+                .write_all(&head)
+                .await
+                .or_err(WriteError, "while writing request headers")?;
+            return self.write_body(stream, buf).await;
+        };
+        let to_write = buf.len().min(total.saturating_sub(written));
+        if to_write < buf.len() {
+            warn!("Trying to write data over content-length: {total}");
+        }
+        let body = &buf[..to_write];
+        let res = if body.len() <= HEAD_AND_BODY_COPY_MAX {
+            head.extend_from_slice(body);
+            stream.write_all(&head).await
+        } else {
+            stream.write_all_buf(&mut head.chain(body)).await
+        };
+        res.or_err(WriteError, "while writing request headers and body")?;
+        self.body_mode = BM::ContentLength(total, written + to_write);
+        if self.finished() {
+            stream.flush().await.or_err(WriteError, "flushing body")?;
+        }
+        Ok(Some(to_write))
     }
 
     pub fn finished(&self) -> bool {
