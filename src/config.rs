@@ -327,7 +327,8 @@ pub struct BackendConfig {
     /// Overrides `health.path` for this backend; `""` switches its active checks off.
     #[serde(default)]
     pub health_path: Option<String>,
-    /// `azure`: the `api-version` query (default `2024-10-21`); `anthropic`: the
+    /// `azure`: the `api-version` query (default `2024-10-21`, `2025-03-01-preview` for the
+    /// Responses API); `anthropic`: the
     /// `anthropic-version` header sent when the client sent none (default `2023-06-01`).
     /// Not allowed for `openai`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

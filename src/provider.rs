@@ -18,6 +18,9 @@ use crate::request::RequestMeta;
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 /// `api-version` query sent to an `azure` backend without its own `api_version`.
 pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+/// The same for the Responses API, which Azure serves from this version on (the general
+/// default would get every Responses request refused).
+pub const DEFAULT_AZURE_RESPONSES_API_VERSION: &str = "2025-03-01-preview";
 
 /// The API format of a request, from its path.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -153,7 +156,8 @@ pub fn prepare_upstream(
 /// The path and query `backend` gets for the client's `path_and_query`: behind the URL's
 /// prefix; for Azure, `/v1/REST` becomes `/openai/deployments/DEPLOYMENT/REST` (the
 /// deployment is the model's upstream name; `/openai/REST` without a model, and for the
-/// Responses API), with the backend's `api-version` replacing any the client sent.
+/// Responses API), with the backend's `api-version` replacing any the client sent (without
+/// one, the default for the API asked for).
 fn upstream_path(
     backend: &Backend,
     provider: Provider,
@@ -167,12 +171,12 @@ fn upstream_path(
     let (path, query) = path_and_query
         .split_once('?')
         .unwrap_or((path_and_query, ""));
-    let path = match (path.strip_prefix("/v1/"), deployment) {
+    let rest = path.strip_prefix("/v1/");
+    let responses = rest.is_some_and(|r| r == "responses" || r.starts_with("responses/"));
+    let path = match (rest, deployment) {
         // The Responses API has no deployment path: Azure serves it at `/openai/responses`,
         // the deployment named by the body's `model` (renamed to it on the way).
-        (Some(rest), _) if rest == "responses" || rest.starts_with("responses/") => {
-            format!("/openai/{rest}")
-        }
+        (Some(rest), _) if responses => format!("/openai/{rest}"),
         (Some(rest), Some(d)) => format!("/openai/deployments/{d}/{rest}"),
         (Some(rest), None) => format!("/openai/{rest}"),
         (None, _) => path.to_string(),
@@ -181,7 +185,11 @@ fn upstream_path(
         .config
         .api_version
         .as_deref()
-        .unwrap_or(DEFAULT_AZURE_API_VERSION);
+        .unwrap_or(if responses {
+            DEFAULT_AZURE_RESPONSES_API_VERSION
+        } else {
+            DEFAULT_AZURE_API_VERSION
+        });
     let mut out = format!("{prefix}{path}?");
     for pair in query.split('&') {
         // Compared decoded: `api%2Dversion` is the same parameter to Azure.
@@ -295,6 +303,12 @@ mod tests {
         assert_eq!(
             h.uri.path_and_query().unwrap().as_str(),
             format!("/openai/deployments/up-m/chat/completions?x=1&api-version={DEFAULT_AZURE_API_VERSION}")
+        );
+        // Without an `api_version`, the Responses API gets the first version serving it.
+        let h = prepared(&b, "/v1/responses?api-version=evil", &[]);
+        assert_eq!(
+            h.uri.path_and_query().unwrap().as_str(),
+            format!("/openai/responses?api-version={DEFAULT_AZURE_RESPONSES_API_VERSION}")
         );
         let b = backend(
             "azure",
