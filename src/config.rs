@@ -328,9 +328,8 @@ pub struct BackendConfig {
     #[serde(default)]
     pub health_path: Option<String>,
     /// `azure`: the `api-version` query (default `2024-10-21`, `2025-03-01-preview` for the
-    /// Responses API); `anthropic`: the
-    /// `anthropic-version` header sent when the client sent none (default `2023-06-01`).
-    /// Not allowed for `openai`.
+    /// Responses API); `anthropic`: the `anthropic-version` header sent when the client sent
+    /// none (default `2023-06-01`). Not allowed for `openai`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
     /// For an `https://` backend: PEM file of the CAs its certificate is verified against,
