@@ -155,6 +155,25 @@ async fn a_token_reservation_lets_exactly_one_of_two_concurrent_requests_through
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_fits_is_told_so_whichever_limit_refuses_it_first() {
+    // The minute's one request is used: the next is refused by `rpm` before its tokens are
+    // looked at, yet one reserving more than `tpm` could never pass and must say so.
+    let (_m, p) = setup("{ rpm: 1, tpm: 150 }", "{ input: 0, output: 0 }").await;
+    let (status, _, body) = post(&p, PLAIN, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, h, body) = post(&p, PLAIN, &[]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("requests per minute"), "{body}");
+    assert!(h.get("retry-after").is_some(), "{h:?}");
+    let huge = PLAIN.replace("\"max_tokens\":100", "\"max_tokens\":1000");
+    let (status, h, body) = post(&p, &huge, &[]).await;
+    assert_eq!(status, 429);
+    assert!(body.contains("request too large"), "{body}");
+    assert!(h.get("retry-after").is_none(), "{h:?}");
+    assert_eq!(header(&h, "x-should-retry"), "false");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_capped_and_released() {
     let (_m, p) = setup("{ concurrent: 1 }", "{ input: 0, output: 0 }").await;
     let slow = [("x-mock-latency-ms", "600")];

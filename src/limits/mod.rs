@@ -248,19 +248,25 @@ impl Limiter {
                 retry_ms,
                 snapshot,
             } => {
+                // A request over a limit on its own is told so, whichever limit refused it
+                // first: waiting for the others would only get it refused by that one.
+                let never = [Kind::Tokens, Kind::Spend]
+                    .into_iter()
+                    .find(|&k| never_fits(k, limits, tokens, nano));
+                let kind = never.unwrap_or(kind);
                 METRICS
                     .rate_limited
                     .with_label_values(&[tenant, kind.name()])
                     .inc();
                 let retry_after_secs = retry_ms.div_ceil(1000).max(1);
-                let never_fits = never_fits(kind, limits, tokens, nano);
-                let mut headers = headers(limits, &snapshot, now, Some((kind, retry_ms)));
-                if never_fits {
+                let refused = never.is_none().then_some((kind, retry_ms));
+                let mut headers = headers(limits, &snapshot, now, refused);
+                if never.is_some() {
                     headers.push(("x-should-retry", "false".into()));
                 }
                 Err(ClientError::RateLimited(Box::new(Exceeded {
                     kind,
-                    retry_after_secs: (!never_fits).then_some(retry_after_secs),
+                    retry_after_secs: never.is_none().then_some(retry_after_secs),
                     message: message(kind, limits, tokens, nano, retry_after_secs),
                     headers,
                 })))
@@ -354,12 +360,12 @@ pub fn nano_usd(usd: f64) -> i64 {
     (usd * NANO_PER_USD).round() as i64
 }
 
-/// Whether the request alone is over the limit that refused it: it reserves more tokens
-/// than the minute allows, or may cost more than the day's budget.
+/// Whether the request alone is over the tenant's limit of this kind: it reserves more
+/// tokens than the minute allows, or may cost more than the day's budget.
 fn never_fits(kind: Kind, limits: &TenantLimits, tokens: u64, nano: i64) -> bool {
     match kind {
-        Kind::Tokens => tokens > limits.tpm.unwrap_or(0),
-        Kind::Spend => nano > day_budget_nano(limits).unwrap_or(0),
+        Kind::Tokens => limits.tpm.is_some_and(|max| tokens > max),
+        Kind::Spend => day_budget_nano(limits).is_some_and(|budget| nano > budget),
         Kind::Concurrent | Kind::Requests => false,
     }
 }
@@ -513,5 +519,9 @@ mod tests {
         assert!(never_fits(Kind::Tokens, &l, 101, 0));
         assert!(!never_fits(Kind::Tokens, &l, 100, 0));
         assert!(!never_fits(Kind::Concurrent, &l, 1_000, i64::MAX));
+        // Without the limit, nothing is over it.
+        let none = TenantLimits::default();
+        assert!(!never_fits(Kind::Tokens, &none, u64::MAX, 0));
+        assert!(!never_fits(Kind::Spend, &none, 0, i64::MAX));
     }
 }
