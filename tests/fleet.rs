@@ -358,7 +358,7 @@ async fn an_admission_whose_answer_was_lost_for_a_refused_request_gives_its_slot
         ..
     } = fleet(
         "",
-        "{ concurrent: 1 }",
+        "{ concurrent: 1, rpm: 100 }",
         "",
         "on_failure: closed, timeout_ms: 200",
     )
@@ -389,6 +389,9 @@ async fn an_admission_whose_answer_was_lost_for_a_refused_request_gives_its_slot
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Nor does the refused request count toward the minute's requests: the two served
+    // do (a 429 at admission never does).
+    assert_eq!(redis.requests_counted().await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

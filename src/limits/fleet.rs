@@ -227,6 +227,7 @@ impl RedisCounters {
             .key(self.key(&s.tenant, "conc"))
             .key(self.spend_key(&s.tenant, s.day))
             .key(self.key(&s.tenant, "usdmarks"))
+            .key(self.key(&s.tenant, "req"))
             .arg(&s.id)
             .arg(s.tokens.map_or(-1, |t| t as i64))
             .arg(s.nano_delta)
