@@ -602,8 +602,10 @@ enum Api {
 }
 
 impl Api {
-    /// The API of a POST path, and whether it came by an Azure deployment path.
+    /// The API of a POST path, and whether it came by an Azure deployment path. A
+    /// trailing slash names the same API, as servers that redirect it do.
     fn of_path(path: &str) -> Option<(Api, bool)> {
+        let path = path.strip_suffix('/').unwrap_or(path);
         let openai = |rest: &str| match rest {
             "chat/completions" => Some(Api::Chat),
             "completions" => Some(Api::Text),
@@ -617,8 +619,7 @@ impl Api {
             return Some((Api::CountTokens, false));
         }
         if let Some(rest) = path.strip_prefix("/v1/") {
-            // A trailing slash names the same API, as servers that redirect it do.
-            return openai(rest.strip_suffix('/').unwrap_or(rest)).map(|api| (api, false));
+            return openai(rest).map(|api| (api, false));
         }
         let (deployment, rest) = path.strip_prefix("/openai/deployments/")?.split_once('/')?;
         if deployment.is_empty() {
@@ -2402,6 +2403,28 @@ mod tests {
         assert!(!reply.text().contains("message_stop"));
     }
 
+    #[test]
+    fn a_trailing_slash_names_the_same_api() {
+        for (path, api) in [
+            ("/v1/messages/", Some((Api::Messages, false))),
+            (
+                "/v1/messages/count_tokens/",
+                Some((Api::CountTokens, false)),
+            ),
+            ("/v1/chat/completions/", Some((Api::Chat, false))),
+            (
+                "/openai/deployments/d/chat/completions/",
+                Some((Api::Chat, true)),
+            ),
+            ("/v1/", None),
+            ("/v1//", None),
+            ("/v1/messages//", None),
+            ("/openai/deployments//chat/completions", None),
+        ] {
+            assert_eq!(Api::of_path(path), api, "{path}");
+        }
+    }
+
     #[tokio::test]
     async fn azure_deployment_paths_need_an_api_version() {
         let addr = start(MockOptions {
@@ -2417,7 +2440,7 @@ mod tests {
         let reply = call(addr, "POST", &versioned, &[], CHAT).await;
         assert_eq!(reply.status, 200);
         assert_eq!(reply.json()["object"], "chat.completion");
-        let embeddings = "/openai/deployments/e/embeddings?api-version=1";
+        let embeddings = "/openai/deployments/e/embeddings/?api-version=1";
         let reply = call(addr, "POST", embeddings, &[], r#"{"input":"x"}"#).await;
         assert_eq!(reply.json()["object"], "list");
         let log = call(addr, "GET", "/mock/requests", &[], "").await.json();
