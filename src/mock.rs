@@ -2,12 +2,14 @@
 //! HTTP/1.1 and HTTP/2 server (cleartext, or TLS with `switchyard mock --tls-cert
 //! --tls-key`) used by the integration tests, the load benchmark and `switchyard demo`.
 //! It answers chat completions, completions (plain or streamed as SSE), embeddings, the
-//! model list and Anthropic's Messages API (plain or streamed, see [`anthropic`]), records
-//! what it received, and injects faults chosen by options or per request headers.
+//! model list, the Responses API (plain or streamed, see [`responses`]) and Anthropic's
+//! Messages API (plain or streamed, see [`anthropic`]), records what it received, and
+//! injects faults chosen by options or per request headers.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`,
 //! the same three under Azure's deployment paths
 //! (`POST /openai/deployments/NAME/chat/completions?api-version=V`; the query is required),
+//! `POST /v1/responses` (Azure: `/openai/responses?api-version=V`),
 //! `POST /v1/messages` (and `/v1/messages/count_tokens`), `GET /v1/models`, `GET /health`,
 //! and for tests
 //! `GET /mock/requests` (last 1000),
@@ -61,6 +63,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::provider::{anthropic_error_type, ApiFormat};
 
 mod anthropic;
+mod responses;
 
 /// How many received requests `/mock/requests` keeps.
 const REQUEST_LOG_CAPACITY: usize = 1000;
@@ -599,6 +602,8 @@ enum Api {
     Messages,
     /// Anthropic's `POST /v1/messages/count_tokens`: `{"input_tokens": N}`, no usage.
     CountTokens,
+    /// OpenAI's Responses API, `POST /v1/responses`.
+    Responses,
 }
 
 impl Api {
@@ -617,6 +622,13 @@ impl Api {
         }
         if path == "/v1/messages/count_tokens" {
             return Some((Api::CountTokens, false));
+        }
+        if path == "/v1/responses" {
+            return Some((Api::Responses, false));
+        }
+        // Azure serves the Responses API outside the deployments.
+        if path == "/openai/responses" {
+            return Some((Api::Responses, true));
         }
         if let Some(rest) = path.strip_prefix("/v1/") {
             return openai(rest).map(|api| (api, false));
@@ -662,6 +674,7 @@ fn route(shared: &Shared, call: &Call<'_>, plan: &Plan) -> Response<MockBody> {
         Api::Embeddings => embeddings(shared, parsed, call.body_bytes),
         Api::Text => completion(shared, call, parsed, plan, Kind::Text),
         Api::Chat => completion(shared, call, parsed, plan, Kind::Chat),
+        Api::Responses => completion(shared, call, parsed, plan, Kind::Responses),
         Api::Messages => match anthropic::check_request(&call.parts.headers, parsed) {
             Ok(()) => completion(shared, call, parsed, plan, Kind::Messages),
             Err(message) => ApiError::invalid_request(message).response(shared, format),
@@ -988,6 +1001,8 @@ enum Kind {
     Text,
     /// `/v1/messages`: Anthropic's `message` and its stream events.
     Messages,
+    /// `/v1/responses`: a `response` and its stream events.
+    Responses,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -1080,6 +1095,7 @@ impl Completion {
                 Kind::Chat => format!("chatcmpl-mock-{}", call.seq),
                 Kind::Text => format!("cmpl-mock-{}", call.seq),
                 Kind::Messages => format!("msg_mock_{}", call.seq),
+                Kind::Responses => format!("resp_mock_{}", call.seq),
             },
             created: unix_now(),
             model: parsed.model.as_deref().unwrap_or(DEFAULT_MODEL).to_owned(),
@@ -1139,8 +1155,10 @@ impl Completion {
     }
 
     fn full_json(&self) -> Bytes {
-        if self.kind == Kind::Messages {
-            return anthropic::full_json(self);
+        match self.kind {
+            Kind::Messages => return anthropic::full_json(self),
+            Kind::Responses => return responses::full_json(self),
+            Kind::Chat | Kind::Text => {}
         }
         let content = self.content();
         let mut out = Vec::with_capacity(256 + content.len());
@@ -1170,7 +1188,7 @@ impl Completion {
                 envelope.usage = Some(Some(self.usage));
                 write_json(&mut out, &envelope);
             }
-            Kind::Messages => unreachable!("answered by anthropic::full_json"),
+            Kind::Messages | Kind::Responses => unreachable!("answered above"),
         }
         Bytes::from(out)
     }
@@ -1182,14 +1200,17 @@ impl Completion {
             Kind::Chat => (index == 0).then(|| self.role_event()),
             Kind::Text => None,
             Kind::Messages => anthropic::opening_event(self, index),
+            Kind::Responses => responses::opening_event(self, index),
         }
     }
 
     /// Event `index` of those after the content, if there is one: the usage chunk (when
     /// asked for) and `[DONE]`, or Anthropic's closing events.
     fn closing_event(&self, index: u8, include_usage: bool) -> Option<Bytes> {
-        if self.kind == Kind::Messages {
-            return anthropic::closing_event(self, index);
+        match self.kind {
+            Kind::Messages => return anthropic::closing_event(self, index),
+            Kind::Responses => return responses::closing_event(self, index),
+            Kind::Chat | Kind::Text => {}
         }
         match (index, include_usage) {
             (0, true) => Some(self.usage_event()),
@@ -1212,6 +1233,7 @@ impl Completion {
         match self.kind {
             Kind::Chat => self.delta_event(None, scratch, finish_reason),
             Kind::Messages => anthropic::delta_event(scratch),
+            Kind::Responses => responses::delta_event(self, index, scratch),
             Kind::Text => {
                 let choice = TextChoice {
                     text: scratch,
@@ -1243,7 +1265,7 @@ impl Completion {
     fn usage_event(&self) -> Bytes {
         let object = match self.kind {
             Kind::Text => "text_completion",
-            Kind::Chat | Kind::Messages => "chat.completion.chunk",
+            Kind::Chat | Kind::Messages | Kind::Responses => "chat.completion.chunk",
         };
         let mut envelope = self.envelope::<DeltaChoice<'_>>(object, &[]);
         envelope.usage = Some(Some(self.usage));

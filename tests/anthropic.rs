@@ -1,7 +1,7 @@
-//! Anthropic-format traffic (`POST /v1/messages`) and Azure backends on the wire: a policy
-//! routes by `req.format`, the wire-format guardrail keeps each format on backends that
-//! speak it, each provider gets its own headers and path, and usage (cache tokens
-//! included) is counted in the metrics and the audit.
+//! Anthropic-format traffic (`POST /v1/messages`), the Responses API and Azure backends on
+//! the wire: a policy routes by `req.format`, the wire-format guardrail keeps each format
+//! on backends that speak it, each provider gets its own headers and path, and usage
+//! (cache tokens included) is counted in the metrics and the audit.
 
 mod common;
 
@@ -337,4 +337,79 @@ fn api_version_is_refused_where_it_means_nothing() {
         err.contains("backends[1].models: `bad name` is not an Azure deployment name"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_is_relayed_plain_and_streamed_with_usage_counted_on_openai_and_azure() {
+    let openai = mock("openai", &["--chunks", "4"]).await;
+    let azure = mock("azure", &["--chunks", "4"]).await;
+    let admin = free_port();
+    // No `api_version` on the Azure backend: the Responses API gets the version serving it.
+    let config = format!(
+        "admin: {{ addr: \"127.0.0.1:{admin}\" }}\nroutes:\n  - match: {{ path_prefix: /v1/ }}\n    policy: round_robin\nbackends:\n{}{}",
+        backend("openai", openai.port, "[gpt-4o]"),
+        backend("azure", azure.port, "{ gpt-az: az-deployment }")
+            + "    provider: azure\n    api_key_env: SY_TEST_AZURE_KEY\n",
+    );
+    let p = proxy_with_env(&config, &[], &[("SY_TEST_AZURE_KEY", "azure-secret")]).await;
+    let ask = |model: &str, stream: bool| {
+        client()
+            .post(p.url("/v1/responses"))
+            .json(&json!({ "model": model, "input": "Say hello.", "stream": stream }))
+            .send()
+    };
+
+    let r = ask("gpt-4o", false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(served_by(r.headers()), "openai");
+    let plain: Value = r.json().await.unwrap();
+    assert_eq!(plain["object"], "response");
+    assert_eq!(
+        plain["output"][0]["content"][0]["text"],
+        "Hello from openai word1"
+    );
+    assert_eq!(plain["usage"]["output_tokens"], 4);
+
+    for (model, name) in [("gpt-4o", "openai"), ("gpt-az", "azure")] {
+        let r = ask(model, true).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(served_by(r.headers()), name);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        let (text, broken) = read_stream(r).await;
+        assert!(!broken, "{text}");
+        // Named events, as Anthropic's, and no `[DONE]`.
+        assert!(!text.contains("[DONE]"), "{text}");
+        let events = named_events(&text);
+        assert_eq!(events.first().unwrap().0, "response.created");
+        let (last, completed) = events.last().unwrap();
+        assert_eq!(last, "response.completed");
+        assert_eq!(completed["response"]["usage"]["output_tokens"], 4);
+        let answer: String = events
+            .iter()
+            .filter(|(n, _)| n == "response.output_text.delta")
+            .map(|(_, e)| e["delta"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(answer, format!("Hello from {name} word1"));
+        let numbers: Vec<u64> = events
+            .iter()
+            .map(|(_, e)| e["sequence_number"].as_u64().unwrap())
+            .collect();
+        assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>());
+    }
+
+    let got = received(&azure).await;
+    assert_eq!(got[0]["path"], "/openai/responses");
+    assert_eq!(got[0]["query"], "api-version=2025-03-01-preview");
+    assert_eq!(got[0]["model"], "az-deployment");
+    assert_eq!(got[0]["headers"]["api-key"], "azure-secret");
+    assert_eq!(received(&openai).await[1]["path"], "/v1/responses");
+
+    // Usage counted from the plain answer and from each stream's `response.completed`.
+    let series = |b: &str, m: &str| {
+        format!("switchyard_tokens_total{{backend=\"{b}\",direction=\"out\",model=\"{m}\"}}")
+    };
+    let m = metrics_when(admin, &series("openai", "gpt-4o"), 8.0).await;
+    assert_eq!(metric(&m, &series("openai", "gpt-4o")), 8.0, "{m}");
+    let m = metrics_when(admin, &series("azure", "gpt-az"), 4.0).await;
+    assert_eq!(metric(&m, &series("azure", "gpt-az")), 4.0, "{m}");
 }
