@@ -1194,7 +1194,7 @@ impl Completion {
     }
 
     /// Event `index` of those before the content, if there is one: the chat role chunk, or
-    /// Anthropic's opening events.
+    /// the opening events of Anthropic's API or the Responses API.
     fn opening_event(&self, index: u8) -> Option<Bytes> {
         match self.kind {
             Kind::Chat => (index == 0).then(|| self.role_event()),
@@ -1205,7 +1205,8 @@ impl Completion {
     }
 
     /// Event `index` of those after the content, if there is one: the usage chunk (when
-    /// asked for) and `[DONE]`, or Anthropic's closing events.
+    /// asked for) and `[DONE]`, or the closing events of Anthropic's API or the Responses
+    /// API.
     fn closing_event(&self, index: u8, include_usage: bool) -> Option<Bytes> {
         match self.kind {
             Kind::Messages => return anthropic::closing_event(self, index),
