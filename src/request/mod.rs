@@ -283,9 +283,9 @@ impl Fields {
         }
     }
 
-    /// Parse `body` with serde_json: once, into the fields' expected types; only if that
-    /// fails again field by field, to name the field whose type is wrong (or to give the
-    /// syntax error's place).
+    /// Parse `body` with serde_json (the bodies `scan::read` leaves): its fields raw, then
+    /// each into its expected type, so that an error names the field whose type is wrong
+    /// (or gives the syntax error's place).
     fn parse(body: &[u8]) -> Result<Fields, ClientError> {
         check_depth(body)?;
         // serde reads an array into the fields in order (`["m"]` as model `m`): only an
@@ -297,37 +297,50 @@ impl Fields {
                 return Err(ClientError::NotAnObject);
             }
         }
-        // The body's UTF-8 checked whole (SIMD), so the parser need not check each string.
-        let parsed = match simdutf8::basic::from_utf8(body) {
-            Ok(text) => serde_json::from_str::<BodyFields>(text),
-            Err(_) => serde_json::from_slice::<BodyFields>(body),
-        };
-        let read = match parsed {
-            Ok(fields) => fields,
-            Err(_) => BodyFields::field_by_field(body)?,
-        };
+        let raw: RawFields = serde_json::from_slice(body).map_err(json_error)?;
+        fn typed<'a, T: Deserialize<'a>>(
+            raw: Option<&'a RawValue>,
+            field: &'static str,
+            expected: &'static str,
+        ) -> Result<Option<T>, ClientError> {
+            raw.map(|r| serde_json::from_str::<T>(r.get()))
+                .transpose()
+                .map_err(|_| ClientError::wrong_type(field, expected))
+        }
+        let integer = "a non-negative integer";
+        let stream = typed::<Option<bool>>(raw.stream, "stream", "a boolean")?;
+        let max_tokens = typed::<Option<u64>>(raw.max_tokens, "max_tokens", integer)?;
+        let max_completion_tokens =
+            typed::<Option<u64>>(raw.max_completion_tokens, "max_tokens", integer)?;
+        let max_output_tokens =
+            typed::<Option<u64>>(raw.max_output_tokens, "max_output_tokens", integer)?;
+        let n = typed::<Option<u64>>(raw.n, "n", "a positive integer")?;
+        let messages: Option<Vec<MessagePeek>> =
+            typed(raw.messages, "messages", "an array of message objects")?;
+        let stream_options: Option<StreamOptionsPeek> =
+            typed(raw.stream_options, "stream_options", "an object")?;
         // RawValue borrows from `body`, so its offset in the body is a pointer difference.
         let span = |raw: &RawValue| {
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
             start..start + raw.get().len()
         };
         let mut fields = Fields {
-            model: read.model.map(span),
-            stream: read.stream,
-            include_usage: read.stream_options.and_then(|o| o.include_usage),
-            max_tokens: read.max_tokens,
-            max_completion_tokens: read.max_completion_tokens,
-            max_output_tokens: read.max_output_tokens,
-            n: read.n,
-            prompt: read.prompt.map(span),
-            input: read.input.map(span),
-            system: read.system.map(span),
-            instructions: read.instructions.map(span),
-            tools: read.tools.map(span),
-            functions: read.functions.map(span),
+            model: raw.model.map(span),
+            stream: stream.flatten(),
+            include_usage: stream_options.and_then(|o| o.include_usage),
+            max_tokens: max_tokens.flatten(),
+            max_completion_tokens: max_completion_tokens.flatten(),
+            max_output_tokens: max_output_tokens.flatten(),
+            n: n.flatten(),
+            prompt: raw.prompt.map(span),
+            input: raw.input.map(span),
+            system: raw.system.map(span),
+            instructions: raw.instructions.map(span),
+            tools: raw.tools.map(span),
+            functions: raw.functions.map(span),
             ..Fields::default()
         };
-        for m in read.messages.iter().flatten() {
+        for m in messages.iter().flatten() {
             fields.add_message(m.role.as_deref() == Some("system"), m.content.map(span));
         }
         Ok(fields)
@@ -520,88 +533,8 @@ pub(crate) fn floor_char_boundary(utf8: &[u8], max: usize) -> usize {
     i
 }
 
-/// The parts of an OpenAI (or Anthropic) request body that routing reads, in the types
-/// they must have; everything else is skipped without allocation. `model` stays raw: its
-/// place in the body is kept, to rewrite it.
-#[derive(Deserialize)]
-struct BodyFields<'a> {
-    #[serde(borrow, default)]
-    model: Option<&'a RawValue>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    /// The Responses API's name for it.
-    #[serde(default)]
-    max_output_tokens: Option<u64>,
-    #[serde(default)]
-    n: Option<u64>,
-    #[serde(borrow, default)]
-    messages: Option<Vec<MessagePeek<'a>>>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    system: Option<&'a RawValue>,
-    /// The Responses API's system prompt.
-    #[serde(borrow, default)]
-    instructions: Option<&'a RawValue>,
-    /// Tool definitions (and the older `functions`).
-    #[serde(borrow, default)]
-    tools: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    functions: Option<&'a RawValue>,
-    #[serde(default)]
-    stream_options: Option<StreamOptionsPeek>,
-}
-
-impl<'a> BodyFields<'a> {
-    /// The fields read one by one from their raw text, so that an error names its field.
-    fn field_by_field(body: &'a [u8]) -> Result<BodyFields<'a>, ClientError> {
-        let raw: RawFields = serde_json::from_slice(body).map_err(json_error)?;
-        fn typed<'a, T: Deserialize<'a>>(
-            raw: Option<&'a RawValue>,
-            field: &'static str,
-            expected: &'static str,
-        ) -> Result<Option<T>, ClientError> {
-            raw.map(|r| serde_json::from_str::<T>(r.get()))
-                .transpose()
-                .map_err(|_| ClientError::wrong_type(field, expected))
-        }
-        let max_tokens = "a non-negative integer";
-        Ok(BodyFields {
-            model: raw.model,
-            stream: typed::<Option<bool>>(raw.stream, "stream", "a boolean")?.flatten(),
-            max_tokens: typed::<Option<u64>>(raw.max_tokens, "max_tokens", max_tokens)?.flatten(),
-            max_completion_tokens: typed::<Option<u64>>(
-                raw.max_completion_tokens,
-                "max_tokens",
-                max_tokens,
-            )?
-            .flatten(),
-            max_output_tokens: typed::<Option<u64>>(
-                raw.max_output_tokens,
-                "max_output_tokens",
-                max_tokens,
-            )?
-            .flatten(),
-            n: typed::<Option<u64>>(raw.n, "n", "a positive integer")?.flatten(),
-            messages: typed(raw.messages, "messages", "an array of message objects")?,
-            prompt: raw.prompt,
-            input: raw.input,
-            system: raw.system,
-            instructions: raw.instructions,
-            tools: raw.tools,
-            functions: raw.functions,
-            stream_options: typed(raw.stream_options, "stream_options", "an object")?,
-        })
-    }
-}
-
-/// The same fields raw, for [`BodyFields::field_by_field`].
+/// The parts of an OpenAI (or Anthropic) request body that routing reads, raw, for
+/// [`Fields::parse`]: everything else is skipped without allocation.
 #[derive(Deserialize)]
 struct RawFields<'a> {
     #[serde(borrow, default)]
