@@ -22,94 +22,69 @@ const DEPTH: usize = 48;
 /// read it (`f` is then partly filled).
 pub(super) fn read(body: &[u8], f: &mut Fields) -> Option<()> {
     let mut s = Scan { b: body, i: 0 };
-    // Each field may be given once: serde refuses a duplicate.
-    let mut seen = 0u32;
-    let mut once = |bit: u32| {
-        let first = seen & bit == 0;
-        seen |= bit;
-        first.then_some(())
-    };
+    let mut seen = 0;
     s.ws();
-    s.object(|s, key| {
-        match key {
-            b"model" => {
-                once(1)?;
-                f.model = s.nullable(1)?;
+    s.object(|s, key| match key {
+        b"model" => first(&mut seen, 0, &mut f.model, s.nullable(1)),
+        b"stream" => first(&mut seen, 1, &mut f.stream, s.boolean()),
+        b"max_tokens" => first(&mut seen, 2, &mut f.max_tokens, s.integer()),
+        b"max_completion_tokens" => first(&mut seen, 3, &mut f.max_completion_tokens, s.integer()),
+        b"max_output_tokens" => first(&mut seen, 4, &mut f.max_output_tokens, s.integer()),
+        b"n" => first(&mut seen, 5, &mut f.n, s.integer()),
+        b"prompt" => first(&mut seen, 6, &mut f.prompt, s.nullable(1)),
+        b"input" => first(&mut seen, 7, &mut f.input, s.nullable(1)),
+        b"system" => first(&mut seen, 8, &mut f.system, s.nullable(1)),
+        b"instructions" => first(&mut seen, 9, &mut f.instructions, s.nullable(1)),
+        b"tools" => first(&mut seen, 10, &mut f.tools, s.nullable(1)),
+        b"functions" => first(&mut seen, 11, &mut f.functions, s.nullable(1)),
+        b"messages" => {
+            once(&mut seen, 12)?;
+            if !s.null() {
+                s.array(|s| message(s, f))?;
             }
-            b"stream" => {
-                once(1 << 1)?;
-                f.stream = s.boolean()?;
-            }
-            b"max_tokens" => {
-                once(1 << 2)?;
-                f.max_tokens = s.integer()?;
-            }
-            b"max_completion_tokens" => {
-                once(1 << 3)?;
-                f.max_completion_tokens = s.integer()?;
-            }
-            b"max_output_tokens" => {
-                once(1 << 4)?;
-                f.max_output_tokens = s.integer()?;
-            }
-            b"n" => {
-                once(1 << 5)?;
-                f.n = s.integer()?;
-            }
-            b"messages" => {
-                once(1 << 6)?;
-                if !s.null() {
-                    s.array(|s| message(s, f))?;
-                }
-            }
-            b"prompt" => {
-                once(1 << 7)?;
-                f.prompt = s.nullable(1)?;
-            }
-            b"input" => {
-                once(1 << 8)?;
-                f.input = s.nullable(1)?;
-            }
-            b"system" => {
-                once(1 << 9)?;
-                f.system = s.nullable(1)?;
-            }
-            b"instructions" => {
-                once(1 << 10)?;
-                f.instructions = s.nullable(1)?;
-            }
-            b"tools" => {
-                once(1 << 11)?;
-                f.tools = s.nullable(1)?;
-            }
-            b"functions" => {
-                once(1 << 12)?;
-                f.functions = s.nullable(1)?;
-            }
-            b"stream_options" => {
-                once(1 << 13)?;
-                if !s.null() {
-                    let mut include_usage = None;
-                    s.object(|s, key| {
-                        if key == b"include_usage" {
-                            include_usage.is_none().then_some(())?;
-                            include_usage = Some(s.boolean()?);
-                        } else {
-                            s.skip(2)?;
-                        }
-                        Some(())
-                    })?;
-                    f.include_usage = include_usage.flatten();
-                }
-            }
-            _ => {
-                s.skip(1)?;
-            }
+            Some(())
         }
-        Some(())
+        b"stream_options" => {
+            once(&mut seen, 13)?;
+            if !s.null() {
+                let mut include_usage = None;
+                s.object(|s, key| {
+                    if key == b"include_usage" {
+                        include_usage.is_none().then_some(())?;
+                        include_usage = Some(s.boolean()?);
+                    } else {
+                        s.skip(2)?;
+                    }
+                    Some(())
+                })?;
+                f.include_usage = include_usage.flatten();
+            }
+            Some(())
+        }
+        _ => s.skip(1).map(drop),
     })?;
     s.ws();
     (s.i == body.len()).then_some(())
+}
+
+/// Mark field `bit` of `seen` as read; `None` if it was already: serde refuses a field
+/// given twice.
+fn once(seen: &mut u32, bit: u32) -> Option<()> {
+    let first = *seen & 1 << bit == 0;
+    *seen |= 1 << bit;
+    first.then_some(())
+}
+
+/// Put a field's value (`None`: not of its type) in `slot`, unless the field came before.
+fn first<T>(
+    seen: &mut u32,
+    bit: u32,
+    slot: &mut Option<T>,
+    value: Option<Option<T>>,
+) -> Option<()> {
+    once(seen, bit)?;
+    *slot = value?;
+    Some(())
 }
 
 /// One element of `messages`: an object whose `role` (a string without escapes, or null)
