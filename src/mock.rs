@@ -1281,6 +1281,17 @@ fn write_json(out: &mut Vec<u8>, value: &impl Serialize) {
     }
 }
 
+/// An SSE event with a name (`event:` line), as Anthropic's API and the Responses API send.
+fn named_event(name: &str, value: &impl Serialize) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    write_json(&mut out, value);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
 fn sse_event(value: &impl Serialize) -> Bytes {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"data: ");

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use serde::Serialize;
 
-use super::{write_json, Completion, ParsedBody};
+use super::{named_event, write_json, Completion, ParsedBody};
 
 #[derive(Serialize)]
 struct Message<'a> {
@@ -216,15 +216,4 @@ pub(super) fn closing_event(c: &Completion, index: u8) -> Option<Bytes> {
 #[derive(Serialize)]
 struct Kind {
     r#type: &'static str,
-}
-
-/// `event: NAME` and `data: JSON`, as Anthropic streams every event.
-fn named_event(name: &str, value: &impl Serialize) -> Bytes {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    write_json(&mut out, value);
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
 }

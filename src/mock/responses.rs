@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{write_json, Completion};
+use super::{named_event, write_json, Completion};
 
 /// Events before the first word.
 const OPENING_EVENTS: u8 = 3;
@@ -160,20 +160,12 @@ struct WithText<'a> {
 }
 
 fn event<T: Serialize>(kind: &str, sequence_number: u32, body: T) -> Bytes {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(kind.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    write_json(
-        &mut out,
-        &Event {
-            r#type: kind,
-            sequence_number,
-            body,
-        },
-    );
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
+    let event = Event {
+        r#type: kind,
+        sequence_number,
+        body,
+    };
+    named_event(kind, &event)
 }
 
 fn place<T>(c: &Completion, body: T) -> Place<'_, T> {
