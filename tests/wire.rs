@@ -252,6 +252,70 @@ async fn a_model_name_cannot_forge_or_flood_the_access_log() {
     );
 }
 
+/// A body read before the backend was chosen reaches it in the request head's TCP segment:
+/// the backend counts the segments it received (`TCP_INFO`), which on a fresh connection
+/// are the handshake's two and then the request's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_head_and_a_body_read_ahead_reach_the_backend_in_one_segment() {
+    use std::os::fd::AsRawFd;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = format!(
+        "routes:\n  - policy: round_robin\nbackends:\n{}    health_path: \"\"\n",
+        backend("raw", port, "[m]")
+    );
+    let p = proxy(&config, &[]).await;
+    let backend = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The head, then as many bytes as its Content-Length says.
+        let whole = |got: &[u8]| {
+            let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            (got.len() >= end + length).then_some(())
+        };
+        while whole(&got).is_none() {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed before the whole request came");
+            got.extend_from_slice(&buf[..n]);
+        }
+        // SAFETY: `info` is a plain C struct of the size passed; the socket is open.
+        let segments = unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            );
+            assert_eq!(rc, 0, "TCP_INFO");
+            info.tcpi_segs_in
+        };
+        let answer =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        conn.write_all(answer.as_bytes()).await.unwrap();
+        (String::from_utf8_lossy(&got).into_owned(), segments)
+    });
+    let answer = exchange(p.port, &post("/v1/chat/completions", "", BODY)).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    let (request, segments) = backend.await.unwrap();
+    assert!(request.ends_with(BODY), "{request}");
+    assert_eq!(
+        segments, 3,
+        "SYN, the handshake's ACK, and one for head and body"
+    );
+}
+
 /// The patched Pingora sends a request's head and a body it already has in one write (see
 /// vendor/pingora-core/SWITCHYARD-PATCH.md): one system call, one packet and, to a TLS
 /// backend, one record fewer per request. Shown on Pingora's own HTTP/1 client session
